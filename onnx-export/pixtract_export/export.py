@@ -1,0 +1,59 @@
+"""`export`: checkpoint or tiny model -> model directory."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from .graphs import build_manifest, export_graphs, write_manifest
+from .model import TINY_SEED, ExportError, build_tiny_model, load_checkpoint, write_tokenizer
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def load_source(args_checkpoint, tiny_seed, dtype):
+    """The torch model and the manifest's "source" section."""
+    if args_checkpoint:
+        model = load_checkpoint(os.path.abspath(args_checkpoint), dtype)
+        name = os.path.basename(os.path.normpath(args_checkpoint))
+        return model, {"kind": "checkpoint", "model_id": name, "path": os.path.abspath(args_checkpoint)}
+    seed = TINY_SEED if tiny_seed is None else tiny_seed
+    model = build_tiny_model(seed).to(dtype)
+    return model, {"kind": "tiny", "model_id": f"pixtral-tiny-random-{seed}", "seed": seed}
+
+
+def model_from_manifest(manifest: dict, checkpoint: str | None, dtype=torch.float32):
+    """Rebuild the torch model a manifest was exported from (for verify/reference)."""
+    src = manifest["source"]
+    if checkpoint:
+        return load_checkpoint(os.path.abspath(checkpoint), dtype)
+    if src["kind"] == "tiny":
+        return build_tiny_model(src["seed"]).to(dtype)
+    if os.path.isdir(src.get("path", "")):
+        return load_checkpoint(src["path"], dtype)
+    raise ExportError(f"the manifest's checkpoint {src.get('path')!r} is not here: pass --checkpoint DIR")
+
+
+def run_export(args) -> int:
+    out = args.out
+    if os.path.isdir(out) and os.listdir(out):
+        raise ExportError(f"{out} exists and is not empty; choose a new --out (nothing was overwritten)")
+    os.makedirs(out, exist_ok=True)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    dtype = DTYPES[args.dtype]
+    t0 = time.time()
+    model, source = load_source(args.checkpoint, args.seed, dtype)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"loaded {source['model_id']}: {params / 1e6:.1f} M parameters, {args.dtype} ({time.time() - t0:.1f} s)")
+    t1 = time.time()
+    graphs = export_graphs(model, out, dtype)
+    tokenizer = write_tokenizer(out, args.checkpoint)
+    source["parameters"] = params
+    manifest = build_manifest(model, graphs, tokenizer, args.dtype, source)
+    path = write_manifest(out, manifest)
+    total = sum(g["bytes"] + g.get("external_data", {}).get("bytes", 0) for g in graphs.values())
+    print(f"exported 3 graphs ({total / 1e6:.1f} MB) in {time.time() - t1:.1f} s")
+    print(f"manifest {path}\nweights sha256 {manifest['weights_sha256']}")
+    return 0

@@ -1,0 +1,349 @@
+"""The three ONNX graphs pixtract runs, and the manifest that describes them.
+
+Names follow transformers.js / onnx-community exports so other tools recognise them:
+  vision_encoder.onnx        pixel_values [1,3,H,W] (H, W multiples of the patch size) -> image_features [N, text_hidden]
+  embed_tokens.onnx          input_ids [B,S] -> inputs_embeds [B,S,text_hidden]
+  decoder_model_merged.onnx  inputs_embeds, attention_mask [B,T], position_ids [B,S], past_key_values.{i}.key/value
+                             -> logits [B,1,vocab] (LAST position only), present.{i}.key/value
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import onnx
+import torch
+from torch import nn
+
+from . import __version__
+from .model import IMAGE_MEAN, IMAGE_STD, sha256_file
+
+OPSET = 17
+# Above this many bytes of weights a graph keeps its tensors in a side file (protobuf caps a file at 2 GB).
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+
+class VisionEncoder(nn.Module):
+    """One image -> projected features, the way PixtralVisionModel + the Llava projector compute them.
+
+    Written out (instead of calling get_image_features) so the traced graph has no per-image Python lists:
+    a single image attends to all of its patches, so no block mask is needed, and 2D RoPE positions come from
+    the input's own height and width, so any size up to max_image_size works.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.tower = model.model.vision_tower
+        self.projector = model.model.multi_modal_projector
+
+    def forward(self, pixel_values):
+        tower = self.tower
+        patches = tower.patch_conv(pixel_values.to(tower.patch_conv.weight.dtype))  # [1, C, h, w]
+        h, w = patches.shape[-2], patches.shape[-1]
+        embeds = patches.flatten(2).transpose(1, 2)  # [1, h*w, C], row-major like HF
+        embeds = tower.ln_pre(embeds)
+        hpos, wpos = torch.meshgrid(
+            torch.arange(h, device=embeds.device), torch.arange(w, device=embeds.device), indexing="ij"
+        )
+        position_ids = torch.stack([hpos.flatten(), wpos.flatten()], dim=-1)
+        position_embeddings = tower.patch_positional_embedding(embeds, position_ids)
+        hidden = tower.transformer(embeds, attention_mask=None, position_embeddings=position_embeddings)
+        hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
+        features = self.projector(hidden)
+        return features.squeeze(0)
+
+
+class EmbedTokens(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.embed = model.get_input_embeddings()
+
+    def forward(self, input_ids):
+        return self.embed(input_ids)
+
+
+class _GraphCache:
+    """The cache interface MistralAttention calls: concatenates the past with this step's keys/values."""
+
+    def __init__(self, past):
+        self.past = past
+        self.present = [None] * len(past)
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        past_key, past_value = self.past[layer_idx]
+        key = torch.cat([past_key, key], dim=2)
+        value = torch.cat([past_value, value], dim=2)
+        self.present[layer_idx] = (key, value)
+        return key, value
+
+
+def additive_mask(attention_mask: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B,T] 0/1 padding mask -> [B,1,S,T] additive causal mask for the last S positions.
+
+    A query may also always see itself: a left-padding query row would otherwise mask every key, and in fp16 an
+    all -inf row turns into NaN that would then sit in the KV cache. Real tokens never see padding either way.
+    """
+    total = attention_mask.shape[1]
+    past = total - query_len
+    q = torch.arange(query_len, device=attention_mask.device).unsqueeze(1) + past  # absolute query positions
+    k = torch.arange(total, device=attention_mask.device).unsqueeze(0)
+    causal = k <= q  # [S, T]
+    allowed = causal.unsqueeze(0) & attention_mask.bool().unsqueeze(1)  # [B, S, T]
+    allowed = allowed | (k == q).unsqueeze(0)
+    zero = torch.zeros((), dtype=dtype)
+    neg = torch.full((), torch.finfo(dtype).min, dtype=dtype)
+    return torch.where(allowed, zero, neg).unsqueeze(1)
+
+
+class Decoder(nn.Module):
+    """Mistral text model with an explicit KV cache; returns logits of the last position only.
+
+    A 4,000-token prefill must not materialise [B, 4000, 131072] logits: only the next-token distribution is ever
+    needed, and with left padding the last position is real for every row.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.lm = model.model.language_model
+        self.lm_head = model.lm_head
+        self.num_layers = model.config.text_config.num_hidden_layers
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past_flat):
+        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(self.num_layers)]
+        cache = _GraphCache(past)
+        mask = additive_mask(attention_mask, inputs_embeds.shape[1], inputs_embeds.dtype)
+        cos, sin = self.lm.rotary_emb(inputs_embeds, position_ids=position_ids)
+        hidden = inputs_embeds
+        for layer in self.lm.layers:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), cache=cache, use_cache=True)
+            if isinstance(hidden, tuple):
+                hidden = hidden[0]
+        hidden = self.lm.norm(hidden)
+        logits = self.lm_head(hidden[:, -1:, :]).to(torch.float32)
+        out = [logits]
+        for key, value in cache.present:
+            out += [key, value]
+        return tuple(out)
+
+
+def _export(module, args, path, input_names, output_names, dynamic_axes):
+    """Traces module to ONNX at path; weights go to `<file>_data` beside it when they are too large for one file."""
+    import shutil
+    import tempfile
+
+    # Export into a scratch folder first: for >2 GB models the legacy exporter scatters one file per tensor.
+    scratch = tempfile.mkdtemp(prefix="pixtract-export-", dir=os.path.dirname(path))
+    try:
+        raw = os.path.join(scratch, "graph.onnx")
+        with torch.no_grad():
+            torch.onnx.export(
+                module,
+                args,
+                raw,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        model = onnx.load(raw, load_external_data=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    model.producer_name = "pixtract-export"
+    model.producer_version = __version__
+    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+    external = weight_bytes > EXTERNAL_DATA_THRESHOLD
+    if external:
+        onnx.save_model(
+            model,
+            path,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=os.path.basename(path) + "_data",
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, path)
+    return model, external
+
+
+def weights_digest(model: onnx.ModelProto) -> str:
+    """sha256 over the graph's initializers (name, type, dims, bytes) in name order: equal weights, equal digest."""
+    from onnx import numpy_helper
+
+    h = hashlib.sha256()
+    for init in sorted(model.graph.initializer, key=lambda t: t.name):
+        arr = numpy_helper.to_array(init)
+        h.update(init.name.encode())
+        h.update(str(arr.dtype).encode())
+        h.update(str(list(arr.shape)).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def _io(values):
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        dims = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+        out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims})
+    return out
+
+
+def export_graphs(model, out_dir: str, dtype: torch.dtype) -> dict:
+    """Writes the three graphs into out_dir; returns the manifest's "graphs" section."""
+    cfg = model.config
+    tcfg, vcfg = cfg.text_config, cfg.vision_config
+    layers = tcfg.num_hidden_layers
+    kv_heads = tcfg.num_key_value_heads
+    head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
+    patch = vcfg.patch_size
+    graphs = {}
+
+    # Vision: the example is non-square so height and width stay independent dynamic axes.
+    vision = VisionEncoder(model)
+    pixel = torch.randn(1, 3, 3 * patch, 5 * patch, dtype=dtype)
+    path = os.path.join(out_dir, "vision_encoder.onnx")
+    proto, ext = _export(
+        vision, (pixel,), path, ["pixel_values"], ["image_features"],
+        {"pixel_values": {2: "height", 3: "width"}, "image_features": {0: "num_patches"}},
+    )
+    graphs["vision_encoder"] = _graph_entry(path, proto, ext)
+
+    embed = EmbedTokens(model)
+    ids = torch.tensor([[1, 3, 10, 12, 4]], dtype=torch.int64)
+    path = os.path.join(out_dir, "embed_tokens.onnx")
+    proto, ext = _export(
+        embed, (ids,), path, ["input_ids"], ["inputs_embeds"],
+        {"input_ids": {0: "batch", 1: "sequence"}, "inputs_embeds": {0: "batch", 1: "sequence"}},
+    )
+    graphs["embed_tokens"] = _graph_entry(path, proto, ext)
+
+    # Decoder: traced with a non-empty past and batch 2 so no axis is specialised to 0 or 1.
+    decoder = Decoder(model)
+    batch, seq, past_len = 2, 4, 3
+    embeds = torch.randn(batch, seq, tcfg.hidden_size, dtype=dtype)
+    mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
+    positions = torch.arange(past_len, past_len + seq, dtype=torch.int64).unsqueeze(0).repeat(batch, 1)
+    past = []
+    input_names = ["inputs_embeds", "attention_mask", "position_ids"]
+    output_names = ["logits"]
+    axes = {
+        "inputs_embeds": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+        "position_ids": {0: "batch", 1: "sequence"},
+        "logits": {0: "batch"},
+    }
+    for i in range(layers):
+        for kind in ("key", "value"):
+            past.append(torch.randn(batch, kv_heads, past_len, head_dim, dtype=dtype))
+            name = f"past_key_values.{i}.{kind}"
+            input_names.append(name)
+            axes[name] = {0: "batch", 2: "past_sequence"}
+            oname = f"present.{i}.{kind}"
+            output_names.append(oname)
+            axes[oname] = {0: "batch", 2: "total_sequence"}
+    path = os.path.join(out_dir, "decoder_model_merged.onnx")
+    proto, ext = _export(decoder, (embeds, mask, positions, *past), path, input_names, output_names, axes)
+    graphs["decoder"] = _graph_entry(path, proto, ext)
+    graphs["decoder"]["logits"] = "last_position"
+    graphs["decoder"]["past_key_template"] = "past_key_values.{layer}.key"
+    graphs["decoder"]["past_value_template"] = "past_key_values.{layer}.value"
+    graphs["decoder"]["present_key_template"] = "present.{layer}.key"
+    graphs["decoder"]["present_value_template"] = "present.{layer}.value"
+    return graphs
+
+
+def _graph_entry(path: str, proto: onnx.ModelProto, external: bool) -> dict:
+    entry = {
+        "file": os.path.basename(path),
+        "bytes": os.path.getsize(path),
+        "sha256": sha256_file(path),
+        "weights_sha256": weights_digest(proto),
+        "inputs": _io(proto.graph.input),
+        "outputs": _io(proto.graph.output),
+    }
+    if external:
+        data = path + "_data"
+        entry["external_data"] = {"file": os.path.basename(data), "bytes": os.path.getsize(data),
+                                  "sha256": sha256_file(data)}
+    return entry
+
+
+def build_manifest(model, graphs: dict, tokenizer_path: str, dtype_name: str, source: dict) -> dict:
+    import mistral_common
+    import onnxruntime
+    import transformers
+
+    cfg = model.config
+    t, v = cfg.text_config, cfg.vision_config
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    weights = hashlib.sha256("".join(graphs[k]["weights_sha256"] for k in sorted(graphs)).encode()).hexdigest()
+    return {
+        "format": "pixtract-model",
+        "format_version": 1,
+        "model_id": source["model_id"],
+        "source": source,
+        "dtype": dtype_name,
+        "weights_sha256": weights,
+        "text": {
+            "hidden_size": t.hidden_size,
+            "num_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads,
+            "head_dim": head_dim,
+            "intermediate_size": t.intermediate_size,
+            "vocab_size": t.vocab_size,
+            "rope_theta": float(t.rope_parameters["rope_theta"]) if getattr(t, "rope_parameters", None)
+            else float(t.rope_theta),
+            "rms_norm_eps": t.rms_norm_eps,
+            "max_position_embeddings": t.max_position_embeddings,
+        },
+        "vision": {
+            "hidden_size": v.hidden_size,
+            "num_layers": v.num_hidden_layers,
+            "num_attention_heads": v.num_attention_heads,
+            "head_dim": getattr(v, "head_dim", None) or v.hidden_size // v.num_attention_heads,
+            "intermediate_size": v.intermediate_size,
+            "patch_size": v.patch_size,
+            "image_size": v.image_size,
+        },
+        "image": {
+            "patch_size": v.patch_size,
+            "max_image_size": v.image_size,
+            "rescale": 1.0 / 255.0,
+            "mean": list(IMAGE_MEAN),
+            "std": list(IMAGE_STD),
+            "resize": "mistral-common: long side <= max_image_size (round half to even), "
+                      "4-tap cubic a=-0.75 on f32 (OpenCV INTER_CUBIC)",
+            "background": [255, 255, 255],
+        },
+        "tokens": {
+            "unk": 0, "bos": 1, "eos": 2, "inst": 3, "inst_end": 4, "img": cfg.image_token_index, "pad": 11,
+            "img_break": 12, "img_end": 13, "system_prompt": 17, "system_prompt_end": 18,
+        },
+        "tokenizer": {"file": os.path.basename(tokenizer_path), "sha256": sha256_file(tokenizer_path)},
+        "graphs": graphs,
+        "exporter": {
+            "name": "pixtract-export",
+            "version": __version__,
+            "onnx_exporter": "torchscript",
+            "opset": OPSET,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "mistral_common": mistral_common.__version__,
+        },
+    }
+
+
+def write_manifest(out_dir: str, manifest: dict) -> str:
+    path = os.path.join(out_dir, "pixtract-model.json")
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+    return path

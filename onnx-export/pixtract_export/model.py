@@ -1,0 +1,146 @@
+"""Loading Pixtral: a local Hugging Face checkpoint, or a tiny seeded random model with the real tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import torch
+
+# Mean/std of Pixtral's image normalisation (CLIP's), as mistral-common applies them.
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+TINY_SEED = 20240911
+TINY_WEIGHT_STD = 0.2  # N(0, 0.2) keeps greedy decoding of a random model away from ties (FACTS.md)
+
+
+class ExportError(RuntimeError):
+    """A problem the user can fix (bad path, wrong layout); printed without a traceback."""
+
+
+def tekken_path() -> str:
+    """Pixtral's Tekken tokenizer as shipped inside the mistral-common wheel (tekken_240911.json)."""
+    import mistral_common
+
+    path = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tekken_240911.json")
+    if not os.path.isfile(path):
+        raise ExportError(f"mistral-common has no {path}: is mistral-common==1.13.1 installed?")
+    return path
+
+
+def tiny_config():
+    """The tiny Pixtral of FACTS.md: real vocabulary and token ids, toy widths."""
+    from transformers import LlavaConfig, MistralConfig, PixtralVisionConfig
+
+    vision = PixtralVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        head_dim=16,
+        num_channels=3,
+        patch_size=16,
+        image_size=1024,
+        hidden_act="silu",
+        rope_theta=10000.0,
+    )
+    text = MistralConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=131072,
+        rope_theta=1e9,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=32768,
+        sliding_window=None,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=11,
+        tie_word_embeddings=False,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=10,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        multimodal_projector_bias=True,
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiny_model(seed: int = TINY_SEED):
+    """Deterministic random weights: every parameter is redrawn from a generator seeded once, in name order."""
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = tiny_config()
+    config._attn_implementation = "eager"
+    model = LlavaForConditionalGeneration(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=gen) * TINY_WEIGHT_STD)
+            elif name.endswith("bias"):
+                param.copy_(torch.randn(param.shape, generator=gen) * TINY_WEIGHT_STD)
+            else:
+                # RMSNorm gains: around 1 so activations keep a sane scale through the layers.
+                param.copy_(1.0 + torch.randn(param.shape, generator=gen) * 0.1)
+    model.eval()
+    return model
+
+
+def load_checkpoint(path: str, dtype: torch.dtype):
+    """A local mistral-community/pixtral-12b style directory (config.json + safetensors). Never the network."""
+    from transformers import LlavaForConditionalGeneration
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ExportError(
+            f"{path}: no config.json; expected a Hugging Face LlavaForConditionalGeneration checkpoint directory "
+            "(for example a local copy of mistral-community/pixtral-12b)"
+        )
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    if cfg.get("model_type") != "llava" or cfg.get("vision_config", {}).get("model_type") != "pixtral":
+        raise ExportError(
+            f"{path}: config.json describes model_type={cfg.get('model_type')!r} with vision "
+            f"{cfg.get('vision_config', {}).get('model_type')!r}; pixtract exports Llava + Pixtral vision only"
+        )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, local_files_only=True, attn_implementation="eager"
+    )
+    model.eval()
+    return model
+
+
+def write_tokenizer(out_dir: str, checkpoint: str | None) -> str:
+    """tokenizer.json for the Rust `tokenizers` crate.
+
+    The checkpoint's own tokenizer.json when it has one; otherwise Pixtral's Tekken file from mistral-common,
+    converted the way transformers converts it.
+    """
+    dst = os.path.join(out_dir, "tokenizer.json")
+    if checkpoint and os.path.isfile(os.path.join(checkpoint, "tokenizer.json")):
+        shutil.copyfile(os.path.join(checkpoint, "tokenizer.json"), dst)
+        return dst
+    from transformers.integrations.mistral.tokenizer import MistralConverter
+
+    MistralConverter(vocab_file=tekken_path()).converted().save(dst)
+    return dst
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,79 @@
+"""A plain onnxruntime loop over the three graphs: the Python reference the Rust engine is compared with."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+
+class OrtPixtral:
+    def __init__(self, model_dir: str, providers=("CPUExecutionProvider",), threads: int = 0):
+        import onnxruntime as ort
+
+        with open(os.path.join(model_dir, "pixtract-model.json")) as f:
+            self.manifest = json.load(f)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        g = self.manifest["graphs"]
+
+        def session(name):
+            return ort.InferenceSession(os.path.join(model_dir, g[name]["file"]), opts, providers=list(providers))
+
+        self.vision = session("vision_encoder")
+        self.embed = session("embed_tokens")
+        self.decoder = session("decoder")
+        t = self.manifest["text"]
+        self.layers, self.kv_heads, self.head_dim = t["num_layers"], t["num_key_value_heads"], t["head_dim"]
+        self.img_id = self.manifest["tokens"]["img"]
+        self.eos = self.manifest["tokens"]["eos"]
+        dtypes = {i.name: i.type for i in self.decoder.get_inputs()}
+        self.float = np.float16 if dtypes["inputs_embeds"] == "tensor(float16)" else np.float32
+
+    def image_features(self, image_chw: np.ndarray) -> np.ndarray:
+        px = image_chw[None].astype(self.float)
+        return self.vision.run(["image_features"], {"pixel_values": px})[0]
+
+    def embeddings(self, ids: np.ndarray, images: list[np.ndarray]) -> np.ndarray:
+        """ids [B,S]; images' features replace the [IMG] positions in order (row-major over the batch)."""
+        embeds = self.embed.run(["inputs_embeds"], {"input_ids": ids.astype(np.int64)})[0]
+        if images:
+            feats = np.concatenate([self.image_features(i) for i in images], axis=0)
+            pos = np.argwhere(ids == self.img_id)
+            if len(pos) != feats.shape[0]:
+                raise ValueError(f"{len(pos)} [IMG] tokens but {feats.shape[0]} image features")
+            embeds[pos[:, 0], pos[:, 1]] = feats.astype(embeds.dtype)
+        return embeds
+
+    def empty_past(self, batch: int):
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.float) for _ in range(2 * self.layers)]
+
+    def step(self, embeds, mask, positions, past):
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask.astype(np.int64),
+                 "position_ids": positions.astype(np.int64)}
+        for i in range(self.layers):
+            feeds[f"past_key_values.{i}.key"] = past[2 * i]
+            feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
+        out = self.decoder.run(None, feeds)
+        return out[0][:, -1, :], out[1:]
+
+    def greedy(self, ids: list[int], images: list[np.ndarray], max_new: int, stop_on_eos: bool = True):
+        """Batch-1 greedy decoding; returns (new token ids, first-step logits)."""
+        arr = np.array([ids], dtype=np.int64)
+        embeds = self.embeddings(arr, images)
+        n = arr.shape[1]
+        mask = np.ones((1, n), dtype=np.int64)
+        logits, past = self.step(embeds, mask, np.arange(n)[None], self.empty_past(1))
+        first = logits[0].copy()
+        out = []
+        for _ in range(max_new):
+            tok = int(np.argmax(logits[0]))
+            out.append(tok)
+            if stop_on_eos and tok == self.eos:
+                break
+            embeds = self.embed.run(["inputs_embeds"], {"input_ids": np.array([[tok]], dtype=np.int64)})[0]
+            mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
+            logits, past = self.step(embeds, mask, np.array([[mask.shape[1] - 1]]), past)
+        return out, first

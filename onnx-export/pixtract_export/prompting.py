@@ -1,0 +1,60 @@
+"""Prompts and images as mistral-common encodes them: the reference that Mistral's own stack and vLLM use."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .model import tekken_path
+
+_TOKENIZER = None
+
+
+def mistral_tokenizer():
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+        _TOKENIZER = MistralTokenizer.from_file(tekken_path())
+    return _TOKENIZER
+
+
+def encode(content: list, system: str | None = None):
+    """content: [{"type": "image", "image": PIL.Image} | {"type": "text", "text": str}, ...] for one user turn.
+
+    Returns (token ids, [CHW float32 arrays, one per image]).
+    """
+    from mistral_common.protocol.instruct.messages import ImageChunk, SystemMessage, TextChunk, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    chunks = []
+    for part in content:
+        if part["type"] == "image":
+            chunks.append(ImageChunk(image=part["image"]))
+        else:
+            chunks.append(TextChunk(text=part["text"]))
+    messages = []
+    if system is not None:
+        messages.append(SystemMessage(content=system))
+    if len(chunks) == 1 and isinstance(chunks[0], TextChunk):
+        messages.append(UserMessage(content=chunks[0].text))
+    else:
+        messages.append(UserMessage(content=chunks))
+    enc = mistral_tokenizer().encode_chat_completion(ChatCompletionRequest(messages=messages))
+    return list(enc.tokens), [np.ascontiguousarray(img, dtype=np.float32) for img in enc.images]
+
+
+def decode(ids: list[int]) -> str:
+    return mistral_tokenizer().decode(ids)
+
+
+def pad_images(images: list[np.ndarray]):
+    """HF's Llava/Pixtral batch layout: [N,3,Hmax,Wmax] zero-padded plus image_sizes [[h,w],...]."""
+    import torch
+
+    hmax = max(i.shape[1] for i in images)
+    wmax = max(i.shape[2] for i in images)
+    out = np.zeros((len(images), 3, hmax, wmax), dtype=np.float32)
+    for n, img in enumerate(images):
+        out[n, :, : img.shape[1], : img.shape[2]] = img
+    sizes = torch.tensor([[i.shape[1], i.shape[2]] for i in images], dtype=torch.int64)
+    return torch.from_numpy(out), sizes

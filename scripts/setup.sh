@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# One-step, idempotent set-up for pixtract.
+#
+#   scripts/setup.sh            virtualenv (CPU onnxruntime) + tiny test model with reference fixtures
+#   scripts/setup.sh --gpu      same, with onnxruntime-gpu (CUDA 13) instead of the CPU wheel
+#   scripts/setup.sh --venv     only the virtualenv
+#
+# The virtualenv lives in a per-user cache keyed by a hash of the pinned requirements, so fresh clones and CI
+# reuse it; `.venv` in the checkout is a symlink to it. The tiny model is rebuilt only when the exporter's
+# sources or the requirements change (stamp file in models/tiny). A second run with nothing changed takes seconds.
+# Everything comes from PyPI; nothing else is downloaded.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+gpu=0
+venv_only=0
+for arg in "$@"; do
+  case "$arg" in
+    --gpu) gpu=1 ;;
+    --venv) venv_only=1 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown option '$arg' (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+python=${PIXTRACT_PYTHON:-python3}
+if ! "$python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' 2>/dev/null; then
+  echo "setup.sh: need Python >= 3.10 as '$python' (set PIXTRACT_PYTHON to another interpreter)" >&2
+  exit 1
+fi
+
+req=onnx-export/requirements.txt
+con=onnx-export/constraints.txt
+gpu_req=onnx-export/requirements-gpu.txt
+key_inputs=("$req" "$con")
+[ "$gpu" = 1 ] && key_inputs+=("$gpu_req")
+key=$( { cat "${key_inputs[@]}"; "$python" -c 'import sys; print(sys.version)'; echo "gpu=$gpu"; } | sha256sum | cut -c1-16)
+cache=${PIXTRACT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pixtract}
+venv="$cache/venv-$key"
+
+if [ -f "$venv/.pixtract-complete" ]; then
+  echo "setup: virtualenv up to date ($venv)"
+else
+  echo "setup: creating virtualenv $venv (first run downloads ~3 GB of wheels from PyPI, a few minutes)"
+  mkdir -p "$cache"
+  # Built in place; the marker written last says it is complete, so an interrupted run is redone from scratch.
+  rm -rf "$venv"
+  "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "pip==26.3"
+  if [ "$gpu" = 1 ]; then
+    # The GPU wheel replaces the CPU one: both install the same 'onnxruntime' package directory.
+    grep -v '^onnxruntime==' "$req" > "$venv/requirements.txt"
+    cat "$gpu_req" >> "$venv/requirements.txt"
+    grep -v '^onnxruntime==' "$con" > "$venv/constraints.txt"
+  else
+    cp "$req" "$venv/requirements.txt"
+    cp "$con" "$venv/constraints.txt"
+  fi
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    -r "$venv/requirements.txt" -c "$venv/constraints.txt"
+  touch "$venv/.pixtract-complete"
+  echo "setup: virtualenv ready"
+fi
+ln -sfn "$venv" .venv
+
+[ "$venv_only" = 1 ] && exit 0
+
+# Tiny seeded Pixtral + reference fixtures, rebuilt when the exporter or the environment changes.
+model=models/tiny
+stamp=$( { cat onnx-export/pixtract_export/*.py; echo "$key"; } | sha256sum | cut -c1-16)
+if [ -f "$model/.pixtract-stamp" ] && [ "$(cat "$model/.pixtract-stamp")" = "$stamp" ]; then
+  echo "setup: tiny model up to date ($model)"
+else
+  echo "setup: exporting the tiny seeded Pixtral and its reference fixtures to $model"
+  rm -rf "$model.partial"
+  .venv/bin/python onnx-export/export.py export --tiny --out "$model.partial"
+  .venv/bin/python onnx-export/export.py reference --model "$model.partial"
+  rm -rf "$model"
+  mv "$model.partial" "$model"
+  echo "$stamp" > "$model/.pixtract-stamp"
+fi

@@ -1,0 +1,291 @@
+//! `pixtract-model.json`: every number the runtime needs, written by `onnx-export` next to the graphs.
+//!
+//! The runtime never hard-codes model sizes: layer counts, KV heads, token ids, image normalisation and the
+//! graphs' input/output names all come from here, so the tiny test model and Pixtral 12B run the same code.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::ModelError;
+
+pub const MANIFEST_FILE: &str = "pixtract-model.json";
+const FORMAT: &str = "pixtract-model";
+const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelManifest {
+    pub format: String,
+    pub format_version: u32,
+    pub model_id: String,
+    pub source: serde_json::Value,
+    /// "fp32" or "fp16": weights and activations; logits are always fp32.
+    pub dtype: String,
+    pub weights_sha256: String,
+    pub text: TextConfig,
+    pub vision: VisionConfig,
+    pub image: ImageConfig,
+    pub tokens: SpecialTokens,
+    pub tokenizer: FileEntry,
+    pub graphs: Graphs,
+    pub exporter: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TextConfig {
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub rope_theta: f64,
+    pub rms_norm_eps: f64,
+    pub max_position_embeddings: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct VisionConfig {
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_attention_heads: usize,
+    pub head_dim: usize,
+    pub intermediate_size: usize,
+    pub patch_size: usize,
+    pub image_size: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ImageConfig {
+    pub patch_size: usize,
+    pub max_image_size: usize,
+    pub rescale: f64,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    pub resize: String,
+    pub background: [u8; 3],
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct SpecialTokens {
+    pub unk: u32,
+    pub bos: u32,
+    pub eos: u32,
+    pub inst: u32,
+    pub inst_end: u32,
+    pub img: u32,
+    pub pad: u32,
+    pub img_break: u32,
+    pub img_end: u32,
+    pub system_prompt: u32,
+    pub system_prompt_end: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct FileEntry {
+    pub file: String,
+    pub sha256: String,
+    #[serde(default)]
+    pub bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Graphs {
+    pub vision_encoder: GraphEntry,
+    pub embed_tokens: GraphEntry,
+    pub decoder: GraphEntry,
+}
+
+impl Graphs {
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &GraphEntry)> {
+        [
+            ("vision_encoder", &self.vision_encoder),
+            ("embed_tokens", &self.embed_tokens),
+            ("decoder", &self.decoder),
+        ]
+        .into_iter()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GraphEntry {
+    pub file: String,
+    pub bytes: u64,
+    pub sha256: String,
+    pub weights_sha256: String,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    #[serde(default)]
+    pub external_data: Option<FileEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    /// numpy dtype name: "float32", "float16", "int64".
+    pub dtype: String,
+    /// Fixed sizes as numbers, dynamic axes by name.
+    pub shape: Vec<serde_json::Value>,
+}
+
+/// A model directory whose manifest has been read and checked for consistency.
+#[derive(Debug, Clone)]
+pub struct ModelDir {
+    pub dir: PathBuf,
+    pub manifest: ModelManifest,
+}
+
+impl ModelDir {
+    /// Reads and checks `<dir>/pixtract-model.json`: format, version, internal consistency, files present with
+    /// the sizes the manifest records. Hashes are checked separately by [`ModelDir::verify_hashes`] (slow on
+    /// a 25 GB model).
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, ModelError> {
+        let dir = dir.as_ref().to_path_buf();
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::ManifestRead {
+            path: path.clone(),
+            source,
+        })?;
+        let manifest: ModelManifest =
+            serde_json::from_str(&text).map_err(|source| ModelError::ManifestParse {
+                path: path.clone(),
+                source,
+            })?;
+        let invalid = |reason: String| ModelError::ManifestInvalid {
+            path: path.clone(),
+            reason,
+        };
+        if manifest.format != FORMAT || manifest.format_version != FORMAT_VERSION {
+            return Err(invalid(format!(
+                "format {:?} version {}, this pixtract reads {FORMAT:?} version {FORMAT_VERSION}; re-export \
+                 the model with this checkout's onnx-export",
+                manifest.format, manifest.format_version
+            )));
+        }
+        let t = &manifest.text;
+        if t.num_layers == 0 || t.num_key_value_heads == 0 || t.head_dim == 0 || t.vocab_size == 0 {
+            return Err(invalid("text config has a zero size".into()));
+        }
+        if t.num_attention_heads % t.num_key_value_heads != 0 {
+            return Err(invalid(format!(
+                "{} attention heads is not a multiple of {} KV heads",
+                t.num_attention_heads, t.num_key_value_heads
+            )));
+        }
+        let img = &manifest.image;
+        if img.patch_size == 0 || img.max_image_size < img.patch_size {
+            return Err(invalid(format!(
+                "image patch size {} / max image size {} make no sense",
+                img.patch_size, img.max_image_size
+            )));
+        }
+        if !matches!(manifest.dtype.as_str(), "fp32" | "fp16") {
+            return Err(invalid(format!(
+                "dtype {:?} (expected fp32 or fp16)",
+                manifest.dtype
+            )));
+        }
+        let decoder = &manifest.graphs.decoder;
+        for layer in 0..t.num_layers {
+            for kind in ["key", "value"] {
+                let input = format!("past_key_values.{layer}.{kind}");
+                let output = format!("present.{layer}.{kind}");
+                if !decoder.inputs.iter().any(|s| s.name == input)
+                    || !decoder.outputs.iter().any(|s| s.name == output)
+                {
+                    return Err(invalid(format!(
+                        "decoder graph lacks {input} / {output} for layer {layer} of {}",
+                        t.num_layers
+                    )));
+                }
+            }
+        }
+        let model = ModelDir { dir, manifest };
+        for (file, expected) in model.files() {
+            let p = model.dir.join(&file);
+            let meta = std::fs::metadata(&p).map_err(|source| ModelError::FileMissing {
+                path: p.clone(),
+                source,
+            })?;
+            if let Some(bytes) = expected.1
+                && meta.len() != bytes
+            {
+                return Err(ModelError::FileSize {
+                    path: p,
+                    expected: bytes,
+                    actual: meta.len(),
+                });
+            }
+        }
+        Ok(model)
+    }
+
+    /// Every file the manifest lists, with (sha256, size when recorded).
+    pub fn files(&self) -> Vec<(String, (String, Option<u64>))> {
+        let m = &self.manifest;
+        let mut out = vec![(
+            m.tokenizer.file.clone(),
+            (m.tokenizer.sha256.clone(), m.tokenizer.bytes),
+        )];
+        for (_, g) in m.graphs.iter() {
+            out.push((g.file.clone(), (g.sha256.clone(), Some(g.bytes))));
+            if let Some(ext) = &g.external_data {
+                out.push((ext.file.clone(), (ext.sha256.clone(), ext.bytes)));
+            }
+        }
+        out
+    }
+
+    pub fn path_of(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// Recomputes the sha256 of every file and compares with the manifest.
+    pub fn verify_hashes(&self) -> Result<(), ModelError> {
+        for (file, (expected, _)) in self.files() {
+            let path = self.dir.join(&file);
+            let actual = sha256_file(&path).map_err(|source| ModelError::FileMissing {
+                path: path.clone(),
+                source,
+            })?;
+            if actual != expected {
+                return Err(ModelError::HashMismatch {
+                    path,
+                    expected,
+                    actual,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Total bytes of graphs and their external data.
+    pub fn weight_bytes(&self) -> u64 {
+        self.manifest
+            .graphs
+            .iter()
+            .map(|(_, g)| g.bytes + g.external_data.as_ref().and_then(|e| e.bytes).unwrap_or(0))
+            .sum()
+    }
+}
+
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}

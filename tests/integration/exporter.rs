@@ -1,0 +1,131 @@
+//! The Python exporter is a real tool: its `verify` must pass on the tiny model, and exporting twice must give
+//! byte-identical graphs, tokenizer and reference fixtures.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use pixtract::model::manifest::sha256_file;
+
+use crate::util::{python, read_json, repo_root, tiny_model};
+
+fn export_tool(args: &[&str]) -> std::process::Output {
+    Command::new(python())
+        .arg(repo_root().join("onnx-export/export.py"))
+        .args(args)
+        .output()
+        .expect("run onnx-export")
+}
+
+#[test]
+fn verify_passes_on_the_tiny_model_with_identical_greedy_tokens() {
+    let out = export_tool(&["verify", "--model", tiny_model().to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "verify failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches("[ok] vision").count(), 4, "{stdout}");
+    assert!(stdout.contains("[ok] prefill logits"), "{stdout}");
+    assert!(stdout.contains("[ok] decode steps"), "{stdout}");
+    assert!(
+        stdout.contains("[ok] greedy tokens: 20/20 identical"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+}
+
+fn tree_hashes(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            let name = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue; // set-up stamp
+            }
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.insert(name, sha256_file(&path).unwrap());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn tiny_export_and_reference_are_deterministic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let again = tmp.path().join("tiny");
+    let out = export_tool(&["export", "--tiny", "--out", again.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = export_tool(&["reference", "--model", again.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let first = tree_hashes(&tiny_model());
+    let second = tree_hashes(&again);
+    assert_eq!(
+        first.keys().collect::<Vec<_>>(),
+        second.keys().collect::<Vec<_>>()
+    );
+    for (file, hash) in &first {
+        assert_eq!(hash, &second[file], "{file} differs between two exports");
+    }
+    let manifest = read_json(&again.join("pixtract-model.json"));
+    assert_eq!(
+        manifest["weights_sha256"],
+        read_json(&tiny_model().join("pixtract-model.json"))["weights_sha256"]
+    );
+    // The fixtures cover every case the foundation issue lists.
+    let cases = read_json(&again.join("reference/cases.json"));
+    let names: Vec<&str> = cases["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    for want in [
+        "wide_page",
+        "tall_receipt",
+        "tiny_image",
+        "large_scan",
+        "rgba",
+        "grayscale",
+        "two_images",
+        "text_only",
+        "multilingual",
+    ] {
+        assert!(names.contains(&want), "missing case {want}: {names:?}");
+    }
+    for name in names {
+        let case = read_json(&again.join("reference").join(name).join("case.json"));
+        assert_eq!(case["greedy_tokens"].as_array().unwrap().len(), 32, "{name}");
+        assert_eq!(case["first_step_top_k"]["ids"].as_array().unwrap().len(), 10);
+    }
+}
+
+#[test]
+fn exporter_refuses_bad_input_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = export_tool(&[
+        "export",
+        "--checkpoint",
+        tmp.path().to_str().unwrap(),
+        "--out",
+        tmp.path().join("out").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no config.json") && err.contains("pixtral-12b"), "{err}");
+    assert!(!err.contains("Traceback"), "{err}");
+
+    let out = export_tool(&["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["export", "verify", "reference"] {
+        assert!(help.contains(cmd), "{help}");
+    }
+}
