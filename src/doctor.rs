@@ -281,10 +281,7 @@ fn check_model(
                 }
                 msg
             })?;
-        timings.push(format!(
-            "{name} {} ms",
-            start.elapsed().as_millis().max(1)
-        ));
+        timings.push(format!("{name} {} ms", start.elapsed().as_millis().max(1)));
     }
     lines.push(format!(
         "sessions open on {}: {}",

@@ -117,7 +117,11 @@ impl SearchPaths {
     /// The search this process would do: environment variables, `PIXTRACT_VENV`, `.venv` above the current
     /// directory and above the executable.
     pub fn from_env() -> Self {
-        let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let var = |name: &str| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         let mut virtualenvs = Vec::new();
         if let Some(v) = var("PIXTRACT_VENV") {
             virtualenvs.push(v);
@@ -170,7 +174,9 @@ impl SearchPaths {
         for venv in &self.virtualenvs {
             for site in site_packages(venv) {
                 let found = match library {
-                    NativeLibrary::OnnxRuntime => newest_onnxruntime(&site.join("onnxruntime").join("capi")),
+                    NativeLibrary::OnnxRuntime => {
+                        newest_onnxruntime(&site.join("onnxruntime").join("capi"))
+                    }
                     NativeLibrary::Pdfium => {
                         let p = site.join("pypdfium2_raw").join("libpdfium.so");
                         p.is_file().then_some(p)
@@ -195,7 +201,10 @@ impl SearchPaths {
 
     /// `site-packages` directories of the first virtualenv that has any (for CUDA runtime wheels).
     pub fn site_packages(&self) -> Vec<PathBuf> {
-        self.virtualenvs.iter().flat_map(|v| site_packages(v)).collect()
+        self.virtualenvs
+            .iter()
+            .flat_map(|v| site_packages(v))
+            .collect()
     }
 }
 
@@ -261,7 +270,11 @@ mod tests {
         let site = venv.join("lib/python3.11/site-packages");
         std::fs::create_dir_all(site.join("onnxruntime/capi")).unwrap();
         for v in ort_versions {
-            std::fs::write(site.join(format!("onnxruntime/capi/libonnxruntime.so.{v}")), b"").unwrap();
+            std::fs::write(
+                site.join(format!("onnxruntime/capi/libonnxruntime.so.{v}")),
+                b"",
+            )
+            .unwrap();
         }
         std::fs::write(
             site.join("onnxruntime/capi/libonnxruntime_providers_shared.so"),
@@ -289,7 +302,11 @@ mod tests {
             ..Default::default()
         };
         let ort = search.locate(NativeLibrary::OnnxRuntime).unwrap();
-        assert!(ort.path.ends_with("libonnxruntime.so.1.32.0"), "{:?}", ort.path);
+        assert!(
+            ort.path.ends_with("libonnxruntime.so.1.32.0"),
+            "{:?}",
+            ort.path
+        );
         assert_eq!(ort.version.as_deref(), Some("1.32.0"));
         assert_eq!(ort.origin, Origin::Virtualenv(venv));
         let pdfium = search.locate(NativeLibrary::Pdfium).unwrap();
@@ -314,7 +331,10 @@ mod tests {
         search.ort_override = Some(dir.path().join("nope.so"));
         let err = search.locate(NativeLibrary::OnnxRuntime).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("ORT_DYLIB_PATH=") && msg.contains("does not exist"), "{msg}");
+        assert!(
+            msg.contains("ORT_DYLIB_PATH=") && msg.contains("does not exist"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -330,7 +350,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("libpdfium not found"), "{msg}");
-        assert!(msg.contains("scripts/setup.sh") && msg.contains("PDFIUM_DYLIB_PATH"), "{msg}");
+        assert!(
+            msg.contains("scripts/setup.sh") && msg.contains("PDFIUM_DYLIB_PATH"),
+            "{msg}"
+        );
         assert!(msg.contains("site-packages"), "{msg}");
     }
 }

@@ -128,7 +128,7 @@ class Decoder(nn.Module):
         return tuple(out)
 
 
-def _export(module, args, path, input_names, output_names, dynamic_axes):
+def _export(module, args, path, input_names, output_names, dynamic_axes, fixed_output_dims=None):
     """Traces module to ONNX at path; weights go to `<file>_data` beside it when they are too large for one file."""
     import shutil
     import tempfile
@@ -154,6 +154,12 @@ def _export(module, args, path, input_names, output_names, dynamic_axes):
         shutil.rmtree(scratch, ignore_errors=True)
     model.producer_name = "pixtract-export"
     model.producer_version = __version__
+    # Shape inference loses static sizes through some slices (e.g. logits[:, -1:] becomes "Castlogits_dim_1"):
+    # restate what the wrapper guarantees so the manifest and ONNX Runtime report it.
+    for (out_name, axis), size in (fixed_output_dims or {}).items():
+        for out in model.graph.output:
+            if out.name == out_name:
+                out.type.tensor_type.shape.dim[axis].dim_value = size
     weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
     external = weight_bytes > EXTERNAL_DATA_THRESHOLD
     if external:
@@ -247,7 +253,8 @@ def export_graphs(model, out_dir: str, dtype: torch.dtype) -> dict:
             output_names.append(oname)
             axes[oname] = {0: "batch", 2: "total_sequence"}
     path = os.path.join(out_dir, "decoder_model_merged.onnx")
-    proto, ext = _export(decoder, (embeds, mask, positions, *past), path, input_names, output_names, axes)
+    proto, ext = _export(decoder, (embeds, mask, positions, *past), path, input_names, output_names, axes,
+                         fixed_output_dims={("logits", 1): 1, ("logits", 2): tcfg.vocab_size})
     graphs["decoder"] = _graph_entry(path, proto, ext)
     graphs["decoder"]["logits"] = "last_position"
     graphs["decoder"]["past_key_template"] = "past_key_values.{layer}.key"

@@ -168,7 +168,7 @@ impl ModelDir {
         if t.num_layers == 0 || t.num_key_value_heads == 0 || t.head_dim == 0 || t.vocab_size == 0 {
             return Err(invalid("text config has a zero size".into()));
         }
-        if t.num_attention_heads % t.num_key_value_heads != 0 {
+        if !t.num_attention_heads.is_multiple_of(t.num_key_value_heads) {
             return Err(invalid(format!(
                 "{} attention heads is not a multiple of {} KV heads",
                 t.num_attention_heads, t.num_key_value_heads

@@ -105,12 +105,12 @@ impl OrtRuntime {
                 .with_device_id(id)
                 .build()
                 .error_on_failure();
-            builder = builder
-                .with_execution_providers([cuda])
-                .map_err(|e| ModelError::CudaUnavailable {
+            builder = builder.with_execution_providers([cuda]).map_err(|e| {
+                ModelError::CudaUnavailable {
                     device,
                     reason: cuda_hint(&e.to_string()),
-                })?;
+                }
+            })?;
         }
         Ok(builder)
     }

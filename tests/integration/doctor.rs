@@ -4,14 +4,25 @@ use crate::util::{pixtract, repo_root, text, tiny_model};
 fn doctor_finds_libraries_and_opens_the_tiny_model() {
     let model = tiny_model();
     let out = pixtract(
-        &["doctor", "--model", model.to_str().unwrap(), "--verify-hashes"],
+        &[
+            "doctor",
+            "--model",
+            model.to_str().unwrap(),
+            "--verify-hashes",
+        ],
         &[],
         &repo_root(),
     );
     let t = text(&out);
     assert!(out.status.success(), "doctor failed:\n{t}");
-    assert!(t.contains("[ok  ] onnxruntime") && t.contains("libonnxruntime.so.1."), "{t}");
-    assert!(t.contains("[ok  ] pdfium") && t.contains("rendered a test page"), "{t}");
+    assert!(
+        t.contains("[ok  ] onnxruntime") && t.contains("libonnxruntime.so.1."),
+        "{t}"
+    );
+    assert!(
+        t.contains("[ok  ] pdfium") && t.contains("rendered a test page"),
+        "{t}"
+    );
     assert!(t.contains("pixtral-tiny-random-"), "{t}");
     assert!(t.contains("sha256 verified"), "{t}");
     assert!(
@@ -42,7 +53,10 @@ fn doctor_fails_with_a_fix_when_a_library_is_missing() {
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(t.contains("no model directory found"), "{t}");
-    assert!(t.contains("scripts/setup.sh") && t.contains("--checkpoint"), "{t}");
+    assert!(
+        t.contains("scripts/setup.sh") && t.contains("--checkpoint"),
+        "{t}"
+    );
 }
 
 #[test]
@@ -52,7 +66,13 @@ fn doctor_refuses_cuda_instead_of_falling_back_to_cpu() {
         return;
     }
     let out = pixtract(
-        &["doctor", "--model", tiny_model().to_str().unwrap(), "--device", "cuda"],
+        &[
+            "doctor",
+            "--model",
+            tiny_model().to_str().unwrap(),
+            "--device",
+            "cuda",
+        ],
         &[],
         &repo_root(),
     );

@@ -42,7 +42,11 @@ fn tree_hashes(root: &Path) -> BTreeMap<String, String> {
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).unwrap().flatten() {
             let path = entry.path();
-            let name = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let name = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
             if name.starts_with('.') {
                 continue; // set-up stamp
             }
@@ -61,9 +65,17 @@ fn tiny_export_and_reference_are_deterministic() {
     let tmp = tempfile::tempdir().unwrap();
     let again = tmp.path().join("tiny");
     let out = export_tool(&["export", "--tiny", "--out", again.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = export_tool(&["reference", "--model", again.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let first = tree_hashes(&tiny_model());
     let second = tree_hashes(&again);
@@ -102,8 +114,15 @@ fn tiny_export_and_reference_are_deterministic() {
     }
     for name in names {
         let case = read_json(&again.join("reference").join(name).join("case.json"));
-        assert_eq!(case["greedy_tokens"].as_array().unwrap().len(), 32, "{name}");
-        assert_eq!(case["first_step_top_k"]["ids"].as_array().unwrap().len(), 10);
+        assert_eq!(
+            case["greedy_tokens"].as_array().unwrap().len(),
+            32,
+            "{name}"
+        );
+        assert_eq!(
+            case["first_step_top_k"]["ids"].as_array().unwrap().len(),
+            10
+        );
     }
 }
 
@@ -119,7 +138,10 @@ fn exporter_refuses_bad_input_clearly() {
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("no config.json") && err.contains("pixtral-12b"), "{err}");
+    assert!(
+        err.contains("no config.json") && err.contains("pixtral-12b"),
+        "{err}"
+    );
     assert!(!err.contains("Traceback"), "{err}");
 
     let out = export_tool(&["--help"]);

@@ -17,7 +17,13 @@ fn manifest_describes_the_tiny_model() {
     assert_eq!(m.vision.patch_size, 16);
     assert_eq!(m.image.max_image_size, 1024);
     assert_eq!(
-        (m.tokens.bos, m.tokens.eos, m.tokens.img, m.tokens.img_break, m.tokens.img_end),
+        (
+            m.tokens.bos,
+            m.tokens.eos,
+            m.tokens.img,
+            m.tokens.img_break,
+            m.tokens.img_end
+        ),
         (1, 2, 10, 12, 13)
     );
     model.verify_hashes().expect("hashes match the manifest");
@@ -82,7 +88,10 @@ fn broken_manifests_are_refused_with_the_reason() {
     wrong_version["format_version"] = serde_json::json!(99);
     write(&wrong_version);
     let err = ModelDir::open(dir.path()).unwrap_err().to_string();
-    assert!(err.contains("version 99") && err.contains("re-export"), "{err}");
+    assert!(
+        err.contains("version 99") && err.contains("re-export"),
+        "{err}"
+    );
 
     let mut fewer_layers = manifest.clone();
     fewer_layers["text"]["num_layers"] = serde_json::json!(3);
