@@ -40,6 +40,30 @@ enum Command {
         #[arg(long)]
         verify_hashes: bool,
     },
+    /// Write every page of every document under URI as PNG, exactly as the model will see it.
+    ///
+    /// PDFs are rendered by pdfium in worker processes straight at model size; scans (JPEG, PNG, WebP, TIFF) are
+    /// decoded at full resolution with EXIF orientation applied; both then get Pixtral's own resize. Prints one
+    /// line per document (pages and render time, or why it failed). Exit code 0: all rendered; 2: some failed;
+    /// 1: nothing could be done.
+    ///
+    /// Examples:
+    ///   pixtract pages invoices/ --out /tmp/pages
+    ///   AWS_ENDPOINT_URL=http://127.0.0.1:9000 pixtract pages s3://mail/2024/ --include '*.pdf' --out /tmp/p
+    Pages(pixtract::raster::cli::PagesArgs),
+    /// Run Pixtral on images and a prompt; print the answer, then per-phase timings on stderr.
+    ///
+    /// Images are preprocessed exactly as mistral-common does (Pixtral's reference), the prompt follows Pixtral's
+    /// chat layout, decoding is greedy unless --temperature is given.
+    ///
+    /// Examples:
+    ///   pixtract generate --model models/tiny --image receipt.jpg --prompt "What is the total?"
+    ///   pixtract generate --model models/pixtral-12b-fp16 --device cuda --image p1.png --image p2.png \
+    ///       --prompt "Extract the invoice number" --max-new-tokens 64
+    Generate(pixtract::model::cli::GenerateArgs),
+    /// Internal: a PDF renderer process speaking the worker protocol on stdin/stdout.
+    #[command(name = "raster-worker", hide = true)]
+    RasterWorker,
 }
 
 fn parse_device(s: &str) -> Result<Device, String> {
@@ -74,5 +98,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+        Command::Generate(args) => pixtract::model::cli::generate(args),
+        Command::Pages(args) => pixtract::raster::cli::pages(args),
+        Command::RasterWorker => pixtract::raster::worker::run_worker(),
     }
 }

@@ -1,12 +1,24 @@
 //! The model stage: Pixtral exported to ONNX (manifest, ONNX Runtime sessions).
 
+pub mod cli;
+pub mod engine;
 pub mod manifest;
+pub mod preprocess;
+pub mod prompt;
 pub mod runtime;
+pub mod sampling;
 
 use std::path::PathBuf;
 
+pub use engine::{
+    BatchPolicy, EngineOptions, FinishReason, Generation, GenerationConfig, GenerationStats,
+    NoHook, PixtralEngine, StepHook,
+};
 pub use manifest::{ModelDir, ModelManifest};
+pub use preprocess::{ImagePreprocessor, PreparedImage};
+pub use prompt::{EncodedPrompt, PixtralTokenizer, Prompt, PromptPart};
 pub use runtime::{Device, OrtRuntime};
+pub use sampling::Sampling;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -47,4 +59,26 @@ pub enum ModelError {
     CudaUnavailable { device: Device, reason: String },
     #[error("cannot create ONNX Runtime session for {}: {reason}", path.display())]
     Session { path: PathBuf, reason: String },
+    #[error("cannot load tokenizer {}: {reason}", path.display())]
+    Tokenizer { path: PathBuf, reason: String },
+    #[error("tokenizer: {0}")]
+    Encode(String),
+    #[error("ONNX Runtime failed in {stage}: {reason}")]
+    Ort { stage: &'static str, reason: String },
+    #[error("model graph does not match its manifest: {0}")]
+    Graph(String),
+    #[error(
+        "prompt of {prompt} tokens plus {new_tokens} new tokens exceeds the model's context of {limit} tokens"
+    )]
+    ContextTooLong {
+        prompt: usize,
+        new_tokens: usize,
+        limit: usize,
+    },
+    #[error("prompt has {slots} [IMG] tokens but its images give {features} features")]
+    ImageTokens { slots: usize, features: usize },
+    #[error("image has no pixels ({width}x{height})")]
+    EmptyImage { width: u32, height: u32 },
+    #[error("step hook failed for sequence {row}: {reason}")]
+    Hook { row: usize, reason: String },
 }

@@ -133,7 +133,7 @@ impl OrtRuntime {
 }
 
 fn cuda_hint(reason: &str) -> String {
-    let mut out = reason.trim().to_string();
+    let mut out = reason.trim().trim_end_matches('.').to_string();
     if out.is_empty() {
         out = "registration failed".into();
     }

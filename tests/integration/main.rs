@@ -2,6 +2,7 @@
 //! and pdfium from the project's virtualenv, the exported tiny model and the Python exporter.
 
 mod doctor;
+mod engine;
 mod exporter;
 mod model_dir;
 mod util;

@@ -1,0 +1,632 @@
+//! The Pixtral engine: vision encoder, token embeddings and the KV-cache decoder on ONNX Runtime.
+//!
+//! The KV cache lives in ONNX Runtime values: each step's `present.*` outputs are bound as the next step's
+//! `past_key_values.*` inputs through IO binding, without a copy. Outputs are bound to the session's device (on
+//! CUDA the cache never crosses to the host); only the last-position logits come back to the host, where the
+//! per-step hook (grammar masks) and sampling run.
+
+use std::time::{Duration, Instant};
+
+use half::f16;
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::Session;
+use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+
+use super::ModelError;
+use super::manifest::ModelDir;
+use super::preprocess::{ImagePreprocessor, PreparedImage};
+use super::prompt::{EncodedPrompt, PixtralTokenizer};
+use super::runtime::{Device, OrtRuntime, Threads};
+use super::sampling::{Sampler, Sampling};
+
+/// Float type a graph takes (from its declared input types, so fp32 and fp16 exports run the same code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FloatKind {
+    F32,
+    F16,
+}
+
+impl FloatKind {
+    fn of(session: &Session, input: &str) -> Result<FloatKind, ModelError> {
+        let outlet = session
+            .inputs()
+            .iter()
+            .find(|o| o.name() == input)
+            .ok_or_else(|| ModelError::Graph(format!("graph has no input {input}")))?;
+        match outlet.dtype() {
+            ValueType::Tensor {
+                ty: TensorElementType::Float32,
+                ..
+            } => Ok(FloatKind::F32),
+            ValueType::Tensor {
+                ty: TensorElementType::Float16,
+                ..
+            } => Ok(FloatKind::F16),
+            other => Err(ModelError::Graph(format!(
+                "input {input} has type {other:?}; expected float32 or float16"
+            ))),
+        }
+    }
+
+    fn tensor(self, shape: Vec<i64>, data: &[f32]) -> Result<DynValue, ModelError> {
+        let value = match self {
+            FloatKind::F32 => Tensor::from_array((shape, data.to_vec()))
+                .map_err(ort_err("create f32 tensor"))?
+                .into_dyn(),
+            FloatKind::F16 => Tensor::from_array((
+                shape,
+                data.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>(),
+            ))
+            .map_err(ort_err("create f16 tensor"))?
+            .into_dyn(),
+        };
+        Ok(value)
+    }
+}
+
+fn ort_err<E: std::fmt::Display>(stage: &'static str) -> impl Fn(E) -> ModelError {
+    move |e| ModelError::Ort {
+        stage,
+        reason: e.to_string(),
+    }
+}
+
+/// Host copy of a float tensor (f32 or f16), as f32.
+fn read_floats(value: &DynValue, stage: &'static str) -> Result<(Vec<i64>, Vec<f32>), ModelError> {
+    if let Ok((shape, data)) = value.try_extract_tensor::<f32>() {
+        return Ok((shape.to_vec(), data.to_vec()));
+    }
+    let (shape, data) = value.try_extract_tensor::<f16>().map_err(ort_err(stage))?;
+    Ok((shape.to_vec(), data.iter().map(|v| v.to_f32()).collect()))
+}
+
+/// Options for loading the engine.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    pub device: Device,
+    pub threads: Threads,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            device: Device::Cpu,
+            threads: Threads::default(),
+        }
+    }
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerationConfig {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Stop a sequence at `</s>`. Benchmarks turn this off to generate a fixed number of tokens.
+    pub stop_on_eos: bool,
+    /// Keep the first step's full logits (after the hook) in the output, for parity checks.
+    pub keep_first_logits: bool,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        GenerationConfig {
+            max_new_tokens: 256,
+            sampling: Sampling::Greedy,
+            stop_on_eos: true,
+            keep_first_logits: false,
+        }
+    }
+}
+
+/// Per-step hook over one sequence's logits: masks (e.g. a grammar) and sees each chosen token.
+/// `row` is the sequence's index in the caller's request list, whatever batch it runs in.
+pub trait StepHook {
+    /// May set disallowed tokens to `f32::NEG_INFINITY`.
+    fn mask_logits(&mut self, row: usize, logits: &mut [f32]) -> Result<(), String>;
+    /// Called with the chosen token; returns true when the sequence is complete (e.g. grammar accepted).
+    fn accept_token(&mut self, row: usize, token: u32) -> Result<bool, String>;
+}
+
+/// No masking.
+pub struct NoHook;
+
+impl StepHook for NoHook {
+    fn mask_logits(&mut self, _row: usize, _logits: &mut [f32]) -> Result<(), String> {
+        Ok(())
+    }
+    fn accept_token(&mut self, _row: usize, _token: u32) -> Result<bool, String> {
+        Ok(false)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// Generated `</s>` (included in `tokens`).
+    Eos,
+    /// Reached `max_new_tokens`.
+    Length,
+    /// The hook declared the sequence complete.
+    Hook,
+}
+
+/// One sequence's result.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    /// Probability of each chosen token under the (masked) distribution it was drawn from.
+    pub token_probs: Vec<f32>,
+    pub finish: FinishReason,
+    pub prompt_tokens: usize,
+    pub first_logits: Option<Vec<f32>>,
+}
+
+/// Time spent per phase, summed over a call.
+#[derive(Debug, Clone, Default)]
+pub struct GenerationStats {
+    pub vision: Duration,
+    pub prefill: Duration,
+    pub decode: Duration,
+    pub images: usize,
+    pub prefill_tokens: usize,
+    pub decode_tokens: usize,
+    pub batches: usize,
+}
+
+impl GenerationStats {
+    fn add(&mut self, other: &GenerationStats) {
+        self.vision += other.vision;
+        self.prefill += other.prefill;
+        self.decode += other.decode;
+        self.images += other.images;
+        self.prefill_tokens += other.prefill_tokens;
+        self.decode_tokens += other.decode_tokens;
+        self.batches += other.batches;
+    }
+}
+
+/// How many sequences share one forward pass.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchPolicy {
+    pub max_batch: usize,
+    /// Upper bound on padded prompt tokens in one prefill (rows x longest prompt).
+    pub token_budget: usize,
+}
+
+impl Default for BatchPolicy {
+    fn default() -> Self {
+        BatchPolicy {
+            max_batch: 8,
+            token_budget: 16_384,
+        }
+    }
+}
+
+pub struct PixtralEngine {
+    pub model: ModelDir,
+    pub tokenizer: PixtralTokenizer,
+    pub preprocessor: ImagePreprocessor,
+    device: Device,
+    vision: Session,
+    embed: Session,
+    decoder: Session,
+    vision_float: FloatKind,
+    decoder_float: FloatKind,
+    past_names: Vec<String>,
+    present_names: Vec<String>,
+    kv_memory: MemoryInfo<'static>,
+    host_memory: MemoryInfo<'static>,
+}
+
+impl PixtralEngine {
+    /// Opens the three graphs and the tokenizer of a model directory on `opts.device`.
+    pub fn load(
+        rt: &OrtRuntime,
+        dir: &std::path::Path,
+        opts: EngineOptions,
+    ) -> Result<Self, ModelError> {
+        let model = ModelDir::open(dir)?;
+        let m = &model.manifest;
+        let open = |file: &str| rt.open_session(&model.path_of(file), opts.device, opts.threads);
+        let vision = open(&m.graphs.vision_encoder.file)?;
+        let embed = open(&m.graphs.embed_tokens.file)?;
+        let decoder = open(&m.graphs.decoder.file)?;
+        let tokenizer = PixtralTokenizer::from_file(&model.path_of(&m.tokenizer.file), m.tokens)?;
+        let vision_float = FloatKind::of(&vision, "pixel_values")?;
+        let decoder_float = FloatKind::of(&decoder, "inputs_embeds")?;
+        let mut past_names = Vec::new();
+        let mut present_names = Vec::new();
+        for layer in 0..m.text.num_layers {
+            for kind in ["key", "value"] {
+                past_names.push(format!("past_key_values.{layer}.{kind}"));
+                present_names.push(format!("present.{layer}.{kind}"));
+            }
+        }
+        let kv_memory = match opts.device {
+            Device::Cpu => MemoryInfo::new(
+                AllocationDevice::CPU,
+                0,
+                AllocatorType::Device,
+                MemoryType::Default,
+            ),
+            Device::Cuda(id) => MemoryInfo::new(
+                AllocationDevice::CUDA,
+                id,
+                AllocatorType::Device,
+                MemoryType::Default,
+            ),
+        }
+        .map_err(ort_err("memory info"))?;
+        let host_memory = MemoryInfo::new(
+            AllocationDevice::CPU,
+            0,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )
+        .map_err(ort_err("memory info"))?;
+        let preprocessor = ImagePreprocessor::from_config(&m.image);
+        Ok(PixtralEngine {
+            model,
+            tokenizer,
+            preprocessor,
+            device: opts.device,
+            vision,
+            embed,
+            decoder,
+            vision_float,
+            decoder_float,
+            past_names,
+            present_names,
+            kv_memory,
+            host_memory,
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Largest prompt + generation the model accepts.
+    pub fn context_limit(&self) -> usize {
+        self.model.manifest.text.max_position_embeddings
+    }
+
+    /// Vision encoder on one image: `[patches, text_hidden]` features, row-major.
+    pub fn image_features(&mut self, image: &PreparedImage) -> Result<Vec<f32>, ModelError> {
+        let (w, h) = (image.width() as i64, image.height() as i64);
+        let pixels = self.vision_float.tensor(vec![1, 3, h, w], &image.pixels)?;
+        let outputs = self
+            .vision
+            .run(ort::inputs!["pixel_values" => pixels])
+            .map_err(ort_err("vision encoder"))?;
+        let (shape, data) = read_floats(&outputs[0], "vision features")?;
+        let expected = (image.grid.cols * image.grid.rows) as i64;
+        let hidden = self.model.manifest.text.hidden_size as i64;
+        if shape != [expected, hidden] {
+            return Err(ModelError::Graph(format!(
+                "vision encoder returned {shape:?} for a {}x{} patch grid, expected [{expected}, {hidden}]",
+                image.grid.cols, image.grid.rows
+            )));
+        }
+        Ok(data)
+    }
+
+    /// Token embeddings `[batch, seq, hidden]` (host, f32).
+    fn embed_ids(&mut self, ids: Vec<i64>, batch: usize) -> Result<Vec<f32>, ModelError> {
+        let seq = ids.len() / batch.max(1);
+        let input = Tensor::from_array((vec![batch as i64, seq as i64], ids))
+            .map_err(ort_err("input ids"))?;
+        let outputs = self
+            .embed
+            .run(ort::inputs!["input_ids" => input])
+            .map_err(ort_err("embed tokens"))?;
+        Ok(read_floats(&outputs[0], "embeddings")?.1)
+    }
+
+    fn empty_past(&self, batch: usize) -> Result<Vec<DynValue>, ModelError> {
+        let t = &self.model.manifest.text;
+        let shape = vec![
+            batch as i64,
+            t.num_key_value_heads as i64,
+            0,
+            t.head_dim as i64,
+        ];
+        (0..self.past_names.len())
+            .map(|_| self.decoder_float.tensor(shape.clone(), &[]))
+            .collect()
+    }
+
+    /// One decoder pass through IO binding. Returns last-position logits `[batch * vocab]` and the new cache.
+    fn decoder_step(
+        &mut self,
+        embeds: &[f32],
+        batch: usize,
+        mask: &[i64],
+        positions: &[i64],
+        past: &[DynValue],
+    ) -> Result<(Vec<f32>, Vec<DynValue>), ModelError> {
+        let hidden = self.model.manifest.text.hidden_size;
+        let seq = positions.len() / batch;
+        let total = mask.len() / batch;
+        let embeds = self
+            .decoder_float
+            .tensor(vec![batch as i64, seq as i64, hidden as i64], embeds)?;
+        let mask = Tensor::from_array((vec![batch as i64, total as i64], mask.to_vec()))
+            .map_err(ort_err("attention mask"))?;
+        let positions = Tensor::from_array((vec![batch as i64, seq as i64], positions.to_vec()))
+            .map_err(ort_err("position ids"))?;
+        let bind = ort_err("decoder binding");
+        let mut binding = self.decoder.create_binding().map_err(&bind)?;
+        binding
+            .bind_input("inputs_embeds", &embeds)
+            .map_err(&bind)?;
+        binding.bind_input("attention_mask", &mask).map_err(&bind)?;
+        binding
+            .bind_input("position_ids", &positions)
+            .map_err(&bind)?;
+        for (name, value) in self.past_names.iter().zip(past) {
+            binding.bind_input(name, value).map_err(&bind)?;
+        }
+        binding
+            .bind_output_to_device("logits", &self.host_memory)
+            .map_err(&bind)?;
+        // Re-bound every step: a buffer bound once would keep step 1's shape (FACTS.md).
+        for name in &self.present_names {
+            binding
+                .bind_output_to_device(name, &self.kv_memory)
+                .map_err(&bind)?;
+        }
+        let mut outputs = self
+            .decoder
+            .run_binding(&binding)
+            .map_err(ort_err("decoder"))?;
+        let logits = outputs
+            .remove("logits")
+            .ok_or_else(|| ModelError::Graph("decoder returned no logits".into()))?;
+        let (_, logits) = read_floats(&logits, "logits")?;
+        let mut present = Vec::with_capacity(self.present_names.len());
+        for name in &self.present_names {
+            present.push(
+                outputs
+                    .remove(name.as_str())
+                    .ok_or_else(|| ModelError::Graph(format!("decoder returned no {name}")))?,
+            );
+        }
+        Ok((logits, present))
+    }
+
+    /// Generates for many prompts: grouped by length into batches under `policy`, results in input order.
+    pub fn generate_many(
+        &mut self,
+        prompts: &[EncodedPrompt],
+        config: &GenerationConfig,
+        policy: BatchPolicy,
+        hook: &mut dyn StepHook,
+    ) -> Result<(Vec<Generation>, GenerationStats), ModelError> {
+        let mut order: Vec<usize> = (0..prompts.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(prompts[i].ids.len()));
+        let mut results: Vec<Option<Generation>> = vec![None; prompts.len()];
+        let mut stats = GenerationStats::default();
+        let mut start = 0;
+        while start < order.len() {
+            let longest = prompts[order[start]].ids.len();
+            let mut end = start + 1;
+            while end < order.len()
+                && end - start < policy.max_batch.max(1)
+                && longest * (end - start + 1) <= policy.token_budget.max(longest)
+            {
+                end += 1;
+            }
+            let rows = &order[start..end];
+            let (gens, s) = self.generate_rows(prompts, rows, config, hook)?;
+            stats.add(&s);
+            for (row, g) in rows.iter().zip(gens) {
+                results[*row] = Some(g);
+            }
+            start = end;
+        }
+        let results = results
+            .into_iter()
+            .map(|g| g.ok_or_else(|| ModelError::Graph("a sequence got no result".into())))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((results, stats))
+    }
+
+    /// Generates for one batch: `rows` index into `prompts` (and name the sequences to the hook).
+    pub fn generate_rows(
+        &mut self,
+        prompts: &[EncodedPrompt],
+        rows: &[usize],
+        config: &GenerationConfig,
+        hook: &mut dyn StepHook,
+    ) -> Result<(Vec<Generation>, GenerationStats), ModelError> {
+        let mut stats = GenerationStats {
+            batches: 1,
+            ..Default::default()
+        };
+        let tokens = self.model.manifest.tokens;
+        let hidden = self.model.manifest.text.hidden_size;
+        let vocab = self.model.manifest.text.vocab_size;
+        let limit = self.context_limit();
+        for &r in rows {
+            let p = &prompts[r];
+            if p.ids.len() + config.max_new_tokens > limit {
+                return Err(ModelError::ContextTooLong {
+                    prompt: p.ids.len(),
+                    new_tokens: config.max_new_tokens,
+                    limit,
+                });
+            }
+        }
+
+        // Vision features per sequence, in [IMG] order.
+        let t0 = Instant::now();
+        let mut features: Vec<Vec<f32>> = Vec::with_capacity(rows.len());
+        for &r in rows {
+            let p = &prompts[r];
+            let mut f = Vec::new();
+            for image in &p.images {
+                f.extend(self.image_features(image)?);
+                stats.images += 1;
+            }
+            let slots = p.ids.iter().filter(|&&t| t == tokens.img).count();
+            if slots * hidden != f.len() {
+                return Err(ModelError::ImageTokens {
+                    slots,
+                    features: f.len() / hidden.max(1),
+                });
+            }
+            features.push(f);
+        }
+        stats.vision = t0.elapsed();
+
+        // Prefill: left-padded so every row's last position is real.
+        let t1 = Instant::now();
+        let batch = rows.len();
+        let width = rows
+            .iter()
+            .map(|&r| prompts[r].ids.len())
+            .max()
+            .unwrap_or(0);
+        let mut ids = vec![tokens.pad as i64; batch * width];
+        let mut mask = vec![0i64; batch * width];
+        let mut positions = vec![0i64; batch * width];
+        for (b, &r) in rows.iter().enumerate() {
+            let p = &prompts[r].ids;
+            let offset = width - p.len();
+            for (i, &t) in p.iter().enumerate() {
+                ids[b * width + offset + i] = t as i64;
+                mask[b * width + offset + i] = 1;
+                positions[b * width + offset + i] = i as i64;
+            }
+        }
+        let mut embeds = self.embed_ids(ids.clone(), batch)?;
+        for (b, f) in features.iter().enumerate() {
+            let mut next = 0;
+            for i in 0..width {
+                if ids[b * width + i] == tokens.img as i64 {
+                    let dst = (b * width + i) * hidden;
+                    embeds[dst..dst + hidden]
+                        .copy_from_slice(&f[next * hidden..(next + 1) * hidden]);
+                    next += 1;
+                }
+            }
+        }
+        let past = self.empty_past(batch)?;
+        let (mut logits, mut past) = self.decoder_step(&embeds, batch, &mask, &positions, &past)?;
+        stats.prefill = t1.elapsed();
+        stats.prefill_tokens = rows.iter().map(|&r| prompts[r].ids.len()).sum();
+
+        // Decode.
+        let t2 = Instant::now();
+        let mut active: Vec<usize> = (0..batch).collect(); // positions in `rows` still generating
+        let mut next_pos: Vec<i64> = rows.iter().map(|&r| prompts[r].ids.len() as i64).collect();
+        let mut mask_rows: Vec<Vec<i64>> = (0..batch)
+            .map(|b| mask[b * width..(b + 1) * width].to_vec())
+            .collect();
+        let mut outs: Vec<Generation> = rows
+            .iter()
+            .map(|&r| Generation {
+                tokens: Vec::new(),
+                token_probs: Vec::new(),
+                finish: FinishReason::Length,
+                prompt_tokens: prompts[r].ids.len(),
+                first_logits: None,
+            })
+            .collect();
+        let mut samplers: Vec<Sampler> = rows
+            .iter()
+            .map(|&r| Sampler::new(&config.sampling, r as u64))
+            .collect();
+        loop {
+            let mut finished = Vec::new();
+            let mut chosen = Vec::with_capacity(active.len());
+            for (j, &b) in active.iter().enumerate() {
+                let row = rows[b];
+                let slice = &mut logits[j * vocab..(j + 1) * vocab];
+                hook.mask_logits(row, slice)
+                    .map_err(|reason| ModelError::Hook { row, reason })?;
+                if config.keep_first_logits && outs[b].tokens.is_empty() {
+                    outs[b].first_logits = Some(slice.to_vec());
+                }
+                let (token, prob) = samplers[b].choose(slice).ok_or(ModelError::Hook {
+                    row,
+                    reason: "every token is masked".into(),
+                })?;
+                outs[b].tokens.push(token);
+                outs[b].token_probs.push(prob);
+                let hook_done = hook
+                    .accept_token(row, token)
+                    .map_err(|reason| ModelError::Hook { row, reason })?;
+                if config.stop_on_eos && token == tokens.eos {
+                    outs[b].finish = FinishReason::Eos;
+                    finished.push(j);
+                } else if hook_done {
+                    outs[b].finish = FinishReason::Hook;
+                    finished.push(j);
+                } else if outs[b].tokens.len() >= config.max_new_tokens {
+                    outs[b].finish = FinishReason::Length;
+                    finished.push(j);
+                } else {
+                    chosen.push(token as i64);
+                }
+            }
+            stats.decode_tokens += active.len();
+            if finished.len() == active.len() {
+                break;
+            }
+            if !finished.is_empty() {
+                // Finished sequences leave the batch: keep only the others' cache rows.
+                let keep: Vec<usize> = (0..active.len())
+                    .filter(|j| !finished.contains(j))
+                    .collect();
+                past = past
+                    .iter()
+                    .map(|v| self.gather_rows(v, &keep))
+                    .collect::<Result<Vec<_>, _>>()?;
+                active = keep.iter().map(|&j| active[j]).collect();
+            }
+            let n = active.len();
+            let embeds = self.embed_ids(chosen, n)?;
+            let mut step_mask = Vec::new();
+            let mut step_pos = Vec::with_capacity(n);
+            for &b in &active {
+                mask_rows[b].push(1);
+                step_mask.extend_from_slice(&mask_rows[b]);
+                step_pos.push(next_pos[b]);
+                next_pos[b] += 1;
+            }
+            let (l, p) = self.decoder_step(&embeds, n, &step_mask, &step_pos, &past)?;
+            logits = l;
+            past = p;
+        }
+        stats.decode = t2.elapsed();
+        Ok((outs, stats))
+    }
+
+    /// Rows `keep` of a `[batch, ...]` cache tensor (via the host: this runs once per finished sequence).
+    fn gather_rows(&self, value: &DynValue, keep: &[usize]) -> Result<DynValue, ModelError> {
+        let host;
+        let value = if self.device == Device::Cpu {
+            value
+        } else {
+            let tensor = value
+                .view()
+                .downcast::<ort::value::DynTensorValueType>()
+                .map_err(ort_err("cache to host"))?;
+            host = tensor
+                .to(AllocationDevice::CPU, 0)
+                .map_err(ort_err("cache to host"))?
+                .into_dyn();
+            &host
+        };
+        let (shape, data) = read_floats(value, "cache rows")?;
+        let row = data.len() / (shape[0].max(1) as usize);
+        let mut out = Vec::with_capacity(row * keep.len());
+        for &k in keep {
+            out.extend_from_slice(&data[k * row..(k + 1) * row]);
+        }
+        let mut new_shape = shape;
+        new_shape[0] = keep.len() as i64;
+        self.decoder_float.tensor(new_shape, &out)
+    }
+}

@@ -1,0 +1,194 @@
+//! `pixtract pages`: every page of every document under a URI, written as PNG exactly as the model sees it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use image::DynamicImage;
+
+use super::{PdfMode, RasterError, RasterOptions, Rasterizer};
+use crate::imaging;
+use crate::source::{ListOptions, Source};
+
+/// Arguments of `pixtract pages`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PagesArgs {
+    /// Where the documents are: a file or folder, file://..., or s3://bucket/prefix (credentials, region and
+    /// endpoint from the AWS_* environment variables; AWS_ENDPOINT_URL for S3-compatible stores).
+    #[arg(value_name = "URI")]
+    pub uri: String,
+    /// Folder for the PNGs (created if missing): <path below URI, '/' as '__'>.pNNNN.png
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Long side of the model's view in pixels (Pixtral: 1024). PDFs are rendered at this size directly.
+    #[arg(long, default_value_t = 1024)]
+    pub max_side: u32,
+    /// Patch size the model view is rounded up to (Pixtral: 16).
+    #[arg(long, default_value_t = 16)]
+    pub patch: usize,
+    /// Cap on the PDF render resolution in DPI (small pages are not enlarged past it).
+    #[arg(long)]
+    pub max_dpi: Option<f32>,
+    /// Only documents matching one of these globs (repeatable); a glob without '/' matches the file name.
+    #[arg(long = "include", value_name = "GLOB")]
+    pub include: Vec<String>,
+    /// Skip documents matching these globs (repeatable).
+    #[arg(long = "exclude", value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// Password for encrypted PDFs.
+    #[arg(long, env = "PIXTRACT_PDF_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// PDF renderer processes (each renders one document at a time).
+    #[arg(long, default_value_t = default_workers())]
+    pub workers: usize,
+    /// Seconds a renderer process may spend on one document before it is stopped and replaced.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+    /// Fetches in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub fetch_concurrency: usize,
+    /// Largest document accepted, in bytes.
+    #[arg(long, default_value_t = RasterOptions::default().max_bytes)]
+    pub max_bytes: u64,
+    /// Most pages accepted per document.
+    #[arg(long, default_value_t = RasterOptions::default().max_pages)]
+    pub max_pages: usize,
+    /// Most pixels accepted per image (decompression bombs).
+    #[arg(long, default_value_t = RasterOptions::default().max_pixels)]
+    pub max_pixels: u64,
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Runs `pixtract pages`. Exit code: 0 every document rendered, 2 some failed (each said why), 1 nothing could
+/// be done (bad URI, no renderer).
+pub fn pages(args: PagesArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run_pages(args))
+}
+
+async fn run_pages(args: PagesArgs) -> ExitCode {
+    let started = Instant::now();
+    let fatal = |msg: String| {
+        eprintln!("error: {msg}");
+        ExitCode::FAILURE
+    };
+    if let Err(e) = std::fs::create_dir_all(&args.out) {
+        return fatal(format!("cannot create {}: {e}", args.out.display()));
+    }
+    let source = match Source::open(&args.uri) {
+        Ok(s) => s,
+        Err(e) => return fatal(e.to_string()),
+    };
+    let opts = RasterOptions {
+        max_side: args.max_side,
+        max_dpi: args.max_dpi,
+        password: args.password.clone(),
+        max_bytes: args.max_bytes,
+        max_pages: args.max_pages,
+        max_pixels: args.max_pixels,
+    };
+    let mode = match PdfMode::workers(args.workers, Duration::from_secs(args.timeout.max(1))) {
+        Ok(m) => m,
+        Err(e) => return fatal(e.to_string()),
+    };
+    let rasterizer = match Rasterizer::new(opts, mode) {
+        Ok(r) => r,
+        Err(e) => return fatal(e.to_string()),
+    };
+    let list_opts = ListOptions {
+        include: args.include.clone(),
+        exclude: args.exclude.clone(),
+        max_bytes: args.max_bytes,
+    };
+    let fetched = match source.fetch_all(&list_opts, args.fetch_concurrency) {
+        Ok(s) => s.map(|r| r.map_err(RasterError::from)),
+        Err(e) => return fatal(e.to_string()),
+    };
+    let (mut docs, mut pages_total, mut failed) = (0usize, 0usize, 0usize);
+    let mut stream = std::pin::pin!(rasterizer.documents(fetched, args.workers.max(1)));
+    while let Some(mut doc) = stream.next().await {
+        docs += 1;
+        let name = source.relative_name(&doc.doc).replace('/', "__");
+        let (mut n, mut render) = (0usize, Duration::ZERO);
+        let mut error: Option<String> = None;
+        while let Some(item) = doc.pages.recv().await {
+            match item {
+                Ok(page) => {
+                    render += page.render_time;
+                    let path = args
+                        .out
+                        .join(format!("{name}.p{:04}.png", page.page_index + 1));
+                    let (max_side, patch) = (args.max_side as usize, args.patch);
+                    let written = tokio::task::spawn_blocking(move || {
+                        let view = imaging::model_view(
+                            &DynamicImage::ImageRgb8(page.image),
+                            max_side,
+                            patch,
+                        );
+                        view.save(&path)
+                            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r);
+                    match written {
+                        Ok(()) => n += 1,
+                        Err(e) => {
+                            error = Some(e);
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    error = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        pages_total += n;
+        match error {
+            None => println!(
+                "ok     {}  {n} pages  {:.3} s",
+                doc.doc.uri,
+                render.as_secs_f64()
+            ),
+            Some(e) => {
+                failed += 1;
+                let done = if n > 0 {
+                    format!(" (after {n} pages)")
+                } else {
+                    String::new()
+                };
+                println!("error  {e}{done}");
+            }
+        }
+    }
+    eprintln!(
+        "{docs} documents, {pages_total} pages written to {}, {failed} failed, {:.2} s",
+        args.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    if docs == 0 {
+        eprintln!("note: no documents found under {}", args.uri);
+    }
+    if failed > 0 {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    }
+}

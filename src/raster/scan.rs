@@ -1,0 +1,240 @@
+//! Scans: JPEG, PNG, WebP through the `image` crate; TIFF (every page) through the `tiff` crate.
+//!
+//! Images are decoded at full resolution (within the pixel limit), orientation applied (EXIF, or the TIFF
+//! Orientation tag), alpha composited on white, and handed on unscaled: the model's Pixtral resize is the only
+//! resize they get.
+
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::Instant;
+
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageBuffer, ImageDecoder, ImageFormat, ImageReader};
+
+use super::{DocumentInfo, DocumentKind, PageRaster, RasterError, RasterOptions};
+use crate::imaging::to_rgb_on_white;
+
+fn check_pixels(
+    doc: &DocumentInfo,
+    page: usize,
+    width: u32,
+    height: u32,
+    opts: &RasterOptions,
+) -> Result<(), RasterError> {
+    if width as u64 * height as u64 > opts.max_pixels {
+        return Err(RasterError::TooManyPixels {
+            uri: doc.uri.clone(),
+            page,
+            width: width as u64,
+            height: height as u64,
+            limit: opts.max_pixels,
+        });
+    }
+    Ok(())
+}
+
+fn decode_err(doc: &DocumentInfo, kind: DocumentKind, e: impl std::fmt::Display) -> RasterError {
+    RasterError::Decode {
+        uri: doc.uri.clone(),
+        kind,
+        reason: e.to_string(),
+    }
+}
+
+/// Memory the image crate may allocate for one image: the pixel limit at 16-bit RGBA, plus slack.
+fn image_limits(opts: &RasterOptions) -> image::Limits {
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(opts.max_pixels.saturating_mul(8).saturating_add(64 << 20));
+    limits
+}
+
+/// JPEG, PNG or WebP: one page.
+pub fn decode_single(
+    doc: &Arc<DocumentInfo>,
+    kind: DocumentKind,
+    bytes: &[u8],
+    opts: &RasterOptions,
+) -> Result<PageRaster, RasterError> {
+    let start = Instant::now();
+    let format = match kind {
+        DocumentKind::Jpeg => ImageFormat::Jpeg,
+        DocumentKind::Png => ImageFormat::Png,
+        DocumentKind::WebP => ImageFormat::WebP,
+        DocumentKind::Tiff => ImageFormat::Tiff,
+        DocumentKind::Pdf => {
+            return Err(decode_err(doc, kind, "a PDF is not an image"));
+        }
+    };
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    reader.limits(image_limits(opts));
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| decode_err(doc, kind, e))?;
+    let (w, h) = decoder.dimensions();
+    check_pixels(doc, 1, w, h, opts)?;
+    // A broken EXIF block must not cost the page: no orientation is the safe reading.
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode_err(doc, kind, e))?;
+    img.apply_orientation(orientation);
+    Ok(PageRaster {
+        doc: doc.clone(),
+        kind,
+        page_index: 0,
+        page_count: 1,
+        image: to_rgb_on_white(&img),
+        render_time: start.elapsed(),
+    })
+}
+
+/// Every page of a TIFF (fax TIFFs are multi-page 1-bit).
+pub fn decode_tiff(
+    doc: &Arc<DocumentInfo>,
+    bytes: &[u8],
+    opts: &RasterOptions,
+    on_page: &mut dyn FnMut(PageRaster) -> bool,
+) -> Result<(), RasterError> {
+    let kind = DocumentKind::Tiff;
+    let open = || -> Result<tiff::decoder::Decoder<Cursor<&[u8]>>, RasterError> {
+        let mut limits = tiff::decoder::Limits::default();
+        limits.decoding_buffer_size =
+            (opts.max_pixels.saturating_mul(8)).min(usize::MAX as u64) as usize;
+        Ok(tiff::decoder::Decoder::new(Cursor::new(bytes))
+            .map_err(|e| decode_err(doc, kind, e))?
+            .with_limits(limits))
+    };
+    // First pass: count pages (walks the directory chain only).
+    let mut dec = open()?;
+    let mut count = 1usize;
+    while dec.more_images() {
+        dec.next_image().map_err(|e| decode_err(doc, kind, e))?;
+        count += 1;
+        if count > opts.max_pages {
+            return Err(RasterError::TooManyPages {
+                uri: doc.uri.clone(),
+                pages: count,
+                limit: opts.max_pages,
+            });
+        }
+    }
+    let mut dec = open()?;
+    for index in 0..count {
+        let start = Instant::now();
+        if index > 0 {
+            dec.next_image().map_err(|e| decode_err(doc, kind, e))?;
+        }
+        let page_err = |reason: String| RasterError::Decode {
+            uri: doc.uri.clone(),
+            kind,
+            reason: format!("page {}: {reason}", index + 1),
+        };
+        let (w, h) = dec.dimensions().map_err(|e| page_err(e.to_string()))?;
+        check_pixels(doc, index + 1, w, h, opts)?;
+        let color = dec.colortype().map_err(|e| page_err(e.to_string()))?;
+        let orientation = dec
+            .find_tag_unsigned::<u16>(tiff::tags::Tag::Orientation)
+            .ok()
+            .flatten()
+            .and_then(|v| u8::try_from(v).ok())
+            .and_then(Orientation::from_exif)
+            .unwrap_or(Orientation::NoTransforms);
+        let data = dec.read_image().map_err(|e| page_err(e.to_string()))?;
+        let mut img = tiff_to_image(w, h, color, data).map_err(page_err)?;
+        img.apply_orientation(orientation);
+        let page = PageRaster {
+            doc: doc.clone(),
+            kind,
+            page_index: index,
+            page_count: count,
+            image: to_rgb_on_white(&img),
+            render_time: start.elapsed(),
+        };
+        if !on_page(page) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn tiff_to_image(
+    w: u32,
+    h: u32,
+    color: tiff::ColorType,
+    data: tiff::decoder::DecodingResult,
+) -> Result<DynamicImage, String> {
+    use tiff::ColorType as C;
+    use tiff::decoder::DecodingResult as D;
+    let bad = || format!("pixel data does not match {color:?} at {w}x{h}");
+    let img = match (color, data) {
+        (C::Gray(b @ (1 | 2 | 4)), D::U8(v)) => {
+            DynamicImage::ImageLuma8(unpack_gray(w, h, b, &v).ok_or_else(bad)?)
+        }
+        (C::Gray(8), D::U8(v)) => {
+            DynamicImage::ImageLuma8(ImageBuffer::from_raw(w, h, v).ok_or_else(bad)?)
+        }
+        (C::Gray(16), D::U16(v)) => {
+            DynamicImage::ImageLuma16(ImageBuffer::from_raw(w, h, v).ok_or_else(bad)?)
+        }
+        (C::GrayA(8), D::U8(v)) => {
+            DynamicImage::ImageLumaA8(ImageBuffer::from_raw(w, h, v).ok_or_else(bad)?)
+        }
+        (C::GrayA(16), D::U16(v)) => {
+            DynamicImage::ImageLumaA16(ImageBuffer::from_raw(w, h, v).ok_or_else(bad)?)
+        }
+        (C::RGB(8), D::U8(v)) => {
+            DynamicImage::ImageRgb8(ImageBuffer::from_raw(w, h, v).ok_or_else(bad)?)
+        }
+        (C::RGB(16), D::U16(v)) => {
+            DynamicImage::ImageRgb16(ImageBuffer::from_raw(w, h, v).ok_or_else(bad)?)
+        }
+        (C::RGBA(8), D::U8(v)) => {
+            DynamicImage::ImageRgba8(ImageBuffer::from_raw(w, h, v).ok_or_else(bad)?)
+        }
+        (C::RGBA(16), D::U16(v)) => {
+            DynamicImage::ImageRgba16(ImageBuffer::from_raw(w, h, v).ok_or_else(bad)?)
+        }
+        (C::CMYK(8), D::U8(v)) => {
+            let rgb: Vec<u8> = v
+                .chunks_exact(4)
+                .flat_map(|p| {
+                    let k = 255 - p[3] as u32;
+                    [0, 1, 2].map(|i| ((255 - p[i] as u32) * k / 255) as u8)
+                })
+                .collect();
+            DynamicImage::ImageRgb8(ImageBuffer::from_raw(w, h, rgb).ok_or_else(bad)?)
+        }
+        (C::CMYK(16), D::U16(v)) => {
+            let rgb: Vec<u16> = v
+                .chunks_exact(4)
+                .flat_map(|p| {
+                    let k = 65535 - p[3] as u64;
+                    [0, 1, 2].map(|i| ((65535 - p[i] as u64) * k / 65535) as u16)
+                })
+                .collect();
+            DynamicImage::ImageRgb16(ImageBuffer::from_raw(w, h, rgb).ok_or_else(bad)?)
+        }
+        (other, _) => return Err(format!("unsupported TIFF pixel format {other:?}")),
+    };
+    Ok(img)
+}
+
+/// Unpacks 1/2/4-bit grey rows (each row starts on a byte; the tiff crate has already turned WhiteIsZero
+/// into BlackIsZero) to 8-bit.
+fn unpack_gray(w: u32, h: u32, bits: u8, packed: &[u8]) -> Option<image::GrayImage> {
+    let (w, h, bits) = (w as usize, h as usize, bits as usize);
+    let row_bytes = (w * bits).div_ceil(8);
+    if packed.len() < row_bytes * h {
+        return None;
+    }
+    let max = (1u32 << bits) - 1;
+    let mut out = Vec::with_capacity(w * h);
+    for row in packed.chunks_exact(row_bytes).take(h) {
+        for x in 0..w {
+            let bit = x * bits;
+            let byte = row[bit / 8];
+            let shift = 8 - bits - (bit % 8);
+            let v = (byte >> shift) as u32 & max;
+            out.push((v * 255 / max) as u8);
+        }
+    }
+    image::GrayImage::from_raw(w as u32, h as u32, out)
+}

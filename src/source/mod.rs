@@ -1,0 +1,495 @@
+//! Document intake, first half: where documents live (local folders, S3 and S3-compatible stores) and getting
+//! their bytes, through `object_store`.
+//!
+//! - [`Source::open`] takes a local path, `file://...` or `s3://bucket/prefix` (credentials, region and endpoint
+//!   from the standard `AWS_*` environment variables, e.g. `AWS_ENDPOINT_URL` for an S3-compatible store; plain
+//!   http is allowed for loopback endpoints or with `AWS_ALLOW_HTTP=true`). A URI naming one object or file is a
+//!   source of one document.
+//! - [`Source::list`] is a stream (the store pages through the listing; nothing is collected), filtered by
+//!   include/exclude globs; objects over the size limit come out as errors rather than vanishing.
+//! - [`Source::fetch_all`] fetches listed documents with bounded concurrency, in listing order.
+
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt, TryStreamExt};
+use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
+use object_store::path::Path;
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
+
+pub use crate::raster::DocumentInfo;
+use crate::raster::RasterError;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SourceError {
+    #[error("{uri}: not a usable source URI: {reason}")]
+    BadUri { uri: String, reason: String },
+    #[error(
+        "{uri}: {scheme}:// sources are not built into this pixtract (object_store feature missing)"
+    )]
+    UnsupportedScheme { uri: String, scheme: String },
+    #[error("{uri}: no such file, directory, object or prefix")]
+    NotFound { uri: String },
+    #[error("bad glob {pattern:?}: {reason}")]
+    BadGlob { pattern: String, reason: String },
+    #[error("{uri}: cannot list: {reason}")]
+    List { uri: String, reason: String },
+    #[error("{uri}: cannot fetch: {reason}")]
+    Fetch { uri: String, reason: String },
+    #[error("{uri}: {size} bytes is over the limit of {limit} bytes per document")]
+    TooLarge { uri: String, size: u64, limit: u64 },
+}
+
+impl SourceError {
+    pub fn uri(&self) -> Option<&str> {
+        match self {
+            SourceError::BadUri { uri, .. }
+            | SourceError::UnsupportedScheme { uri, .. }
+            | SourceError::NotFound { uri }
+            | SourceError::List { uri, .. }
+            | SourceError::Fetch { uri, .. }
+            | SourceError::TooLarge { uri, .. } => Some(uri),
+            SourceError::BadGlob { .. } => None,
+        }
+    }
+}
+
+impl From<SourceError> for RasterError {
+    fn from(e: SourceError) -> RasterError {
+        match e {
+            SourceError::TooLarge { uri, size, limit } => {
+                RasterError::TooLarge { uri, size, limit }
+            }
+            other => RasterError::Fetch {
+                uri: other.uri().unwrap_or("?").to_string(),
+                reason: strip_uri(&other),
+            },
+        }
+    }
+}
+
+/// The error's message without its leading `uri: ` (the raster error adds it back).
+fn strip_uri(e: &SourceError) -> String {
+    let msg = e.to_string();
+    match e.uri() {
+        Some(uri) => msg
+            .strip_prefix(uri)
+            .and_then(|m| m.strip_prefix(": "))
+            .map(str::to_string)
+            .unwrap_or(msg),
+        None => msg,
+    }
+}
+
+/// Which documents a listing yields.
+#[derive(Debug, Clone)]
+pub struct ListOptions {
+    /// Globs a document must match (any of them); empty means all. Matched against the path below the source
+    /// root; a glob without `/` is matched against the file name alone (`*.pdf` matches at any depth).
+    pub include: Vec<String>,
+    /// Globs that exclude a document (same matching rules).
+    pub exclude: Vec<String>,
+    /// Larger documents are reported as [`SourceError::TooLarge`] instead of being fetched.
+    pub max_bytes: u64,
+}
+
+impl Default for ListOptions {
+    fn default() -> Self {
+        ListOptions {
+            include: Vec::new(),
+            exclude: Vec::new(),
+            max_bytes: 256 << 20,
+        }
+    }
+}
+
+/// Compiled include/exclude globs.
+#[derive(Debug, Clone)]
+pub struct Filter {
+    include_path: GlobSet,
+    include_name: GlobSet,
+    exclude_path: GlobSet,
+    exclude_name: GlobSet,
+    any_include: bool,
+}
+
+impl Filter {
+    pub fn new(include: &[String], exclude: &[String]) -> Result<Filter, SourceError> {
+        let build = |patterns: &[String]| -> Result<(GlobSet, GlobSet), SourceError> {
+            let (mut by_path, mut by_name) = (GlobSetBuilder::new(), GlobSetBuilder::new());
+            for p in patterns {
+                let glob: Glob = GlobBuilder::new(p)
+                    .literal_separator(true)
+                    .build()
+                    .map_err(|e| SourceError::BadGlob {
+                        pattern: p.clone(),
+                        reason: e.kind().to_string(),
+                    })?;
+                if p.contains('/') {
+                    by_path.add(glob);
+                } else {
+                    by_name.add(glob);
+                }
+            }
+            let err = |e: globset::Error| SourceError::BadGlob {
+                pattern: patterns.join(", "),
+                reason: e.to_string(),
+            };
+            Ok((by_path.build().map_err(err)?, by_name.build().map_err(err)?))
+        };
+        let (include_path, include_name) = build(include)?;
+        let (exclude_path, exclude_name) = build(exclude)?;
+        Ok(Filter {
+            include_path,
+            include_name,
+            exclude_path,
+            exclude_name,
+            any_include: !include.is_empty(),
+        })
+    }
+
+    /// `relative`: the path below the source root, `/`-separated.
+    pub fn matches(&self, relative: &str) -> bool {
+        let name = relative.rsplit('/').next().unwrap_or(relative);
+        if self.exclude_path.is_match(relative) || self.exclude_name.is_match(name) {
+            return false;
+        }
+        !self.any_include
+            || self.include_path.is_match(relative)
+            || self.include_name.is_match(name)
+    }
+}
+
+/// A place documents come from.
+#[derive(Debug, Clone)]
+pub struct Source {
+    store: Arc<dyn ObjectStore>,
+    /// Listing prefix inside the store (empty: the whole store / folder).
+    prefix: Path,
+    /// How document URIs start: `s3://bucket` or an absolute folder path.
+    base: String,
+    /// The URI as given, for messages.
+    uri: String,
+}
+
+/// Whether an endpoint URL points at this machine (plain http is then allowed without asking).
+fn is_loopback(endpoint: &str) -> bool {
+    url::Url::parse(endpoint)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .is_some_and(|h| h == "localhost" || h == "127.0.0.1" || h == "[::1]" || h == "::1")
+}
+
+impl Source {
+    /// Opens a local path, `file://` URL, or `s3://bucket[/prefix]`.
+    pub fn open(uri: &str) -> Result<Source, SourceError> {
+        let bad = |reason: String| SourceError::BadUri {
+            uri: uri.to_string(),
+            reason,
+        };
+        let scheme = uri.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+        match scheme.as_deref() {
+            None => Source::local(uri, PathBuf::from(uri)),
+            Some("file") => {
+                let url = url::Url::parse(uri).map_err(|e| bad(e.to_string()))?;
+                let path = url
+                    .to_file_path()
+                    .map_err(|_| bad("not a local file path".into()))?;
+                Source::local(uri, path)
+            }
+            Some("s3" | "s3a") => {
+                let url = url::Url::parse(uri).map_err(|e| bad(e.to_string()))?;
+                let bucket = url
+                    .host_str()
+                    .filter(|b| !b.is_empty())
+                    .ok_or_else(|| bad("no bucket name".into()))?
+                    .to_string();
+                let mut builder =
+                    object_store::aws::AmazonS3Builder::from_env().with_bucket_name(&bucket);
+                let endpoint = std::env::var("AWS_ENDPOINT_URL_S3")
+                    .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
+                    .or_else(|_| std::env::var("AWS_ENDPOINT"))
+                    .ok();
+                if let Some(endpoint) = endpoint.filter(|e| is_loopback(e)) {
+                    builder = builder.with_allow_http(true).with_endpoint(endpoint);
+                }
+                let store = builder.build().map_err(|e| bad(e.to_string()))?;
+                let prefix =
+                    Path::parse(url.path().trim_matches('/')).map_err(|e| bad(e.to_string()))?;
+                Ok(Source {
+                    store: Arc::new(store),
+                    prefix,
+                    base: format!("s3://{bucket}"),
+                    uri: uri.to_string(),
+                })
+            }
+            Some(other @ ("gs" | "az" | "abfs" | "abfss" | "azure" | "http" | "https")) => {
+                Err(SourceError::UnsupportedScheme {
+                    uri: uri.to_string(),
+                    scheme: other.to_string(),
+                })
+            }
+            Some(other) => Err(bad(format!("unknown scheme {other}://"))),
+        }
+    }
+
+    fn local(uri: &str, path: PathBuf) -> Result<Source, SourceError> {
+        let abs = std::fs::canonicalize(&path).map_err(|_| SourceError::NotFound {
+            uri: uri.to_string(),
+        })?;
+        let (root, prefix) = if abs.is_dir() {
+            (abs.clone(), Path::default())
+        } else {
+            let parent = abs.parent().unwrap_or(FsPath::new("/")).to_path_buf();
+            let name = abs
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            (parent, Path::from(name))
+        };
+        let store = object_store::local::LocalFileSystem::new_with_prefix(&root).map_err(|e| {
+            SourceError::BadUri {
+                uri: uri.to_string(),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(Source {
+            store: Arc::new(store),
+            prefix,
+            base: root.to_string_lossy().trim_end_matches('/').to_string(),
+            uri: uri.to_string(),
+        })
+    }
+
+    /// An S3 (or S3-compatible) bucket with explicit settings, for callers that do not use the environment.
+    pub fn from_store(
+        store: Arc<dyn ObjectStore>,
+        base: &str,
+        prefix: &str,
+    ) -> Result<Source, SourceError> {
+        let prefix = Path::parse(prefix.trim_matches('/')).map_err(|e| SourceError::BadUri {
+            uri: format!("{base}/{prefix}"),
+            reason: e.to_string(),
+        })?;
+        Ok(Source {
+            store,
+            prefix,
+            base: base.trim_end_matches('/').to_string(),
+            uri: base.to_string(),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    fn uri_of(&self, location: &Path) -> String {
+        format!("{}/{}", self.base, location)
+    }
+
+    fn info(&self, meta: &ObjectMeta) -> DocumentInfo {
+        DocumentInfo {
+            uri: self.uri_of(&meta.location),
+            size: meta.size,
+            etag: meta.e_tag.clone(),
+            version: meta.version.clone(),
+            last_modified: Some(SystemTime::from(meta.last_modified)),
+        }
+    }
+
+    /// A document's path below the source root (`a/b.pdf`), or its file name for a single-document source.
+    pub fn relative_name(&self, doc: &DocumentInfo) -> String {
+        let rel = doc
+            .uri
+            .strip_prefix(&self.base)
+            .map(|r| r.trim_start_matches('/'))
+            .unwrap_or(&doc.uri);
+        let rel = self.relative(rel);
+        if rel == self.prefix.as_ref() {
+            return rel.rsplit('/').next().unwrap_or(rel).to_string();
+        }
+        rel.to_string()
+    }
+
+    fn relative<'a>(&self, location: &'a str) -> &'a str {
+        let prefix = self.prefix.as_ref();
+        if prefix.is_empty() {
+            return location;
+        }
+        location
+            .strip_prefix(prefix)
+            .map(|r| r.trim_start_matches('/'))
+            .filter(|r| !r.is_empty())
+            .unwrap_or(location)
+    }
+
+    /// Lists documents as a stream. A source naming one object yields that object. Documents over
+    /// `max_bytes` come out as [`SourceError::TooLarge`].
+    pub fn list(
+        &self,
+        opts: &ListOptions,
+    ) -> Result<impl Stream<Item = Result<DocumentInfo, SourceError>> + Send + 'static, SourceError>
+    {
+        let filter = Filter::new(&opts.include, &opts.exclude)?;
+        let this = self.clone();
+        let max_bytes = opts.max_bytes;
+        let single = {
+            let this = this.clone();
+            async move {
+                if this.prefix.as_ref().is_empty() {
+                    return Ok::<_, SourceError>(None);
+                }
+                match this.store.head(&this.prefix).await {
+                    Ok(meta) => Ok(Some(meta)),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    // A "directory" on a local disk is not an object; listing will tell.
+                    Err(_) if this.base.starts_with('/') => Ok(None),
+                    Err(e) => Err(SourceError::List {
+                        uri: this.uri.clone(),
+                        reason: store_reason(&e),
+                    }),
+                }
+            }
+        };
+        let stream =
+            futures::stream::once(single)
+                .map(
+                    move |single| -> futures::stream::BoxStream<
+                        'static,
+                        Result<DocumentInfo, SourceError>,
+                    > {
+                        let this = this.clone();
+                        let filter = filter.clone();
+                        match single {
+                            Err(e) => futures::stream::iter([Err(e)]).boxed(),
+                            Ok(Some(meta)) => {
+                                // One named document: globs do not apply to an explicit name.
+                                futures::stream::iter([this.checked(meta, max_bytes)]).boxed()
+                            }
+                            Ok(None) => {
+                                let prefix =
+                                    (!this.prefix.as_ref().is_empty()).then(|| this.prefix.clone());
+                                let uri = this.uri.clone();
+                                let listing = this.store.list(prefix.as_ref());
+                                let this2 = this.clone();
+                                listing
+                                    .map_err(move |e| match e {
+                                        object_store::Error::NotFound { .. } => {
+                                            SourceError::NotFound { uri: uri.clone() }
+                                        }
+                                        e => SourceError::List {
+                                            uri: uri.clone(),
+                                            reason: store_reason(&e),
+                                        },
+                                    })
+                                    .try_filter(move |meta| {
+                                        let keep =
+                                            filter.matches(this2.relative(meta.location.as_ref()));
+                                        futures::future::ready(keep)
+                                    })
+                                    .map(move |item| {
+                                        item.and_then(|meta| this.checked(meta, max_bytes))
+                                    })
+                                    .boxed()
+                            }
+                        }
+                    },
+                )
+                .flatten();
+        Ok(stream)
+    }
+
+    fn checked(&self, meta: ObjectMeta, max_bytes: u64) -> Result<DocumentInfo, SourceError> {
+        if meta.size > max_bytes {
+            return Err(SourceError::TooLarge {
+                uri: self.uri_of(&meta.location),
+                size: meta.size,
+                limit: max_bytes,
+            });
+        }
+        Ok(self.info(&meta))
+    }
+
+    /// The store path of a document listed from this source.
+    fn location(&self, doc: &DocumentInfo) -> Result<Path, SourceError> {
+        let rel = doc
+            .uri
+            .strip_prefix(&self.base)
+            .map(|r| r.trim_start_matches('/'))
+            .ok_or_else(|| SourceError::BadUri {
+                uri: doc.uri.clone(),
+                reason: format!("not inside {}", self.base),
+            })?;
+        Path::parse(rel).map_err(|e| SourceError::BadUri {
+            uri: doc.uri.clone(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Fetches one document's bytes; provenance (size, ETag, version) is refreshed from the response.
+    pub async fn fetch(
+        &self,
+        doc: &DocumentInfo,
+        max_bytes: u64,
+    ) -> Result<(DocumentInfo, Bytes), SourceError> {
+        let location = self.location(doc)?;
+        let fetch_err = |e: object_store::Error| match e {
+            object_store::Error::NotFound { .. } => SourceError::Fetch {
+                uri: doc.uri.clone(),
+                reason: "no such object (deleted since listing?)".into(),
+            },
+            e => SourceError::Fetch {
+                uri: doc.uri.clone(),
+                reason: store_reason(&e),
+            },
+        };
+        let result = self.store.get(&location).await.map_err(fetch_err)?;
+        let meta = result.meta.clone();
+        if meta.size > max_bytes {
+            return Err(SourceError::TooLarge {
+                uri: doc.uri.clone(),
+                size: meta.size,
+                limit: max_bytes,
+            });
+        }
+        let bytes = result.bytes().await.map_err(fetch_err)?;
+        let mut info = self.info(&meta);
+        info.uri = doc.uri.clone();
+        info.size = bytes.len() as u64;
+        Ok((info, bytes))
+    }
+
+    /// Lists and fetches, `concurrency` fetches in flight, documents in listing order.
+    pub fn fetch_all(
+        &self,
+        opts: &ListOptions,
+        concurrency: usize,
+    ) -> Result<
+        impl Stream<Item = Result<(DocumentInfo, Bytes), SourceError>> + Send + 'static,
+        SourceError,
+    > {
+        let listing = self.list(opts)?;
+        let this = self.clone();
+        let max_bytes = opts.max_bytes;
+        Ok(listing
+            .map(move |item| {
+                let this = this.clone();
+                async move {
+                    match item {
+                        Ok(doc) => this.fetch(&doc, max_bytes).await,
+                        Err(e) => Err(e),
+                    }
+                }
+            })
+            .buffered(concurrency.max(1)))
+    }
+}
+
+/// object_store's error text, first line, without its "Generic S3 error:" preamble where that is all noise.
+fn store_reason(e: &object_store::Error) -> String {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or(&text).to_string();
+    first
+}
