@@ -6,11 +6,15 @@
 //! - [`model`]: the exported Pixtral graphs (manifest, ONNX Runtime sessions)
 //! - [`source`]: listing and fetching documents (local folders, S3) with provenance
 //! - [`raster`]: documents -> RGB pages at model size (pdfium in worker processes, scans at full resolution)
+//! - [`extract`]: JSON Schema -> prompt, llguidance-constrained decoding, typed Arrow rows with confidences
+//! - [`sink`]: Arrow batches -> Parquet on local disk or S3 (atomic files, Hive partitions, manifest, _SUCCESS)
 //! - [`doctor`]: what this machine can run
 
 pub mod doctor;
+pub mod extract;
 pub mod imaging;
 pub mod model;
 pub mod native;
 pub mod raster;
+pub mod sink;
 pub mod source;

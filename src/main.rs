@@ -61,9 +61,27 @@ enum Command {
     ///   pixtract generate --model models/pixtral-12b-fp16 --device cuda --image p1.png --image p2.png \
     ///       --prompt "Extract the invoice number" --max-new-tokens 64
     Generate(pixtract::model::cli::GenerateArgs),
+    /// Benchmarks, each against its reference in the same run, reported as ratios.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Internal: a PDF renderer process speaking the worker protocol on stdin/stdout.
     #[command(name = "raster-worker", hide = true)]
     RasterWorker,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Engine throughput on the tiny model: pixtract vs a Python onnxruntime loop over the same graphs and vs
+    /// transformers generate(); vision+prefill and decode tokens/s at each batch size.
+    ///
+    /// Example: pixtract bench engine --batch 1 --batch 8 --new-tokens 32
+    Engine(pixtract::model::bench::EngineBenchArgs),
+    /// PDF rendering: pixtract (one process, then N worker processes) vs poppler's pdftoppm at the same long
+    /// side, same files, same run, pages/s and ratio; plus JPEG scans decoded and Pixtral-resized per second.
+    /// Needs pdftoppm (Debian: apt-get install poppler-utils).
+    ///
+    /// Example: pixtract bench raster --pdf invoices/ --workers 2 --repeat 3
+    Raster(pixtract::raster::bench::RasterBenchArgs),
 }
 
 fn parse_device(s: &str) -> Result<Device, String> {
@@ -98,6 +116,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+        Command::Bench(BenchCommand::Engine(args)) => pixtract::model::bench::run(args),
+        Command::Bench(BenchCommand::Raster(args)) => pixtract::raster::bench::run(args),
         Command::Generate(args) => pixtract::model::cli::generate(args),
         Command::Pages(args) => pixtract::raster::cli::pages(args),
         Command::RasterWorker => pixtract::raster::worker::run_worker(),

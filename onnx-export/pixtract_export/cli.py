@@ -63,6 +63,14 @@ def main(argv=None) -> int:
     _add_export(sub)
     _add_verify(sub)
     _add_reference(sub)
+    sub.add_parser("bench", help="Python references for `pixtract bench engine` (ORT loop, transformers)",
+                   add_help=False)
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = parser.parse_args(argv)
     try:
         if args.command == "export":

@@ -37,6 +37,9 @@ pub struct GenerateArgs {
     /// ONNX Runtime intra-op threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Let ONNX Runtime's idle threads spin-wait (faster on an otherwise idle machine, harmful when shared).
+    #[arg(long)]
+    pub spin: bool,
     /// Sample at this temperature instead of greedy decoding.
     #[arg(long)]
     pub temperature: Option<f32>,
@@ -71,6 +74,7 @@ fn run(args: GenerateArgs) -> anyhow::Result<()> {
         device: args.device,
         threads: Threads {
             intra_op: args.threads,
+            spin: args.spin,
         },
     };
     let t_load = Instant::now();

@@ -335,7 +335,8 @@ impl PixtralEngine {
             .collect()
     }
 
-    /// One decoder pass through IO binding. Returns last-position logits `[batch * vocab]` and the new cache.
+    /// One decoder pass through IO binding. Returns last-position logits `[batch, 1, vocab]` (f32, host) and the
+    /// new cache.
     fn decoder_step(
         &mut self,
         embeds: &[f32],
@@ -343,7 +344,7 @@ impl PixtralEngine {
         mask: &[i64],
         positions: &[i64],
         past: &[DynValue],
-    ) -> Result<(Vec<f32>, Vec<DynValue>), ModelError> {
+    ) -> Result<(DynValue, Vec<DynValue>), ModelError> {
         let hidden = self.model.manifest.text.hidden_size;
         let seq = positions.len() / batch;
         let total = mask.len() / batch;
@@ -382,7 +383,6 @@ impl PixtralEngine {
         let logits = outputs
             .remove("logits")
             .ok_or_else(|| ModelError::Graph("decoder returned no logits".into()))?;
-        let (_, logits) = read_floats(&logits, "logits")?;
         let mut present = Vec::with_capacity(self.present_names.len());
         for name in &self.present_names {
             present.push(
@@ -540,9 +540,13 @@ impl PixtralEngine {
         loop {
             let mut finished = Vec::new();
             let mut chosen = Vec::with_capacity(active.len());
+            // Masked in place: the host logits buffer ONNX Runtime wrote is ours until the next step.
+            let (_, logits_data) = logits
+                .try_extract_tensor_mut::<f32>()
+                .map_err(ort_err("logits"))?;
             for (j, &b) in active.iter().enumerate() {
                 let row = rows[b];
-                let slice = &mut logits[j * vocab..(j + 1) * vocab];
+                let slice = &mut logits_data[j * vocab..(j + 1) * vocab];
                 hook.mask_logits(row, slice)
                     .map_err(|reason| ModelError::Hook { row, reason })?;
                 if config.keep_first_logits && outs[b].tokens.is_empty() {

@@ -1,5 +1,6 @@
 //! The model stage: Pixtral exported to ONNX (manifest, ONNX Runtime sessions).
 
+pub mod bench;
 pub mod cli;
 pub mod engine;
 pub mod manifest;

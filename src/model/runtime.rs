@@ -47,10 +47,13 @@ impl fmt::Display for Device {
     }
 }
 
-/// Thread settings for CPU sessions. Zero means ONNX Runtime's default (one per physical core).
+/// Thread settings for CPU sessions.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Threads {
+    /// Zero means ONNX Runtime's default (one per physical core).
     pub intra_op: usize,
+    /// Let idle pool threads spin-wait for the next op (ONNX Runtime's default; off here unless asked).
+    pub spin: bool,
 }
 
 /// The process's ONNX Runtime environment, loaded from a located libonnxruntime.
@@ -98,6 +101,13 @@ impl OrtRuntime {
             .map_err(err)?;
         if threads.intra_op > 0 {
             builder = builder.with_intra_threads(threads.intra_op).map_err(err)?;
+        }
+        if !threads.spin {
+            // Three sessions (vision, embed, decoder) each own a pool; spinning pools starve each other and the
+            // raster workers on a small box (measured: 2x slower decode on 2 busy cores).
+            builder = builder
+                .with_config_entry("session.intra_op.allow_spinning", "0")
+                .map_err(err)?;
         }
         if let Device::Cuda(id) = device {
             preload_cuda_wheels(&SearchPaths::from_env());

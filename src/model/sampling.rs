@@ -52,16 +52,12 @@ impl Sampler {
                 });
         let best = best?;
         match self.mode.clone() {
-            Sampling::Greedy => {
-                let sum: f64 = logits.iter().map(|&v| ((v - max) as f64).exp()).sum();
-                Some((best as u32, (1.0 / sum) as f32))
-            }
+            Sampling::Greedy => Some((best as u32, 1.0 / softmax_denominator(logits, max))),
             Sampling::Sample {
                 temperature, top_p, ..
             } => {
                 if temperature <= 0.0 {
-                    let sum: f64 = logits.iter().map(|&v| ((v - max) as f64).exp()).sum();
-                    return Some((best as u32, (1.0 / sum) as f32));
+                    return Some((best as u32, 1.0 / softmax_denominator(logits, max)));
                 }
                 let t = temperature as f64;
                 let mut probs: Vec<(usize, f64)> = logits
@@ -96,6 +92,42 @@ impl Sampler {
     }
 }
 
+/// `sum(exp(l - max))` over a vocabulary: the probability of the top token is its inverse. Runs every step for
+/// every sequence over 131k logits, so it uses a branch-free exp the compiler vectorises (relative error < 2e-6).
+fn softmax_denominator(logits: &[f32], max: f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = logits.chunks_exact(8);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += fast_exp(v - max);
+        }
+    }
+    let mut sum: f32 = lanes.iter().sum();
+    for &v in rest {
+        sum += fast_exp(v - max);
+    }
+    sum
+}
+
+/// exp(x) for x <= 0 (masked -inf gives 0): 2^(x*log2 e) = 2^i * 2^f, f in [-0.5, 0.5], 2^f by its Taylor series
+/// to degree 7 (truncation error < 2e-8).
+#[inline(always)]
+fn fast_exp(x: f32) -> f32 {
+    let t = (x * std::f32::consts::LOG2_E).max(-126.0);
+    let i = t.round();
+    let f = t - i;
+    let p = 1.0
+        + f * (std::f32::consts::LN_2
+            + f * (0.240_226_5
+                + f * (0.055_504_11
+                    + f * (0.009_618_129
+                        + f * (0.001_333_355_8 + f * (0.000_154_035_3 + f * 0.000_015_252_73))))));
+    let scale = f32::from_bits(((i as i32 + 127) as u32) << 23);
+    // Below 2^-126 the true value is negligible next to the top token's 1.0.
+    if t <= -126.0 { 0.0 } else { p * scale }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +139,23 @@ mod tests {
         assert_eq!(tok, 1);
         assert!((p - 1.0 / (2.0 + (-2.0f32).exp())).abs() < 1e-6, "{p}");
         assert!(s.choose(&[f32::NEG_INFINITY; 3]).is_none());
+    }
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        for i in 0..2000 {
+            let x = -(i as f32) * 0.05;
+            let (a, b) = (fast_exp(x), x.exp());
+            assert!(
+                (a - b).abs() <= (3e-7 + 8e-8 * x.abs()) * b + 1e-37,
+                "{x}: {a} vs {b}"
+            );
+        }
+        assert_eq!(fast_exp(f32::NEG_INFINITY), 0.0);
+        let logits: Vec<f32> = (0..1000).map(|i| (i % 17) as f32 * 0.3 - 2.0).collect();
+        let max = logits.iter().cloned().fold(f32::MIN, f32::max);
+        let exact: f64 = logits.iter().map(|&v| ((v - max) as f64).exp()).sum();
+        assert!(((softmax_denominator(&logits, max) as f64) - exact).abs() / exact < 1e-5);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //!   Pixtral's own ([`crate::imaging`]), because an antialiased pre-downscale changes the model's tokens.
 //! - Limits on bytes, pages and pixels turn hostile inputs into [`RasterError`]s that name the document.
 
+pub mod bench;
 pub mod cli;
 pub mod pdf;
 pub mod scan;
@@ -113,6 +114,11 @@ impl DocumentKind {
         if head.windows(5).any(|w| w == b"%PDF-") {
             return Some(DocumentKind::Pdf);
         }
+        // A PDF that lost its header line still reads as one (`1 0 obj ... endobj`): let pdfium judge it.
+        let has = |needle: &[u8]| head.windows(needle.len()).any(|w| w == needle);
+        if has(b" obj") && has(b"endobj") {
+            return Some(DocumentKind::Pdf);
+        }
         None
     }
 }
@@ -199,7 +205,8 @@ pub enum RasterError {
         "{uri}: rendering took longer than {seconds} s; the renderer process was stopped and replaced"
     )]
     Timeout { uri: String, seconds: u64 },
-    #[error("{uri}: cannot fetch: {reason}")]
+    /// Listing or fetching failed (the reason says which).
+    #[error("{uri}: {reason}")]
     Fetch { uri: String, reason: String },
     #[error("PDF renderer unavailable: {reason}")]
     Renderer { reason: String },

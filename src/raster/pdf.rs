@@ -112,6 +112,23 @@ pub fn render(
     let pages = document.pages();
     let count = pages.len().max(0) as usize;
     if count == 0 {
+        // An encrypted document opened without the right password can show up as "no pages" rather than as
+        // a password error (pdfium 8149 does so on two encrypted pdf.js test files).
+        let encrypted = !matches!(
+            document.permissions().security_handler_revision(),
+            Ok(PdfSecurityHandlerRevision::Unprotected)
+        );
+        if encrypted {
+            return Err(if opts.password.is_some() {
+                RasterError::WrongPassword {
+                    uri: doc.uri.clone(),
+                }
+            } else {
+                RasterError::PasswordRequired {
+                    uri: doc.uri.clone(),
+                }
+            });
+        }
         return Err(RasterError::PdfUnreadable {
             uri: doc.uri.clone(),
             reason: "the document has no pages".into(),

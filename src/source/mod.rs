@@ -487,9 +487,26 @@ impl Source {
     }
 }
 
-/// object_store's error text, first line, without its "Generic S3 error:" preamble where that is all noise.
+/// object_store's error in words: the S3 error code and message when the server sent them (`NoSuchBucket:
+/// The specified bucket does not exist`), else the HTTP status, else the first line of the error text.
 fn store_reason(e: &object_store::Error) -> String {
     let text = e.to_string();
-    let first = text.lines().next().unwrap_or(&text).to_string();
-    first
+    let tag = |name: &str| {
+        let open = format!("<{name}>");
+        let start = text.find(&open)? + open.len();
+        let len = text[start..].find(&format!("</{name}>"))?;
+        Some(text[start..start + len].trim().to_string())
+    };
+    if let Some(code) = tag("Code") {
+        return match tag("Message") {
+            Some(message) => format!("{code}: {message}"),
+            None => code,
+        };
+    }
+    if let Some(pos) = text.find("status code: ") {
+        let status = &text[pos + "status code: ".len()..];
+        return format!("HTTP {}", status.split(':').next().unwrap_or(status).trim());
+    }
+    let first = text.lines().next().unwrap_or(&text);
+    first.chars().take(300).collect()
 }

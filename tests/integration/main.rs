@@ -4,5 +4,9 @@
 mod doctor;
 mod engine;
 mod exporter;
+mod extract;
 mod model_dir;
+mod raster;
+mod sink;
+mod source;
 mod util;

@@ -74,3 +74,384 @@ pub fn read_json(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
+
+// ---- Generated documents (raster and source tests) ----
+
+/// One page of a generated PDF: media box in points, /Rotate, and raw content-stream operators.
+pub struct PdfPage {
+    pub width: f32,
+    pub height: f32,
+    pub rotate: i32,
+    pub content: String,
+    /// A JPEG drawn over the whole page (a "scanned" page), as (bytes, pixel width, pixel height).
+    pub scan: Option<(Vec<u8>, u32, u32)>,
+}
+
+impl PdfPage {
+    pub fn new(width: f32, height: f32, content: impl Into<String>) -> PdfPage {
+        PdfPage {
+            width,
+            height,
+            rotate: 0,
+            content: content.into(),
+            scan: None,
+        }
+    }
+}
+
+/// Text lines with Helvetica and a bordered table: what an invoice page looks like to a renderer.
+pub fn invoice_content(title: &str, rows: usize) -> String {
+    let mut c = format!("BT /F1 28 Tf 72 720 Td ({title}) Tj ET\n");
+    c += "BT /F1 12 Tf 72 690 Td (Item        Qty     Price) Tj ET\n";
+    c += "0 0 0 RG 1 w\n";
+    for r in 0..=rows {
+        let y = 680.0 - r as f32 * 20.0;
+        c += &format!("72 {y} m 540 {y} l S\n");
+    }
+    let bottom = 680.0 - rows as f32 * 20.0;
+    for x in [72.0, 300.0, 420.0, 540.0] {
+        c += &format!("{x} 680 m {x} {bottom} l S\n");
+    }
+    for r in 0..rows {
+        let y = 665.0 - r as f32 * 20.0;
+        c += &format!(
+            "BT /F1 11 Tf 80 {y} Td (Widget {r}) Tj 230 0 Td ({}) Tj 120 0 Td (9.99) Tj ET\n",
+            r + 1
+        );
+    }
+    c
+}
+
+/// A black square in the page's top-left corner (PDF y grows upwards), to check orientation after rendering.
+pub fn top_left_marker(page_height: f32) -> String {
+    format!("0 0 0 rg 0 {} 100 100 re f\n", page_height - 100.0)
+}
+
+/// A minimal, valid PDF (classic xref table) written by hand.
+pub fn make_pdf(pages: &[PdfPage]) -> Vec<u8> {
+    let mut objects: Vec<Vec<u8>> = Vec::new();
+    // 1: catalog, 2: pages, 3: font; then per page: page, content, [image].
+    let mut kids = Vec::new();
+    let mut next = 4;
+    let mut page_objs = Vec::new();
+    for p in pages {
+        let page_id = next;
+        let content_id = next + 1;
+        let image_id = p.scan.as_ref().map(|_| next + 2);
+        next += if image_id.is_some() { 3 } else { 2 };
+        kids.push(format!("{page_id} 0 R"));
+        let mut content = p.content.clone();
+        let resources = match image_id {
+            Some(id) => {
+                content = format!("q {} 0 0 {} 0 0 cm /Im1 Do Q\n{content}", p.width, p.height);
+                format!("<< /Font << /F1 3 0 R >> /XObject << /Im1 {id} 0 R >> >>")
+            }
+            None => "<< /Font << /F1 3 0 R >> >>".to_string(),
+        };
+        page_objs.push((page_id, format!(
+            "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 {} {}] /Rotate {} /Resources {resources} /Contents {content_id} 0 R >>",
+            p.width, p.height, p.rotate
+        ).into_bytes()));
+        let mut stream = format!("<< /Length {} >>\nstream\n", content.len()).into_bytes();
+        stream.extend_from_slice(content.as_bytes());
+        stream.extend_from_slice(b"\nendstream");
+        page_objs.push((content_id, stream));
+        if let (Some(id), Some((jpeg, w, h))) = (image_id, &p.scan) {
+            let mut s = format!(
+                "<< /Type /XObject /Subtype /Image /Width {w} /Height {h} /ColorSpace /DeviceRGB /BitsPerComponent 8 /Filter /DCTDecode /Length {} >>\nstream\n",
+                jpeg.len()
+            )
+            .into_bytes();
+            s.extend_from_slice(jpeg);
+            s.extend_from_slice(b"\nendstream");
+            page_objs.push((id, s));
+        }
+    }
+    objects.push(b"<< /Type /Catalog /Pages 2 0 R >>".to_vec());
+    objects.push(
+        format!(
+            "<< /Type /Pages /Kids [{}] /Count {} >>",
+            kids.join(" "),
+            pages.len()
+        )
+        .into_bytes(),
+    );
+    objects.push(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_vec());
+    page_objs.sort_by_key(|(id, _)| *id);
+    objects.extend(page_objs.into_iter().map(|(_, o)| o));
+    let mut out = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n".to_vec();
+    let mut offsets = Vec::new();
+    for (i, obj) in objects.iter().enumerate() {
+        offsets.push(out.len());
+        out.extend_from_slice(format!("{} 0 obj\n", i + 1).as_bytes());
+        out.extend_from_slice(obj);
+        out.extend_from_slice(b"\nendobj\n");
+    }
+    let xref = out.len();
+    out.extend_from_slice(
+        format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes(),
+    );
+    for off in offsets {
+        out.extend_from_slice(format!("{off:010} 00000 n \n").as_bytes());
+    }
+    out.extend_from_slice(
+        format!(
+            "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
+            objects.len() + 1
+        )
+        .as_bytes(),
+    );
+    out
+}
+
+/// A one-page PDF encrypted with the standard security handler (RC4, revision 2) and a user password, made
+/// by Python from the virtualenv (hashlib's MD5; RC4 is a few lines).
+pub fn make_encrypted_pdf(user_password: &str) -> Vec<u8> {
+    const SCRIPT: &str = r#"
+import hashlib, struct, sys
+PAD = bytes.fromhex("28BF4E5E4E758A4164004E56FFFA01082E2E00B6D0683E802F0CA9FE6453697A")
+def rc4(key, data):
+    s = list(range(256)); j = 0
+    for i in range(256):
+        j = (j + s[i] + key[i % len(key)]) % 256; s[i], s[j] = s[j], s[i]
+    i = j = 0; out = bytearray()
+    for b in data:
+        i = (i + 1) % 256; j = (j + s[i]) % 256; s[i], s[j] = s[j], s[i]
+        out.append(b ^ s[(s[i] + s[j]) % 256])
+    return bytes(out)
+def pad(p): return (p.encode() + PAD)[:32]
+user, owner = sys.argv[1], "owner-secret"
+file_id = hashlib.md5(b"pixtract-test").digest()
+P = -4
+O = rc4(hashlib.md5(pad(owner)).digest()[:5], pad(user))
+key = hashlib.md5(pad(user) + O + struct.pack("<i", P) + file_id).digest()[:5]
+U = rc4(key, PAD)
+def objkey(num): return hashlib.md5(key + struct.pack("<i", num)[:3] + b"\0\0").digest()[:10]
+content = b"BT /F1 36 Tf 72 700 Td (Secret invoice) Tj ET\n0 0 0 rg 0 692 100 100 re f\n"
+enc = rc4(objkey(4), content)
+objs = [
+    b"<< /Type /Catalog /Pages 2 0 R >>",
+    b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+    b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 5 0 R >> >> /Contents 4 0 R >>",
+    b"<< /Length %d >>\nstream\n" % len(enc) + enc + b"\nendstream",
+    b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    b"<< /Filter /Standard /V 1 /R 2 /O <" + O.hex().encode() + b"> /U <" + U.hex().encode() + b"> /P -4 >>",
+]
+out = bytearray(b"%PDF-1.4\n")
+offs = []
+for i, o in enumerate(objs):
+    offs.append(len(out)); out += b"%d 0 obj\n" % (i + 1) + o + b"\nendobj\n"
+x = len(out)
+out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1)
+for o in offs: out += b"%010d 00000 n \n" % o
+idh = file_id.hex().encode()
+out += b"trailer\n<< /Size %d /Root 1 0 R /Encrypt 6 0 R /ID [<" % (len(objs) + 1) + idh + b"><" + idh + b">] >>\nstartxref\n%d\n%%%%EOF\n" % x
+sys.stdout.buffer.write(bytes(out))
+"#;
+    let out = Command::new(python())
+        .args(["-c", SCRIPT, user_password])
+        .output()
+        .expect("run python");
+    assert!(out.status.success(), "{}", text(&out));
+    out.stdout
+}
+
+/// A JPEG of `img` with an EXIF block holding only the orientation tag.
+pub fn jpeg_with_orientation(img: &image::RgbImage, orientation: u16) -> Vec<u8> {
+    use image::ImageEncoder;
+    let mut exif = vec![0x49, 0x49, 0x2A, 0x00, 0x08, 0x00, 0x00, 0x00, 0x01, 0x00];
+    exif.extend_from_slice(&[0x12, 0x01, 0x03, 0x00, 0x01, 0x00, 0x00, 0x00]);
+    exif.extend_from_slice(&orientation.to_le_bytes());
+    exif.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    let mut out = Vec::new();
+    let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 95);
+    enc.set_exif_metadata(exif).expect("exif accepted");
+    enc.write_image(
+        img.as_raw(),
+        img.width(),
+        img.height(),
+        image::ExtendedColorType::Rgb8,
+    )
+    .expect("encode jpeg");
+    out
+}
+
+pub fn encode(img: &image::DynamicImage, format: image::ImageFormat) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, format).expect("encode image");
+    out.into_inner()
+}
+
+/// One uncompressed TIFF page: (width, height, bits per sample, samples per pixel, photometric, strip data).
+pub struct TiffPage {
+    pub width: u32,
+    pub height: u32,
+    pub bits: u16,
+    pub samples: u16,
+    pub photometric: u16,
+    pub data: Vec<u8>,
+}
+
+/// A little-endian multi-page TIFF, one strip per page, written by hand (the tiff crate writes no 1-bit pages).
+pub fn make_tiff(pages: &[TiffPage]) -> Vec<u8> {
+    let mut out = b"II*\0\0\0\0\0".to_vec();
+    let mut prev_next_ptr = 4usize;
+    for p in pages {
+        let data_off = out.len() as u32;
+        out.extend_from_slice(&p.data);
+        if out.len() % 2 == 1 {
+            out.push(0);
+        }
+        let bps_off = out.len() as u32;
+        for _ in 0..p.samples {
+            out.extend_from_slice(&p.bits.to_le_bytes());
+        }
+        if out.len() % 2 == 1 {
+            out.push(0);
+        }
+        let ifd_off = out.len() as u32;
+        out[prev_next_ptr..prev_next_ptr + 4].copy_from_slice(&ifd_off.to_le_bytes());
+        // (tag, type, count, value): type 3 SHORT, 4 LONG.
+        let bps_value = if p.samples == 1 {
+            p.bits as u32
+        } else {
+            bps_off
+        };
+        let entries: [(u16, u16, u32, u32); 9] = [
+            (256, 4, 1, p.width),
+            (257, 4, 1, p.height),
+            (258, 3, p.samples as u32, bps_value),
+            (259, 3, 1, 1),
+            (262, 3, 1, p.photometric as u32),
+            (273, 4, 1, data_off),
+            (277, 3, 1, p.samples as u32),
+            (278, 4, 1, p.height),
+            (279, 4, 1, p.data.len() as u32),
+        ];
+        out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+        for (tag, ty, count, value) in entries {
+            out.extend_from_slice(&tag.to_le_bytes());
+            out.extend_from_slice(&ty.to_le_bytes());
+            out.extend_from_slice(&count.to_le_bytes());
+            if ty == 3 && count == 1 {
+                out.extend_from_slice(&(value as u16).to_le_bytes());
+                out.extend_from_slice(&[0, 0]);
+            } else {
+                out.extend_from_slice(&value.to_le_bytes());
+            }
+        }
+        prev_next_ptr = out.len();
+        out.extend_from_slice(&[0, 0, 0, 0]);
+    }
+    out
+}
+
+/// Deterministic pseudo-random bytes (xorshift), never starting with a known magic number.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.max(1);
+    let mut out: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    if let Some(b) = out.first_mut() {
+        *b = b'Z';
+    }
+    out
+}
+
+// ---- moto: a real S3 protocol server on 127.0.0.1 ----
+
+/// `moto_server` from the virtualenv on a free loopback port; stopped when dropped.
+pub struct Moto {
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let exe = repo_root().join(".venv/bin/moto_server");
+        assert!(
+            exe.is_file(),
+            "{} missing: run `scripts/setup.sh`",
+            exe.display()
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let child = Command::new(exe)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        let moto = Moto { port, child };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "moto_server did not start on port {port}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        moto
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Creates a bucket with a plain PUT (moto does not check signatures).
+    pub fn create_bucket(&self, bucket: &str) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect moto");
+        write!(
+            s,
+            "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        )
+        .expect("send");
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).expect("read");
+        assert!(
+            reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200"),
+            "{reply}"
+        );
+    }
+
+    pub fn store(&self, bucket: &str) -> std::sync::Arc<dyn object_store::ObjectStore> {
+        std::sync::Arc::new(
+            object_store::aws::AmazonS3Builder::new()
+                .with_endpoint(self.endpoint())
+                .with_allow_http(true)
+                .with_access_key_id("test")
+                .with_secret_access_key("test")
+                .with_region("us-east-1")
+                .with_bucket_name(bucket)
+                .with_virtual_hosted_style_request(false)
+                .build()
+                .expect("s3 store"),
+        )
+    }
+
+    /// Environment for a pixtract process talking to this server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,149 @@
+"""`bench`: the Python references for pixtract's engine benchmark, on the same prompts and images.
+
+(a) a plain onnxruntime loop over the same three graphs (ort_loop.OrtPixtral), (b) transformers `generate()`.
+Prints one JSON object; `pixtract bench engine` runs this in the same run and reports the ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import prompting
+from .export import model_from_manifest
+from .ort_loop import OrtPixtral
+
+
+def load_cases(model_dir: str, names: list[str]):
+    out = []
+    for name in names:
+        folder = os.path.join(model_dir, "reference", name)
+        with open(os.path.join(folder, "case.json")) as f:
+            case = json.load(f)
+        parts = []
+        for c in case["content"]:
+            if c["type"] == "image":
+                with Image.open(os.path.join(folder, c["file"])) as im:
+                    im.load()
+                    parts.append({"type": "image", "image": im.copy()})
+            else:
+                parts.append(c)
+        ids, images = prompting.encode(parts, case["system"])
+        out.append((ids, images))
+    return out
+
+
+def ort_batch(ort_model: OrtPixtral, batch, new_tokens: int):
+    """Left-padded batch through the ONNX graphs; returns phase times."""
+    t0 = time.perf_counter()
+    feats = [[ort_model.image_features(img) for img in images] for _, images in batch]
+    t_vision = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    width = max(len(ids) for ids, _ in batch)
+    n = len(batch)
+    ids = np.full((n, width), ort_model.manifest["tokens"]["pad"], dtype=np.int64)
+    mask = np.zeros((n, width), dtype=np.int64)
+    for row, (seq, _) in enumerate(batch):
+        ids[row, width - len(seq):] = seq
+        mask[row, width - len(seq):] = 1
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    embeds = ort_model.embed.run(["inputs_embeds"], {"input_ids": ids})[0]
+    for row, f in enumerate(feats):
+        if f:
+            pos = np.argwhere(ids[row] == ort_model.img_id)[:, 0]
+            embeds[row, pos] = np.concatenate(f, axis=0).astype(embeds.dtype)
+    logits, past = ort_model.step(embeds, mask, positions, ort_model.empty_past(n))
+    t_prefill = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    nxt = positions[:, -1:] + 1
+    for _ in range(new_tokens - 1):
+        tok = logits.argmax(-1)[:, None].astype(np.int64)
+        e = ort_model.embed.run(["inputs_embeds"], {"input_ids": tok})[0]
+        mask = np.concatenate([mask, np.ones((n, 1), dtype=np.int64)], axis=1)
+        logits, past = ort_model.step(e, mask, nxt, past)
+        nxt = nxt + 1
+    t_decode = time.perf_counter() - t2
+    return t_vision, t_prefill, t_decode
+
+
+def hf_batch(model, batch, new_tokens: int):
+    """transformers generate(); vision+prefill from a 1-token run, decode as the rest of an N-token run."""
+    width = max(len(ids) for ids, _ in batch)
+    n = len(batch)
+    ids = torch.full((n, width), 11, dtype=torch.int64)
+    mask = torch.zeros((n, width), dtype=torch.int64)
+    images = []
+    for row, (seq, imgs) in enumerate(batch):
+        ids[row, width - len(seq):] = torch.tensor(seq)
+        mask[row, width - len(seq):] = 1
+        images.extend(imgs)
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    if images:
+        kwargs["pixel_values"], kwargs["image_sizes"] = prompting.pad_images(images)
+
+    def run(k):
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(**kwargs, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=11,
+                           eos_token_id=2)
+        return time.perf_counter() - t
+
+    first = run(1)
+    total = run(new_tokens)
+    return first, max(total - first, 1e-9)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="pixtract-export bench", description=__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--cases", required=True, help="comma-separated reference case names, in prompt order")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--batch", type=int, action="append", required=True)
+    p.add_argument("--repeat", type=int, default=2, help="runs per measurement; the fastest is kept")
+    p.add_argument("--skip-transformers", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    cases = load_cases(args.model, args.cases.split(","))
+    with open(os.path.join(args.model, "pixtract-model.json")) as f:
+        manifest = json.load(f)
+    ort_model = OrtPixtral(args.model)
+    hf = None if args.skip_transformers else model_from_manifest(manifest, None)
+    ort_batch(ort_model, cases[:1], 2)  # warm-up
+    result = {"ort_python": {}, "transformers": {}}
+    for b in args.batch:
+        batches = [cases[i:i + b] for i in range(0, len(cases), b)]
+        prompt_tokens = sum(len(ids) for ids, _ in cases)
+        gen_tokens = len(cases) * (args.new_tokens - 1)
+        best = None
+        for _ in range(args.repeat):
+            v = pf = d = 0.0
+            for batch in batches:
+                tv, tp, td = ort_batch(ort_model, batch, args.new_tokens)
+                v, pf, d = v + tv, pf + tp, d + td
+            if best is None or v + pf + d < sum(best):
+                best = (v, pf, d)
+        v, pf, d = best
+        result["ort_python"][str(b)] = {"vision_s": v, "prefill_s": pf, "decode_s": d,
+                                        "first_token_tok_s": prompt_tokens / (v + pf), "decode_tok_s": gen_tokens / d}
+        if hf is not None:
+            best = None
+            for _ in range(args.repeat):
+                first = dec = 0.0
+                for batch in batches:
+                    tf, td = hf_batch(hf, batch, args.new_tokens)
+                    first, dec = first + tf, dec + td
+                if best is None or first + dec < sum(best):
+                    best = (first, dec)
+            first, dec = best
+            result["transformers"][str(b)] = {"vision_prefill_s": first, "decode_s": dec,
+                                              "first_token_tok_s": prompt_tokens / first,
+                                              "decode_tok_s": gen_tokens / dec}
+    print(json.dumps(result))
+    return 0

@@ -1,0 +1,381 @@
+//! Constrained decoding with llguidance: one grammar matcher per sequence, applied in the engine's step hook.
+//!
+//! - [`GrammarEnv`]: llguidance's view of Pixtral's tokenizer (byte tokens, token trie, parser factory); building it
+//!   costs ~0.7 s, so [`GrammarEnv::shared`] keeps one per tokenizer file for the process.
+//! - [`SchemaConstraint`]: a [`StepHook`] that masks disallowed tokens to `-inf` and feeds each chosen token to the
+//!   row's matcher; the row is complete when the JSON value closes (the grammar accepts). A row that is about to
+//!   run out of `max_new_tokens` switches to *closing*: each step then takes the allowed token that ends the
+//!   current structure soonest (`"`, `]`, `}`, `null`, `,`, `1`, ...), so the answer is still valid JSON; such a row
+//!   is reported as budget-closed and its forced tokens count as probability 0 in confidences.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{TokEnv, TokenId};
+use llguidance::{Matcher, ParserFactory};
+use toktrie_hf_tokenizers::ByteTokenizer;
+
+use super::ExtractError;
+use super::schema::ExtractionSchema;
+use crate::model::StepHook;
+
+/// llguidance's tokenizer environment and parser factory for one tokenizer.
+pub struct GrammarEnv {
+    env: TokEnv,
+    factory: ParserFactory,
+    eos: u32,
+    vocab: usize,
+    /// Closing preference: token ids of `"`, `]`, `}`, `null`, `,`, `1`, `[`, `{` (those that exist as one token).
+    /// `1`, not `0`: a number bounded away from zero (`-0.000...`) only ends after a non-zero digit.
+    closers: Vec<u32>,
+}
+
+impl GrammarEnv {
+    /// Builds the environment from a `tokenizer.json`; `eos` ends a sequence, `vocab` is the logits width.
+    pub fn from_tokenizer(
+        tokenizer: tokenizers::Tokenizer,
+        eos: u32,
+        vocab: usize,
+    ) -> Result<Self, ExtractError> {
+        let grammar = |reason: String| ExtractError::Grammar(reason);
+        let mut bt = ByteTokenizer::from_tokenizer(tokenizer)
+            .map_err(|e| grammar(format!("tokenizer for llguidance: {e}")))?;
+        bt.set_eos_token(eos);
+        let env = bt
+            .into_tok_env(Some(vocab))
+            .map_err(|e| grammar(format!("token environment: {e}")))?;
+        let mut factory =
+            ParserFactory::new_simple(&env).map_err(|e| grammar(format!("parser factory: {e}")))?;
+        factory.quiet();
+        let trie = env.tok_trie();
+        let closers = ["\"", "]", "}", "null", ",", "1", "[", "{"]
+            .iter()
+            .filter_map(|s| {
+                let ids = trie.greedy_tokenize(s.as_bytes());
+                (ids.len() == 1).then(|| ids[0])
+            })
+            .collect();
+        Ok(GrammarEnv {
+            env,
+            factory,
+            eos,
+            vocab,
+            closers,
+        })
+    }
+
+    /// One environment per tokenizer file per process.
+    pub fn shared(
+        tokenizer_json: &Path,
+        eos: u32,
+        vocab: usize,
+    ) -> Result<Arc<GrammarEnv>, ExtractError> {
+        static CACHE: Mutex<Option<HashMap<PathBuf, Arc<GrammarEnv>>>> = Mutex::new(None);
+        let key = tokenizer_json
+            .canonicalize()
+            .unwrap_or_else(|_| tokenizer_json.to_path_buf());
+        let mut guard = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        let cache = guard.get_or_insert_with(HashMap::new);
+        if let Some(env) = cache.get(&key) {
+            return Ok(env.clone());
+        }
+        let tok = tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| {
+            ExtractError::Grammar(format!("cannot load {}: {e}", tokenizer_json.display()))
+        })?;
+        let env = Arc::new(GrammarEnv::from_tokenizer(tok, eos, vocab)?);
+        cache.insert(key, env.clone());
+        Ok(env)
+    }
+
+    /// For a loaded engine: its tokenizer file, EOS and vocabulary.
+    pub fn for_engine(
+        engine: &crate::model::PixtralEngine,
+    ) -> Result<Arc<GrammarEnv>, ExtractError> {
+        let m = &engine.model.manifest;
+        GrammarEnv::shared(
+            &engine.model.path_of(&m.tokenizer.file),
+            m.tokens.eos,
+            m.text.vocab_size,
+        )
+    }
+
+    /// Bytes of one token as the grammar sees them.
+    pub fn token_bytes(&self, token: u32) -> &[u8] {
+        self.env.tok_trie().token(token)
+    }
+
+    pub fn eos(&self) -> u32 {
+        self.eos
+    }
+
+    /// Token ids of a text, as the trie tokenizes greedily (sizing only).
+    pub fn count_tokens(&self, text: &str) -> usize {
+        self.env.tok_trie().greedy_tokenize(text.as_bytes()).len()
+    }
+
+    /// The answer text of generated tokens and the end offset of each token in it. Stops at EOS; special tokens
+    /// contribute no bytes.
+    pub fn answer_text(&self, tokens: &[u32]) -> (String, Vec<usize>) {
+        let trie = self.env.tok_trie();
+        let mut bytes = Vec::new();
+        let mut ends = Vec::with_capacity(tokens.len());
+        for &t in tokens {
+            if t == self.eos {
+                break;
+            }
+            if !trie.is_special_token(t) {
+                bytes.extend_from_slice(trie.token(t));
+            }
+            ends.push(bytes.len());
+        }
+        // Grammar-constrained output is whole UTF-8; an unconstrained one may end mid-character.
+        match String::from_utf8(bytes) {
+            Ok(s) => (s, ends),
+            Err(e) => {
+                let valid = e.utf8_error().valid_up_to();
+                let mut bytes = e.into_bytes();
+                bytes.truncate(valid);
+                let ends = ends.into_iter().map(|x| x.min(valid)).collect();
+                (String::from_utf8(bytes).unwrap_or_default(), ends)
+            }
+        }
+    }
+
+    fn matcher(&self, grammar: &TopLevelGrammar) -> Matcher {
+        Matcher::new(self.factory.create_parser(grammar.clone()))
+    }
+
+    /// Compiles a schema's grammar once, to refuse what llguidance cannot build at load time.
+    pub fn check(&self, schema: &ExtractionSchema) -> Result<(), ExtractError> {
+        let grammar = TopLevelGrammar::from_json_schema(schema.grammar_schema());
+        let mut m = self.matcher(&grammar);
+        m.compute_mask().map(|_| ()).map_err(|e| {
+            ExtractError::Grammar(format!(
+                "schema {:?} does not compile to a grammar: {e}",
+                schema.name
+            ))
+        })
+    }
+}
+
+/// What happened at one decoding step of one row (kept when tracing).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepTrace {
+    /// Highest raw logit before masking (what an unconstrained greedy run would take).
+    pub raw_argmax: u32,
+    pub raw_argmax_allowed: bool,
+    pub allowed_tokens: u32,
+    pub closing: bool,
+}
+
+/// Per-row outcome of constrained decoding.
+#[derive(Debug, Clone, Default)]
+pub struct RowReport {
+    /// Step index at which the row switched to closing mode (budget), if it did.
+    pub closing_from: Option<usize>,
+    /// The grammar accepted the answer.
+    pub accepted: bool,
+    pub error: Option<String>,
+    pub trace: Vec<StepTrace>,
+}
+
+struct RowState {
+    matcher: Matcher,
+    steps: usize,
+    report: RowReport,
+}
+
+/// A JSON-Schema constraint over a batch of sequences (`row` = index in the request list).
+pub struct SchemaConstraint {
+    env: Arc<GrammarEnv>,
+    grammar: TopLevelGrammar,
+    rows: HashMap<usize, RowState>,
+    max_new_tokens: usize,
+    reserve: usize,
+    trace: bool,
+    /// Accumulated time computing masks and consuming tokens.
+    pub grammar_time: std::time::Duration,
+}
+
+impl SchemaConstraint {
+    /// `max_new_tokens` must be the generation config's: the closing reserve is counted from it.
+    pub fn new(env: Arc<GrammarEnv>, schema: &ExtractionSchema, max_new_tokens: usize) -> Self {
+        let minimal = schema.minimal_answer().to_string();
+        // Closing costs at most about the smallest answer's tokens; twice that plus slack covers a structure
+        // open at any depth.
+        let reserve = 2 * env.count_tokens(&minimal) + 16;
+        SchemaConstraint {
+            grammar: TopLevelGrammar::from_json_schema(schema.grammar_schema()),
+            env,
+            rows: HashMap::new(),
+            max_new_tokens,
+            reserve,
+            trace: false,
+            grammar_time: std::time::Duration::ZERO,
+        }
+    }
+
+    /// Record a [`StepTrace`] per step (costs one extra pass over the logits).
+    pub fn with_trace(mut self, on: bool) -> Self {
+        self.trace = on;
+        self
+    }
+
+    /// Tokens kept back for closing the JSON before `max_new_tokens`.
+    pub fn closing_reserve(&self) -> usize {
+        self.reserve
+    }
+
+    pub fn report(&self, row: usize) -> Option<&RowReport> {
+        self.rows.get(&row).map(|r| &r.report)
+    }
+
+    pub fn env(&self) -> &Arc<GrammarEnv> {
+        &self.env
+    }
+
+    fn row(&mut self, row: usize) -> &mut RowState {
+        let env = &self.env;
+        let grammar = &self.grammar;
+        self.rows.entry(row).or_insert_with(|| RowState {
+            matcher: env.matcher(grammar),
+            steps: 0,
+            report: RowReport::default(),
+        })
+    }
+}
+
+impl StepHook for SchemaConstraint {
+    fn mask_logits(&mut self, row: usize, logits: &mut [f32]) -> Result<(), String> {
+        let t0 = std::time::Instant::now();
+        let trace = self.trace;
+        let budget = self.max_new_tokens.saturating_sub(self.reserve);
+        let vocab = self.env.vocab.min(logits.len());
+        let closers = self.env.closers.clone();
+        let state = self.row(row);
+        let mask = state
+            .matcher
+            .compute_mask_or_eos()
+            .map_err(|e| format!("grammar mask: {e}"))?;
+        let raw_argmax = if trace { argmax(logits) } else { 0 };
+        let closing = state.steps >= budget;
+        if closing && state.report.closing_from.is_none() {
+            state.report.closing_from = Some(state.steps);
+        }
+        let mut allowed = 0u32;
+        if closing {
+            // Keep one token: the first allowed closer, else the best allowed logit.
+            let pick = closers
+                .iter()
+                .copied()
+                .find(|&t| mask.is_allowed(t as TokenId))
+                .or_else(|| {
+                    let mut best: Option<(usize, f32)> = None;
+                    for (i, &v) in logits.iter().enumerate().take(vocab) {
+                        if mask.is_allowed(i as TokenId) && best.is_none_or(|(_, b)| v > b) {
+                            best = Some((i, v));
+                        }
+                    }
+                    best.map(|(i, _)| i as u32)
+                })
+                .ok_or("the grammar allows no token")?;
+            for (i, v) in logits.iter_mut().enumerate() {
+                if i as u32 != pick {
+                    *v = f32::NEG_INFINITY;
+                } else if !v.is_finite() {
+                    *v = 0.0;
+                }
+            }
+            allowed = 1;
+        } else {
+            // Word by word: most 32-token words are all allowed or all masked.
+            let words = mask.as_slice();
+            for (k, chunk) in logits.chunks_mut(32).enumerate() {
+                let w = if k * 32 < vocab {
+                    words.get(k).copied().unwrap_or(0)
+                } else {
+                    0
+                };
+                let w = if (k + 1) * 32 > vocab {
+                    w & (u32::MAX >> (32 - (vocab - k * 32).min(32)).min(31))
+                } else {
+                    w
+                };
+                match w {
+                    u32::MAX => allowed += 32,
+                    0 => chunk.fill(f32::NEG_INFINITY),
+                    _ => {
+                        allowed += w.count_ones();
+                        for (b, v) in chunk.iter_mut().enumerate() {
+                            if w & (1 << b) == 0 {
+                                *v = f32::NEG_INFINITY;
+                            }
+                        }
+                    }
+                }
+            }
+            if allowed == 0 {
+                return Err("the grammar allows no token".into());
+            }
+        }
+        if trace {
+            state.report.trace.push(StepTrace {
+                raw_argmax,
+                raw_argmax_allowed: mask.is_allowed(raw_argmax as TokenId),
+                allowed_tokens: allowed,
+                closing,
+            });
+        }
+        self.grammar_time += t0.elapsed();
+        Ok(())
+    }
+
+    fn accept_token(&mut self, row: usize, token: u32) -> Result<bool, String> {
+        let t0 = std::time::Instant::now();
+        let eos = self.env.eos;
+        let state = self.row(row);
+        state.steps += 1;
+        if token == eos {
+            let accepting = state.matcher.is_accepting().unwrap_or(false);
+            state.report.accepted = accepting;
+            return Ok(true);
+        }
+        if let Err(e) = state.matcher.consume_token(token as TokenId) {
+            let msg = format!("grammar rejected token {token}: {e}");
+            state.report.error = Some(msg.clone());
+            return Err(msg);
+        }
+        if state.matcher.is_error() {
+            let msg = format!(
+                "grammar failed after token {token}: {}",
+                state.matcher.get_error().unwrap_or_default()
+            );
+            state.report.error = Some(msg.clone());
+            return Err(msg);
+        }
+        let done = state.matcher.is_stopped()
+            || state
+                .matcher
+                .is_accepting()
+                .map_err(|e| format!("grammar state: {e}"))?;
+        if done {
+            state.report.accepted = true;
+        }
+        self.grammar_time += t0.elapsed();
+        Ok(done)
+    }
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    let mut bv = f32::NEG_INFINITY;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > bv {
+            bv = v;
+            best = i;
+        }
+    }
+    best as u32
+}

@@ -1,0 +1,361 @@
+//! The extraction stage: a JSON Schema drives the prompt, constrains decoding (llguidance) and types the columns.
+//!
+//! - [`schema`]: [`ExtractionSchema::load`] (JSON Schema -> field tree -> Arrow schema; unsupported constructs
+//!   refused with their JSON path; sha256 of the canonical JSON), grammar schema, answer validation.
+//! - [`prompt`]: the instruction built from titles and descriptions.
+//! - [`constraint`]: [`GrammarEnv`] (once per process) and [`SchemaConstraint`], the engine's step hook.
+//! - [`answer`]: the answer's JSON with byte spans, for per-field confidence.
+//! - [`rows`]: results -> Arrow record batches with provenance and operations columns.
+//! - [`Extractor`]: pages -> prompts -> constrained generation -> [`ExtractionRecord`]s, one per input, failures
+//!   included.
+
+pub mod answer;
+pub mod constraint;
+pub mod prompt;
+pub mod rows;
+pub mod schema;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+
+pub use constraint::{GrammarEnv, RowReport, SchemaConstraint, StepTrace};
+pub use rows::{
+    ExtractionRecord, Outcome, RunContext, SourceInfo, StageLatency, row_schema, to_record_batch,
+};
+pub use schema::{ExtractionSchema, FieldDef, FieldType};
+
+use crate::model::{
+    BatchPolicy, EncodedPrompt, FinishReason, Generation, GenerationConfig, GenerationStats,
+    NoHook, PixtralEngine, PreparedImage, Prompt, PromptPart,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractError {
+    #[error("cannot read schema {}: {source}", path.display())]
+    SchemaRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("schema {} is not valid JSON: {source}", path.display())]
+    SchemaParse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("schema {schema}: unsupported construct at {path}: {reason}")]
+    Unsupported {
+        schema: String,
+        path: String,
+        reason: String,
+    },
+    #[error("grammar: {0}")]
+    Grammar(String),
+    #[error("building Arrow columns: {0}")]
+    Arrow(String),
+    #[error("model: {0}")]
+    Model(#[from] crate::model::ModelError),
+}
+
+/// Schema-constrained extraction, or plain transcription.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    Schema(Box<ExtractionSchema>),
+    FreeText,
+}
+
+/// One document (or page range) to extract from. `images` are prepared with the engine's preprocessor.
+#[derive(Debug, Clone)]
+pub struct PageInput {
+    pub source: SourceInfo,
+    pub images: Vec<PreparedImage>,
+    pub fetch_ms: Option<f64>,
+    pub raster_ms: Option<f64>,
+}
+
+/// Results of one [`Extractor::run`], in input order.
+#[derive(Debug)]
+pub struct ExtractionOutput {
+    pub records: Vec<ExtractionRecord>,
+    /// The raw generations (None where the input failed before the model).
+    pub generations: Vec<Option<Generation>>,
+    /// Grammar reports (schema mode).
+    pub reports: Vec<Option<RowReport>>,
+    pub stats: GenerationStats,
+    /// Time spent in llguidance (masks + token consumption).
+    pub grammar_time: std::time::Duration,
+}
+
+pub struct Extractor {
+    mode: Mode,
+    env: Option<Arc<GrammarEnv>>,
+    pub config: GenerationConfig,
+    pub policy: BatchPolicy,
+    /// Keep per-step traces in the reports (tests, debugging).
+    pub trace: bool,
+}
+
+impl Extractor {
+    /// Prepares extraction on `engine`'s tokenizer: builds the grammar environment once per process and compiles
+    /// the schema's grammar, so a schema llguidance cannot handle fails here, not at the first document.
+    pub fn new(
+        engine: &PixtralEngine,
+        mode: Mode,
+        config: GenerationConfig,
+        policy: BatchPolicy,
+    ) -> Result<Self, ExtractError> {
+        let env = match &mode {
+            Mode::Schema(schema) => {
+                let env = GrammarEnv::for_engine(engine)?;
+                env.check(schema)?;
+                Some(env)
+            }
+            Mode::FreeText => None,
+        };
+        Ok(Extractor {
+            mode,
+            env,
+            config,
+            policy,
+            trace: false,
+        })
+    }
+
+    pub fn schema(&self) -> Option<&ExtractionSchema> {
+        match &self.mode {
+            Mode::Schema(s) => Some(s),
+            Mode::FreeText => None,
+        }
+    }
+
+    pub fn instruction(&self) -> String {
+        match &self.mode {
+            Mode::Schema(s) => prompt::schema_instruction(s),
+            Mode::FreeText => prompt::free_text_instruction(),
+        }
+    }
+
+    /// The chat prompt for some page images: the images, then the instruction.
+    pub fn encode(
+        &self,
+        engine: &PixtralEngine,
+        images: Vec<PreparedImage>,
+    ) -> Result<EncodedPrompt, ExtractError> {
+        let mut parts: Vec<PromptPart> = images.into_iter().map(PromptPart::Image).collect();
+        parts.push(PromptPart::Text(self.instruction()));
+        Ok(engine.tokenizer.encode(Prompt {
+            system: None,
+            parts,
+        })?)
+    }
+
+    /// Extracts every input; each gives exactly one record (failed inputs and failed generations included).
+    pub fn run(
+        &self,
+        engine: &mut PixtralEngine,
+        inputs: Vec<Result<PageInput, (SourceInfo, String)>>,
+    ) -> Result<ExtractionOutput, ExtractError> {
+        let n = inputs.len();
+        let mut records: Vec<Option<ExtractionRecord>> = vec![None; n];
+        let mut prompts = Vec::new();
+        let mut slots = Vec::new(); // input index of each prompt
+        let mut sources = Vec::new();
+        let limit = engine.context_limit();
+        for (i, input) in inputs.into_iter().enumerate() {
+            match input {
+                Err((source, error)) => records[i] = Some(ExtractionRecord::failed(source, error)),
+                Ok(page) => {
+                    let encoded = self.encode(engine, page.images);
+                    match encoded {
+                        Err(e) => {
+                            records[i] = Some(ExtractionRecord::failed(
+                                page.source,
+                                format!("prompt: {e}"),
+                            ))
+                        }
+                        Ok(p) if p.ids.len() + self.config.max_new_tokens > limit => {
+                            records[i] = Some(ExtractionRecord::failed(
+                                page.source,
+                                format!(
+                                    "prompt of {} tokens + {} new tokens exceeds the model's context of {limit}",
+                                    p.ids.len(),
+                                    self.config.max_new_tokens
+                                ),
+                            ))
+                        }
+                        Ok(p) => {
+                            prompts.push(p);
+                            slots.push(i);
+                            sources.push((page.source, page.fetch_ms, page.raster_ms));
+                        }
+                    }
+                }
+            }
+        }
+        let mut generations: Vec<Option<Generation>> = vec![None; n];
+        let mut reports: Vec<Option<RowReport>> = vec![None; n];
+        let mut stats = GenerationStats::default();
+        let mut grammar_time = std::time::Duration::ZERO;
+        if !prompts.is_empty() {
+            let mut constraint = match (&self.mode, &self.env) {
+                (Mode::Schema(s), Some(env)) => Some(
+                    SchemaConstraint::new(env.clone(), s, self.config.max_new_tokens)
+                        .with_trace(self.trace),
+                ),
+                _ => None,
+            };
+            let result = match constraint.as_mut() {
+                Some(c) => engine.generate_many(&prompts, &self.config, self.policy, c),
+                None => engine.generate_many(&prompts, &self.config, self.policy, &mut NoHook),
+            };
+            match result {
+                Err(e) => {
+                    // The whole batch failed: every document in it still gets its row.
+                    for (slot, (source, _, _)) in slots.iter().zip(sources) {
+                        records[*slot] =
+                            Some(ExtractionRecord::failed(source, format!("generation: {e}")));
+                    }
+                }
+                Ok((gens, s)) => {
+                    stats = s;
+                    if let Some(c) = &constraint {
+                        grammar_time = c.grammar_time;
+                    }
+                    let total_images: usize = prompts.iter().map(|p| p.images.len()).sum();
+                    let total_prompt: usize = prompts.iter().map(|p| p.ids.len()).sum();
+                    let total_gen: usize = gens.iter().map(|g| g.tokens.len()).sum();
+                    let share = |d: std::time::Duration, part: usize, total: usize| {
+                        (total > 0).then(|| d.as_secs_f64() * 1e3 * part as f64 / total as f64)
+                    };
+                    for (j, ((slot, (source, fetch_ms, raster_ms)), generation)) in
+                        slots.iter().zip(sources).zip(gens).enumerate()
+                    {
+                        let report = constraint.as_ref().and_then(|c| c.report(j).cloned());
+                        let latency = StageLatency {
+                            fetch_ms,
+                            raster_ms,
+                            vision_ms: share(stats.vision, prompts[j].images.len(), total_images),
+                            prefill_ms: share(stats.prefill, prompts[j].ids.len(), total_prompt),
+                            decode_ms: share(stats.decode, generation.tokens.len(), total_gen),
+                            grammar_ms: constraint.as_ref().and_then(|_| {
+                                share(grammar_time, generation.tokens.len(), total_gen)
+                            }),
+                            parse_ms: None,
+                        };
+                        let rec =
+                            self.record(engine, source, &generation, report.as_ref(), latency);
+                        records[*slot] = Some(rec);
+                        generations[*slot] = Some(generation);
+                        reports[*slot] = report;
+                    }
+                }
+            }
+        }
+        let records = records
+            .into_iter()
+            .map(|r| r.ok_or_else(|| ExtractError::Grammar("an input got no record".into())))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ExtractionOutput {
+            records,
+            generations,
+            reports,
+            stats,
+            grammar_time,
+        })
+    }
+
+    /// Turns one generation into a record: decode, parse, validate, confidences.
+    pub fn record(
+        &self,
+        engine: &PixtralEngine,
+        source: SourceInfo,
+        generation: &Generation,
+        report: Option<&RowReport>,
+        mut latency: StageLatency,
+    ) -> ExtractionRecord {
+        let t0 = Instant::now();
+        let closing_from = report.and_then(|r| r.closing_from);
+        let finish = match (closing_from, generation.finish) {
+            (Some(_), _) => "budget",
+            (None, FinishReason::Eos) => "eos",
+            (None, FinishReason::Length) => "length",
+            (None, FinishReason::Hook) => "grammar",
+        };
+        let mut rec = ExtractionRecord {
+            source,
+            processed_at: Utc::now(),
+            outcome: Outcome::Failed(String::new()),
+            warning: None,
+            finish_reason: Some(finish.to_string()),
+            raw_output: None,
+            prompt_tokens: Some(generation.prompt_tokens as u32),
+            generated_tokens: Some(generation.tokens.len() as u32),
+            latency,
+        };
+        let mut probs = generation.token_probs.clone();
+        if let Some(from) = closing_from {
+            probs.iter_mut().skip(from).for_each(|p| *p = 0.0);
+        }
+        match (&self.mode, &self.env) {
+            (Mode::Schema(schema), Some(env)) => {
+                let (text, ends) = env.answer_text(&generation.tokens);
+                rec.raw_output = Some(text.clone());
+                rec.outcome = match answer::parse(&text) {
+                    Err(e) => Outcome::Failed(format!("answer is not valid JSON ({finish}): {e}")),
+                    Ok(mut node) => match schema.validate(&node.to_value()) {
+                        Err(errors) => Outcome::Failed(format!(
+                            "answer does not match schema {}: {}",
+                            schema.name,
+                            errors.join("; ")
+                        )),
+                        Ok(()) => {
+                            node.attach_confidence(&ends, &probs);
+                            Outcome::Extracted(node)
+                        }
+                    },
+                };
+                if let Some(from) = closing_from {
+                    rec.warning = Some(format!(
+                        "answer reached the token budget ({} new tokens) and was closed early from token {from}: \
+                         later fields are forced (null/empty)",
+                        self.config.max_new_tokens
+                    ));
+                }
+            }
+            _ => {
+                let ids: Vec<u32> = generation
+                    .tokens
+                    .iter()
+                    .copied()
+                    .take_while(|&t| t != engine.model.manifest.tokens.eos)
+                    .collect();
+                match engine.tokenizer.decode(&ids) {
+                    Err(e) => rec.outcome = Outcome::Failed(format!("decode: {e}")),
+                    Ok(text) => {
+                        let conf = answer::span_confidence(
+                            0,
+                            usize::MAX,
+                            &(1..=ids.len()).collect::<Vec<_>>(),
+                            &probs,
+                        );
+                        rec.raw_output = Some(text.clone());
+                        rec.outcome = Outcome::Text {
+                            text,
+                            confidence: conf,
+                        };
+                        if generation.finish == FinishReason::Length {
+                            rec.warning = Some(format!(
+                                "transcription reached max_new_tokens ({}) and may be cut",
+                                self.config.max_new_tokens
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        latency.parse_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
+        rec.latency = latency;
+        rec
+    }
+}

@@ -1,0 +1,632 @@
+//! Extraction results -> Arrow record batches: the extracted fields (typed per the schema, with a `_confidence`
+//! struct beside the values of every object) followed by provenance and operations columns.
+//!
+//! Row layout (schema mode): `<schema fields...>`, `_confidence`, then [`PROVENANCE_COLUMNS`]. Free-text mode:
+//! `text`, `_confidence {text}`, then the same provenance columns. A failed document still gets a row: extracted
+//! columns null, `status = "error"`, `error` says why.
+//!
+//! Confidence: for each member of an object, `_confidence.<member> = {min, mean}` of the probabilities of the tokens
+//! that produced the member's value (tokens overlapping the value's bytes; a string's quotes excluded). Nested
+//! objects and each line item carry their own `_confidence` child. Tokens forced by budget closing count as 0.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, BooleanArray, Date32Array, Decimal128Array, Float32Array, Float64Array, Int32Array,
+    Int64Array, ListArray, RecordBatch, StringArray, StructArray, TimestampMicrosecondArray,
+};
+use arrow::buffer::{NullBuffer, OffsetBuffer};
+use arrow::datatypes::{DataType, Field, Fields, Schema, TimeUnit};
+use chrono::{DateTime, NaiveDate, Utc};
+
+use super::ExtractError;
+use super::answer::{Node, NodeValue};
+use super::schema::{
+    ExtractionSchema, FieldDef, FieldType, confidence_field, confidence_pair_type, struct_fields,
+};
+
+/// pixtract's own columns, after the extracted ones. Schema properties may not use these names.
+pub const PROVENANCE_COLUMNS: &[&str] = &[
+    "source_uri",
+    "source_etag",
+    "source_version",
+    "page_start",
+    "page_end",
+    "doc_page_count",
+    "pipeline",
+    "schema_name",
+    "schema_sha256",
+    "model_id",
+    "run_id",
+    "processed_at",
+    "status",
+    "error",
+    "finish_reason",
+    "raw_output",
+    "prompt_tokens",
+    "generated_tokens",
+    "fetch_ms",
+    "raster_ms",
+    "vision_ms",
+    "prefill_ms",
+    "decode_ms",
+    "grammar_ms",
+    "parse_ms",
+];
+
+/// Where a row's pages came from.
+#[derive(Debug, Clone, Default)]
+pub struct SourceInfo {
+    pub uri: String,
+    pub etag: Option<String>,
+    pub version: Option<String>,
+    /// 1-based, inclusive.
+    pub page_start: u32,
+    pub page_end: u32,
+    pub doc_page_count: Option<u32>,
+}
+
+/// Milliseconds per stage for one row. Batched stages (vision, prefill, decode) are the row's share of its batch:
+/// by images, prompt tokens and generated tokens respectively.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StageLatency {
+    pub fetch_ms: Option<f64>,
+    pub raster_ms: Option<f64>,
+    pub vision_ms: Option<f64>,
+    pub prefill_ms: Option<f64>,
+    pub decode_ms: Option<f64>,
+    pub grammar_ms: Option<f64>,
+    pub parse_ms: Option<f64>,
+}
+
+/// Same for every row of a run.
+#[derive(Debug, Clone)]
+pub struct RunContext {
+    pub pipeline: String,
+    /// The model manifest's `weights_sha256` (identifies the weights, whatever the directory is called).
+    pub model_id: String,
+    pub run_id: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// A schema answer, parsed, validated, with confidences attached.
+    Extracted(Node),
+    /// Free-text mode.
+    Text {
+        text: String,
+        confidence: Option<(f32, f32)>,
+    },
+    /// Nothing usable; the message goes to `error`.
+    Failed(String),
+}
+
+/// One output row before it becomes Arrow.
+#[derive(Debug, Clone)]
+pub struct ExtractionRecord {
+    pub source: SourceInfo,
+    pub processed_at: DateTime<Utc>,
+    pub outcome: Outcome,
+    /// Set with `Extracted`/`Text` when the answer is usable but incomplete (budget-closed): status is `error`.
+    pub warning: Option<String>,
+    pub finish_reason: Option<String>,
+    pub raw_output: Option<String>,
+    pub prompt_tokens: Option<u32>,
+    pub generated_tokens: Option<u32>,
+    pub latency: StageLatency,
+}
+
+impl ExtractionRecord {
+    /// A row for a document that failed before or during extraction.
+    pub fn failed(source: SourceInfo, error: impl Into<String>) -> Self {
+        ExtractionRecord {
+            source,
+            processed_at: Utc::now(),
+            outcome: Outcome::Failed(error.into()),
+            warning: None,
+            finish_reason: None,
+            raw_output: None,
+            prompt_tokens: None,
+            generated_tokens: None,
+            latency: StageLatency::default(),
+        }
+    }
+
+    pub fn is_ok(&self) -> bool {
+        !matches!(self.outcome, Outcome::Failed(_)) && self.warning.is_none()
+    }
+}
+
+fn provenance_fields() -> Vec<Field> {
+    let utc = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    let s = |n: &str, null: bool| Field::new(n, DataType::Utf8, null);
+    let i = |n: &str, null: bool| Field::new(n, DataType::Int32, null);
+    let ms = |n: &str| Field::new(n, DataType::Float64, true);
+    vec![
+        s("source_uri", false),
+        s("source_etag", true),
+        s("source_version", true),
+        i("page_start", false),
+        i("page_end", false),
+        i("doc_page_count", true),
+        s("pipeline", false),
+        s("schema_name", false),
+        s("schema_sha256", true),
+        s("model_id", false),
+        s("run_id", false),
+        Field::new("processed_at", utc, false),
+        s("status", false),
+        s("error", true),
+        s("finish_reason", true),
+        s("raw_output", true),
+        i("prompt_tokens", true),
+        i("generated_tokens", true),
+        ms("fetch_ms"),
+        ms("raster_ms"),
+        ms("vision_ms"),
+        ms("prefill_ms"),
+        ms("decode_ms"),
+        ms("grammar_ms"),
+        ms("parse_ms"),
+    ]
+}
+
+/// Name used in `schema_name` for free-text rows.
+pub const FREE_TEXT: &str = "free_text";
+
+fn text_fields() -> Vec<FieldDef> {
+    vec![FieldDef {
+        name: "text".into(),
+        title: None,
+        description: None,
+        nullable: true,
+        required: true,
+        ty: FieldType::Utf8,
+        constraints: Default::default(),
+    }]
+}
+
+/// The full row schema: extracted columns (every top-level one nullable: failed rows) then provenance.
+pub fn row_schema(schema: Option<&ExtractionSchema>) -> Schema {
+    let children = match schema {
+        Some(s) => s.fields.clone(),
+        None => text_fields(),
+    };
+    let mut fields: Vec<Field> = struct_fields(&children)
+        .iter()
+        .map(|f| f.as_ref().clone().with_nullable(true))
+        .collect();
+    fields.extend(provenance_fields());
+    let mut metadata = std::collections::HashMap::new();
+    if let Some(s) = schema {
+        metadata.insert("pixtract.schema_name".to_string(), s.name.clone());
+        metadata.insert("pixtract.schema_sha256".to_string(), s.sha256.clone());
+    }
+    Schema::new_with_metadata(fields, metadata)
+}
+
+/// Builds one record batch (row layout above) from records.
+pub fn to_record_batch(
+    schema: Option<&ExtractionSchema>,
+    ctx: &RunContext,
+    records: &[ExtractionRecord],
+) -> Result<RecordBatch, ExtractError> {
+    let arrow_schema = Arc::new(row_schema(schema));
+    let mut columns: Vec<ArrayRef> = Vec::new();
+    match schema {
+        Some(s) => {
+            let roots: Vec<Option<&Node>> = records
+                .iter()
+                .map(|r| match &r.outcome {
+                    Outcome::Extracted(n) => Some(n),
+                    _ => None,
+                })
+                .collect();
+            let root = FieldDef {
+                name: "root".into(),
+                title: None,
+                description: None,
+                nullable: true,
+                required: true,
+                ty: FieldType::Struct(s.fields.clone()),
+                constraints: Default::default(),
+            };
+            let array = build_array(&root, &roots, "$")?;
+            let Some(st) = array.as_any().downcast_ref::<StructArray>() else {
+                return Err(ExtractError::Arrow("root is not a struct".into()));
+            };
+            columns.extend(st.columns().iter().cloned());
+        }
+        None => {
+            let texts: Vec<Option<&str>> = records
+                .iter()
+                .map(|r| match &r.outcome {
+                    Outcome::Text { text, .. } => Some(text.as_str()),
+                    _ => None,
+                })
+                .collect();
+            columns.push(Arc::new(StringArray::from(texts)));
+            let confs: Vec<Option<(f32, f32)>> = records
+                .iter()
+                .map(|r| match &r.outcome {
+                    Outcome::Text { confidence, .. } => *confidence,
+                    _ => None,
+                })
+                .collect();
+            let present: Vec<bool> = records
+                .iter()
+                .map(|r| matches!(r.outcome, Outcome::Text { .. }))
+                .collect();
+            let pair = pair_array(&confs);
+            let conf = confidence_field(&text_fields());
+            let DataType::Struct(fields) = conf.data_type() else {
+                return Err(ExtractError::Arrow("confidence is not a struct".into()));
+            };
+            columns.push(Arc::new(
+                StructArray::try_new(fields.clone(), vec![pair], Some(NullBuffer::from(present)))
+                    .map_err(arrow_err)?,
+            ));
+        }
+    }
+    let schema_name = schema.map(|s| s.name.clone()).unwrap_or(FREE_TEXT.into());
+    let schema_sha = schema.map(|s| s.sha256.clone());
+    let n = records.len();
+    let strs = |f: &dyn Fn(&ExtractionRecord) -> Option<String>| -> ArrayRef {
+        Arc::new(StringArray::from(records.iter().map(f).collect::<Vec<_>>()))
+    };
+    let ints = |f: &dyn Fn(&ExtractionRecord) -> Option<u32>| -> ArrayRef {
+        Arc::new(Int32Array::from(
+            records
+                .iter()
+                .map(|r| f(r).map(|v| v.min(i32::MAX as u32) as i32))
+                .collect::<Vec<_>>(),
+        ))
+    };
+    let ms = |f: &dyn Fn(&StageLatency) -> Option<f64>| -> ArrayRef {
+        Arc::new(Float64Array::from(
+            records.iter().map(|r| f(&r.latency)).collect::<Vec<_>>(),
+        ))
+    };
+    columns.push(strs(&|r| Some(r.source.uri.clone())));
+    columns.push(strs(&|r| r.source.etag.clone()));
+    columns.push(strs(&|r| r.source.version.clone()));
+    columns.push(ints(&|r| Some(r.source.page_start)));
+    columns.push(ints(&|r| Some(r.source.page_end)));
+    columns.push(ints(&|r| r.source.doc_page_count));
+    columns.push(Arc::new(StringArray::from(vec![ctx.pipeline.as_str(); n])));
+    columns.push(Arc::new(StringArray::from(vec![schema_name.as_str(); n])));
+    columns.push(Arc::new(StringArray::from(vec![schema_sha.as_deref(); n])));
+    columns.push(Arc::new(StringArray::from(vec![ctx.model_id.as_str(); n])));
+    columns.push(Arc::new(StringArray::from(vec![ctx.run_id.as_str(); n])));
+    columns.push(Arc::new(
+        TimestampMicrosecondArray::from(
+            records
+                .iter()
+                .map(|r| r.processed_at.timestamp_micros())
+                .collect::<Vec<_>>(),
+        )
+        .with_timezone("UTC"),
+    ));
+    columns.push(strs(&|r| {
+        Some(if r.is_ok() { "ok" } else { "error" }.to_string())
+    }));
+    columns.push(strs(&|r| match &r.outcome {
+        Outcome::Failed(e) => Some(e.clone()),
+        _ => r.warning.clone(),
+    }));
+    columns.push(strs(&|r| r.finish_reason.clone()));
+    columns.push(strs(&|r| r.raw_output.clone()));
+    columns.push(ints(&|r| r.prompt_tokens));
+    columns.push(ints(&|r| r.generated_tokens));
+    columns.push(ms(&|l| l.fetch_ms));
+    columns.push(ms(&|l| l.raster_ms));
+    columns.push(ms(&|l| l.vision_ms));
+    columns.push(ms(&|l| l.prefill_ms));
+    columns.push(ms(&|l| l.decode_ms));
+    columns.push(ms(&|l| l.grammar_ms));
+    columns.push(ms(&|l| l.parse_ms));
+    RecordBatch::try_new(arrow_schema, columns).map_err(arrow_err)
+}
+
+fn arrow_err(e: arrow::error::ArrowError) -> ExtractError {
+    ExtractError::Arrow(e.to_string())
+}
+
+fn mismatch(path: &str, want: &str, node: &Node) -> ExtractError {
+    ExtractError::Arrow(format!(
+        "{path}: expected {want}, the answer has {:?}",
+        node.to_value()
+    ))
+}
+
+/// `{min, mean}` structs, null where absent.
+fn pair_array(confs: &[Option<(f32, f32)>]) -> ArrayRef {
+    let DataType::Struct(fields) = confidence_pair_type() else {
+        unreachable!("pair type is a struct")
+    };
+    let min = Float32Array::from(
+        confs
+            .iter()
+            .map(|c| c.map_or(0.0, |c| c.0))
+            .collect::<Vec<_>>(),
+    );
+    let mean = Float32Array::from(
+        confs
+            .iter()
+            .map(|c| c.map_or(0.0, |c| c.1))
+            .collect::<Vec<_>>(),
+    );
+    let valid = NullBuffer::from(confs.iter().map(Option::is_some).collect::<Vec<_>>());
+    Arc::new(StructArray::new(
+        fields,
+        vec![Arc::new(min), Arc::new(mean)],
+        Some(valid),
+    ))
+}
+
+fn present<'a>(v: &Option<&'a Node>) -> Option<&'a Node> {
+    v.filter(|n| !n.is_null())
+}
+
+/// One column for `def` from per-row nodes (`None` or JSON null = null).
+fn build_array(
+    def: &FieldDef,
+    values: &[Option<&Node>],
+    path: &str,
+) -> Result<ArrayRef, ExtractError> {
+    Ok(match &def.ty {
+        FieldType::Utf8 => {
+            let mut out = Vec::with_capacity(values.len());
+            for v in values {
+                out.push(match present(v) {
+                    None => None,
+                    Some(n) => match &n.value {
+                        NodeValue::String(s) => Some(s.as_str()),
+                        _ => return Err(mismatch(path, "a string", n)),
+                    },
+                });
+            }
+            Arc::new(StringArray::from(out))
+        }
+        FieldType::Int64 => {
+            let mut out = Vec::with_capacity(values.len());
+            for v in values {
+                out.push(match present(v) {
+                    None => None,
+                    Some(n) => match &n.value {
+                        NodeValue::Number(t) => Some(
+                            t.parse::<i64>()
+                                .map_err(|_| mismatch(path, "an integer", n))?,
+                        ),
+                        _ => return Err(mismatch(path, "an integer", n)),
+                    },
+                });
+            }
+            Arc::new(Int64Array::from(out))
+        }
+        FieldType::Float64 => {
+            let mut out = Vec::with_capacity(values.len());
+            for v in values {
+                out.push(match present(v) {
+                    None => None,
+                    Some(n) => match &n.value {
+                        NodeValue::Number(t) => Some(
+                            t.parse::<f64>()
+                                .map_err(|_| mismatch(path, "a number", n))?,
+                        ),
+                        _ => return Err(mismatch(path, "a number", n)),
+                    },
+                });
+            }
+            Arc::new(Float64Array::from(out))
+        }
+        FieldType::Decimal { precision, scale } => {
+            let mut out = Vec::with_capacity(values.len());
+            for v in values {
+                out.push(match present(v) {
+                    None => None,
+                    Some(n) => match &n.value {
+                        NodeValue::Number(t) => {
+                            Some(parse_decimal(t, *precision, *scale).ok_or_else(|| {
+                                mismatch(path, &format!("a Decimal({precision}, {scale})"), n)
+                            })?)
+                        }
+                        _ => return Err(mismatch(path, "a number", n)),
+                    },
+                });
+            }
+            Arc::new(
+                Decimal128Array::from(out)
+                    .with_precision_and_scale(*precision, *scale)
+                    .map_err(arrow_err)?,
+            )
+        }
+        FieldType::Boolean => {
+            let mut out = Vec::with_capacity(values.len());
+            for v in values {
+                out.push(match present(v) {
+                    None => None,
+                    Some(n) => match &n.value {
+                        NodeValue::Bool(b) => Some(*b),
+                        _ => return Err(mismatch(path, "a boolean", n)),
+                    },
+                });
+            }
+            Arc::new(BooleanArray::from(out))
+        }
+        FieldType::Date32 => {
+            let mut out = Vec::with_capacity(values.len());
+            for v in values {
+                out.push(match present(v) {
+                    None => None,
+                    Some(n) => match &n.value {
+                        NodeValue::String(s) => {
+                            Some(parse_date(s).ok_or_else(|| mismatch(path, "a date", n))?)
+                        }
+                        _ => return Err(mismatch(path, "a date", n)),
+                    },
+                });
+            }
+            Arc::new(Date32Array::from(out))
+        }
+        FieldType::TimestampUs => {
+            let mut out = Vec::with_capacity(values.len());
+            for v in values {
+                out.push(match present(v) {
+                    None => None,
+                    Some(n) => match &n.value {
+                        NodeValue::String(s) => Some(
+                            parse_timestamp(s).ok_or_else(|| mismatch(path, "a date-time", n))?,
+                        ),
+                        _ => return Err(mismatch(path, "a date-time", n)),
+                    },
+                });
+            }
+            Arc::new(TimestampMicrosecondArray::from(out).with_timezone("UTC"))
+        }
+        FieldType::Struct(children) => {
+            let objects: Vec<Option<&Node>> = values
+                .iter()
+                .map(|v| match present(v) {
+                    Some(n) if matches!(n.value, NodeValue::Object(_)) => Ok(Some(n)),
+                    Some(n) => Err(mismatch(path, "an object", n)),
+                    None => Ok(None),
+                })
+                .collect::<Result<_, _>>()?;
+            let mut arrays = Vec::with_capacity(children.len() + 1);
+            for c in children {
+                let vals: Vec<Option<&Node>> = objects
+                    .iter()
+                    .map(|o| o.and_then(|n| n.get(&c.name)))
+                    .collect();
+                arrays.push(build_array(c, &vals, &format!("{path}.{}", c.name))?);
+            }
+            // _confidence: one {min, mean} per member.
+            let mut pairs = Vec::with_capacity(children.len());
+            for c in children {
+                let confs: Vec<Option<(f32, f32)>> = objects
+                    .iter()
+                    .map(|o| o.and_then(|n| n.get(&c.name)).and_then(|m| m.confidence))
+                    .collect();
+                pairs.push(pair_array(&confs));
+            }
+            let valid = NullBuffer::from(objects.iter().map(Option::is_some).collect::<Vec<_>>());
+            let conf = confidence_field(children);
+            let DataType::Struct(conf_fields) = conf.data_type() else {
+                return Err(ExtractError::Arrow("confidence is not a struct".into()));
+            };
+            arrays.push(Arc::new(
+                StructArray::try_new(conf_fields.clone(), pairs, Some(valid.clone()))
+                    .map_err(arrow_err)?,
+            ));
+            let fields: Fields = struct_fields(children);
+            Arc::new(StructArray::try_new(fields, arrays, Some(valid)).map_err(arrow_err)?)
+        }
+        FieldType::List(item) => {
+            let mut offsets = vec![0i32];
+            let mut flat: Vec<Option<&Node>> = Vec::new();
+            let mut valid = Vec::with_capacity(values.len());
+            for v in values {
+                match present(v) {
+                    None => valid.push(false),
+                    Some(n) => match &n.value {
+                        NodeValue::Array(items) => {
+                            valid.push(true);
+                            flat.extend(items.iter().map(Some));
+                        }
+                        _ => return Err(mismatch(path, "an array", n)),
+                    },
+                }
+                let len = i32::try_from(flat.len())
+                    .map_err(|_| ExtractError::Arrow(format!("{path}: too many list items")))?;
+                offsets.push(len);
+            }
+            let child = build_array(item, &flat, &format!("{path}[]"))?;
+            Arc::new(
+                ListArray::try_new(
+                    Arc::new(item.arrow_field()),
+                    OffsetBuffer::new(offsets.into()),
+                    child,
+                    Some(NullBuffer::from(valid)),
+                )
+                .map_err(arrow_err)?,
+            )
+        }
+    })
+}
+
+/// `YYYY-MM-DD` -> days since 1970-01-01.
+pub fn parse_date(s: &str) -> Option<i32> {
+    let d = NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
+    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1)?;
+    i32::try_from((d - epoch).num_days()).ok()
+}
+
+/// RFC 3339 -> microseconds since the epoch (UTC).
+pub fn parse_timestamp(s: &str) -> Option<i64> {
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|d| d.with_timezone(&Utc).timestamp_micros())
+}
+
+/// A JSON number's text -> unscaled i128 at `scale` (round half away from zero), None if it does not fit
+/// `precision` digits.
+pub fn parse_decimal(text: &str, precision: u8, scale: i8) -> Option<i128> {
+    let (mantissa, exp) = match text.find(['e', 'E']) {
+        Some(i) => (&text[..i], text[i + 1..].parse::<i32>().ok()?),
+        None => (text, 0),
+    };
+    let (neg, mantissa) = match mantissa.strip_prefix('-') {
+        Some(m) => (true, m),
+        None => (false, mantissa),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if int.is_empty() || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let digits = format!("{int}{frac}");
+    let digits = digits.trim_start_matches('0');
+    let shift = exp - frac.len() as i32 + i32::from(scale);
+    let mut value: i128 = 0;
+    let (keep, dropped) = if shift >= 0 {
+        (digits, "")
+    } else {
+        let cut = digits.len().saturating_sub((-shift) as usize);
+        digits.split_at(cut)
+    };
+    for b in keep.bytes() {
+        value = value.checked_mul(10)?.checked_add(i128::from(b - b'0'))?;
+    }
+    if shift > 0 {
+        for _ in 0..shift {
+            value = value.checked_mul(10)?;
+        }
+    }
+    // Dropped digits: round half away from zero on the first one (when enough digits were dropped).
+    let dropped_all = shift < 0 && (-shift) as usize > digits.len();
+    if !dropped_all && dropped.as_bytes().first().is_some_and(|&d| d >= b'5') {
+        value = value.checked_add(1)?;
+    }
+    if value >= 10i128.checked_pow(u32::from(precision))? {
+        return None;
+    }
+    Some(if neg { -value } else { value })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_decimal;
+
+    #[test]
+    fn decimals_parse_exactly() {
+        assert_eq!(parse_decimal("12.34", 10, 2), Some(1234));
+        assert_eq!(parse_decimal("-0.005", 10, 2), Some(-1));
+        assert_eq!(parse_decimal("0.004", 10, 2), Some(0));
+        assert_eq!(parse_decimal("1e3", 10, 2), Some(100_000));
+        assert_eq!(parse_decimal("1.5E-1", 10, 2), Some(15));
+        assert_eq!(parse_decimal("100", 3, 1), None);
+        assert_eq!(parse_decimal("99.9", 3, 1), Some(999));
+        assert_eq!(parse_decimal("7", 5, 0), Some(7));
+        assert_eq!(parse_decimal("0.0001", 5, 2), Some(0));
+    }
+}

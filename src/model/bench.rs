@@ -1,0 +1,253 @@
+//! `pixtract bench engine`: the engine against its references in the same run, as ratios.
+//!
+//! Same prompts and images (the model's reference cases), same number of new tokens (EOS ignored), same machine
+//! and run: pixtract vs (a) a plain Python loop over the same three ONNX graphs with onnxruntime and
+//! (b) transformers `generate()` (both in `onnx-export/pixtract_export/bench.py`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, bail};
+
+use super::runtime::Threads;
+use super::{
+    Device, EncodedPrompt, EngineOptions, GenerationConfig, NoHook, PixtralEngine, Prompt,
+    PromptPart,
+};
+use crate::native::{NativeLibrary, SearchPaths};
+
+const DEFAULT_CASES: &str = "grayscale,rgba,system_prompt,multilingual_image,tall_receipt,text_only,multilingual,two_images";
+
+#[derive(Debug, clap::Args)]
+pub struct EngineBenchArgs {
+    /// Model directory with reference cases (`reference/<case>/`), as `scripts/setup.sh` makes models/tiny.
+    #[arg(long, value_name = "DIR", default_value = "models/tiny")]
+    pub model: PathBuf,
+    /// Reference cases used as prompts, comma-separated.
+    #[arg(long, default_value = DEFAULT_CASES)]
+    pub cases: String,
+    /// New tokens per sequence (EOS ignored).
+    #[arg(long, default_value_t = 32)]
+    pub new_tokens: usize,
+    /// Batch sizes to measure; repeatable.
+    #[arg(long = "batch", default_values_t = vec![1, 8])]
+    pub batches: Vec<usize>,
+    /// Runs per measurement; the fastest is reported.
+    #[arg(long, default_value_t = 2)]
+    pub repeat: usize,
+    /// Python interpreter with the export stack (default: the project's .venv).
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+    /// Measure pixtract only.
+    #[arg(long)]
+    pub no_reference: bool,
+    /// Skip transformers generate() (slow), keep the Python ONNX Runtime loop.
+    #[arg(long)]
+    pub skip_transformers: bool,
+    /// ONNX Runtime intra-op threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Let ONNX Runtime's idle threads spin-wait (faster on an otherwise idle machine, harmful when shared).
+    #[arg(long)]
+    pub spin: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Phase {
+    first_token_s: f64,
+    decode_s: f64,
+    first_token_tok_s: f64,
+    decode_tok_s: f64,
+}
+
+pub fn run(args: EngineBenchArgs) -> ExitCode {
+    match bench(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pixtract bench engine: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_prompts(
+    engine: &PixtralEngine,
+    model: &Path,
+    cases: &str,
+) -> anyhow::Result<Vec<EncodedPrompt>> {
+    let mut out = Vec::new();
+    for name in cases.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let dir = model.join("reference").join(name);
+        let text = std::fs::read_to_string(dir.join("case.json"))
+            .with_context(|| format!("reference case {} (run scripts/setup.sh)", dir.display()))?;
+        let case: serde_json::Value = serde_json::from_str(&text)?;
+        let mut parts = Vec::new();
+        for part in case["content"].as_array().into_iter().flatten() {
+            match part["type"].as_str() {
+                Some("image") => {
+                    let file = dir.join(part["file"].as_str().unwrap_or_default());
+                    let img = image::open(&file).with_context(|| format!("{}", file.display()))?;
+                    parts.push(PromptPart::Image(engine.preprocessor.prepare(&img)?));
+                }
+                _ => parts.push(PromptPart::Text(
+                    part["text"].as_str().unwrap_or_default().to_string(),
+                )),
+            }
+        }
+        out.push(engine.tokenizer.encode(Prompt {
+            system: case["system"].as_str().map(str::to_string),
+            parts,
+        })?);
+    }
+    if out.is_empty() {
+        bail!("no cases given");
+    }
+    Ok(out)
+}
+
+fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
+    let search = SearchPaths::from_env();
+    let rt = super::OrtRuntime::load(search.locate(NativeLibrary::OnnxRuntime)?)?;
+    let opts = EngineOptions {
+        device: Device::Cpu,
+        threads: Threads {
+            intra_op: args.threads,
+            spin: args.spin,
+        },
+    };
+    let mut engine = PixtralEngine::load(&rt, &args.model, opts)?;
+    let prompts = load_prompts(&engine, &args.model, &args.cases)?;
+    let prompt_tokens: usize = prompts.iter().map(|p| p.ids.len()).sum();
+    let gen_tokens = prompts.len() * args.new_tokens.saturating_sub(1);
+    let config = GenerationConfig {
+        max_new_tokens: args.new_tokens,
+        stop_on_eos: false,
+        ..Default::default()
+    };
+    // Warm-up: first runs allocate arenas and pick kernels.
+    engine.generate_rows(&prompts, &[0], &config, &mut NoHook)?;
+    let mut ours = Vec::new();
+    for &b in &args.batches {
+        let mut best: Option<Phase> = None;
+        for _ in 0..args.repeat.max(1) {
+            // Batches of `b` prompts in the given order, as the Python side forms them.
+            let (mut first, mut decode) = (0.0, 0.0);
+            for chunk in prompts.chunks(b) {
+                let rows: Vec<usize> = (0..chunk.len()).collect();
+                let (_, s) = engine.generate_rows(chunk, &rows, &config, &mut NoHook)?;
+                first += (s.vision + s.prefill).as_secs_f64();
+                decode += s.decode.as_secs_f64();
+            }
+            if best.is_none_or(|p| first + decode < p.first_token_s + p.decode_s) {
+                best = Some(Phase {
+                    first_token_s: first,
+                    decode_s: decode,
+                    first_token_tok_s: prompt_tokens as f64 / first,
+                    decode_tok_s: gen_tokens as f64 / decode,
+                });
+            }
+        }
+        ours.push((b, best.unwrap_or_default()));
+    }
+
+    let reference = if args.no_reference {
+        None
+    } else {
+        Some(python_reference(&args)?)
+    };
+    println!(
+        "engine bench: {} prompts ({} prompt tokens, {} images), {} new tokens each (EOS ignored), model {}, cpu",
+        prompts.len(),
+        prompt_tokens,
+        prompts.iter().map(|p| p.images.len()).sum::<usize>(),
+        args.new_tokens,
+        engine.model.manifest.model_id
+    );
+    println!(
+        "{:<6} {:<22} {:>16} {:>16} {:>12} {:>12}",
+        "batch", "implementation", "vision+prefill/s", "decode tok/s", "x prefill", "x decode"
+    );
+    for (b, p) in &ours {
+        println!(
+            "{:<6} {:<22} {:>16.0} {:>16.1} {:>12} {:>12}",
+            b, "pixtract (Rust)", p.first_token_tok_s, p.decode_tok_s, "", ""
+        );
+        if let Some(r) = &reference {
+            for (key, label) in [
+                ("ort_python", "python onnxruntime loop"),
+                ("transformers", "transformers generate"),
+            ] {
+                if let Some(entry) = r[key].get(b.to_string()) {
+                    let first = entry["first_token_tok_s"].as_f64().unwrap_or(f64::NAN);
+                    let decode = entry["decode_tok_s"].as_f64().unwrap_or(f64::NAN);
+                    println!(
+                        "{:<6} {:<22} {:>16.0} {:>16.1} {:>11.2}x {:>11.2}x",
+                        b,
+                        label,
+                        first,
+                        decode,
+                        p.first_token_tok_s / first,
+                        p.decode_tok_s / decode
+                    );
+                }
+            }
+        }
+    }
+    if let (Some((_, one)), Some((bmax, many))) = (ours.first(), ours.last())
+        && ours.len() > 1
+    {
+        println!(
+            "pixtract decode throughput, batch {bmax} vs batch {}: {:.2}x",
+            ours[0].0,
+            many.decode_tok_s / one.decode_tok_s
+        );
+    }
+    println!(
+        "(x = pixtract's tokens/s divided by the reference's, same prompts, same run; vision+prefill/s = prompt tokens / (vision + prefill time))"
+    );
+    Ok(())
+}
+
+fn python_reference(args: &EngineBenchArgs) -> anyhow::Result<serde_json::Value> {
+    let python = args
+        .python
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(".venv/bin/python"));
+    let script = Path::new("onnx-export/export.py");
+    let mut cmd = Command::new(&python);
+    cmd.arg(script)
+        .arg("bench")
+        .arg("--model")
+        .arg(&args.model)
+        .arg("--cases")
+        .arg(&args.cases)
+        .arg("--new-tokens")
+        .arg(args.new_tokens.to_string())
+        .arg("--repeat")
+        .arg(args.repeat.to_string());
+    for b in &args.batches {
+        cmd.arg("--batch").arg(b.to_string());
+    }
+    if args.skip_transformers {
+        cmd.arg("--skip-transformers");
+    }
+    let out = cmd.output().with_context(|| {
+        format!(
+            "running {} {} bench (run from the checkout)",
+            python.display(),
+            script.display()
+        )
+    })?;
+    if !out.status.success() {
+        bail!(
+            "Python reference failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or("");
+    serde_json::from_str(line).with_context(|| format!("reference printed {line:?}"))
+}

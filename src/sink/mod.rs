@@ -1,0 +1,616 @@
+//! The Parquet sink: Arrow record batches -> Parquet files on a local directory or an object store (S3).
+//!
+//! Layout under the target: `[<partition_key>=<YYYY-MM-DD>/]<file_prefix>-<run_id>-<NNNNN>.parquet` (Hive-style
+//! partition by run date, key `dt` by default, or none), then `_manifest.json` (files, row counts, sizes, run
+//! summary) and `_SUCCESS`, both written last, only when every file is complete.
+//!
+//! Files appear atomically:
+//! - local: written to a hidden `.<name>.inprogress` beside the final name, fsynced, renamed, directory fsynced;
+//!   an interrupted writer leaves no `*.parquet` (the hidden file is removed on drop or on [`ParquetSink::abort`],
+//!   and readers skip dot-files anyway);
+//! - object store: `object_store::buffered::BufWriter` to the final key: one PUT for a file smaller than the part
+//!   size, else a multipart upload that becomes visible only when completed; an interrupted upload is aborted by
+//!   [`ParquetSink::abort`] and is never visible in any case (S3 shows no object for an uncompleted upload).
+//!
+//! Files: ZSTD (level 3 by default), page-level statistics, row groups of `row_group_size` rows, a new file every
+//! `max_rows_per_file` rows.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use chrono::{DateTime, NaiveDate, Utc};
+use object_store::buffered::BufWriter;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use parquet::arrow::AsyncArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("invalid sink target {target:?}: {reason}")]
+    Target { target: String, reason: String },
+    #[error("cannot configure object store for {target}: {source}")]
+    Store {
+        target: String,
+        source: object_store::Error,
+    },
+    #[error("local file {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("writing {file}: {source}")]
+    Parquet {
+        file: String,
+        source: parquet::errors::ParquetError,
+    },
+    #[error("object {key}: {source}")]
+    Object {
+        key: String,
+        source: object_store::Error,
+    },
+    #[error("batch schema differs from the sink's schema: {0}")]
+    SchemaMismatch(String),
+    #[error("invalid sink configuration: {0}")]
+    Config(String),
+}
+
+/// S3 (or S3-compatible) connection settings.
+#[derive(Debug, Clone, Default)]
+pub struct S3Config {
+    pub bucket: String,
+    /// e.g. `http://127.0.0.1:9000` for a local S3; None = AWS.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Allow `http://` endpoints.
+    pub allow_http: bool,
+}
+
+/// Where the files go.
+#[derive(Clone)]
+pub enum SinkTarget {
+    Local(PathBuf),
+    Store {
+        store: Arc<dyn ObjectStore>,
+        prefix: ObjectPath,
+        /// For messages and the manifest (e.g. `s3://bucket/prefix`).
+        url: String,
+    },
+}
+
+impl std::fmt::Debug for SinkTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url())
+    }
+}
+
+impl SinkTarget {
+    pub fn local(dir: impl Into<PathBuf>) -> Self {
+        SinkTarget::Local(dir.into())
+    }
+
+    /// `s3://bucket/prefix` on the endpoint and credentials of `cfg` (its bucket is taken from the URL).
+    pub fn s3(url: &str, cfg: &S3Config) -> Result<Self, SinkError> {
+        let rest = url.strip_prefix("s3://").ok_or_else(|| SinkError::Target {
+            target: url.into(),
+            reason: "expected s3://bucket/prefix".into(),
+        })?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(SinkError::Target {
+                target: url.into(),
+                reason: "no bucket".into(),
+            });
+        }
+        let mut b = object_store::aws::AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_allow_http(cfg.allow_http);
+        if let Some(e) = &cfg.endpoint {
+            b = b.with_endpoint(e).with_virtual_hosted_style_request(false);
+        }
+        if let Some(r) = &cfg.region {
+            b = b.with_region(r);
+        }
+        if let Some(k) = &cfg.access_key_id {
+            b = b.with_access_key_id(k);
+        }
+        if let Some(s) = &cfg.secret_access_key {
+            b = b.with_secret_access_key(s);
+        }
+        let store = b.build().map_err(|source| SinkError::Store {
+            target: url.into(),
+            source,
+        })?;
+        Ok(SinkTarget::Store {
+            store: Arc::new(store),
+            prefix: ObjectPath::from(prefix.trim_matches('/')),
+            url: url.trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// A path, `file://` URL, or `s3://` URL (S3 settings from `cfg`).
+    pub fn parse(target: &str, cfg: &S3Config) -> Result<Self, SinkError> {
+        if target.starts_with("s3://") {
+            Self::s3(target, cfg)
+        } else if let Some(p) = target.strip_prefix("file://") {
+            Ok(Self::local(p))
+        } else if target.contains("://") {
+            Err(SinkError::Target {
+                target: target.into(),
+                reason: "supported: a local path, file://, s3://".into(),
+            })
+        } else {
+            Ok(Self::local(target))
+        }
+    }
+
+    pub fn url(&self) -> String {
+        match self {
+            SinkTarget::Local(p) => p.display().to_string(),
+            SinkTarget::Store { url, .. } => url.clone(),
+        }
+    }
+}
+
+/// How files are laid out and encoded.
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// Hive partition key for the run date (`dt=2024-03-07/`); None writes at the top of the target.
+    pub partition_key: Option<String>,
+    /// The run date used in the partition (UTC date of the run start by default).
+    pub partition_date: NaiveDate,
+    pub file_prefix: String,
+    pub max_rows_per_file: usize,
+    pub row_group_size: usize,
+    pub zstd_level: i32,
+    /// Object stores: bytes buffered before switching from one PUT to a multipart upload (also the part size).
+    pub part_size: usize,
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        SinkConfig {
+            partition_key: Some("dt".into()),
+            partition_date: Utc::now().date_naive(),
+            file_prefix: "part".into(),
+            max_rows_per_file: 1_000_000,
+            // Extraction rows are a few KB: 64k rows is ~100+ MB before compression, a good scan unit.
+            row_group_size: 65_536,
+            zstd_level: 3,
+            part_size: 10 * 1024 * 1024,
+        }
+    }
+}
+
+/// One written file, as the manifest lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileEntry {
+    /// Relative to the target.
+    pub path: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub row_groups: usize,
+}
+
+/// `_manifest.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SinkManifest {
+    pub format: String,
+    pub run_id: String,
+    pub target: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub files: Vec<FileEntry>,
+    pub total_rows: u64,
+    /// Caller's run summary (counts by status, timings, model, schema...).
+    pub summary: serde_json::Value,
+}
+
+enum OpenFile {
+    Local {
+        writer: Option<AsyncArrowWriter<tokio::fs::File>>,
+        tmp: PathBuf,
+        final_path: PathBuf,
+        rel: String,
+        rows: u64,
+    },
+    Store {
+        writer: Option<AsyncArrowWriter<BufWriter>>,
+        key: ObjectPath,
+        rel: String,
+        rows: u64,
+    },
+}
+
+impl OpenFile {
+    fn rows(&self) -> u64 {
+        match self {
+            OpenFile::Local { rows, .. } | OpenFile::Store { rows, .. } => *rows,
+        }
+    }
+}
+
+impl Drop for OpenFile {
+    fn drop(&mut self) {
+        // An unfinished local file is removed; an unfinished upload was never visible.
+        if let OpenFile::Local { writer, tmp, .. } = self
+            && writer.is_some()
+        {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// Writes record batches of one schema as Parquet files, then the manifest and `_SUCCESS`.
+pub struct ParquetSink {
+    target: SinkTarget,
+    config: SinkConfig,
+    schema: SchemaRef,
+    run_id: String,
+    started_at: DateTime<Utc>,
+    current: Option<OpenFile>,
+    files: Vec<FileEntry>,
+    seq: usize,
+}
+
+impl ParquetSink {
+    pub fn new(
+        target: SinkTarget,
+        config: SinkConfig,
+        schema: SchemaRef,
+        run_id: &str,
+    ) -> Result<Self, SinkError> {
+        if config.max_rows_per_file == 0 || config.row_group_size == 0 {
+            return Err(SinkError::Config(
+                "max_rows_per_file and row_group_size must be > 0".into(),
+            ));
+        }
+        if run_id.is_empty() || run_id.contains(['/', '\\']) {
+            return Err(SinkError::Config(format!(
+                "run id {run_id:?} must be non-empty without slashes"
+            )));
+        }
+        if config.part_size < 5 * 1024 * 1024 {
+            return Err(SinkError::Config(
+                "part_size below 5 MiB: S3 refuses multipart parts that small".into(),
+            ));
+        }
+        Ok(ParquetSink {
+            target,
+            config,
+            schema,
+            run_id: run_id.to_string(),
+            started_at: Utc::now(),
+            current: None,
+            files: Vec::new(),
+            seq: 0,
+        })
+    }
+
+    pub fn files(&self) -> &[FileEntry] {
+        &self.files
+    }
+
+    /// The partition directory, relative to the target (`dt=2024-03-07` or empty).
+    pub fn partition_dir(&self) -> String {
+        match &self.config.partition_key {
+            Some(k) => format!("{k}={}", self.config.partition_date.format("%Y-%m-%d")),
+            None => String::new(),
+        }
+    }
+
+    fn properties(&self) -> Result<WriterProperties, SinkError> {
+        let level = ZstdLevel::try_new(self.config.zstd_level).map_err(|e| {
+            SinkError::Config(format!("zstd level {}: {e}", self.config.zstd_level))
+        })?;
+        Ok(WriterProperties::builder()
+            .set_compression(Compression::ZSTD(level))
+            .set_statistics_enabled(EnabledStatistics::Page)
+            .set_max_row_group_row_count(Some(self.config.row_group_size))
+            .set_created_by(format!("pixtract {}", env!("CARGO_PKG_VERSION")))
+            .build())
+    }
+
+    async fn open(&mut self) -> Result<(), SinkError> {
+        let name = format!(
+            "{}-{}-{:05}.parquet",
+            self.config.file_prefix, self.run_id, self.seq
+        );
+        self.seq += 1;
+        let dir = self.partition_dir();
+        let rel = if dir.is_empty() {
+            name.clone()
+        } else {
+            format!("{dir}/{name}")
+        };
+        let props = self.properties()?;
+        let perr = |file: &str| {
+            let file = file.to_string();
+            move |source| SinkError::Parquet { file, source }
+        };
+        self.current = Some(match &self.target {
+            SinkTarget::Local(root) => {
+                let d = root.join(&dir);
+                tokio::fs::create_dir_all(&d)
+                    .await
+                    .map_err(|source| SinkError::Io {
+                        path: d.clone(),
+                        source,
+                    })?;
+                let tmp = d.join(format!(".{name}.inprogress"));
+                let file = tokio::fs::File::create(&tmp)
+                    .await
+                    .map_err(|source| SinkError::Io {
+                        path: tmp.clone(),
+                        source,
+                    })?;
+                let writer = AsyncArrowWriter::try_new(file, self.schema.clone(), Some(props))
+                    .map_err(perr(&rel))?;
+                OpenFile::Local {
+                    writer: Some(writer),
+                    tmp,
+                    final_path: d.join(&name),
+                    rel,
+                    rows: 0,
+                }
+            }
+            SinkTarget::Store { store, prefix, .. } => {
+                let key = join_key(prefix, &rel);
+                let buf =
+                    BufWriter::with_capacity(store.clone(), key.clone(), self.config.part_size);
+                let writer = AsyncArrowWriter::try_new(buf, self.schema.clone(), Some(props))
+                    .map_err(perr(&rel))?;
+                OpenFile::Store {
+                    writer: Some(writer),
+                    key,
+                    rel,
+                    rows: 0,
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Appends a batch (its schema must be the sink's); starts a new file past `max_rows_per_file`.
+    pub async fn write(&mut self, batch: &RecordBatch) -> Result<(), SinkError> {
+        if batch.schema().fields() != self.schema.fields() {
+            return Err(SinkError::SchemaMismatch(format!(
+                "batch has {} columns ({:?}...), the sink {}",
+                batch.num_columns(),
+                batch
+                    .schema()
+                    .fields()
+                    .iter()
+                    .take(3)
+                    .map(|f| f.name())
+                    .collect::<Vec<_>>(),
+                self.schema.fields().len()
+            )));
+        }
+        let mut offset = 0;
+        while offset < batch.num_rows() {
+            if self.current.is_none() {
+                self.open().await?;
+            }
+            let room = self.config.max_rows_per_file as u64
+                - self.current.as_ref().map_or(0, OpenFile::rows);
+            let take = (room as usize).min(batch.num_rows() - offset);
+            let part = batch.slice(offset, take);
+            let result = match self.current.as_mut() {
+                Some(OpenFile::Local {
+                    writer: Some(w),
+                    rel,
+                    rows,
+                    ..
+                }) => (w.write(&part).await, rel, rows),
+                Some(OpenFile::Store {
+                    writer: Some(w),
+                    rel,
+                    rows,
+                    ..
+                }) => (w.write(&part).await, rel, rows),
+                _ => return Err(SinkError::Config("no open file".into())),
+            };
+            match result {
+                (Err(source), rel, _) => {
+                    return Err(SinkError::Parquet {
+                        file: rel.clone(),
+                        source,
+                    });
+                }
+                (Ok(()), _, rows) => *rows += take as u64,
+            }
+            offset += take;
+            if self.current.as_ref().map_or(0, OpenFile::rows)
+                >= self.config.max_rows_per_file as u64
+            {
+                self.close_current().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes the open file and makes it visible under its final name.
+    async fn close_current(&mut self) -> Result<(), SinkError> {
+        let Some(mut file) = self.current.take() else {
+            return Ok(());
+        };
+        let entry = match &mut file {
+            OpenFile::Local {
+                writer,
+                tmp,
+                final_path,
+                rel,
+                rows,
+            } => {
+                let w = writer
+                    .take()
+                    .ok_or_else(|| SinkError::Config("closed twice".into()))?;
+                let meta = match w.close().await {
+                    Ok(m) => m,
+                    Err(source) => {
+                        let _ = std::fs::remove_file(&*tmp);
+                        return Err(SinkError::Parquet {
+                            file: rel.clone(),
+                            source,
+                        });
+                    }
+                };
+                let io = |path: &Path| {
+                    let path = path.to_path_buf();
+                    move |source| SinkError::Io { path, source }
+                };
+                std::fs::File::open(&*tmp)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io(tmp))?;
+                let bytes = std::fs::metadata(&*tmp).map_err(io(tmp))?.len();
+                std::fs::rename(&*tmp, &*final_path).map_err(io(final_path))?;
+                if let Some(dir) = final_path.parent() {
+                    std::fs::File::open(dir)
+                        .and_then(|d| d.sync_all())
+                        .map_err(io(dir))?;
+                }
+                FileEntry {
+                    path: rel.clone(),
+                    rows: *rows,
+                    bytes,
+                    row_groups: meta.num_row_groups(),
+                }
+            }
+            OpenFile::Store {
+                writer,
+                key,
+                rel,
+                rows,
+            } => {
+                let w = writer
+                    .take()
+                    .ok_or_else(|| SinkError::Config("closed twice".into()))?;
+                let meta = w.close().await.map_err(|source| SinkError::Parquet {
+                    file: rel.clone(),
+                    source,
+                })?;
+                let SinkTarget::Store { store, .. } = &self.target else {
+                    return Err(SinkError::Config("store file on a local target".into()));
+                };
+                let head = store.head(key).await.map_err(|source| SinkError::Object {
+                    key: key.to_string(),
+                    source,
+                })?;
+                FileEntry {
+                    path: rel.clone(),
+                    rows: *rows,
+                    bytes: head.size,
+                    row_groups: meta.num_row_groups(),
+                }
+            }
+        };
+        self.files.push(entry);
+        Ok(())
+    }
+
+    /// Completes the last file, then writes `_manifest.json` and finally `_SUCCESS` (in the partition directory).
+    pub async fn finish(mut self, summary: serde_json::Value) -> Result<SinkManifest, SinkError> {
+        self.close_current().await?;
+        let manifest = SinkManifest {
+            format: "pixtract-sink/1".into(),
+            run_id: self.run_id.clone(),
+            target: self.target.url(),
+            started_at: self.started_at,
+            finished_at: Utc::now(),
+            total_rows: self.files.iter().map(|f| f.rows).sum(),
+            files: self.files.clone(),
+            summary,
+        };
+        let json = serde_json::to_vec_pretty(&manifest)
+            .map_err(|e| SinkError::Config(format!("manifest JSON: {e}")))?;
+        let dir = self.partition_dir();
+        let rel = |name: &str| {
+            if dir.is_empty() {
+                name.to_string()
+            } else {
+                format!("{dir}/{name}")
+            }
+        };
+        let manifest_name = format!("_manifest-{}.json", self.run_id);
+        self.put_small(&rel(&manifest_name), json).await?;
+        self.put_small(&rel("_SUCCESS"), Vec::new()).await?;
+        Ok(manifest)
+    }
+
+    /// Whole-object write: local via temp + rename, object store via one PUT.
+    async fn put_small(&self, rel: &str, bytes: Vec<u8>) -> Result<(), SinkError> {
+        match &self.target {
+            SinkTarget::Local(root) => {
+                let path = root.join(rel);
+                let io = |p: &Path| {
+                    let p = p.to_path_buf();
+                    move |source| SinkError::Io { path: p, source }
+                };
+                if let Some(d) = path.parent() {
+                    std::fs::create_dir_all(d).map_err(io(d))?;
+                }
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let tmp = path.with_file_name(format!(".{name}.inprogress"));
+                std::fs::write(&tmp, &bytes).map_err(io(&tmp))?;
+                std::fs::File::open(&tmp)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io(&tmp))?;
+                std::fs::rename(&tmp, &path).map_err(io(&path))?;
+                Ok(())
+            }
+            SinkTarget::Store { store, prefix, .. } => {
+                let key = join_key(prefix, rel);
+                store
+                    .put(&key, PutPayload::from(bytes))
+                    .await
+                    .map(|_| ())
+                    .map_err(|source| SinkError::Object {
+                        key: key.to_string(),
+                        source,
+                    })
+            }
+        }
+    }
+
+    /// Gives up the open file: local temp file removed, multipart upload aborted. Completed files stay, and no
+    /// `_SUCCESS` is written.
+    pub async fn abort(mut self) -> Result<(), SinkError> {
+        if let Some(mut file) = self.current.take() {
+            match &mut file {
+                OpenFile::Local { writer, tmp, .. } => {
+                    writer.take();
+                    let _ = std::fs::remove_file(&*tmp);
+                }
+                OpenFile::Store { writer, key, .. } => {
+                    if let Some(w) = writer.take() {
+                        let mut buf = w.into_inner();
+                        buf.abort().await.map_err(|source| SinkError::Object {
+                            key: key.to_string(),
+                            source,
+                        })?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn join_key(prefix: &ObjectPath, rel: &str) -> ObjectPath {
+    let p = prefix.as_ref();
+    if p.is_empty() {
+        ObjectPath::from(rel)
+    } else {
+        ObjectPath::from(format!("{p}/{rel}"))
+    }
+}
