@@ -85,12 +85,20 @@ fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let t_pre = Instant::now();
     let mut parts = Vec::new();
     for path in &args.images {
-        let img = image::ImageReader::open(path)
+        let reader = image::ImageReader::open(path)
             .with_context(|| format!("cannot open image {}", path.display()))?
             .with_guessed_format()
-            .with_context(|| format!("cannot read image {}", path.display()))?
+            .with_context(|| format!("cannot read image {}", path.display()))?;
+        if reader.format().is_none() {
+            bail!(
+                "{} is not an image: its content is none of JPEG, PNG, WebP, TIFF (use `pixtract pages` for PDFs)",
+                path.display()
+            );
+        }
+        // The decoder's own error chain repeats itself; one line with its message is clearer.
+        let img = reader
             .decode()
-            .with_context(|| format!("{} is not a readable image", path.display()))?;
+            .map_err(|e| anyhow::anyhow!("{} is not a readable image: {e}", path.display()))?;
         let prepared = engine
             .preprocessor
             .prepare(&img)

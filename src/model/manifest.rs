@@ -144,14 +144,14 @@ impl ModelDir {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, ModelError> {
         let dir = dir.as_ref().to_path_buf();
         let path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::ManifestRead {
+        let text = std::fs::read_to_string(&path).map_err(|cause| ModelError::ManifestRead {
             path: path.clone(),
-            source,
+            cause,
         })?;
         let manifest: ModelManifest =
-            serde_json::from_str(&text).map_err(|source| ModelError::ManifestParse {
+            serde_json::from_str(&text).map_err(|cause| ModelError::ManifestParse {
                 path: path.clone(),
-                source,
+                cause,
             })?;
         let invalid = |reason: String| ModelError::ManifestInvalid {
             path: path.clone(),
@@ -205,9 +205,9 @@ impl ModelDir {
         let model = ModelDir { dir, manifest };
         for (file, expected) in model.files() {
             let p = model.dir.join(&file);
-            let meta = std::fs::metadata(&p).map_err(|source| ModelError::FileMissing {
+            let meta = std::fs::metadata(&p).map_err(|cause| ModelError::FileMissing {
                 path: p.clone(),
-                source,
+                cause,
             })?;
             if let Some(bytes) = expected.1
                 && meta.len() != bytes
@@ -246,9 +246,9 @@ impl ModelDir {
     pub fn verify_hashes(&self) -> Result<(), ModelError> {
         for (file, (expected, _)) in self.files() {
             let path = self.dir.join(&file);
-            let actual = sha256_file(&path).map_err(|source| ModelError::FileMissing {
+            let actual = sha256_file(&path).map_err(|cause| ModelError::FileMissing {
                 path: path.clone(),
-                source,
+                cause,
             })?;
             if actual != expected {
                 return Err(ModelError::HashMismatch {

@@ -23,22 +23,23 @@ pub use sampling::Sampling;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("cannot read model manifest {}: {source}", path.display())]
+    // Causes are part of the message (not `source`), so a printed error chain does not repeat them.
+    #[error("cannot read model manifest {}: {cause}", path.display())]
     ManifestRead {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("model manifest {} is not valid JSON for pixtract: {source}", path.display())]
+    #[error("model manifest {} is not valid JSON for pixtract: {cause}", path.display())]
     ManifestParse {
         path: PathBuf,
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
     #[error("model manifest {}: {reason}", path.display())]
     ManifestInvalid { path: PathBuf, reason: String },
-    #[error("model file {} is missing or unreadable: {source}", path.display())]
+    #[error("model file {} is missing or unreadable: {cause}", path.display())]
     FileMissing {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("model file {} has {actual} bytes, the manifest says {expected}: incomplete copy?", path.display())]
     FileSize {

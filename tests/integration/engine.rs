@@ -312,3 +312,57 @@ fn bad_inputs_are_clear_errors() {
     let err = engine.preprocessor.prepare(&empty).unwrap_err().to_string();
     assert!(err.contains("no pixels (0x7)"), "{err}");
 }
+
+#[test]
+fn generate_cli_answers_and_reports_bad_images() {
+    use crate::util::{pixtract, repo_root, text};
+    let model = tiny_model();
+    let image = model.join("reference/rgba/image0.png");
+    let out = pixtract(
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+            "--prompt",
+            "Read the logo.",
+            "--max-new-tokens",
+            "32",
+        ],
+        &[],
+        &repo_root(),
+    );
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    // The same greedy tokens as transformers, decoded.
+    let case = read_json(&model.join("reference/rgba/case.json"));
+    let want = case["greedy_text"].as_str().unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(answer.trim_end_matches('\n'), want, "{t}");
+    assert!(
+        t.contains("prompt 322 tokens") && t.contains("decode") && t.contains("tokens/s"),
+        "{t}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("scan.png");
+    std::fs::write(&fake, b"this is not a picture").unwrap();
+    let out = pixtract(
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--image",
+            fake.to_str().unwrap(),
+            "--prompt",
+            "x",
+        ],
+        &[],
+        &repo_root(),
+    );
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains("scan.png is not a readable image"), "{t}");
+    assert_eq!(t.matches("Invalid PNG signature").count(), 1, "{t}");
+}
