@@ -26,7 +26,9 @@ enum Command {
     /// Check libraries, GPU support and model directories; exits 1 and says how to fix what is missing.
     ///
     /// Examples:
+    ///
     ///   pixtract doctor                          # every models/*/ under the current directory, on cpu
+    ///
     ///   pixtract doctor --model models/pixtral-12b-fp16 --device cuda --verify-hashes
     Doctor {
         /// Model directory (holding pixtract-model.json) to check; repeatable. Default: every models/*/.
@@ -48,7 +50,9 @@ enum Command {
     /// 1: nothing could be done.
     ///
     /// Examples:
+    ///
     ///   pixtract pages invoices/ --out /tmp/pages
+    ///
     ///   AWS_ENDPOINT_URL=http://127.0.0.1:9000 pixtract pages s3://mail/2024/ --include '*.pdf' --out /tmp/p
     Pages(pixtract::raster::cli::PagesArgs),
     /// Run Pixtral on images and a prompt; print the answer, then per-phase timings on stderr.
@@ -57,9 +61,10 @@ enum Command {
     /// chat layout, decoding is greedy unless --temperature is given.
     ///
     /// Examples:
+    ///
     ///   pixtract generate --model models/tiny --image receipt.jpg --prompt "What is the total?"
-    ///   pixtract generate --model models/pixtral-12b-fp16 --device cuda --image p1.png --image p2.png \
-    ///       --prompt "Extract the invoice number" --max-new-tokens 64
+    ///
+    ///   pixtract generate --model models/pixtral-12b-fp16 --device cuda --image p1.png --image p2.png --prompt "Invoice number?"
     Generate(pixtract::model::cli::GenerateArgs),
     /// Benchmarks, each against its reference in the same run, reported as ratios.
     #[command(subcommand)]

@@ -245,13 +245,13 @@ impl PixtralEngine {
             Device::Cpu => MemoryInfo::new(
                 AllocationDevice::CPU,
                 0,
-                AllocatorType::Device,
+                AllocatorType::Arena,
                 MemoryType::Default,
             ),
             Device::Cuda(id) => MemoryInfo::new(
                 AllocationDevice::CUDA,
                 id,
-                AllocatorType::Device,
+                AllocatorType::Arena,
                 MemoryType::Default,
             ),
         }
@@ -259,7 +259,7 @@ impl PixtralEngine {
         let host_memory = MemoryInfo::new(
             AllocationDevice::CPU,
             0,
-            AllocatorType::Device,
+            AllocatorType::Arena,
             MemoryType::Default,
         )
         .map_err(ort_err("memory info"))?;

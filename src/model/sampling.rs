@@ -43,14 +43,12 @@ impl Sampler {
 
     /// The chosen token and its probability under the distribution it came from; None when every logit is -inf.
     pub fn choose(&mut self, logits: &[f32]) -> Option<(u32, f32)> {
-        let (best, max) =
-            logits
-                .iter()
-                .enumerate()
-                .fold((None, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-                    if v > bv { (Some(i), v) } else { (bi, bv) }
-                });
-        let best = best?;
+        let max = max_logit(logits);
+        if max == f32::NEG_INFINITY || max.is_nan() {
+            return None;
+        }
+        // First index holding the maximum, as torch.argmax.
+        let best = logits.iter().position(|&v| v == max)?;
         match self.mode.clone() {
             Sampling::Greedy => Some((best as u32, 1.0 / softmax_denominator(logits, max))),
             Sampling::Sample {
@@ -110,12 +108,34 @@ fn softmax_denominator(logits: &[f32], max: f32) -> f32 {
     sum
 }
 
+/// Largest logit; lane-wise so the compiler vectorises it (runs over 131k logits per sequence per step).
+fn max_logit(logits: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = logits.chunks_exact(8);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = if v > *lane { v } else { *lane };
+        }
+    }
+    let mut max = f32::NEG_INFINITY;
+    for &v in lanes.iter().chain(rest) {
+        if v > max {
+            max = v;
+        }
+    }
+    max
+}
+
 /// exp(x) for x <= 0 (masked -inf gives 0): 2^(x*log2 e) = 2^i * 2^f, f in [-0.5, 0.5], 2^f by its Taylor series
-/// to degree 7 (truncation error < 2e-8).
+/// to degree 7 (truncation error < 2e-8). Rounding uses the 1.5*2^23 trick: no libm call, so it vectorises.
 #[inline(always)]
 fn fast_exp(x: f32) -> f32 {
-    let t = (x * std::f32::consts::LOG2_E).max(-126.0);
-    let i = t.round();
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits
+    let t = x * std::f32::consts::LOG2_E;
+    let t = if t < -126.0 { -126.0 } else { t };
+    let shifted = t + ROUND;
+    let i = shifted - ROUND;
     let f = t - i;
     let p = 1.0
         + f * (std::f32::consts::LN_2
@@ -123,7 +143,8 @@ fn fast_exp(x: f32) -> f32 {
                 + f * (0.055_504_11
                     + f * (0.009_618_129
                         + f * (0.001_333_355_8 + f * (0.000_154_035_3 + f * 0.000_015_252_73))))));
-    let scale = f32::from_bits(((i as i32 + 127) as u32) << 23);
+    // 2^i from the integer in `shifted`'s bits (0x4B40_0000 + i), without a float-to-int conversion.
+    let scale = f32::from_bits(shifted.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);
     // Below 2^-126 the true value is negligible next to the top token's 1.0.
     if t <= -126.0 { 0.0 } else { p * scale }
 }
