@@ -800,7 +800,7 @@ fn free_text_mode_and_failed_inputs_still_give_rows() {
 /// Cost of the grammar: decode tokens/s with and without the receipt grammar, batch 1 and 8, same process.
 /// A measurement, not a check: `cargo nextest run --run-ignored only -E 'test(grammar_cost)' --no-capture`.
 #[test]
-#[ignore]
+#[ignore = "a measurement, not a check: run with --run-ignored to print the grammar cost table"]
 fn grammar_cost_bench() {
     let mut engine = engine();
     let pages = reference_pages(&engine);
