@@ -15,6 +15,7 @@ pub mod extract;
 pub mod imaging;
 pub mod model;
 pub mod native;
+pub mod pipeline;
 pub mod raster;
 pub mod sink;
 pub mod source;

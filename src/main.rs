@@ -23,6 +23,18 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a pipeline: documents from a folder or S3 -> pages -> Pixtral (schema-constrained) -> Parquet.
+    ///
+    /// Every document ends as rows: one per prompt (page, or group of pages), or an error row saying why it failed.
+    /// Files appear only when complete; a manifest and _SUCCESS are written last. Exit codes: 0 all rows ok,
+    /// 2 finished with failed documents/rows, 3 aborted by the failure budget, 1 could not run.
+    ///
+    /// Examples:
+    ///
+    ///   pixtract run pipelines/demo.toml
+    ///
+    ///   pixtract run pipelines/receipts.toml --source s3://mail/receipts/ --output s3://lake/receipts/ --device cuda
+    Run(pixtract::pipeline::cli::RunArgs),
     /// Check libraries, GPU support and model directories; exits 1 and says how to fix what is missing.
     ///
     /// Examples:
@@ -123,6 +135,7 @@ fn main() -> ExitCode {
         }
         Command::Bench(BenchCommand::Engine(args)) => pixtract::model::bench::run(args),
         Command::Bench(BenchCommand::Raster(args)) => pixtract::raster::bench::run(args),
+        Command::Run(args) => pixtract::pipeline::cli::run(args),
         Command::Generate(args) => pixtract::model::cli::generate(args),
         Command::Pages(args) => pixtract::raster::cli::pages(args),
         Command::RasterWorker => pixtract::raster::worker::run_worker(),

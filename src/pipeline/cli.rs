@@ -1,0 +1,105 @@
+//! `pixtract run`: the CLI edge of the job runner.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use super::{PipelineSpec, run_blocking};
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Pipeline spec (TOML), e.g. pipelines/demo.toml. Every key is documented in pipelines/receipts.toml.
+    pub spec: PathBuf,
+    /// Override [source] uri.
+    #[arg(long, env = "PIXTRACT_SOURCE")]
+    pub source: Option<String>,
+    /// Override [output] uri.
+    #[arg(long, env = "PIXTRACT_OUTPUT")]
+    pub output: Option<String>,
+    /// Override [model] dir.
+    #[arg(long, env = "PIXTRACT_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Override [model] device: cpu, cuda or cuda:N.
+    #[arg(long, env = "PIXTRACT_DEVICE")]
+    pub device: Option<String>,
+    /// Override [model] max_new_tokens.
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Override [limits] max_documents (0: all).
+    #[arg(long)]
+    pub max_documents: Option<usize>,
+}
+
+/// Exit codes: 0 every row ok; 2 finished with failed documents or rows (each has an error row); 3 aborted by the
+/// failure budget (what was done is committed); 1 could not run (bad spec, model, output).
+pub fn run(args: RunArgs) -> ExitCode {
+    let mut spec = match PipelineSpec::load(&args.spec) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("pixtract run: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(v) = args.source {
+        spec.source.uri = v;
+    }
+    if let Some(v) = args.output {
+        spec.output.uri = v;
+    }
+    if let Some(v) = args.model {
+        spec.model.dir = v;
+    }
+    if let Some(v) = args.device {
+        spec.model.device = v;
+    }
+    if let Some(v) = args.max_new_tokens {
+        spec.model.max_new_tokens = v;
+    }
+    if let Some(v) = args.max_documents {
+        spec.limits.max_documents = v;
+    }
+    if let Err(reason) = spec.validate() {
+        eprintln!("pixtract run: error: {reason}");
+        return ExitCode::FAILURE;
+    }
+    eprintln!(
+        "pixtract run: pipeline {} | {} -> {} | model {} on {}",
+        spec.name,
+        spec.source.uri,
+        spec.output.uri,
+        spec.model.dir.display(),
+        spec.model.device
+    );
+    match run_blocking(spec) {
+        Err(e) => {
+            eprintln!("pixtract run: error: {e}");
+            ExitCode::FAILURE
+        }
+        Ok(s) => {
+            println!(
+                "run {}: {} documents ({} failed), {} pages, {} rows ({} ok, {} error) in {:.1} s ({:.2} pages/s, model busy {:.1} s)\ntokens: {} prompt, {} generated\noutput: {} ({} file(s), manifest and _SUCCESS written last)",
+                s.run_id,
+                s.documents,
+                s.documents_failed,
+                s.pages,
+                s.rows,
+                s.rows_ok,
+                s.rows_failed,
+                s.seconds,
+                s.pages_per_second,
+                s.model_busy_seconds,
+                s.prompt_tokens,
+                s.generated_tokens,
+                s.output,
+                s.files.len()
+            );
+            if let Some(reason) = &s.aborted {
+                eprintln!("pixtract run: aborted: {reason}");
+                ExitCode::from(3)
+            } else if s.rows_failed > 0 || s.documents_failed > 0 {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+    }
+}

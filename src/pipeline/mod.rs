@@ -1,0 +1,432 @@
+//! The job runner: source -> raster -> preprocess -> model (+ grammar) -> rows -> Parquet, as one stream.
+//!
+//! Stages are connected by bounded channels, so memory stays flat whatever the corpus size: listing and fetching
+//! run ahead only as far as the raster stage takes documents, the raster stage only as far as the model takes
+//! prompts. The model stage owns the engine on its own thread and forms batches from whatever prompts are ready.
+//! Every document ends as rows: pages that rendered become extractions, a failure becomes an error row.
+
+pub mod cli;
+pub mod spec;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use image::DynamicImage;
+use tokio::sync::mpsc;
+
+use crate::extract::{
+    ExtractionRecord, ExtractionSchema, Extractor, Mode, PageInput, RunContext, SourceInfo,
+    to_record_batch,
+};
+use crate::model::runtime::Threads;
+use crate::model::{
+    BatchPolicy, Device, EngineOptions, GenerationConfig, ImagePreprocessor, ModelDir, OrtRuntime,
+};
+use crate::native::{NativeLibrary, SearchPaths};
+use crate::raster::{PdfMode, RasterError, RasterOptions, Rasterizer};
+use crate::sink::{ParquetSink, S3Config, SinkConfig, SinkTarget};
+use crate::source::{ListOptions, Source};
+
+pub use spec::PipelineSpec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("pipeline spec {}: {reason}", path.display())]
+    Spec { path: PathBuf, reason: String },
+    #[error("{stage}: {reason}")]
+    Stage { stage: &'static str, reason: String },
+}
+
+fn stage<E: std::fmt::Display>(stage: &'static str) -> impl Fn(E) -> PipelineError {
+    move |e| PipelineError::Stage {
+        stage,
+        reason: e.to_string(),
+    }
+}
+
+/// What a run did; also stored in the output manifest.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RunSummary {
+    pub run_id: String,
+    pub pipeline: String,
+    pub documents: usize,
+    pub documents_failed: usize,
+    pub pages: usize,
+    pub rows: usize,
+    pub rows_ok: usize,
+    pub rows_failed: usize,
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+    pub seconds: f64,
+    pub pages_per_second: f64,
+    pub model_busy_seconds: f64,
+    pub aborted: Option<String>,
+    pub output: String,
+    pub files: Vec<String>,
+}
+
+/// Inputs for the model stage: one prompt's pages, or a document that failed before the model.
+type ModelInput = Result<PageInput, (SourceInfo, String)>;
+
+/// Runs a pipeline to completion (or to its failure budget). Blocks the calling thread.
+pub fn run_blocking(spec: PipelineSpec) -> Result<RunSummary, PipelineError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(stage("async runtime"))?;
+    rt.block_on(run(spec))
+}
+
+pub async fn run(spec: PipelineSpec) -> Result<RunSummary, PipelineError> {
+    let started = Instant::now();
+    let run_id = new_run_id();
+    let model_dir = ModelDir::open(&spec.model.dir).map_err(stage("model"))?;
+    let manifest = model_dir.manifest.clone();
+    let device: Device = spec.model.device.parse().map_err(stage("model"))?;
+    let mode = match &spec.extract.schema {
+        Some(path) => Mode::Schema(Box::new(
+            ExtractionSchema::load(path).map_err(stage("schema"))?,
+        )),
+        None => Mode::FreeText,
+    };
+    let schema = match &mode {
+        Mode::Schema(s) => Some((**s).clone()),
+        Mode::FreeText => None,
+    };
+    let ctx = RunContext {
+        pipeline: spec.name.clone(),
+        model_id: manifest.weights_sha256.clone(),
+        run_id: run_id.clone(),
+    };
+
+    // The sink is set up before any work so a bad output URI fails in the first second, not after the model ran.
+    let target = SinkTarget::parse(&spec.output.uri, &s3_from_env(&spec.output.uri))
+        .map_err(stage("output"))?;
+    let sink_config = SinkConfig {
+        partition_key: (!spec.output.partition.is_empty()).then(|| spec.output.partition.clone()),
+        max_rows_per_file: spec.output.max_rows_per_file,
+        ..SinkConfig::default()
+    };
+    let row_schema = Arc::new(crate::extract::row_schema(schema.as_ref()));
+    let mut sink = ParquetSink::new(target.clone(), sink_config, row_schema, &run_id)
+        .map_err(stage("output"))?;
+
+    // Model stage: its own thread owns the engine (ONNX Runtime sessions are driven synchronously).
+    let (model_tx, model_rx) = mpsc::channel::<ModelInput>(spec.model.batch_size * 2);
+    let (rows_tx, mut rows_rx) = mpsc::channel::<(Vec<ExtractionRecord>, Duration)>(4);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let model_spec = spec.model.clone();
+    let model_thread = std::thread::Builder::new()
+        .name("pixtract-model".into())
+        .spawn(move || model_stage(model_spec, device, mode, model_rx, rows_tx, ready_tx))
+        .map_err(stage("model thread"))?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            return Err(PipelineError::Stage {
+                stage: "model",
+                reason: e,
+            });
+        }
+        Err(_) => {
+            return Err(PipelineError::Stage {
+                stage: "model",
+                reason: "model thread ended during start-up".into(),
+            });
+        }
+    }
+
+    // Writer: rows to Parquet as they come.
+    let abort = Arc::new(AtomicBool::new(false));
+    let limits = spec.limits.clone();
+    let writer_abort = abort.clone();
+    let writer = tokio::spawn(async move {
+        let mut tally = RowTally::default();
+        let mut failure: Option<String> = None;
+        while let Some((records, busy)) = rows_rx.recv().await {
+            tally.busy += busy;
+            for r in &records {
+                tally.rows += 1;
+                if r.is_ok() {
+                    tally.ok += 1;
+                } else {
+                    tally.failed += 1;
+                }
+                tally.prompt_tokens += r.prompt_tokens.unwrap_or(0) as u64;
+                tally.generated_tokens += r.generated_tokens.unwrap_or(0) as u64;
+            }
+            let batch = to_record_batch(schema.as_ref(), &ctx, &records).map_err(stage("rows"))?;
+            sink.write(&batch).await.map_err(stage("output"))?;
+            if failure.is_none()
+                && tally.rows >= limits.failure_min_docs
+                && tally.failed as f64 > limits.max_failed_share * tally.rows as f64
+            {
+                failure = Some(format!(
+                    "failure budget exceeded: {} of {} rows failed (limit {:.0}%)",
+                    tally.failed,
+                    tally.rows,
+                    limits.max_failed_share * 100.0
+                ));
+                writer_abort.store(true, Ordering::SeqCst);
+            }
+        }
+        Ok::<_, PipelineError>((sink, tally, failure))
+    });
+
+    // Source + raster + preprocess, feeding the model stage.
+    let produced = produce(&spec, &manifest.image, model_tx, abort.clone()).await;
+    let model_result = tokio::task::spawn_blocking(move || model_thread.join())
+        .await
+        .map_err(stage("model thread"))?;
+    let (sink, tally, failure) = writer.await.map_err(stage("writer"))??;
+    let (documents, documents_failed, pages) = produced?;
+    if let Ok(Err(e)) = model_result {
+        return Err(PipelineError::Stage {
+            stage: "model",
+            reason: e,
+        });
+    }
+
+    let seconds = started.elapsed().as_secs_f64();
+    let mut summary = RunSummary {
+        run_id: run_id.clone(),
+        pipeline: spec.name.clone(),
+        documents,
+        documents_failed,
+        pages,
+        rows: tally.rows,
+        rows_ok: tally.ok,
+        rows_failed: tally.failed,
+        prompt_tokens: tally.prompt_tokens,
+        generated_tokens: tally.generated_tokens,
+        seconds,
+        pages_per_second: pages as f64 / seconds.max(1e-9),
+        model_busy_seconds: tally.busy.as_secs_f64(),
+        aborted: failure,
+        output: target.url(),
+        files: Vec::new(),
+    };
+    let manifest_value = serde_json::to_value(&summary).map_err(stage("summary"))?;
+    let written = sink.finish(manifest_value).await.map_err(stage("output"))?;
+    summary.files = written.files.iter().map(|f| f.path.clone()).collect();
+    Ok(summary)
+}
+
+#[derive(Debug, Default)]
+struct RowTally {
+    rows: usize,
+    ok: usize,
+    failed: usize,
+    prompt_tokens: u64,
+    generated_tokens: u64,
+    busy: Duration,
+}
+
+fn new_run_id() -> String {
+    let now = chrono::Utc::now();
+    let salt = (now.timestamp_subsec_nanos() as u64) ^ ((std::process::id() as u64) << 20);
+    format!("{}-{:06x}", now.format("%Y%m%dT%H%M%SZ"), salt & 0xff_ffff)
+}
+
+/// S3 settings for an s3:// output from the standard AWS environment.
+fn s3_from_env(uri: &str) -> S3Config {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let endpoint = var("AWS_ENDPOINT_URL_S3").or_else(|| var("AWS_ENDPOINT_URL"));
+    S3Config {
+        bucket: uri
+            .strip_prefix("s3://")
+            .and_then(|r| r.split('/').next())
+            .unwrap_or_default()
+            .to_string(),
+        allow_http: endpoint
+            .as_deref()
+            .is_some_and(|e| e.starts_with("http://")),
+        endpoint,
+        region: var("AWS_REGION").or_else(|| var("AWS_DEFAULT_REGION")),
+        access_key_id: var("AWS_ACCESS_KEY_ID"),
+        secret_access_key: var("AWS_SECRET_ACCESS_KEY"),
+    }
+}
+
+/// Lists, fetches and rasterizes documents, groups pages into prompts and prepares their pixels.
+/// Returns (documents, documents failed, pages).
+async fn produce(
+    spec: &PipelineSpec,
+    image: &crate::model::manifest::ImageConfig,
+    model_tx: mpsc::Sender<ModelInput>,
+    abort: Arc<AtomicBool>,
+) -> Result<(usize, usize, usize), PipelineError> {
+    let source = Source::open(&spec.source.uri).map_err(stage("source"))?;
+    let r = &spec.raster;
+    let max_side = if r.max_side == 0 {
+        image.max_image_size as u32
+    } else {
+        r.max_side
+    };
+    let opts = RasterOptions {
+        max_side,
+        max_dpi: r.max_dpi,
+        password: r
+            .password_env
+            .as_deref()
+            .and_then(|k| std::env::var(k).ok()),
+        max_bytes: r.max_bytes,
+        max_pages: r.max_pages as usize,
+        max_pixels: r.max_pixels,
+    };
+    let mode = PdfMode::workers(r.workers, Duration::from_secs(r.timeout_s.max(1)))
+        .map_err(stage("raster"))?;
+    let rasterizer = Rasterizer::new(opts, mode).map_err(stage("raster"))?;
+    let list = ListOptions {
+        include: spec.source.include.clone(),
+        exclude: spec.source.exclude.clone(),
+        max_bytes: r.max_bytes,
+    };
+    let fetched = source
+        .fetch_all(&list, spec.source.fetch_concurrency.max(1))
+        .map_err(stage("source"))?
+        .map(|item| item.map_err(RasterError::from));
+    let preprocessor = ImagePreprocessor::from_config(image);
+    let per_prompt = spec.extract.pages_per_prompt.max(1);
+    let (mut documents, mut failed, mut pages) = (0usize, 0usize, 0usize);
+    let mut docs = std::pin::pin!(rasterizer.documents(fetched, r.workers.max(1)));
+    while let Some(mut doc) = docs.next().await {
+        if abort.load(Ordering::SeqCst)
+            || (spec.limits.max_documents > 0 && documents >= spec.limits.max_documents)
+        {
+            break;
+        }
+        documents += 1;
+        let info = doc.doc.clone();
+        let source_info = |start: usize, end: usize, count: Option<usize>| SourceInfo {
+            uri: info.uri.clone(),
+            etag: info.etag.clone(),
+            version: info.version.clone(),
+            page_start: start as u32,
+            page_end: end as u32,
+            doc_page_count: count.map(|c| c as u32),
+        };
+        let mut group = Vec::new();
+        let mut group_start = 1;
+        let mut render = Duration::ZERO;
+        while let Some(item) = doc.pages.recv().await {
+            match item {
+                Ok(page) => {
+                    pages += 1;
+                    render += page.render_time;
+                    let (index, count, last) = (page.page_index, page.page_count, page.is_last());
+                    if group.is_empty() {
+                        group_start = index + 1;
+                    }
+                    let pre = preprocessor.clone();
+                    let prepared = tokio::task::spawn_blocking(move || {
+                        pre.prepare(&DynamicImage::ImageRgb8(page.image))
+                    })
+                    .await
+                    .map_err(stage("preprocess"))?;
+                    match prepared {
+                        Ok(p) => group.push(p),
+                        Err(e) => {
+                            let input = Err((
+                                source_info(index + 1, index + 1, Some(count)),
+                                e.to_string(),
+                            ));
+                            send(&model_tx, input).await?;
+                            continue;
+                        }
+                    }
+                    if group.len() == per_prompt || last {
+                        let input = PageInput {
+                            source: source_info(group_start, index + 1, Some(count)),
+                            images: std::mem::take(&mut group),
+                            fetch_ms: None,
+                            raster_ms: Some(render.as_secs_f64() * 1e3),
+                        };
+                        render = Duration::ZERO;
+                        send(&model_tx, Ok(input)).await?;
+                    }
+                }
+                Err(e) => {
+                    failed += 1;
+                    send(&model_tx, Err((source_info(0, 0, None), e.to_string()))).await?;
+                    break;
+                }
+            }
+        }
+    }
+    Ok((documents, failed, pages))
+}
+
+async fn send(tx: &mpsc::Sender<ModelInput>, input: ModelInput) -> Result<(), PipelineError> {
+    tx.send(input).await.map_err(|_| PipelineError::Stage {
+        stage: "model",
+        reason: "model stage stopped early".into(),
+    })
+}
+
+/// Owns the engine: takes whatever prompts are ready (up to the batch size), extracts, hands rows on.
+fn model_stage(
+    spec: spec::ModelSpec,
+    device: Device,
+    mode: Mode,
+    mut inputs: mpsc::Receiver<ModelInput>,
+    rows: mpsc::Sender<(Vec<ExtractionRecord>, Duration)>,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+) -> Result<(), String> {
+    let start = || -> Result<_, String> {
+        let lib = SearchPaths::from_env()
+            .locate(NativeLibrary::OnnxRuntime)
+            .map_err(|e| e.to_string())?;
+        let rt = OrtRuntime::load(lib).map_err(|e| e.to_string())?;
+        let opts = EngineOptions {
+            device,
+            threads: Threads {
+                intra_op: spec.threads,
+                spin: false,
+            },
+        };
+        let engine =
+            crate::model::PixtralEngine::load(&rt, &spec.dir, opts).map_err(|e| e.to_string())?;
+        let config = GenerationConfig {
+            max_new_tokens: spec.max_new_tokens,
+            ..Default::default()
+        };
+        let policy = BatchPolicy {
+            max_batch: spec.batch_size,
+            token_budget: spec.token_budget,
+        };
+        let extractor = Extractor::new(&engine, mode, config, policy).map_err(|e| e.to_string())?;
+        Ok((rt, engine, extractor))
+    };
+    let (_rt, mut engine, extractor) = match start() {
+        Ok(v) => {
+            let _ = ready.send(Ok(()));
+            v
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e.clone()));
+            return Err(e);
+        }
+    };
+    while let Some(first) = inputs.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < spec.batch_size {
+            match inputs.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let t = Instant::now();
+        let records = match extractor.run(&mut engine, batch) {
+            Ok(out) => out.records,
+            Err(e) => return Err(format!("extraction failed: {e}")),
+        };
+        if rows.blocking_send((records, t.elapsed())).is_err() {
+            return Err("writer stopped".into());
+        }
+    }
+    Ok(())
+}

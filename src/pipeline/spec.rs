@@ -1,0 +1,248 @@
+//! Pipeline specs (`pipelines/*.toml`): every key documented, unknown keys refused, paths relative to the
+//! directory the job runs from. CLI flags override the file (see `pixtract run --help`).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::PipelineError;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSpec {
+    /// Name stored in every output row (`pipeline` column).
+    pub name: String,
+    pub source: SourceSpec,
+    #[serde(default)]
+    pub raster: RasterSpec,
+    pub model: ModelSpec,
+    pub extract: ExtractSpec,
+    pub output: OutputSpec,
+    #[serde(default)]
+    pub limits: LimitsSpec,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    /// Folder, file, file:// URL or s3://bucket/prefix (AWS_* environment for credentials/endpoint).
+    pub uri: String,
+    /// Only documents matching one of these globs (a glob without '/' matches the file name). Empty: all.
+    #[serde(default)]
+    pub include: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Documents fetched concurrently.
+    #[serde(default = "default_fetch_concurrency")]
+    pub fetch_concurrency: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RasterSpec {
+    /// Long side of the model's view (0: the model manifest's max image size).
+    #[serde(default)]
+    pub max_side: u32,
+    /// Optional DPI cap for rendering small PDF pages.
+    #[serde(default)]
+    pub max_dpi: Option<f32>,
+    /// PDF renderer processes.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// Seconds a renderer may spend on one document.
+    #[serde(default = "default_timeout")]
+    pub timeout_s: u64,
+    /// Environment variable holding the password for encrypted PDFs.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+    #[serde(default = "default_max_pages")]
+    pub max_pages: u32,
+    #[serde(default = "default_max_pixels")]
+    pub max_pixels: u64,
+}
+
+impl Default for RasterSpec {
+    fn default() -> Self {
+        RasterSpec {
+            max_side: 0,
+            max_dpi: None,
+            workers: default_workers(),
+            timeout_s: default_timeout(),
+            password_env: None,
+            max_bytes: default_max_bytes(),
+            max_pages: default_max_pages(),
+            max_pixels: default_max_pixels(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Model directory written by onnx-export.
+    pub dir: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// ONNX Runtime intra-op threads (0: one per core).
+    #[serde(default)]
+    pub threads: usize,
+    /// Sequences per forward pass.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Upper bound on padded prompt tokens per prefill.
+    #[serde(default = "default_token_budget")]
+    pub token_budget: usize,
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtractSpec {
+    /// JSON Schema file of what to extract; leave out (with mode = "free-text") for plain transcription.
+    #[serde(default)]
+    pub schema: Option<PathBuf>,
+    /// "schema" (default when a schema is given) or "free-text".
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// Pages of one document sent together as one prompt (1: page by page).
+    #[serde(default = "default_pages_per_prompt")]
+    pub pages_per_prompt: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    /// Folder or s3://bucket/prefix for the Parquet files, manifest and _SUCCESS.
+    pub uri: String,
+    /// Hive partition key for the run date (`dt=YYYY-MM-DD/`); "" for none.
+    #[serde(default = "default_partition")]
+    pub partition: String,
+    #[serde(default = "default_rows_per_file")]
+    pub max_rows_per_file: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSpec {
+    /// Abort the run cleanly once more than this share of documents failed (after `failure_min_docs`).
+    #[serde(default = "default_failure_share")]
+    pub max_failed_share: f64,
+    /// Documents seen before the share applies (a first bad file does not abort a big job).
+    #[serde(default = "default_failure_min_docs")]
+    pub failure_min_docs: usize,
+    /// Stop after this many documents (0: no limit); handy for trying a spec on a big bucket.
+    #[serde(default)]
+    pub max_documents: usize,
+}
+
+impl Default for LimitsSpec {
+    fn default() -> Self {
+        LimitsSpec {
+            max_failed_share: default_failure_share(),
+            failure_min_docs: default_failure_min_docs(),
+            max_documents: 0,
+        }
+    }
+}
+
+fn default_fetch_concurrency() -> usize {
+    8
+}
+fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+fn default_timeout() -> u64 {
+    60
+}
+fn default_max_bytes() -> u64 {
+    256 << 20
+}
+fn default_max_pages() -> u32 {
+    2000
+}
+fn default_max_pixels() -> u64 {
+    100_000_000
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_batch() -> usize {
+    8
+}
+fn default_token_budget() -> usize {
+    16_384
+}
+fn default_max_new_tokens() -> usize {
+    512
+}
+fn default_pages_per_prompt() -> usize {
+    1
+}
+fn default_partition() -> String {
+    "dt".into()
+}
+fn default_rows_per_file() -> usize {
+    1_000_000
+}
+fn default_failure_share() -> f64 {
+    1.0
+}
+fn default_failure_min_docs() -> usize {
+    20
+}
+
+impl PipelineSpec {
+    pub fn load(path: &Path) -> Result<PipelineSpec, PipelineError> {
+        let text = std::fs::read_to_string(path).map_err(|e| PipelineError::Spec {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let spec: PipelineSpec = toml::from_str(&text).map_err(|e| PipelineError::Spec {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        spec.validate().map_err(|reason| PipelineError::Spec {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        Ok(spec)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.name.is_empty() {
+            return Err("name must not be empty".into());
+        }
+        if self.model.batch_size == 0 || self.model.max_new_tokens == 0 {
+            return Err("model.batch_size and model.max_new_tokens must be at least 1".into());
+        }
+        if self.extract.pages_per_prompt == 0 {
+            return Err("extract.pages_per_prompt must be at least 1".into());
+        }
+        match (self.extract.mode.as_deref(), &self.extract.schema) {
+            (None | Some("schema"), Some(_)) | (Some("free-text"), None) => {}
+            (None | Some("schema"), None) => {
+                return Err(
+                    "extract.schema is required unless extract.mode = \"free-text\"".into(),
+                );
+            }
+            (Some("free-text"), Some(_)) => {
+                return Err("extract.mode = \"free-text\" takes no schema".into());
+            }
+            (Some(other), _) => {
+                return Err(format!(
+                    "extract.mode {other:?}: expected \"schema\" or \"free-text\""
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.limits.max_failed_share) {
+            return Err("limits.max_failed_share must be between 0 and 1".into());
+        }
+        Ok(())
+    }
+}
