@@ -6,6 +6,7 @@ mod engine;
 mod exporter;
 mod extract;
 mod model_dir;
+mod pipeline;
 mod raster;
 mod sink;
 mod source;
