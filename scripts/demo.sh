@@ -19,7 +19,7 @@ if [ -d "$corpus" ]; then
   # A few real scans nobody here made, beside the synthetic ones.
   for f in 000 001 002; do cp -f "$corpus/$f.jpg" "out/demo/inputs/sroie_$f.jpg"; done
 fi
-# Until incremental runs land, each demo run starts from an empty output.
+# A second run over the same output would skip every document (already done): the demo starts afresh.
 rm -rf out/demo/parquet
 echo
 echo "== pixtract run pipelines/demo.toml"

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::{PipelineSpec, run_blocking};
+use super::{PipelineSpec, RunOptions, run_blocking};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -27,6 +27,48 @@ pub struct RunArgs {
     /// Override [limits] max_documents (0: all).
     #[arg(long)]
     pub max_documents: Option<usize>,
+    /// Reprocess documents the output already holds (same ETag/version, schema and model are skipped otherwise).
+    #[arg(long)]
+    pub force: bool,
+    /// Process shard I of N (documents assigned by a stable hash of their URI). Without it, the index comes from
+    /// JOB_COMPLETION_INDEX (Kubernetes Indexed Jobs) or AWS_BATCH_JOB_ARRAY_INDEX (AWS Batch array jobs) and the
+    /// count from PIXTRACT_SHARDS.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<String>,
+}
+
+/// `--shard i/n`, else a scheduler's index variable with PIXTRACT_SHARDS.
+fn shard_from(arg: Option<&str>) -> Result<Option<(u64, u64)>, String> {
+    let parse = |i: &str, n: &str, what: &str| -> Result<Option<(u64, u64)>, String> {
+        let i: u64 = i
+            .trim()
+            .parse()
+            .map_err(|_| format!("{what}: shard index {i:?} is not a number"))?;
+        let n: u64 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("{what}: shard count {n:?} is not a number"))?;
+        if n == 0 || i >= n {
+            return Err(format!(
+                "{what}: shard {i}/{n} is out of range (need 0 <= I < N)"
+            ));
+        }
+        Ok(Some((i, n)))
+    };
+    if let Some(s) = arg {
+        let (i, n) = s
+            .split_once('/')
+            .ok_or_else(|| format!("--shard {s:?}: expected I/N, e.g. 0/4"))?;
+        return parse(i, n, "--shard");
+    }
+    for var in ["JOB_COMPLETION_INDEX", "AWS_BATCH_JOB_ARRAY_INDEX"] {
+        if let Ok(index) = std::env::var(var) {
+            let count = std::env::var("PIXTRACT_SHARDS")
+                .map_err(|_| format!("{var} is set: set PIXTRACT_SHARDS to the number of shards (the job's completions / array size)"))?;
+            return parse(&index, &count, var);
+        }
+    }
+    Ok(None)
 }
 
 /// Exit codes: 0 every row ok; 2 finished with failed documents or rows (each has an error row); 3 aborted by the
@@ -57,6 +99,13 @@ pub fn run(args: RunArgs) -> ExitCode {
     if let Some(v) = args.max_documents {
         spec.limits.max_documents = v;
     }
+    let shard = match shard_from(args.shard.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("pixtract run: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     if let Err(reason) = spec.validate() {
         eprintln!("pixtract run: error: {reason}");
         return ExitCode::FAILURE;
@@ -69,17 +118,25 @@ pub fn run(args: RunArgs) -> ExitCode {
         spec.model.dir.display(),
         spec.model.device
     );
-    match run_blocking(spec) {
+    let opts = RunOptions {
+        force: args.force,
+        shard,
+    };
+    match run_blocking(spec, opts) {
         Err(e) => {
             eprintln!("pixtract run: error: {e}");
             ExitCode::FAILURE
         }
         Ok(s) => {
             println!(
-                "run {}: {} documents ({} failed), {} pages, {} rows ({} ok, {} error) in {:.1} s ({:.2} pages/s, model busy {:.1} s)\ntokens: {} prompt, {} generated\noutput: {} ({} file(s), manifest and _SUCCESS written last)",
+                "run {}{}: {} documents ({} failed, {} skipped as already done), {} pages, {} rows ({} ok, {} error) in {:.1} s ({:.2} pages/s, model busy {:.1} s)\ntokens: {} prompt, {} generated\noutput: {} ({} file(s), manifest and _SUCCESS written last)",
                 s.run_id,
+                s.shard
+                    .map(|(i, n)| format!(" (shard {i}/{n})"))
+                    .unwrap_or_default(),
                 s.documents,
                 s.documents_failed,
+                s.documents_skipped,
                 s.pages,
                 s.rows,
                 s.rows_ok,

@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod spec;
+pub mod state;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -54,6 +55,10 @@ pub struct RunSummary {
     pub pipeline: String,
     pub documents: usize,
     pub documents_failed: usize,
+    /// Documents skipped because an earlier run's output already holds them (same ETag/version, schema, model).
+    pub documents_skipped: usize,
+    /// This run's shard (index, count) when sharded.
+    pub shard: Option<(u64, u64)>,
     pub pages: usize,
     pub rows: usize,
     pub rows_ok: usize,
@@ -71,16 +76,35 @@ pub struct RunSummary {
 /// Inputs for the model stage: one prompt's pages, or a document that failed before the model.
 type ModelInput = Result<PageInput, (SourceInfo, String)>;
 
+/// How this invocation relates to other runs over the same input and output.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Reprocess documents the output already holds.
+    pub force: bool,
+    /// Process only documents whose stable URI hash falls in shard `index` of `count`.
+    pub shard: Option<(u64, u64)>,
+}
+
+/// The shard a document belongs to: first 8 bytes of sha256(uri), modulo the shard count. Stable across runs,
+/// machines and listing order.
+pub fn shard_of(uri: &str, count: u64) -> u64 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(uri.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first) % count.max(1)
+}
+
 /// Runs a pipeline to completion (or to its failure budget). Blocks the calling thread.
-pub fn run_blocking(spec: PipelineSpec) -> Result<RunSummary, PipelineError> {
+pub fn run_blocking(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, PipelineError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(stage("async runtime"))?;
-    rt.block_on(run(spec))
+    rt.block_on(run(spec, opts))
 }
 
-pub async fn run(spec: PipelineSpec) -> Result<RunSummary, PipelineError> {
+pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, PipelineError> {
     let started = Instant::now();
     let run_id = new_run_id();
     let model_dir = ModelDir::open(&spec.model.dir).map_err(stage("model"))?;
@@ -109,6 +133,21 @@ pub async fn run(spec: PipelineSpec) -> Result<RunSummary, PipelineError> {
         partition_key: (!spec.output.partition.is_empty()).then(|| spec.output.partition.clone()),
         max_rows_per_file: spec.output.max_rows_per_file,
         ..SinkConfig::default()
+    };
+    // What earlier runs did, from the output itself: those documents are skipped unless forced.
+    let processed = if opts.force {
+        state::ProcessedSet::default()
+    } else {
+        state::read_processed(&target).await?
+    };
+    let skip = SkipRules {
+        processed: Arc::new(processed),
+        schema_sha: schema
+            .as_ref()
+            .map(|s| s.sha256.clone())
+            .unwrap_or_default(),
+        model_id: manifest.weights_sha256.clone(),
+        shard: opts.shard,
     };
     let row_schema = Arc::new(crate::extract::row_schema(schema.as_ref()));
     let mut sink = ParquetSink::new(target.clone(), sink_config, row_schema, &run_id)
@@ -177,12 +216,12 @@ pub async fn run(spec: PipelineSpec) -> Result<RunSummary, PipelineError> {
     });
 
     // Source + raster + preprocess, feeding the model stage.
-    let produced = produce(&spec, &manifest.image, model_tx, abort.clone()).await;
+    let produced = produce(&spec, &manifest.image, &skip, model_tx, abort.clone()).await;
     let model_result = tokio::task::spawn_blocking(move || model_thread.join())
         .await
         .map_err(stage("model thread"))?;
     let (sink, tally, failure) = writer.await.map_err(stage("writer"))??;
-    let (documents, documents_failed, pages) = produced?;
+    let (documents, documents_failed, pages, documents_skipped) = produced?;
     if let Ok(Err(e)) = model_result {
         return Err(PipelineError::Stage {
             stage: "model",
@@ -196,6 +235,8 @@ pub async fn run(spec: PipelineSpec) -> Result<RunSummary, PipelineError> {
         pipeline: spec.name.clone(),
         documents,
         documents_failed,
+        documents_skipped,
+        shard: opts.shard,
         pages,
         rows: tally.rows,
         rows_ok: tally.ok,
@@ -251,14 +292,23 @@ fn s3_from_env(uri: &str) -> S3Config {
     }
 }
 
+/// Which listed documents this run leaves alone.
+struct SkipRules {
+    processed: Arc<state::ProcessedSet>,
+    schema_sha: String,
+    model_id: String,
+    shard: Option<(u64, u64)>,
+}
+
 /// Lists, fetches and rasterizes documents, groups pages into prompts and prepares their pixels.
-/// Returns (documents, documents failed, pages).
+/// Returns (documents, documents failed, pages, documents skipped as already processed).
 async fn produce(
     spec: &PipelineSpec,
     image: &crate::model::manifest::ImageConfig,
+    skip: &SkipRules,
     model_tx: mpsc::Sender<ModelInput>,
     abort: Arc<AtomicBool>,
-) -> Result<(usize, usize, usize), PipelineError> {
+) -> Result<(usize, usize, usize, usize), PipelineError> {
     let source = Source::open(&spec.source.uri).map_err(stage("source"))?;
     let r = &spec.raster;
     let max_side = if r.max_side == 0 {
@@ -285,9 +335,50 @@ async fn produce(
         exclude: spec.source.exclude.clone(),
         max_bytes: r.max_bytes,
     };
-    let fetched = source
-        .fetch_all(&list, spec.source.fetch_concurrency.max(1))
-        .map_err(stage("source"))?
+    // Listing -> shard and already-done filters (before any fetch) -> bounded concurrent fetches.
+    let skipped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listing = source.list(&list).map_err(stage("source"))?;
+    let (processed, schema_sha, model_id, shard) = (
+        skip.processed.clone(),
+        skip.schema_sha.clone(),
+        skip.model_id.clone(),
+        skip.shard,
+    );
+    let skipped_count = skipped.clone();
+    let fetch_source = source.clone();
+    let max_bytes = r.max_bytes;
+    let fetched = listing
+        .filter(move |item| {
+            let keep = match item {
+                Err(_) => true,
+                Ok(doc) => {
+                    let in_shard = shard.is_none_or(|(i, n)| shard_of(&doc.uri, n) == i);
+                    let key = state::doc_key(
+                        &doc.uri,
+                        doc.etag.as_deref(),
+                        doc.version.as_deref(),
+                        &schema_sha,
+                        &model_id,
+                    );
+                    let done = in_shard && processed.contains(&key);
+                    if done {
+                        skipped_count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    in_shard && !done
+                }
+            };
+            futures::future::ready(keep)
+        })
+        .map(move |item| {
+            let source = fetch_source.clone();
+            async move {
+                match item {
+                    Ok(doc) => source.fetch(&doc, max_bytes).await,
+                    Err(e) => Err(e),
+                }
+            }
+        })
+        .buffered(spec.source.fetch_concurrency.max(1))
         .map(|item| item.map_err(RasterError::from));
     let preprocessor = ImagePreprocessor::from_config(image);
     let per_prompt = spec.extract.pages_per_prompt.max(1);
@@ -357,7 +448,7 @@ async fn produce(
             }
         }
     }
-    Ok((documents, failed, pages))
+    Ok((documents, failed, pages, skipped.load(Ordering::SeqCst)))
 }
 
 async fn send(tx: &mpsc::Sender<ModelInput>, input: ModelInput) -> Result<(), PipelineError> {

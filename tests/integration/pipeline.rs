@@ -73,7 +73,10 @@ fn run_turns_a_folder_into_parquet_with_error_rows_for_bad_documents() {
     let t = text(&out);
     // Some documents failed, each with its row: exit code 2, not a crash.
     assert_eq!(out.status.code(), Some(2), "{t}");
-    assert!(t.contains("5 documents (3 failed), 3 pages, 6 rows"), "{t}");
+    assert!(
+        t.contains("5 documents (3 failed, 0 skipped as already done), 3 pages, 6 rows"),
+        "{t}"
+    );
 
     let glob = format!("{}/**/*.parquet", output.display());
     let rows = duckdb(&format!(
@@ -163,4 +166,145 @@ fn run_refuses_bad_specs_before_doing_work() {
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(t.contains("/nonexistent/model/pixtract-model.json"), "{t}");
+}
+
+/// Eight small documents (copies of reference images under different names).
+fn small_inputs(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let refs = ["rgba", "grayscale", "tiny_image", "system_prompt"];
+    for i in 0..8 {
+        let src = tiny_model().join(format!("reference/{}/image0.png", refs[i % refs.len()]));
+        std::fs::copy(src, dir.join(format!("doc{i}.png"))).unwrap();
+    }
+}
+
+fn rows_by_uri(output: &Path) -> Vec<(String, String)> {
+    let glob = format!("{}/**/*.parquet", output.display());
+    duckdb(&format!(
+        "SELECT regexp_replace(source_uri, '.*/', ''), run_id FROM read_parquet('{glob}', hive_partitioning = true) ORDER BY 1, 2"
+    ))
+    .lines()
+    .map(|l| {
+        let (a, b) = l.split_once('|').unwrap();
+        (a.to_string(), b.to_string())
+    })
+    .collect()
+}
+
+#[test]
+fn second_run_skips_done_documents_and_a_touched_file_is_redone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = tmp.path().join("in");
+    small_inputs(&inputs);
+    let output = tmp.path().join("out");
+    let spec = write_spec(tmp.path(), &inputs, &output);
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", spec.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = pixtract(&args, &[], &repo_root());
+        let t = text(&out);
+        assert!(matches!(out.status.code(), Some(0 | 2)), "{t}");
+        t
+    };
+    let first = run(&[]);
+    assert!(
+        first.contains("8 documents (0 failed, 0 skipped as already done)"),
+        "{first}"
+    );
+    assert_eq!(rows_by_uri(&output).len(), 8);
+
+    let second = run(&[]);
+    assert!(
+        second.contains("0 documents (0 failed, 8 skipped as already done)"),
+        "{second}"
+    );
+    assert_eq!(rows_by_uri(&output).len(), 8, "nothing new written");
+
+    // A changed file (new mtime -> new ETag) is processed again; only it.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let doc = inputs.join("doc3.png");
+    let bytes = std::fs::read(&doc).unwrap();
+    std::fs::write(&doc, &bytes).unwrap();
+    let third = run(&[]);
+    assert!(
+        third.contains("1 documents (0 failed, 7 skipped as already done)"),
+        "{third}"
+    );
+    let rows = rows_by_uri(&output);
+    assert_eq!(
+        rows.iter().filter(|(u, _)| u == "doc3.png").count(),
+        2,
+        "{rows:?}"
+    );
+    assert_eq!(rows.len(), 9);
+
+    let forced = run(&["--force"]);
+    assert!(
+        forced.contains("8 documents (0 failed, 0 skipped as already done)"),
+        "{forced}"
+    );
+}
+
+#[test]
+fn four_concurrent_shards_cover_the_input_exactly_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = tmp.path().join("in");
+    small_inputs(&inputs);
+    let output = tmp.path().join("out");
+    let spec = write_spec(tmp.path(), &inputs, &output);
+    // Kubernetes Indexed Job style, one after another: the index from the scheduler, the count from the job spec.
+    for i in 0..4 {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pixtract"))
+            .args(["run", spec.to_str().unwrap()])
+            .current_dir(repo_root())
+            .env("PIXTRACT_VENV", repo_root().join(".venv"))
+            .env("JOB_COMPLETION_INDEX", i.to_string())
+            .env("PIXTRACT_SHARDS", "4")
+            .output()
+            .expect("run shard");
+        let t = text(&out);
+        assert!(matches!(out.status.code(), Some(0 | 2)), "{t}");
+        assert!(t.contains(&format!("(shard {i}/4)")), "{t}");
+    }
+    // The same four shards at once with --shard, into a second output.
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_pixtract"))
+                .args([
+                    "run",
+                    spec.to_str().unwrap(),
+                    "--force",
+                    "--shard",
+                    &format!("{i}/4"),
+                ])
+                .current_dir(repo_root())
+                .env("PIXTRACT_VENV", repo_root().join(".venv"))
+                .env("PIXTRACT_OUTPUT", tmp.path().join("out2"))
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn shard")
+        })
+        .collect();
+    let mut total = 0;
+    for h in handles {
+        let out = h.wait_with_output().unwrap();
+        let t = text(&out);
+        assert!(matches!(out.status.code(), Some(0 | 2)), "{t}");
+        assert!(t.contains("/4)"), "{t}");
+        total += 1;
+    }
+    assert_eq!(total, 4);
+    for out in [&output, &tmp.path().join("out2")] {
+        let rows = rows_by_uri(out);
+        let mut names: Vec<&str> = rows.iter().map(|(u, _)| u.as_str()).collect();
+        names.dedup();
+        assert_eq!(rows.len(), 8, "every document exactly once: {rows:?}");
+        assert_eq!(names.len(), 8, "{rows:?}");
+        let runs: std::collections::BTreeSet<&str> = rows.iter().map(|(_, r)| r.as_str()).collect();
+        assert!(
+            runs.len() > 1,
+            "documents were spread over shards: {rows:?}"
+        );
+    }
 }

@@ -1,0 +1,178 @@
+//! What earlier runs already did, read from the output itself (the single source of truth): every visible
+//! Parquet file is complete (files appear atomically), and its rows say which document, at which ETag/version,
+//! with which schema and model, covered which pages.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::Int32Type;
+use futures::TryStreamExt;
+use object_store::ObjectStore;
+use object_store::buffered::BufReader;
+use object_store::path::Path as ObjectPath;
+use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
+
+use super::PipelineError;
+use crate::sink::SinkTarget;
+
+/// Identity of a processed document: (uri, etag or version, schema sha256, model id).
+pub type DocKey = (String, String, String, String);
+
+#[derive(Debug, Default)]
+pub struct ProcessedSet {
+    done: HashSet<DocKey>,
+    pub files_read: usize,
+}
+
+impl ProcessedSet {
+    pub fn contains(&self, key: &DocKey) -> bool {
+        self.done.contains(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.done.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.done.is_empty()
+    }
+}
+
+/// The document's key for skipping: its version when the store has versions, else its ETag.
+pub fn doc_key(
+    uri: &str,
+    etag: Option<&str>,
+    version: Option<&str>,
+    schema: &str,
+    model: &str,
+) -> DocKey {
+    (
+        uri.to_string(),
+        version.or(etag).unwrap_or_default().to_string(),
+        schema.to_string(),
+        model.to_string(),
+    )
+}
+
+/// Reads every committed Parquet file under the target. A document counts as processed when its rows reach its
+/// last page, or when it has a document-level error row (page 0: it never rendered).
+pub async fn read_processed(target: &SinkTarget) -> Result<ProcessedSet, PipelineError> {
+    let (store, prefix): (Arc<dyn ObjectStore>, Option<ObjectPath>) = match target {
+        SinkTarget::Local(dir) => {
+            if !dir.is_dir() {
+                return Ok(ProcessedSet::default());
+            }
+            let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
+                .map_err(super::stage("output state"))?;
+            (Arc::new(fs), None)
+        }
+        SinkTarget::Store { store, prefix, .. } => (
+            store.clone(),
+            (!prefix.as_ref().is_empty()).then(|| prefix.clone()),
+        ),
+    };
+    let files: Vec<_> = store
+        .list(prefix.as_ref())
+        .try_filter(|m| {
+            let name = m.location.filename().unwrap_or_default();
+            futures::future::ready(name.ends_with(".parquet") && !name.starts_with('.'))
+        })
+        .try_collect()
+        .await
+        .map_err(super::stage("output state"))?;
+    // Per key: highest page reached, page count, document-level error seen.
+    let mut cover: HashMap<DocKey, (i32, Option<i32>, bool)> = HashMap::new();
+    let mut set = ProcessedSet::default();
+    for meta in files {
+        let reader = BufReader::new(store.clone(), &meta);
+        let builder = ParquetRecordBatchStreamBuilder::new(reader)
+            .await
+            .map_err(super::stage("output state"))?;
+        let columns = [
+            "source_uri",
+            "source_etag",
+            "source_version",
+            "schema_sha256",
+            "model_id",
+            "page_start",
+            "page_end",
+            "doc_page_count",
+        ];
+        let schema = builder.schema().clone();
+        let mut indices = Vec::new();
+        for c in columns {
+            match schema.index_of(c) {
+                Ok(i) => indices.push(i),
+                // Not one of ours: nothing to learn from it.
+                Err(_) => continue,
+            }
+        }
+        if indices.len() != columns.len() {
+            continue;
+        }
+        let mask = ProjectionMask::roots(builder.parquet_schema(), indices);
+        let mut stream = builder
+            .with_projection(mask)
+            .build()
+            .map_err(super::stage("output state"))?;
+        set.files_read += 1;
+        while let Some(batch) = stream
+            .try_next()
+            .await
+            .map_err(super::stage("output state"))?
+        {
+            let text = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .map(|c| c.as_string::<i32>().clone())
+            };
+            let int = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .map(|c| c.as_primitive::<Int32Type>().clone())
+            };
+            let (Some(uri), Some(etag), Some(version), Some(schema_sha), Some(model)) = (
+                text("source_uri"),
+                text("source_etag"),
+                text("source_version"),
+                text("schema_sha256"),
+                text("model_id"),
+            ) else {
+                continue;
+            };
+            let (Some(start), Some(end), Some(count)) =
+                (int("page_start"), int("page_end"), int("doc_page_count"))
+            else {
+                continue;
+            };
+            for i in 0..batch.num_rows() {
+                let opt =
+                    |a: &arrow::array::StringArray| (!a.is_null(i)).then(|| a.value(i).to_string());
+                let key = doc_key(
+                    uri.value(i),
+                    opt(&etag).as_deref(),
+                    opt(&version).as_deref(),
+                    &opt(&schema_sha).unwrap_or_default(),
+                    &opt(&model).unwrap_or_default(),
+                );
+                let entry = cover.entry(key).or_insert((0, None, false));
+                if !end.is_null(i) {
+                    entry.0 = entry.0.max(end.value(i));
+                }
+                if !count.is_null(i) {
+                    entry.1 = Some(count.value(i));
+                }
+                if !start.is_null(i) && start.value(i) == 0 {
+                    entry.2 = true;
+                }
+            }
+        }
+    }
+    for (key, (reached, count, doc_error)) in cover {
+        if doc_error || count.is_some_and(|c| reached >= c) {
+            set.done.insert(key);
+        }
+    }
+    Ok(set)
+}
