@@ -27,7 +27,8 @@ enum Command {
     ///
     /// Every document ends as rows: one per prompt (page, or group of pages), or an error row saying why it failed.
     /// Files appear only when complete; a manifest and _SUCCESS are written last. Exit codes: 0 all rows ok,
-    /// 2 finished with failed documents/rows, 3 aborted by the failure budget, 1 could not run.
+    /// 2 finished with failed documents/rows, 3 stopped early (failure budget, SIGINT/SIGTERM: in-flight work is
+    /// finished and committed, the next run does the rest), 1 could not run.
     ///
     /// Examples:
     ///

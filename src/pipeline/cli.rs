@@ -71,8 +71,9 @@ fn shard_from(arg: Option<&str>) -> Result<Option<(u64, u64)>, String> {
     Ok(None)
 }
 
-/// Exit codes: 0 every row ok; 2 finished with failed documents or rows (each has an error row); 3 aborted by the
-/// failure budget (what was done is committed); 1 could not run (bad spec, model, output).
+/// Exit codes: 0 every row ok; 2 finished with failed documents or rows (each has an error row); 3 stopped early
+/// by the failure budget or SIGINT/SIGTERM (what was done is committed; the next run does the rest); 1 could not
+/// run (bad spec, model, output).
 pub fn run(args: RunArgs) -> ExitCode {
     let mut spec = match PipelineSpec::load(&args.spec) {
         Ok(s) => s,

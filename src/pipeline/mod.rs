@@ -107,6 +107,39 @@ pub fn run_blocking(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, 
 pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, PipelineError> {
     let started = Instant::now();
     let run_id = new_run_id();
+    let abort = Arc::new(AtomicBool::new(false));
+    // Installed first, so a signal during start-up is handled too.
+    // SIGINT/SIGTERM: stop taking new documents, finish what is in flight, commit it, and say so. A second
+    // signal is left to the default handler's successor: the process ends, and the output is still resumable
+    // because only complete files are ever visible.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let signal_task = {
+        let (abort, interrupted) = (abort.clone(), interrupted.clone());
+        tokio::spawn(async move {
+            let term = async {
+                #[cfg(unix)]
+                if let Ok(mut s) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                {
+                    s.recv().await;
+                    return;
+                }
+                std::future::pending::<()>().await
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term => {}
+            }
+            eprintln!(
+                "pixtract run: signal received: finishing documents in flight, then committing (repeat to abort)"
+            );
+            interrupted.store(true, Ordering::SeqCst);
+            abort.store(true, Ordering::SeqCst);
+            let _ = tokio::signal::ctrl_c().await;
+            std::process::exit(130);
+        })
+    };
+
     let model_dir = ModelDir::open(&spec.model.dir).map_err(stage("model"))?;
     let manifest = model_dir.manifest.clone();
     let device: Device = spec.model.device.parse().map_err(stage("model"))?;
@@ -179,7 +212,6 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
     }
 
     // Writer: rows to Parquet as they come.
-    let abort = Arc::new(AtomicBool::new(false));
     let limits = spec.limits.clone();
     let writer_abort = abort.clone();
     let writer = tokio::spawn(async move {
@@ -229,6 +261,12 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
         });
     }
 
+    signal_task.abort();
+    let failure = if interrupted.load(Ordering::SeqCst) {
+        Some("interrupted by a signal: documents not started are left for the next run".to_string())
+    } else {
+        failure
+    };
     let seconds = started.elapsed().as_secs_f64();
     let mut summary = RunSummary {
         run_id: run_id.clone(),
