@@ -70,6 +70,35 @@ pub fn run(args: EngineBenchArgs) -> ExitCode {
     }
 }
 
+/// A reference case (`<model>/reference/<name>/case.json` with its PNGs) encoded for `engine`, with the case's
+/// JSON (expected ids, logits, tokens). Shared by this bench and the parity tests.
+pub fn load_reference_case(
+    engine: &PixtralEngine,
+    dir: &Path,
+) -> anyhow::Result<(serde_json::Value, EncodedPrompt)> {
+    let text = std::fs::read_to_string(dir.join("case.json"))
+        .with_context(|| format!("reference case {} (run scripts/setup.sh)", dir.display()))?;
+    let case: serde_json::Value = serde_json::from_str(&text)?;
+    let mut parts = Vec::new();
+    for part in case["content"].as_array().into_iter().flatten() {
+        match part["type"].as_str() {
+            Some("image") => {
+                let file = dir.join(part["file"].as_str().unwrap_or_default());
+                let img = image::open(&file).with_context(|| format!("{}", file.display()))?;
+                parts.push(PromptPart::Image(engine.preprocessor.prepare(&img)?));
+            }
+            _ => parts.push(PromptPart::Text(
+                part["text"].as_str().unwrap_or_default().to_string(),
+            )),
+        }
+    }
+    let prompt = engine.tokenizer.encode(Prompt {
+        system: case["system"].as_str().map(str::to_string),
+        parts,
+    })?;
+    Ok((case, prompt))
+}
+
 fn load_prompts(
     engine: &PixtralEngine,
     model: &Path,
@@ -77,27 +106,7 @@ fn load_prompts(
 ) -> anyhow::Result<Vec<EncodedPrompt>> {
     let mut out = Vec::new();
     for name in cases.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let dir = model.join("reference").join(name);
-        let text = std::fs::read_to_string(dir.join("case.json"))
-            .with_context(|| format!("reference case {} (run scripts/setup.sh)", dir.display()))?;
-        let case: serde_json::Value = serde_json::from_str(&text)?;
-        let mut parts = Vec::new();
-        for part in case["content"].as_array().into_iter().flatten() {
-            match part["type"].as_str() {
-                Some("image") => {
-                    let file = dir.join(part["file"].as_str().unwrap_or_default());
-                    let img = image::open(&file).with_context(|| format!("{}", file.display()))?;
-                    parts.push(PromptPart::Image(engine.preprocessor.prepare(&img)?));
-                }
-                _ => parts.push(PromptPart::Text(
-                    part["text"].as_str().unwrap_or_default().to_string(),
-                )),
-            }
-        }
-        out.push(engine.tokenizer.encode(Prompt {
-            system: case["system"].as_str().map(str::to_string),
-            parts,
-        })?);
+        out.push(load_reference_case(engine, &model.join("reference").join(name))?.1);
     }
     if out.is_empty() {
         bail!("no cases given");

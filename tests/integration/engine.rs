@@ -8,7 +8,6 @@ use std::sync::Mutex;
 use pixtract::model::runtime::Threads;
 use pixtract::model::{
     BatchPolicy, Device, EncodedPrompt, EngineOptions, GenerationConfig, NoHook, PixtralEngine,
-    Prompt, PromptPart,
 };
 use serde_json::Value;
 
@@ -51,25 +50,11 @@ fn case_dirs() -> Vec<PathBuf> {
 }
 
 pub fn load_case(engine: &PixtralEngine, dir: &Path) -> Case {
-    let json = read_json(&dir.join("case.json"));
-    let mut parts = Vec::new();
-    for part in json["content"].as_array().unwrap() {
-        if part["type"] == "image" {
-            let img = image::open(dir.join(part["file"].as_str().unwrap())).expect("fixture PNG");
-            parts.push(PromptPart::Image(
-                engine.preprocessor.prepare(&img).expect("prepare"),
-            ));
-        } else {
-            parts.push(PromptPart::Text(part["text"].as_str().unwrap().to_string()));
-        }
-    }
-    let prompt = Prompt {
-        system: json["system"].as_str().map(str::to_string),
-        parts,
-    };
+    let (json, prompt) = pixtract::model::bench::load_reference_case(engine, dir)
+        .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
     Case {
         name: json["name"].as_str().unwrap().to_string(),
-        prompt: engine.tokenizer.encode(prompt).expect("encode"),
+        prompt,
         json,
     }
 }
