@@ -108,6 +108,7 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
     let started = Instant::now();
     let run_id = new_run_id();
     let abort = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(Progress::default());
     // Installed first, so a signal during start-up is handled too.
     // SIGINT/SIGTERM: stop taking new documents, finish what is in flight, commit it, and say so. A second
     // signal is left to the default handler's successor: the process ends, and the output is still resumable
@@ -214,6 +215,7 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
     // Writer: rows to Parquet as they come.
     let limits = spec.limits.clone();
     let writer_abort = abort.clone();
+    let writer_progress = progress.clone();
     let writer = tokio::spawn(async move {
         let mut tally = RowTally::default();
         let mut failure: Option<String> = None;
@@ -229,6 +231,13 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
                 tally.prompt_tokens += r.prompt_tokens.unwrap_or(0) as u64;
                 tally.generated_tokens += r.generated_tokens.unwrap_or(0) as u64;
             }
+            writer_progress.rows.store(tally.rows, Ordering::Relaxed);
+            writer_progress
+                .rows_failed
+                .store(tally.failed, Ordering::Relaxed);
+            writer_progress
+                .generated_tokens
+                .store(tally.generated_tokens, Ordering::Relaxed);
             let batch = to_record_batch(schema.as_ref(), &ctx, &records).map_err(stage("rows"))?;
             sink.write(&batch).await.map_err(stage("output"))?;
             if failure.is_none()
@@ -248,7 +257,16 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
     });
 
     // Source + raster + preprocess, feeding the model stage.
-    let produced = produce(&spec, &manifest.image, &skip, model_tx, abort.clone()).await;
+    let display = spawn_progress(progress.clone(), started);
+    let produced = produce(
+        &spec,
+        &manifest.image,
+        &skip,
+        &progress,
+        model_tx,
+        abort.clone(),
+    )
+    .await;
     let model_result = tokio::task::spawn_blocking(move || model_thread.join())
         .await
         .map_err(stage("model thread"))?;
@@ -262,6 +280,7 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
     }
 
     signal_task.abort();
+    display.abort();
     let failure = if interrupted.load(Ordering::SeqCst) {
         Some("interrupted by a signal: documents not started are left for the next run".to_string())
     } else {
@@ -292,6 +311,62 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
     let written = sink.finish(manifest_value).await.map_err(stage("output"))?;
     summary.files = written.files.iter().map(|f| f.path.clone()).collect();
     Ok(summary)
+}
+
+/// Live counters, shared by the stages and the progress display.
+#[derive(Debug, Default)]
+struct Progress {
+    documents: std::sync::atomic::AtomicUsize,
+    failed: std::sync::atomic::AtomicUsize,
+    pages: std::sync::atomic::AtomicUsize,
+    rows: std::sync::atomic::AtomicUsize,
+    rows_failed: std::sync::atomic::AtomicUsize,
+    generated_tokens: std::sync::atomic::AtomicU64,
+}
+
+impl Progress {
+    fn line(&self, started: Instant) -> String {
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        let pages = self.pages.load(Ordering::Relaxed);
+        format!(
+            "documents {} ({} failed) | pages {} ({:.2}/s) | rows {} ({} error) | {:.0} generated tokens/s",
+            self.documents.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            pages,
+            pages as f64 / secs,
+            self.rows.load(Ordering::Relaxed),
+            self.rows_failed.load(Ordering::Relaxed),
+            self.generated_tokens.load(Ordering::Relaxed) as f64 / secs,
+        )
+    }
+}
+
+/// A spinner with live counts on a terminal; a plain line every 10 s otherwise (logs of scheduled jobs).
+fn spawn_progress(progress: Arc<Progress>, started: Instant) -> tokio::task::JoinHandle<()> {
+    use std::io::IsTerminal;
+    tokio::spawn(async move {
+        if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            loop {
+                bar.set_message(progress.line(started));
+                bar.tick();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        } else {
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                eprintln!(
+                    "[{:.0} s] {}",
+                    started.elapsed().as_secs_f64(),
+                    progress.line(started)
+                );
+            }
+        }
+    })
 }
 
 #[derive(Debug, Default)]
@@ -344,6 +419,7 @@ async fn produce(
     spec: &PipelineSpec,
     image: &crate::model::manifest::ImageConfig,
     skip: &SkipRules,
+    progress: &Progress,
     model_tx: mpsc::Sender<ModelInput>,
     abort: Arc<AtomicBool>,
 ) -> Result<(usize, usize, usize, usize), PipelineError> {
@@ -429,6 +505,7 @@ async fn produce(
             break;
         }
         documents += 1;
+        progress.documents.store(documents, Ordering::Relaxed);
         let info = doc.doc.clone();
         let source_info = |start: usize, end: usize, count: Option<usize>| SourceInfo {
             uri: info.uri.clone(),
@@ -445,6 +522,7 @@ async fn produce(
             match item {
                 Ok(page) => {
                     pages += 1;
+                    progress.pages.store(pages, Ordering::Relaxed);
                     render += page.render_time;
                     let (index, count, last) = (page.page_index, page.page_count, page.is_last());
                     if group.is_empty() {
@@ -480,6 +558,7 @@ async fn produce(
                 }
                 Err(e) => {
                     failed += 1;
+                    progress.failed.store(failed, Ordering::Relaxed);
                     send(&model_tx, Err((source_info(0, 0, None), e.to_string()))).await?;
                     break;
                 }
