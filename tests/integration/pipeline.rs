@@ -447,3 +447,128 @@ fn sigint_finishes_in_flight_work_and_the_next_run_does_the_rest() {
     names.dedup();
     assert_eq!((rows.len(), names.len()), (32, 32), "{rows:?}");
 }
+
+#[test]
+fn four_shards_over_an_s3_prefix_write_parquet_to_s3_exactly_once() {
+    use futures::TryStreamExt;
+    use object_store::{ObjectStoreExt, PutPayload};
+    let moto = crate::util::Moto::start();
+    moto.create_bucket("lake");
+    let store = moto.store("lake");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let names: Vec<String> = (0..8).map(|i| format!("in/doc{i}.png")).collect();
+    let refs = ["rgba", "grayscale", "tiny_image", "system_prompt"];
+    rt.block_on(async {
+        for (i, name) in names.iter().enumerate() {
+            let bytes =
+                std::fs::read(tiny_model().join(format!("reference/{}/image0.png", refs[i % 4])))
+                    .unwrap();
+            store
+                .put(
+                    &object_store::path::Path::from(name.as_str()),
+                    PutPayload::from(bytes),
+                )
+                .await
+                .unwrap();
+        }
+        // Not a document: the include glob leaves it out.
+        store
+            .put(
+                &object_store::path::Path::from("in/notes.txt"),
+                PutPayload::from(b"x".to_vec()),
+            )
+            .await
+            .unwrap();
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = write_spec(
+        tmp.path(),
+        Path::new("s3://lake/in/"),
+        Path::new("s3://lake/out/"),
+    );
+    let text_spec = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("[raster]", "include = [\"*.png\"]\n[raster]");
+    std::fs::write(&spec, text_spec).unwrap();
+    let env = moto.env();
+    let children: Vec<_> = (0..4)
+        .map(|i| {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pixtract"));
+            cmd.args(["run", spec.to_str().unwrap(), "--shard", &format!("{i}/4")])
+                .current_dir(repo_root())
+                .env("PIXTRACT_VENV", repo_root().join(".venv"))
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            for (k, v) in &env {
+                cmd.env(k, v);
+            }
+            cmd.spawn().expect("spawn shard")
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        let t = text(&out);
+        assert!(matches!(out.status.code(), Some(0 | 2)), "{t}");
+    }
+    // Every committed object under out/, copied down for DuckDB (no httpfs offline).
+    let local = tmp.path().join("copy");
+    let objects: Vec<_> = rt.block_on(async {
+        store
+            .list(Some(&object_store::path::Path::from("out")))
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap()
+    });
+    let parquet: Vec<_> = objects
+        .iter()
+        .filter(|m| m.location.as_ref().ends_with(".parquet"))
+        .collect();
+    assert!(
+        parquet.len() >= 2,
+        "one file per shard that had documents: {objects:?}"
+    );
+    assert_eq!(
+        objects
+            .iter()
+            .filter(|m| m.location.as_ref().ends_with("_SUCCESS"))
+            .count(),
+        1,
+        "one partition, _SUCCESS written by the shards: {objects:?}"
+    );
+    for m in &parquet {
+        let bytes =
+            rt.block_on(async { store.get(&m.location).await.unwrap().bytes().await.unwrap() });
+        let path = local.join(m.location.as_ref());
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+    let rows = rows_by_uri(&local);
+    let uris: Vec<&str> = rows.iter().map(|(u, _)| u.as_str()).collect();
+    let mut unique = uris.clone();
+    unique.dedup();
+    assert_eq!((uris.len(), unique.len()), (8, 8), "{rows:?}");
+    let glob = format!("{}/**/*.parquet", local.display());
+    let sources = duckdb(&format!(
+        "SELECT DISTINCT source_uri FROM read_parquet('{glob}') ORDER BY 1"
+    ));
+    assert!(
+        sources.lines().all(|l| l.starts_with("s3://lake/in/doc")),
+        "{sources}"
+    );
+
+    // A second sharded pass finds everything done, reading the state back from S3.
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pixtract"));
+    cmd.args(["run", spec.to_str().unwrap(), "--shard", "0/4"])
+        .current_dir(repo_root())
+        .env("PIXTRACT_VENV", repo_root().join(".venv"));
+    for (k, v) in &env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let t = text(&out);
+    assert!(t.contains("0 documents (0 failed,"), "{t}");
+    assert!(
+        !t.contains(", 0 skipped as already done)"),
+        "shard 0 had documents to skip: {t}"
+    );
+}
