@@ -368,6 +368,18 @@ fn present<'a>(v: &Option<&'a Node>) -> Option<&'a Node> {
     v.filter(|n| !n.is_null())
 }
 
+/// Per-row scalar values: absent or JSON null stays null, every other node goes through `convert` (which says
+/// what it expected when the node does not fit).
+fn scalars<'a, T>(
+    values: &[Option<&'a Node>],
+    convert: impl Fn(&'a Node) -> Result<T, ExtractError>,
+) -> Result<Vec<Option<T>>, ExtractError> {
+    values
+        .iter()
+        .map(|v| present(v).map(&convert).transpose())
+        .collect()
+}
+
 /// One column for `def` from per-row nodes (`None` or JSON null = null).
 fn build_array(
     def: &FieldDef,
@@ -375,113 +387,47 @@ fn build_array(
     path: &str,
 ) -> Result<ArrayRef, ExtractError> {
     Ok(match &def.ty {
-        FieldType::Utf8 => {
-            let mut out = Vec::with_capacity(values.len());
-            for v in values {
-                out.push(match present(v) {
-                    None => None,
-                    Some(n) => match &n.value {
-                        NodeValue::String(s) => Some(s.as_str()),
-                        _ => return Err(mismatch(path, "a string", n)),
-                    },
-                });
-            }
-            Arc::new(StringArray::from(out))
-        }
-        FieldType::Int64 => {
-            let mut out = Vec::with_capacity(values.len());
-            for v in values {
-                out.push(match present(v) {
-                    None => None,
-                    Some(n) => match &n.value {
-                        NodeValue::Number(t) => Some(
-                            t.parse::<i64>()
-                                .map_err(|_| mismatch(path, "an integer", n))?,
-                        ),
-                        _ => return Err(mismatch(path, "an integer", n)),
-                    },
-                });
-            }
-            Arc::new(Int64Array::from(out))
-        }
-        FieldType::Float64 => {
-            let mut out = Vec::with_capacity(values.len());
-            for v in values {
-                out.push(match present(v) {
-                    None => None,
-                    Some(n) => match &n.value {
-                        NodeValue::Number(t) => Some(
-                            t.parse::<f64>()
-                                .map_err(|_| mismatch(path, "a number", n))?,
-                        ),
-                        _ => return Err(mismatch(path, "a number", n)),
-                    },
-                });
-            }
-            Arc::new(Float64Array::from(out))
-        }
+        FieldType::Utf8 => Arc::new(StringArray::from(scalars(values, |n| match &n.value {
+            NodeValue::String(s) => Ok(s.as_str()),
+            _ => Err(mismatch(path, "a string", n)),
+        })?)),
+        FieldType::Int64 => Arc::new(Int64Array::from(scalars(values, |n| match &n.value {
+            NodeValue::Number(t) => t
+                .parse::<i64>()
+                .map_err(|_| mismatch(path, "an integer", n)),
+            _ => Err(mismatch(path, "an integer", n)),
+        })?)),
+        FieldType::Float64 => Arc::new(Float64Array::from(scalars(values, |n| match &n.value {
+            NodeValue::Number(t) => t.parse::<f64>().map_err(|_| mismatch(path, "a number", n)),
+            _ => Err(mismatch(path, "a number", n)),
+        })?)),
         FieldType::Decimal { precision, scale } => {
-            let mut out = Vec::with_capacity(values.len());
-            for v in values {
-                out.push(match present(v) {
-                    None => None,
-                    Some(n) => match &n.value {
-                        NodeValue::Number(t) => {
-                            Some(parse_decimal(t, *precision, *scale).ok_or_else(|| {
-                                mismatch(path, &format!("a Decimal({precision}, {scale})"), n)
-                            })?)
-                        }
-                        _ => return Err(mismatch(path, "a number", n)),
-                    },
-                });
-            }
+            let out = scalars(values, |n| match &n.value {
+                NodeValue::Number(t) => parse_decimal(t, *precision, *scale)
+                    .ok_or_else(|| mismatch(path, &format!("a Decimal({precision}, {scale})"), n)),
+                _ => Err(mismatch(path, "a number", n)),
+            })?;
             Arc::new(
                 Decimal128Array::from(out)
                     .with_precision_and_scale(*precision, *scale)
                     .map_err(arrow_err)?,
             )
         }
-        FieldType::Boolean => {
-            let mut out = Vec::with_capacity(values.len());
-            for v in values {
-                out.push(match present(v) {
-                    None => None,
-                    Some(n) => match &n.value {
-                        NodeValue::Bool(b) => Some(*b),
-                        _ => return Err(mismatch(path, "a boolean", n)),
-                    },
-                });
-            }
-            Arc::new(BooleanArray::from(out))
-        }
-        FieldType::Date32 => {
-            let mut out = Vec::with_capacity(values.len());
-            for v in values {
-                out.push(match present(v) {
-                    None => None,
-                    Some(n) => match &n.value {
-                        NodeValue::String(s) => {
-                            Some(parse_date(s).ok_or_else(|| mismatch(path, "a date", n))?)
-                        }
-                        _ => return Err(mismatch(path, "a date", n)),
-                    },
-                });
-            }
-            Arc::new(Date32Array::from(out))
-        }
+        FieldType::Boolean => Arc::new(BooleanArray::from(scalars(values, |n| match &n.value {
+            NodeValue::Bool(b) => Ok(*b),
+            _ => Err(mismatch(path, "a boolean", n)),
+        })?)),
+        FieldType::Date32 => Arc::new(Date32Array::from(scalars(values, |n| match &n.value {
+            NodeValue::String(s) => parse_date(s).ok_or_else(|| mismatch(path, "a date", n)),
+            _ => Err(mismatch(path, "a date", n)),
+        })?)),
         FieldType::TimestampUs => {
-            let mut out = Vec::with_capacity(values.len());
-            for v in values {
-                out.push(match present(v) {
-                    None => None,
-                    Some(n) => match &n.value {
-                        NodeValue::String(s) => Some(
-                            parse_timestamp(s).ok_or_else(|| mismatch(path, "a date-time", n))?,
-                        ),
-                        _ => return Err(mismatch(path, "a date-time", n)),
-                    },
-                });
-            }
+            let out = scalars(values, |n| match &n.value {
+                NodeValue::String(s) => {
+                    parse_timestamp(s).ok_or_else(|| mismatch(path, "a date-time", n))
+                }
+                _ => Err(mismatch(path, "a date-time", n)),
+            })?;
             Arc::new(TimestampMicrosecondArray::from(out).with_timezone("UTC"))
         }
         FieldType::Struct(children) => {
