@@ -95,7 +95,14 @@ pub fn sample_invoice_pdf(pages: usize) -> Vec<u8> {
         kids.join(" ")
     )
     .into_bytes();
-    let mut out = b"%PDF-1.4\n".to_vec();
+    pdf_from_objects(&objects)
+}
+
+/// A PDF file from its objects (numbered 1.. in order, object 1 the catalog), with a classic xref table.
+/// Generated test and bench documents share it.
+pub fn pdf_from_objects(objects: &[Vec<u8>]) -> Vec<u8> {
+    // The binary comment marks the file as binary for tools that sniff the second line.
+    let mut out = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n".to_vec();
     let mut offsets = Vec::new();
     for (i, o) in objects.iter().enumerate() {
         offsets.push(out.len());
