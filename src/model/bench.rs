@@ -14,7 +14,6 @@ use super::{
     Device, EncodedPrompt, EngineOptions, GenerationConfig, NoHook, PixtralEngine, Prompt,
     PromptPart,
 };
-use crate::native::{NativeLibrary, SearchPaths};
 
 const DEFAULT_CASES: &str = "grayscale,rgba,system_prompt,multilingual_image,tall_receipt,text_only,multilingual,two_images";
 
@@ -115,8 +114,7 @@ fn load_prompts(
 }
 
 fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
-    let search = SearchPaths::from_env();
-    let rt = super::OrtRuntime::load(search.locate(NativeLibrary::OnnxRuntime)?)?;
+    let rt = super::OrtRuntime::load_from_env()?;
     let opts = EngineOptions {
         device: Device::Cpu,
         threads: Threads {

@@ -12,7 +12,6 @@ use super::{
     BatchPolicy, Device, EngineOptions, GenerationConfig, NoHook, PixtralEngine, Prompt,
     PromptPart, Sampling,
 };
-use crate::native::{NativeLibrary, SearchPaths};
 
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
@@ -68,8 +67,7 @@ fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if args.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }
-    let lib = SearchPaths::from_env().locate(NativeLibrary::OnnxRuntime)?;
-    let rt = super::OrtRuntime::load(lib)?;
+    let rt = super::OrtRuntime::load_from_env()?;
     let opts = EngineOptions {
         device: args.device,
         threads: Threads {

@@ -53,6 +53,8 @@ pub enum ModelError {
         expected: String,
         actual: String,
     },
+    #[error(transparent)]
+    Native(#[from] crate::native::NativeError),
     #[error("cannot load ONNX Runtime from {}: {reason}", path.display())]
     RuntimeLoad { path: PathBuf, reason: String },
     #[error("invalid device {0:?}: expected cpu, cuda or cuda:N")]

@@ -78,6 +78,11 @@ impl OrtRuntime {
         Ok(OrtRuntime { library, env })
     }
 
+    /// Loads the libonnxruntime this process finds by the documented search (env var, then virtualenv).
+    pub fn load_from_env() -> Result<Self, ModelError> {
+        Self::load(SearchPaths::from_env().locate(crate::native::NativeLibrary::OnnxRuntime)?)
+    }
+
     pub fn environment(&self) -> &ort::environment::Environment {
         &self.env
     }

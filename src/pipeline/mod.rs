@@ -26,7 +26,6 @@ use crate::model::runtime::Threads;
 use crate::model::{
     BatchPolicy, Device, EngineOptions, GenerationConfig, ImagePreprocessor, ModelDir, OrtRuntime,
 };
-use crate::native::{NativeLibrary, SearchPaths};
 use crate::raster::{PdfMode, RasterError, RasterOptions, Rasterizer};
 use crate::sink::{ParquetSink, S3Config, SinkConfig, SinkTarget};
 use crate::source::{ListOptions, Source};
@@ -585,10 +584,7 @@ fn model_stage(
     ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) -> Result<(), String> {
     let start = || -> Result<_, String> {
-        let lib = SearchPaths::from_env()
-            .locate(NativeLibrary::OnnxRuntime)
-            .map_err(|e| e.to_string())?;
-        let rt = OrtRuntime::load(lib).map_err(|e| e.to_string())?;
+        let rt = OrtRuntime::load_from_env().map_err(|e| e.to_string())?;
         let opts = EngineOptions {
             device,
             threads: Threads {
