@@ -81,3 +81,25 @@ else
   mv "$model.partial" "$model"
   echo "$stamp" > "$model/.pixtract-stamp"
 fi
+
+# fp16 and weight-only quantized variants of the tiny model, each with its fidelity report against models/tiny
+# (fidelity.json; the engine tests compare the Rust engine's tokens with the ones recorded there). fp16 comes
+# before q4f16, which is quantized from it.
+for variant in fp16 int8 int4 q4f16; do
+  dir=models/tiny-$variant
+  if [ -f "$dir/.pixtract-stamp" ] && [ "$(cat "$dir/.pixtract-stamp")" = "$stamp" ]; then
+    continue
+  fi
+  echo "setup: building the tiny model's $variant variant in $dir"
+  rm -rf "$dir.partial"
+  case $variant in
+    fp16) .venv/bin/python onnx-export/export.py export --tiny --dtype fp16 --out "$dir.partial" >/dev/null ;;
+    int8) .venv/bin/python onnx-export/export.py quantize --model "$model" --bits 8 --out "$dir.partial" >/dev/null ;;
+    int4) .venv/bin/python onnx-export/export.py quantize --model "$model" --bits 4 --out "$dir.partial" >/dev/null ;;
+    q4f16) .venv/bin/python onnx-export/export.py quantize --model models/tiny-fp16 --bits 4 --out "$dir.partial" >/dev/null ;;
+  esac
+  .venv/bin/python onnx-export/export.py fidelity --model "$dir.partial" --baseline "$model" | tail -2 | head -1
+  rm -rf "$dir"
+  mv "$dir.partial" "$dir"
+  echo "$stamp" > "$dir/.pixtract-stamp"
+done

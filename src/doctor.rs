@@ -247,7 +247,7 @@ fn check_model(
     let mut lines = vec![format!(
         "{} ({}), text {} layers x {} heads ({} KV, head_dim {}), vision {} layers, vocab {}, {:.1} MB{}",
         m.model_id,
-        m.dtype,
+        m.describe_weights(),
         m.text.num_layers,
         m.text.num_attention_heads,
         m.text.num_key_value_heads,

@@ -19,10 +19,11 @@ from .export import model_from_manifest
 from .ort_loop import OrtPixtral
 
 
-def load_cases(model_dir: str, names: list[str]):
+def load_cases(reference_dir: str, names: list[str]):
+    """Reference cases (`<reference_dir>/<name>/case.json` + PNGs) encoded with mistral-common."""
     out = []
     for name in names:
-        folder = os.path.join(model_dir, "reference", name)
+        folder = os.path.join(reference_dir, name)
         with open(os.path.join(folder, "case.json")) as f:
             case = json.load(f)
         parts = []
@@ -104,13 +105,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="pixtract-export bench", description=__doc__)
     p.add_argument("--model", required=True)
     p.add_argument("--cases", required=True, help="comma-separated reference case names, in prompt order")
+    p.add_argument("--cases-from", metavar="DIR", help="folder of the reference cases (default: <model>/reference)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--batch", type=int, action="append", required=True)
     p.add_argument("--repeat", type=int, default=2, help="runs per measurement; the fastest is kept")
     p.add_argument("--skip-transformers", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
-    cases = load_cases(args.model, args.cases.split(","))
+    cases = load_cases(args.cases_from or os.path.join(args.model, "reference"), args.cases.split(","))
     with open(os.path.join(args.model, "pixtract-model.json")) as f:
         manifest = json.load(f)
     ort_model = OrtPixtral(args.model)

@@ -14,7 +14,11 @@ three ONNX graphs pixtract runs, plus tokenizer.json and a manifest (pixtract-mo
 runtime needs. Never touches the network: the checkpoint must already be on disk.
 
   export --checkpoint DIR --out DIR [--dtype fp16]   the real model (fp16 for GPUs)
+  export ... --quantize int4 [--block-size 32]       export, then quantize the decoder's weights (q4f16 with fp16)
   export --tiny --out DIR                            seeded random tiny Pixtral with the real tokenizer (tests)
+  quantize --model DIR --out DIR --bits 4|8          weight-only MatMulNBits variant of an fp32/fp16 export
+  fidelity --model VARIANT --baseline DIR            a variant against fp32 on the reference cases
+  sizes [--checkpoint DIR]                           weight bytes per variant (default: Pixtral 12B's config)
   verify --model DIR                                 ONNX Runtime vs torch parity + greedy vs generate()
   reference --model DIR                              fixtures the Rust tests compare against
 """
@@ -32,6 +36,72 @@ def _add_export(sub):
                    help="weights and activations; logits are always fp32 (default: fp32). fp16 is for the CUDA "
                         "provider: ONNX Runtime's CPU provider lacks fp16 kernels for parts of these graphs")
     p.add_argument("--seed", type=int, default=None, help="seed of the tiny model's weights (default: 20240911)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="after exporting, quantize the decoder's MatMul weights with ONNX Runtime's MatMulNBits "
+                        "(weight-only; with --dtype fp16 this gives q8f16 / q4f16). Same as running `quantize` "
+                        "on the export")
+    _add_quant_options(p)
+
+
+def _add_quant_options(p):
+    p.add_argument("--block-size", type=int, default=32,
+                   help="weights per scale/zero point along the input dimension (default 32: closer to the "
+                        "float weights than 128 for 11%% more bytes; see README)")
+    p.add_argument("--graphs", default="decoder",
+                   help="comma-separated graphs to quantize: decoder, vision_encoder (default: decoder; "
+                        "embed_tokens is a lookup and stays float)")
+    p.add_argument("--keep-lm-head", action="store_true",
+                   help="leave the LM head (vocab x hidden) in float: larger, closer logits")
+    p.add_argument("--symmetric", action="store_true", help="symmetric blocks without zero points")
+    p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=None,
+                   help="MatMulNBits accuracy_level: minimum compute precision (0 unset, 1 fp32, 2 fp16, 3 bf16, "
+                        "4 int8 activations: fastest on CPU, least exact). Default: unset")
+
+
+def _add_quantize(sub):
+    p = sub.add_parser("quantize", help="weight-only int8/int4 variant of an exported model (MatMulNBits)",
+                       description="Quantize the constant MatMul weights of an fp32 or fp16 export with ONNX "
+                                   "Runtime's MatMulNBits quantizer (round-to-nearest, no calibration). The other "
+                                   "graphs and the tokenizer are linked or copied; the manifest records exactly "
+                                   "what each graph holds.")
+    p.add_argument("--model", required=True, metavar="DIR", help="fp32 or fp16 model directory written by `export`")
+    p.add_argument("--out", required=True, metavar="DIR", help="output model directory (created; must be empty)")
+    p.add_argument("--bits", type=int, choices=[4, 8], required=True, help="bits per weight")
+    _add_quant_options(p)
+
+
+def _add_fidelity(sub):
+    p = sub.add_parser("fidelity", help="compare a variant with the fp32 model on the reference cases",
+                       description="Run a variant (fp16, int8, int4, ...) and its fp32 baseline through ONNX "
+                                   "Runtime on the baseline's reference cases. Reports greedy-token agreement "
+                                   "(identical prefix and overall), and per step (teacher-forced on the baseline's "
+                                   "tokens) the logits' cosine similarity and top-1 agreement. Writes "
+                                   "<variant>/fidelity.json. Exits 1 below the given minimums.")
+    p.add_argument("--model", required=True, metavar="DIR", help="the variant's model directory")
+    p.add_argument("--baseline", required=True, metavar="DIR",
+                   help="the fp32 model directory holding reference/ (e.g. models/tiny)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens per case (default 32)")
+    p.add_argument("--min-top1", type=float, default=0.0,
+                   help="fail when the per-step top-1 agreement is below this share (default 0: report only)")
+    p.add_argument("--min-cosine", type=float, default=0.0,
+                   help="fail when the mean logits cosine similarity is below this (default 0: report only)")
+
+
+def _add_sizes(sub):
+    p = sub.add_parser("sizes", help="weight bytes per variant, computed from parameter shapes and formats",
+                       description="Count the parameters of each graph (from a checkpoint's config.json, without "
+                                   "loading weights; default: Pixtral 12B's published config) and compute the "
+                                   "bytes each variant stores: float weights, MatMulNBits packed weights, scales and "
+                                   "zero points. With --model, also checks the formula against an exported "
+                                   "directory's actual initializers.")
+    p.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory whose config.json to use")
+    p.add_argument("--tiny", action="store_true", help="the tiny test model's config")
+    p.add_argument("--model", metavar="DIR", action="append", default=[],
+                   help="exported model directory to check the computed bytes against (repeatable)")
+    p.add_argument("--block-size", type=int, default=32, help="block size of the quantized variants (default 32)")
+    p.add_argument("--context", type=int, default=8192,
+                   help="tokens of KV cache assumed for the minimum GPU memory (default 8192)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _add_verify(sub):
@@ -63,6 +133,9 @@ def main(argv=None) -> int:
     _add_export(sub)
     _add_verify(sub)
     _add_reference(sub)
+    _add_quantize(sub)
+    _add_fidelity(sub)
+    _add_sizes(sub)
     sub.add_parser("bench", help="Python references for `pixtract bench engine` (ORT loop, transformers)",
                    add_help=False)
     if argv is None:
@@ -81,6 +154,18 @@ def main(argv=None) -> int:
             from .verify import run_verify
 
             return run_verify(args)
+        if args.command == "quantize":
+            from .quantize import run_quantize
+
+            return run_quantize(args)
+        if args.command == "fidelity":
+            from .fidelity import run_fidelity
+
+            return run_fidelity(args)
+        if args.command == "sizes":
+            from .sizes import run_sizes
+
+            return run_sizes(args)
         from .reference import run_reference
 
         return run_reference(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
@@ -40,6 +41,21 @@ def run_export(args) -> int:
     out = args.out
     if os.path.isdir(out) and os.listdir(out):
         raise ExportError(f"{out} exists and is not empty; choose a new --out (nothing was overwritten)")
+    if args.quantize:
+        # Export the float graphs beside the output, quantize into it, then drop the float copy.
+        import shutil
+
+        from .quantize import run_quantize
+
+        float_dir = os.path.normpath(out) + ".float-export"
+        shutil.rmtree(float_dir, ignore_errors=True)
+        float_args = argparse.Namespace(**{**vars(args), "out": float_dir, "quantize": None})
+        run_export(float_args)
+        args.model, args.bits = float_dir, int(args.quantize[3:])
+        try:
+            return run_quantize(args)
+        finally:
+            shutil.rmtree(float_dir, ignore_errors=True)
     os.makedirs(out, exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     dtype = DTYPES[args.dtype]

@@ -295,6 +295,9 @@ def build_manifest(model, graphs: dict, tokenizer_path: str, dtype_name: str, so
         "model_id": source["model_id"],
         "source": source,
         "dtype": dtype_name,
+        # What the weights hold: fp32/fp16 here; `quantize` writes int8/int4/q8f16/q4f16 and a "quantization" record.
+        "variant": dtype_name,
+        "quantization": None,
         "weights_sha256": weights,
         "text": {
             "hidden_size": t.hidden_size,

@@ -77,3 +77,19 @@ class OrtPixtral:
             mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
             logits, past = self.step(embeds, mask, np.array([[mask.shape[1] - 1]]), past)
         return out, first
+
+    def forced(self, ids: list[int], images: list[np.ndarray], tokens: list[int]) -> np.ndarray:
+        """Logits [len(tokens), vocab] when `tokens` are fed one by one after the prompt (teacher forcing):
+        row i is the distribution the model gives for position i, whatever it would have chosen before."""
+        arr = np.array([ids], dtype=np.int64)
+        embeds = self.embeddings(arr, images)
+        n = arr.shape[1]
+        mask = np.ones((1, n), dtype=np.int64)
+        logits, past = self.step(embeds, mask, np.arange(n)[None], self.empty_past(1))
+        rows = [logits[0].astype(np.float32)]
+        for tok in tokens[:-1]:
+            embeds = self.embed.run(["inputs_embeds"], {"input_ids": np.array([[tok]], dtype=np.int64)})[0]
+            mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
+            logits, past = self.step(embeds, mask, np.array([[mask.shape[1] - 1]]), past)
+            rows.append(logits[0].astype(np.float32))
+        return np.stack(rows)

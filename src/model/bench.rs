@@ -22,6 +22,10 @@ pub struct EngineBenchArgs {
     /// Model directory with reference cases (`reference/<case>/`), as `scripts/setup.sh` makes models/tiny.
     #[arg(long, value_name = "DIR", default_value = "models/tiny")]
     pub model: PathBuf,
+    /// Folder holding the reference cases (default: <model>/reference). Quantized variants have none of
+    /// their own: point this at the fp32 model's, e.g. models/tiny/reference.
+    #[arg(long, value_name = "DIR")]
+    pub reference_dir: Option<PathBuf>,
     /// Reference cases used as prompts, comma-separated.
     #[arg(long, default_value = DEFAULT_CASES)]
     pub cases: String,
@@ -98,14 +102,22 @@ pub fn load_reference_case(
     Ok((case, prompt))
 }
 
+impl EngineBenchArgs {
+    fn reference_dir(&self) -> PathBuf {
+        self.reference_dir
+            .clone()
+            .unwrap_or_else(|| self.model.join("reference"))
+    }
+}
+
 fn load_prompts(
     engine: &PixtralEngine,
-    model: &Path,
+    reference_dir: &Path,
     cases: &str,
 ) -> anyhow::Result<Vec<EncodedPrompt>> {
     let mut out = Vec::new();
     for name in cases.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        out.push(load_reference_case(engine, &model.join("reference").join(name))?.1);
+        out.push(load_reference_case(engine, &reference_dir.join(name))?.1);
     }
     if out.is_empty() {
         bail!("no cases given");
@@ -123,7 +135,8 @@ fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
         },
     };
     let mut engine = PixtralEngine::load(&rt, &args.model, opts)?;
-    let prompts = load_prompts(&engine, &args.model, &args.cases)?;
+    let reference_dir = args.reference_dir();
+    let prompts = load_prompts(&engine, &reference_dir, &args.cases)?;
     let prompt_tokens: usize = prompts.iter().map(|p| p.ids.len()).sum();
     let gen_tokens = prompts.len() * args.new_tokens.saturating_sub(1);
     let config = GenerationConfig {
@@ -163,12 +176,13 @@ fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
         Some(python_reference(&args)?)
     };
     println!(
-        "engine bench: {} prompts ({} prompt tokens, {} images), {} new tokens each (EOS ignored), model {}, cpu",
+        "engine bench: {} prompts ({} prompt tokens, {} images), {} new tokens each (EOS ignored), model {} ({}), cpu",
         prompts.len(),
         prompt_tokens,
         prompts.iter().map(|p| p.images.len()).sum::<usize>(),
         args.new_tokens,
-        engine.model.manifest.model_id
+        engine.model.manifest.model_id,
+        engine.model.manifest.describe_weights()
     );
     println!(
         "{:<6} {:<22} {:>16} {:>16} {:>12} {:>12}",
@@ -226,6 +240,8 @@ fn python_reference(args: &EngineBenchArgs) -> anyhow::Result<serde_json::Value>
         .arg("bench")
         .arg("--model")
         .arg(&args.model)
+        .arg("--cases-from")
+        .arg(args.reference_dir())
         .arg("--cases")
         .arg(&args.cases)
         .arg("--new-tokens")

@@ -136,10 +136,11 @@ fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     let per_s = |n: usize, d: std::time::Duration| n as f64 / d.as_secs_f64().max(1e-9);
     eprintln!(
-        "model {} on {} (loaded in {:.0} ms)\nprompt {prompt_len} tokens ({} image(s){}{}), generated {} tokens \
+        "model {} ({}) on {} (loaded in {:.0} ms)\nprompt {prompt_len} tokens ({} image(s){}{}), generated {} tokens \
          (finish: {:?})\npreprocess {:.1} ms | vision {:.1} ms | prefill {:.1} ms ({:.0} tokens/s) | decode {:.1} ms \
          ({:.1} tokens/s)",
         engine.model.manifest.model_id,
+        engine.model.manifest.variant(),
         engine.device(),
         ms(load),
         args.images.len(),

@@ -20,8 +20,15 @@ pub struct ModelManifest {
     pub format_version: u32,
     pub model_id: String,
     pub source: serde_json::Value,
-    /// "fp32" or "fp16": weights and activations; logits are always fp32.
+    /// "fp32" or "fp16": activations, KV cache and unquantized weights; logits are always fp32.
     pub dtype: String,
+    /// What the weights hold: fp32, fp16, or a quantized variant (int8, int4, q8f16, q4f16). Absent in
+    /// manifests written before variants existed, which are plain `dtype` exports.
+    #[serde(default)]
+    pub variant: Option<String>,
+    /// Present when `onnx-export quantize` rewrote graphs' MatMuls as MatMulNBits.
+    #[serde(default)]
+    pub quantization: Option<Quantization>,
     pub weights_sha256: String,
     pub text: TextConfig,
     pub vision: VisionConfig,
@@ -30,6 +37,42 @@ pub struct ModelManifest {
     pub tokenizer: FileEntry,
     pub graphs: Graphs,
     pub exporter: serde_json::Value,
+}
+
+/// Weight-only quantization record written by `onnx-export quantize`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Quantization {
+    pub method: String,
+    pub bits: u32,
+    pub block_size: u32,
+    pub symmetric: bool,
+    #[serde(default)]
+    pub accuracy_level: u32,
+    /// Per quantized graph: MatMul counts and parameters (kept as JSON; shown, not interpreted).
+    pub graphs: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+impl ModelManifest {
+    /// The variant name users see: "int4", "q4f16", ... or the dtype for float exports.
+    pub fn variant(&self) -> &str {
+        self.variant.as_deref().unwrap_or(&self.dtype)
+    }
+
+    /// One line on what the weights hold, e.g. "q4f16: decoder MatMuls 4-bit, block 32".
+    pub fn describe_weights(&self) -> String {
+        match &self.quantization {
+            None => self.variant().to_string(),
+            Some(q) => format!(
+                "{}: {} MatMuls {}-bit{}, block {}, activations {}",
+                self.variant(),
+                q.graphs.keys().cloned().collect::<Vec<_>>().join("+"),
+                q.bits,
+                if q.symmetric { " symmetric" } else { "" },
+                q.block_size,
+                self.dtype
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -186,6 +229,23 @@ impl ModelDir {
                 "dtype {:?} (expected fp32 or fp16)",
                 manifest.dtype
             )));
+        }
+        if let Some(q) = &manifest.quantization {
+            if !matches!(q.bits, 4 | 8) {
+                return Err(invalid(format!(
+                    "quantization with {} bits (expected 4 or 8)",
+                    q.bits
+                )));
+            }
+            if let Some(graph) = q
+                .graphs
+                .keys()
+                .find(|g| !matches!(g.as_str(), "vision_encoder" | "embed_tokens" | "decoder"))
+            {
+                return Err(invalid(format!(
+                    "quantization names unknown graph {graph:?}"
+                )));
+            }
         }
         let decoder = &manifest.graphs.decoder;
         for layer in 0..t.num_layers {

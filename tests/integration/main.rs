@@ -11,3 +11,4 @@ mod raster;
 mod sink;
 mod source;
 mod util;
+mod variants;

@@ -1,0 +1,215 @@
+//! fp16 and weight-only quantized variants (`onnx-export quantize`, MatMulNBits) run in the Rust engine with no
+//! code change: the engine reads input, KV-cache and logits types from the graphs. Each variant's greedy tokens
+//! must equal the ones the plain Python ONNX Runtime loop produced for the same variant (recorded by
+//! `onnx-export fidelity` in <variant>/fidelity.json), case by case; and the size arithmetic behind the README's
+//! Pixtral 12B table must match the variants' actual initializers byte for byte.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use pixtract::model::runtime::Threads;
+use pixtract::model::{
+    BatchPolicy, Device, EngineOptions, GenerationConfig, ModelDir, NoHook, PixtralEngine,
+};
+
+use crate::engine::load_case;
+use crate::util::{python, read_json, repo_root, runtime, tiny_model};
+
+const VARIANTS: [(&str, &str, Option<u32>); 4] = [
+    ("fp16", "fp16", None),
+    ("int8", "fp32", Some(8)),
+    ("int4", "fp32", Some(4)),
+    ("q4f16", "fp16", Some(4)),
+];
+
+fn variant_dir(name: &str) -> PathBuf {
+    let dir = repo_root().join(format!("models/tiny-{name}"));
+    assert!(
+        dir.join("fidelity.json").is_file(),
+        "{} missing: run `scripts/setup.sh`",
+        dir.display()
+    );
+    dir
+}
+
+#[test]
+fn every_variant_matches_its_onnxruntime_python_tokens() {
+    let reference = tiny_model().join("reference");
+    let names: Vec<String> = read_json(&reference.join("cases.json"))["cases"]
+        .as_array()
+        .expect("cases list")
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect();
+    let mut failures = Vec::new();
+    for (variant, dtype, bits) in VARIANTS {
+        let dir = variant_dir(variant);
+        let model = ModelDir::open(&dir).expect("variant manifest opens");
+        let m = &model.manifest;
+        assert_eq!(m.variant(), variant);
+        assert_eq!(m.dtype, dtype);
+        assert_eq!(m.quantization.as_ref().map(|q| q.bits), bits, "{variant}");
+        model.verify_hashes().expect("hashes match the manifest");
+        let fidelity = read_json(&dir.join("fidelity.json"));
+        assert_eq!(
+            fidelity["weights_sha256"].as_str(),
+            Some(m.weights_sha256.as_str())
+        );
+
+        let opts = EngineOptions {
+            device: Device::Cpu,
+            threads: Threads::default(),
+        };
+        let mut engine = PixtralEngine::load(runtime(), &dir, opts).expect("variant loads");
+        let config = GenerationConfig {
+            max_new_tokens: fidelity["new_tokens"].as_u64().unwrap() as usize,
+            stop_on_eos: false,
+            ..Default::default()
+        };
+        let mut same_cases = 0;
+        for name in &names {
+            let case = load_case(&engine, &reference.join(name));
+            let (gens, _) = engine
+                .generate_many(
+                    std::slice::from_ref(&case.prompt),
+                    &config,
+                    BatchPolicy::default(),
+                    &mut NoHook,
+                )
+                .expect("generate");
+            let want: Vec<u32> = fidelity["cases"][name]["variant_tokens"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{variant}: fidelity.json lacks {name}"))
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            if gens[0].tokens == want {
+                same_cases += 1;
+            } else {
+                let prefix = gens[0]
+                    .tokens
+                    .iter()
+                    .zip(&want)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                failures.push(format!("{variant}/{name}: tokens differ after {prefix}"));
+            }
+        }
+        println!(
+            "{variant} ({}): {same_cases}/{} cases token-identical to the Python onnxruntime loop",
+            m.describe_weights(),
+            names.len()
+        );
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn computed_weight_bytes_match_every_exported_variant() {
+    let mut cmd = Command::new(python());
+    cmd.arg(repo_root().join("onnx-export/export.py"))
+        .args(["sizes", "--tiny", "--model"])
+        .arg(tiny_model());
+    for (variant, _, _) in VARIANTS {
+        cmd.arg("--model").arg(variant_dir(variant));
+    }
+    let out = cmd.output().expect("exporter runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // 5 models x 3 graphs, each computed == actual.
+    assert_eq!(
+        stdout.lines().filter(|l| l.ends_with("(ok)")).count(),
+        15,
+        "{stdout}"
+    );
+    assert!(!stdout.contains("MISMATCH"), "{stdout}");
+}
+
+#[test]
+fn quantize_refuses_bad_requests_clearly() {
+    let scratch = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(python())
+            .arg(repo_root().join("onnx-export/export.py"))
+            .args(args)
+            .output()
+            .expect("exporter runs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let tiny = tiny_model();
+    let tiny = tiny.to_str().unwrap();
+    let out = scratch.path().join("q");
+    let out = out.to_str().unwrap();
+    let int4 = variant_dir("int4");
+    let cases: [(Vec<&str>, &str); 4] = [
+        (
+            vec![
+                "quantize",
+                "--model",
+                int4.to_str().unwrap(),
+                "--out",
+                out,
+                "--bits",
+                "4",
+            ],
+            "already quantized",
+        ),
+        (
+            vec![
+                "quantize",
+                "--model",
+                tiny,
+                "--out",
+                out,
+                "--bits",
+                "4",
+                "--block-size",
+                "48",
+            ],
+            "power of two",
+        ),
+        (
+            vec![
+                "quantize",
+                "--model",
+                tiny,
+                "--out",
+                out,
+                "--bits",
+                "4",
+                "--graphs",
+                "embed_tokens",
+            ],
+            "Gather",
+        ),
+        (
+            vec!["quantize", "--model", out, "--out", tiny, "--bits", "8"],
+            "not a model directory",
+        ),
+    ];
+    for (args, want) in cases {
+        let (code, stderr) = run(&args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+        assert!(!stderr.contains("Traceback"), "{args:?}: {stderr}");
+    }
+    // Nothing was written by the refusals, and the source model is untouched.
+    assert!(
+        !scratch
+            .path()
+            .join("q")
+            .join("pixtract-model.json")
+            .exists()
+    );
+    ModelDir::open(tiny_model())
+        .unwrap()
+        .verify_hashes()
+        .unwrap();
+}
