@@ -126,13 +126,14 @@ fn load_prompts(
 }
 
 fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
-    let rt = super::OrtRuntime::load_from_env()?;
+    let pool = Threads {
+        intra_op: args.threads,
+        spin: args.spin,
+    };
+    let rt = super::OrtRuntime::load_from_env_with_pool(pool)?;
     let opts = EngineOptions {
         device: Device::Cpu,
-        threads: Threads {
-            intra_op: args.threads,
-            spin: args.spin,
-        },
+        threads: Threads::default(),
     };
     let mut engine = PixtralEngine::load(&rt, &args.model, opts)?;
     let reference_dir = args.reference_dir();

@@ -67,13 +67,13 @@ fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if args.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }
-    let rt = super::OrtRuntime::load_from_env()?;
+    let rt = super::OrtRuntime::load_from_env_with_pool(Threads {
+        intra_op: args.threads,
+        spin: args.spin,
+    })?;
     let opts = EngineOptions {
         device: args.device,
-        threads: Threads {
-            intra_op: args.threads,
-            spin: args.spin,
-        },
+        threads: Threads::default(),
     };
     let t_load = Instant::now();
     let mut engine = PixtralEngine::load(&rt, &args.model, opts)

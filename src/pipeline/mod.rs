@@ -584,13 +584,14 @@ fn model_stage(
     ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) -> Result<(), String> {
     let start = || -> Result<_, String> {
-        let rt = OrtRuntime::load_from_env().map_err(|e| e.to_string())?;
+        let rt = OrtRuntime::load_from_env_with_pool(Threads {
+            intra_op: spec.threads,
+            spin: false,
+        })
+        .map_err(|e| e.to_string())?;
         let opts = EngineOptions {
             device,
-            threads: Threads {
-                intra_op: spec.threads,
-                spin: false,
-            },
+            threads: Threads::default(),
         };
         let engine =
             crate::model::PixtralEngine::load(&rt, &spec.dir, opts).map_err(|e| e.to_string())?;
