@@ -33,7 +33,20 @@ impl FloatKind {
             .iter()
             .find(|o| o.name() == input)
             .ok_or_else(|| ModelError::Graph(format!("graph has no input {input}")))?;
-        match outlet.dtype() {
+        Self::of_type(outlet.dtype(), input)
+    }
+
+    fn of_output(session: &Session, output: &str) -> Result<FloatKind, ModelError> {
+        let outlet = session
+            .outputs()
+            .iter()
+            .find(|o| o.name() == output)
+            .ok_or_else(|| ModelError::Graph(format!("graph has no output {output}")))?;
+        Self::of_type(outlet.dtype(), output)
+    }
+
+    fn of_type(dtype: &ValueType, input: &str) -> Result<FloatKind, ModelError> {
+        match dtype {
             ValueType::Tensor {
                 ty: TensorElementType::Float32,
                 ..
@@ -43,7 +56,7 @@ impl FloatKind {
                 ..
             } => Ok(FloatKind::F16),
             other => Err(ModelError::Graph(format!(
-                "input {input} has type {other:?}; expected float32 or float16"
+                "{input} has type {other:?}; expected float32 or float16"
             ))),
         }
     }
@@ -254,6 +267,10 @@ pub struct PixtralEngine {
     decoder: Session,
     vision_float: FloatKind,
     decoder_float: FloatKind,
+    /// Type of the KV cache (`past_key_values.*`), as the graph declares it.
+    cache_float: FloatKind,
+    /// Type of the logits output: fp32 in pixtract's exports; fp16 logits (other exporters) are widened on the host.
+    logits_float: FloatKind,
     past_names: Vec<String>,
     present_names: Vec<String>,
     kv_memory: MemoryInfo<'static>,
@@ -276,6 +293,8 @@ impl PixtralEngine {
         let tokenizer = PixtralTokenizer::from_file(&model.path_of(&m.tokenizer.file), m.tokens)?;
         let vision_float = FloatKind::of(&vision, "pixel_values")?;
         let decoder_float = FloatKind::of(&decoder, "inputs_embeds")?;
+        let cache_float = FloatKind::of(&decoder, "past_key_values.0.key")?;
+        let logits_float = FloatKind::of_output(&decoder, "logits")?;
         let mut past_names = Vec::new();
         let mut present_names = Vec::new();
         for layer in 0..m.text.num_layers {
@@ -317,6 +336,8 @@ impl PixtralEngine {
             decoder,
             vision_float,
             decoder_float,
+            cache_float,
+            logits_float,
             past_names,
             present_names,
             kv_memory,
@@ -374,7 +395,7 @@ impl PixtralEngine {
             t.head_dim as i64,
         ];
         (0..self.past_names.len())
-            .map(|_| self.decoder_float.tensor(shape.clone(), &[]))
+            .map(|_| self.cache_float.tensor(shape.clone(), &[]))
             .collect()
     }
 
@@ -576,6 +597,7 @@ impl PixtralEngine {
                 first_logits: None,
             })
             .collect();
+        let mut widened: Vec<f32> = Vec::new(); // fp16 logits as f32, reused across steps
         let mut samplers: Vec<Sampler> = rows
             .iter()
             .map(|&r| Sampler::new(&config.sampling, r as u64))
@@ -584,9 +606,22 @@ impl PixtralEngine {
             let mut finished = Vec::new();
             let mut chosen = Vec::with_capacity(active.len());
             // Masked in place: the host logits buffer ONNX Runtime wrote is ours until the next step.
-            let (_, logits_data) = logits
-                .try_extract_tensor_mut::<f32>()
-                .map_err(ort_err("logits"))?;
+            let logits_data: &mut [f32] = match self.logits_float {
+                FloatKind::F32 => {
+                    logits
+                        .try_extract_tensor_mut::<f32>()
+                        .map_err(ort_err("logits"))?
+                        .1
+                }
+                FloatKind::F16 => {
+                    let (_, half) = logits
+                        .try_extract_tensor::<f16>()
+                        .map_err(ort_err("logits"))?;
+                    widened.clear();
+                    widened.extend(half.iter().map(|v| v.to_f32()));
+                    &mut widened
+                }
+            };
             // 1. The hook masks each row (sequential: it owns per-row grammar state).
             for (j, &b) in active.iter().enumerate() {
                 let row = rows[b];
@@ -682,6 +717,6 @@ impl PixtralEngine {
         }
         let mut new_shape = shape;
         new_shape[0] = keep.len() as i64;
-        self.decoder_float.tensor(new_shape, &out)
+        self.cache_float.tensor(new_shape, &out)
     }
 }

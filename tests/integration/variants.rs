@@ -213,3 +213,89 @@ fn quantize_refuses_bad_requests_clearly() {
         .verify_hashes()
         .unwrap();
 }
+
+#[test]
+fn a_decoder_with_fp16_logits_runs_too() {
+    // Other exporters emit fp16 logits from fp16 graphs; pixtract's keep fp32. Append a Cast to the fp16 variant's
+    // decoder so its declared logits type is float16, and check the engine widens them and decodes the same way.
+    let scratch = tempfile::tempdir().unwrap();
+    let src = variant_dir("fp16");
+    let dst = scratch.path().join("fp16-logits");
+    let script = r#"
+import json, os, shutil, sys
+import onnx
+from onnx import helper, TensorProto
+src, dst = sys.argv[1], sys.argv[2]
+shutil.copytree(src, dst)
+path = os.path.join(dst, "decoder_model_merged.onnx")
+m = onnx.load(path)
+out = next(o for o in m.graph.output if o.name == "logits")
+producer = next(n for n in m.graph.node if "logits" in n.output)
+producer.output[list(producer.output).index("logits")] = "logits_fp32"
+m.graph.node.append(helper.make_node("Cast", ["logits_fp32"], ["logits"], to=TensorProto.FLOAT16))
+out.type.tensor_type.elem_type = TensorProto.FLOAT16
+onnx.save(m, path)
+man = json.load(open(os.path.join(dst, "pixtract-model.json")))
+for o in man["graphs"]["decoder"]["outputs"]:
+    if o["name"] == "logits":
+        o["dtype"] = "float16"
+import hashlib
+man["graphs"]["decoder"]["bytes"] = os.path.getsize(path)
+man["graphs"]["decoder"]["sha256"] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+json.dump(man, open(os.path.join(dst, "pixtract-model.json"), "w"), indent=1)
+"#;
+    let out = Command::new(python())
+        .args(["-c", script])
+        .arg(&src)
+        .arg(&dst)
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let opts = EngineOptions {
+        device: Device::Cpu,
+        threads: Threads::default(),
+    };
+    let config = GenerationConfig {
+        max_new_tokens: 16,
+        stop_on_eos: false,
+        ..Default::default()
+    };
+    let reference = tiny_model().join("reference");
+    let mut widened = PixtralEngine::load(runtime(), &dst, opts).expect("fp16-logits model loads");
+    let mut plain = PixtralEngine::load(runtime(), &src, opts).expect("fp16 variant loads");
+    let (mut same, mut total) = (0, 0);
+    for name in ["wide_page", "text_only", "two_images"] {
+        let case = load_case(&plain, &reference.join(name));
+        let run = |engine: &mut PixtralEngine| {
+            engine
+                .generate_many(
+                    std::slice::from_ref(&case.prompt),
+                    &config,
+                    BatchPolicy::default(),
+                    &mut NoHook,
+                )
+                .expect("generate")
+                .0
+                .remove(0)
+        };
+        let (a, b) = (run(&mut widened), run(&mut plain));
+        assert_eq!(a.tokens.len(), 16);
+        assert!(a.token_probs.iter().all(|p| *p > 0.0 && *p <= 1.0));
+        // fp16 rounding of the logits may only flip near-ties: the first token must agree.
+        assert_eq!(a.tokens[0], b.tokens[0], "{name}");
+        same += a
+            .tokens
+            .iter()
+            .zip(&b.tokens)
+            .filter(|(x, y)| x == y)
+            .count();
+        total += a.tokens.len();
+    }
+    println!("fp16 logits: {same}/{total} tokens equal to the fp32-logits decoder");
+    assert!(same * 10 >= total * 8, "{same}/{total}");
+}
