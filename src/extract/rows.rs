@@ -135,6 +135,14 @@ impl ExtractionRecord {
     pub fn is_ok(&self) -> bool {
         !matches!(self.outcome, Outcome::Failed(_)) && self.warning.is_none()
     }
+
+    /// What the `error` column says for this row, if anything.
+    pub fn error_message(&self) -> Option<&str> {
+        match &self.outcome {
+            Outcome::Failed(e) => Some(e),
+            _ => self.warning.as_deref(),
+        }
+    }
 }
 
 fn provenance_fields() -> Vec<Field> {

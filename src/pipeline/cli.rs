@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::{PipelineSpec, RunOptions, run_blocking};
+use super::{LogFormat, PipelineSpec, RunOptions, RunSummary, run_blocking};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -35,6 +35,11 @@ pub struct RunArgs {
     /// count from PIXTRACT_SHARDS.
     #[arg(long, value_name = "I/N")]
     pub shard: Option<String>,
+    /// How progress and events go to stderr: auto (a live line on a terminal, plain lines otherwise), plain, or
+    /// json (one object per line: run_started, progress every 10 s, document_failed, row_failed, run_finished;
+    /// the summary on stdout is then JSON too).
+    #[arg(long, value_enum, default_value = "auto", env = "PIXTRACT_LOG_FORMAT")]
+    pub log_format: LogFormat,
 }
 
 /// `--shard i/n`, else a scheduler's index variable with PIXTRACT_SHARDS.
@@ -111,22 +116,43 @@ pub fn run(args: RunArgs) -> ExitCode {
         eprintln!("pixtract run: error: {reason}");
         return ExitCode::FAILURE;
     }
-    eprintln!(
-        "pixtract run: pipeline {} | {} -> {} | model {} on {}",
-        spec.name,
-        spec.source.uri,
-        spec.output.uri,
-        spec.model.dir.display(),
-        spec.model.device
-    );
+    if args.log_format != LogFormat::Json {
+        eprintln!(
+            "pixtract run: pipeline {} | {} -> {} | model {} on {}",
+            spec.name,
+            spec.source.uri,
+            spec.output.uri,
+            spec.model.dir.display(),
+            spec.model.device
+        );
+    }
     let opts = RunOptions {
         force: args.force,
         shard,
+        log: args.log_format,
     };
+    let json = args.log_format == LogFormat::Json;
     match run_blocking(spec, opts) {
         Err(e) => {
-            eprintln!("pixtract run: error: {e}");
+            if json {
+                eprintln!(
+                    "{}",
+                    serde_json::json!({"ts": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                        "level": "error", "event": "run_failed", "error": e.to_string()})
+                );
+            } else {
+                eprintln!("pixtract run: error: {e}");
+            }
             ExitCode::FAILURE
+        }
+        Ok(s) if json => {
+            let mut v = serde_json::to_value(&s).unwrap_or_default();
+            if let Some(obj) = v.as_object_mut() {
+                obj.insert("event".into(), "run_finished".into());
+                obj.insert("exit_code".into(), exit_code_of(&s).into());
+            }
+            println!("{v}");
+            ExitCode::from(exit_code_of(&s))
         }
         Ok(s) => {
             println!(
@@ -150,14 +176,33 @@ pub fn run(args: RunArgs) -> ExitCode {
                 s.output,
                 s.files.len()
             );
+            println!(
+                "stages (busy seconds, share of wall time): {}",
+                s.stages
+                    .iter()
+                    .map(|b| format!(
+                        "{} {:.1} s ({:.0}%)",
+                        b.stage,
+                        b.busy_seconds,
+                        b.share * 100.0
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            );
             if let Some(reason) = &s.aborted {
                 eprintln!("pixtract run: aborted: {reason}");
-                ExitCode::from(3)
-            } else if s.rows_failed > 0 || s.documents_failed > 0 {
-                ExitCode::from(2)
-            } else {
-                ExitCode::SUCCESS
             }
+            ExitCode::from(exit_code_of(&s))
         }
+    }
+}
+
+fn exit_code_of(s: &RunSummary) -> u8 {
+    if s.aborted.is_some() {
+        3
+    } else if s.rows_failed > 0 || s.documents_failed > 0 {
+        2
+    } else {
+        0
     }
 }

@@ -6,6 +6,7 @@
 //! Every document ends as rows: pages that rendered become extractions, a failure becomes an error row.
 
 pub mod cli;
+pub mod report;
 pub mod spec;
 pub mod state;
 
@@ -30,6 +31,8 @@ use crate::raster::{PdfMode, RasterError, RasterOptions, Rasterizer};
 use crate::sink::{ParquetSink, S3Config, SinkConfig, SinkTarget};
 use crate::source::{ListOptions, Source};
 
+pub use report::{LogFormat, StageBusy};
+use report::{Progress, Reporter, Stage};
 pub use spec::PipelineSpec;
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +70,8 @@ pub struct RunSummary {
     pub seconds: f64,
     pub pages_per_second: f64,
     pub model_busy_seconds: f64,
+    /// Busy time per stage (fetch, raster, preprocess, model, write) and its share of the wall time.
+    pub stages: Vec<StageBusy>,
     pub aborted: Option<String>,
     pub output: String,
     pub files: Vec<String>,
@@ -82,6 +87,8 @@ pub struct RunOptions {
     pub force: bool,
     /// Process only documents whose stable URI hash falls in shard `index` of `count`.
     pub shard: Option<(u64, u64)>,
+    /// How progress and events are reported on stderr.
+    pub log: LogFormat,
 }
 
 /// The shard a document belongs to: first 8 bytes of sha256(uri), modulo the shard count. Stable across runs,
@@ -108,6 +115,22 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
     let run_id = new_run_id();
     let abort = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(Progress::default());
+    let reporter = Reporter { format: opts.log };
+    reporter.event(
+        "info",
+        "run_started",
+        || format!("run {run_id} started"),
+        serde_json::json!({
+            "run_id": run_id,
+            "pipeline": spec.name,
+            "source": spec.source.uri,
+            "output": spec.output.uri,
+            "model": spec.model.dir.display().to_string(),
+            "device": spec.model.device,
+            "shard": opts.shard.map(|(i, n)| format!("{i}/{n}")),
+            "force": opts.force,
+        }),
+    );
     // Installed first, so a signal during start-up is handled too.
     // SIGINT/SIGTERM: stop taking new documents, finish what is in flight, commit it, and say so. A second
     // signal is left to the default handler's successor: the process ends, and the output is still resumable
@@ -220,12 +243,33 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
         let mut failure: Option<String> = None;
         while let Some((records, busy)) = rows_rx.recv().await {
             tally.busy += busy;
+            writer_progress.add_busy(Stage::Model, busy);
             for r in &records {
                 tally.rows += 1;
                 if r.is_ok() {
                     tally.ok += 1;
                 } else {
                     tally.failed += 1;
+                }
+                // Document-level failures (page 0) were reported when they happened.
+                if !r.is_ok() && r.source.page_start > 0 {
+                    let error = r.error_message().unwrap_or_default().to_string();
+                    reporter.event(
+                        "warn",
+                        "row_failed",
+                        || {
+                            format!(
+                                "error row: {} pages {}-{}: {error}",
+                                r.source.uri, r.source.page_start, r.source.page_end
+                            )
+                        },
+                        serde_json::json!({
+                            "uri": r.source.uri,
+                            "page_start": r.source.page_start,
+                            "page_end": r.source.page_end,
+                            "error": error,
+                        }),
+                    );
                 }
                 tally.prompt_tokens += r.prompt_tokens.unwrap_or(0) as u64;
                 tally.generated_tokens += r.generated_tokens.unwrap_or(0) as u64;
@@ -237,8 +281,10 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
             writer_progress
                 .generated_tokens
                 .store(tally.generated_tokens, Ordering::Relaxed);
+            let t = Instant::now();
             let batch = to_record_batch(schema.as_ref(), &ctx, &records).map_err(stage("rows"))?;
             sink.write(&batch).await.map_err(stage("output"))?;
+            writer_progress.add_busy(Stage::Write, t.elapsed());
             if failure.is_none()
                 && tally.rows >= limits.failure_min_docs
                 && tally.failed as f64 > limits.max_failed_share * tally.rows as f64
@@ -256,12 +302,13 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
     });
 
     // Source + raster + preprocess, feeding the model stage.
-    let display = spawn_progress(progress.clone(), started);
+    let display = reporter.spawn_progress(progress.clone(), started);
     let produced = produce(
         &spec,
         &manifest.image,
         &skip,
-        &progress,
+        progress.clone(),
+        reporter,
         model_tx,
         abort.clone(),
     )
@@ -302,6 +349,7 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
         seconds,
         pages_per_second: pages as f64 / seconds.max(1e-9),
         model_busy_seconds: tally.busy.as_secs_f64(),
+        stages: progress.stages(started.elapsed()),
         aborted: failure,
         output: target.url(),
         files: Vec::new(),
@@ -310,62 +358,6 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
     let written = sink.finish(manifest_value).await.map_err(stage("output"))?;
     summary.files = written.files.iter().map(|f| f.path.clone()).collect();
     Ok(summary)
-}
-
-/// Live counters, shared by the stages and the progress display.
-#[derive(Debug, Default)]
-struct Progress {
-    documents: std::sync::atomic::AtomicUsize,
-    failed: std::sync::atomic::AtomicUsize,
-    pages: std::sync::atomic::AtomicUsize,
-    rows: std::sync::atomic::AtomicUsize,
-    rows_failed: std::sync::atomic::AtomicUsize,
-    generated_tokens: std::sync::atomic::AtomicU64,
-}
-
-impl Progress {
-    fn line(&self, started: Instant) -> String {
-        let secs = started.elapsed().as_secs_f64().max(1e-9);
-        let pages = self.pages.load(Ordering::Relaxed);
-        format!(
-            "documents {} ({} failed) | pages {} ({:.2}/s) | rows {} ({} error) | {:.0} generated tokens/s",
-            self.documents.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-            pages,
-            pages as f64 / secs,
-            self.rows.load(Ordering::Relaxed),
-            self.rows_failed.load(Ordering::Relaxed),
-            self.generated_tokens.load(Ordering::Relaxed) as f64 / secs,
-        )
-    }
-}
-
-/// A spinner with live counts on a terminal; a plain line every 10 s otherwise (logs of scheduled jobs).
-fn spawn_progress(progress: Arc<Progress>, started: Instant) -> tokio::task::JoinHandle<()> {
-    use std::io::IsTerminal;
-    tokio::spawn(async move {
-        if std::io::stderr().is_terminal() {
-            let bar = indicatif::ProgressBar::new_spinner();
-            bar.set_style(
-                indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-            );
-            loop {
-                bar.set_message(progress.line(started));
-                bar.tick();
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        } else {
-            loop {
-                tokio::time::sleep(Duration::from_secs(10)).await;
-                eprintln!(
-                    "[{:.0} s] {}",
-                    started.elapsed().as_secs_f64(),
-                    progress.line(started)
-                );
-            }
-        }
-    })
 }
 
 #[derive(Debug, Default)]
@@ -418,7 +410,8 @@ async fn produce(
     spec: &PipelineSpec,
     image: &crate::model::manifest::ImageConfig,
     skip: &SkipRules,
-    progress: &Progress,
+    progress: Arc<Progress>,
+    reporter: Reporter,
     model_tx: mpsc::Sender<ModelInput>,
     abort: Arc<AtomicBool>,
 ) -> Result<(usize, usize, usize, usize), PipelineError> {
@@ -482,12 +475,21 @@ async fn produce(
             };
             futures::future::ready(keep)
         })
-        .map(move |item| {
-            let source = fetch_source.clone();
-            async move {
-                match item {
-                    Ok(doc) => source.fetch(&doc, max_bytes).await,
-                    Err(e) => Err(e),
+        .map({
+            let progress = progress.clone();
+            move |item| {
+                let source = fetch_source.clone();
+                let progress = progress.clone();
+                async move {
+                    match item {
+                        Ok(doc) => {
+                            let t = Instant::now();
+                            let fetched = source.fetch(&doc, max_bytes).await;
+                            progress.add_busy(Stage::Fetch, t.elapsed());
+                            fetched
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
             }
         })
@@ -523,16 +525,20 @@ async fn produce(
                     pages += 1;
                     progress.pages.store(pages, Ordering::Relaxed);
                     render += page.render_time;
+                    progress.add_busy(Stage::Raster, page.render_time);
                     let (index, count, last) = (page.page_index, page.page_count, page.is_last());
                     if group.is_empty() {
                         group_start = index + 1;
                     }
                     let pre = preprocessor.clone();
-                    let prepared = tokio::task::spawn_blocking(move || {
-                        pre.prepare(&DynamicImage::ImageRgb8(page.image))
+                    let (prepared, took) = tokio::task::spawn_blocking(move || {
+                        let t = Instant::now();
+                        let prepared = pre.prepare(&DynamicImage::ImageRgb8(page.image));
+                        (prepared, t.elapsed())
                     })
                     .await
                     .map_err(stage("preprocess"))?;
+                    progress.add_busy(Stage::Preprocess, took);
                     match prepared {
                         Ok(p) => group.push(p),
                         Err(e) => {
@@ -558,7 +564,14 @@ async fn produce(
                 Err(e) => {
                     failed += 1;
                     progress.failed.store(failed, Ordering::Relaxed);
-                    send(&model_tx, Err((source_info(0, 0, None), e.to_string()))).await?;
+                    let error = e.to_string();
+                    reporter.event(
+                        "warn",
+                        "document_failed",
+                        || format!("document failed: {}: {error}", info.uri),
+                        serde_json::json!({"uri": info.uri, "error": error}),
+                    );
+                    send(&model_tx, Err((source_info(0, 0, None), error))).await?;
                     break;
                 }
             }

@@ -138,6 +138,98 @@ fn run_turns_a_folder_into_parquet_with_error_rows_for_bad_documents() {
             .all(|e| !e.file_name().to_string_lossy().contains("inprogress")),
         "no partial files"
     );
+    // Plain reporting: each failed document named on stderr, stage busy times in the summary.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for name in ["empty.jpg", "random.pdf", "truncated.pdf"] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.starts_with("pixtract run: document failed:") && l.contains(name)),
+            "{stderr}"
+        );
+    }
+    assert!(
+        t.contains("stages (busy seconds, share of wall time): fetch "),
+        "{t}"
+    );
+
+    // JSON reporting: every stderr line is an event object, the summary on stdout is one object.
+    let json_out = tmp.path().join("out-json");
+    let out = pixtract(
+        &[
+            "run",
+            spec.to_str().unwrap(),
+            "--output",
+            json_out.to_str().unwrap(),
+            "--log-format",
+            "json",
+        ],
+        &[],
+        &repo_root(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert_eq!(events[0]["event"], "run_started", "{events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|e| e["ts"].is_string() && e["level"].is_string())
+    );
+    let failed: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "document_failed")
+        .map(|e| e["uri"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed.len(), 3, "{events:?}");
+    for name in ["empty.jpg", "random.pdf", "truncated.pdf"] {
+        assert!(failed.iter().any(|u| u.ends_with(name)), "{failed:?}");
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("summary JSON");
+    assert_eq!(summary["event"], "run_finished");
+    assert_eq!(summary["exit_code"], 2);
+    assert_eq!(summary["documents"], 5);
+    assert_eq!(summary["documents_failed"], 3);
+    assert_eq!(summary["rows"], 6);
+    let stages: Vec<&str> = summary["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(stages, ["fetch", "raster", "preprocess", "model", "write"]);
+    let busy = |name: &str| {
+        summary["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stage"] == name)
+            .unwrap()["busy_seconds"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(
+        busy("model") > 0.0 && busy("raster") > 0.0 && busy("write") > 0.0,
+        "{summary}"
+    );
+    // The run manifest holds the same summary, stage times included.
+    let manifest = std::fs::read_dir(&json_out)
+        .unwrap()
+        .flatten()
+        .flat_map(|p| std::fs::read_dir(p.path()).unwrap().flatten())
+        .find(|e| e.file_name().to_string_lossy().starts_with("_manifest-"))
+        .expect("run manifest");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(manifest.path()).unwrap()).unwrap();
+    assert_eq!(
+        manifest["summary"]["stages"].as_array().map(Vec::len),
+        Some(5),
+        "{manifest}"
+    );
 }
 
 #[test]
