@@ -100,6 +100,11 @@ enum BenchCommand {
     ///
     /// Example: pixtract bench raster --pdf invoices/ --workers 2 --repeat 3
     Raster(pixtract::raster::bench::RasterBenchArgs),
+    /// The whole job, documents in and Parquet out: `pixtract run` vs a Python reference pipeline (pypdfium2,
+    /// mistral-common, transformers generate(), pyarrow) on the same documents, same run, pages/s and ratio.
+    ///
+    /// Example: pixtract bench pipeline --source out/demo/inputs --max-new-tokens 32
+    Pipeline(pixtract::pipeline::bench::PipelineBenchArgs),
 }
 
 fn parse_device(s: &str) -> Result<Device, String> {
@@ -136,6 +141,7 @@ fn main() -> ExitCode {
         }
         Command::Bench(BenchCommand::Engine(args)) => pixtract::model::bench::run(args),
         Command::Bench(BenchCommand::Raster(args)) => pixtract::raster::bench::run(args),
+        Command::Bench(BenchCommand::Pipeline(args)) => pixtract::pipeline::bench::run(args),
         Command::Run(args) => pixtract::pipeline::cli::run(args),
         Command::Generate(args) => pixtract::model::cli::generate(args),
         Command::Pages(args) => pixtract::raster::cli::pages(args),

@@ -138,12 +138,18 @@ def main(argv=None) -> int:
     _add_sizes(sub)
     sub.add_parser("bench", help="Python references for `pixtract bench engine` (ORT loop, transformers)",
                    add_help=False)
+    sub.add_parser("pipeline-reference", help="Python reference pipeline for `pixtract bench pipeline` "
+                   "(pypdfium2, transformers generate, pyarrow)", add_help=False)
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["bench"]:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["pipeline-reference"]:
+        from .refpipe import main as refpipe_main
+
+        return refpipe_main(argv[1:])
     args = parser.parse_args(argv)
     try:
         if args.command == "export":

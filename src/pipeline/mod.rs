@@ -5,6 +5,7 @@
 //! prompts. The model stage owns the engine on its own thread and forms batches from whatever prompts are ready.
 //! Every document ends as rows: pages that rendered become extractions, a failure becomes an error row.
 
+pub mod bench;
 pub mod cli;
 pub mod report;
 pub mod spec;
@@ -482,11 +483,23 @@ async fn produce(
                 let progress = progress.clone();
                 async move {
                     match item {
+                        // A task of its own: the fetch runs to completion while the consumer is busy (the
+                        // `buffered` window is a prefetch), and its time is the fetch's, not the wait for a poll.
                         Ok(doc) => {
-                            let t = Instant::now();
-                            let fetched = source.fetch(&doc, max_bytes).await;
-                            progress.add_busy(Stage::Fetch, t.elapsed());
-                            fetched
+                            let uri = doc.uri.clone();
+                            tokio::spawn(async move {
+                                let t = Instant::now();
+                                let fetched = source.fetch(&doc, max_bytes).await;
+                                progress.add_busy(Stage::Fetch, t.elapsed());
+                                fetched
+                            })
+                            .await
+                            .unwrap_or_else(|e| {
+                                Err(crate::source::SourceError::Fetch {
+                                    uri,
+                                    reason: format!("fetch task failed: {e}"),
+                                })
+                            })
                         }
                         Err(e) => Err(e),
                     }

@@ -18,6 +18,9 @@ pub enum LogFormat {
     Plain,
     /// One JSON object per line: run_started, progress (every 10 s), document_failed, row_failed, run_finished.
     Json,
+    /// Nothing but errors that stop the run (benchmarks).
+    #[value(skip)]
+    Quiet,
 }
 
 /// Live counters and per-stage busy time, shared by the stages and the progress display.
@@ -131,6 +134,7 @@ impl Reporter {
                 eprintln!("{}", Value::Object(obj));
             }
             LogFormat::Auto | LogFormat::Plain => eprintln!("pixtract run: {}", text()),
+            LogFormat::Quiet => {}
         }
     }
 
@@ -142,6 +146,9 @@ impl Reporter {
     ) -> tokio::task::JoinHandle<()> {
         use std::io::IsTerminal;
         tokio::spawn(async move {
+            if self.format == LogFormat::Quiet {
+                return;
+            }
             if self.format == LogFormat::Auto && std::io::stderr().is_terminal() {
                 let bar = indicatif::ProgressBar::new_spinner();
                 bar.set_style(

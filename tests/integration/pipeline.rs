@@ -664,3 +664,46 @@ fn four_shards_over_an_s3_prefix_write_parquet_to_s3_exactly_once() {
         "shard 0 had documents to skip: {t}"
     );
 }
+
+#[test]
+fn bench_pipeline_runs_both_sides_on_the_same_documents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = tmp.path().join("in");
+    std::fs::create_dir(&inputs).unwrap();
+    let pages = vec![PdfPage::new(612.0, 792.0, invoice_content("INVOICE 7", 2))];
+    std::fs::write(inputs.join("invoice.pdf"), make_pdf(&pages)).unwrap();
+    std::fs::copy(
+        tiny_model().join("reference/grayscale/image0.png"),
+        inputs.join("scan.png"),
+    )
+    .unwrap();
+    std::fs::write(inputs.join("notes.txt"), "not a document").unwrap();
+    let out = pixtract(
+        &[
+            "bench",
+            "pipeline",
+            "--source",
+            inputs.to_str().unwrap(),
+            "--max-new-tokens",
+            "4",
+        ],
+        &[],
+        &repo_root(),
+    );
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    // Same 2 documents (the .txt is neither side's), 2 pages, 4 tokens each on both sides.
+    let row = |label: &str| -> Vec<String> {
+        t.lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("no {label} line: {t}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let ours = row("pixtract run");
+    let theirs = row("python (pypdfium2+transformers)");
+    assert_eq!(&ours[2..5], ["2", "2", "8"], "{t}");
+    assert_eq!(&theirs[2..5], ["2", "2", "8"], "{t}");
+    assert!(t.contains("pixtract / python pages per second: "), "{t}");
+}
