@@ -51,6 +51,9 @@ pub struct GenerateArgs {
     /// Keep generating past </s> (for timing a fixed number of tokens).
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Prompt tokens per prefill pass (0: all at once). Smaller chunks hold less attention memory.
+    #[arg(long, default_value_t = crate::model::engine::DEFAULT_PREFILL_CHUNK)]
+    pub prefill_chunk: usize,
 }
 
 pub fn generate(args: GenerateArgs) -> ExitCode {
@@ -127,6 +130,7 @@ fn run(args: GenerateArgs) -> anyhow::Result<()> {
         },
         stop_on_eos: !args.ignore_eos,
         keep_first_logits: false,
+        prefill_chunk: args.prefill_chunk,
     };
     let prompt_len = prompt.ids.len();
     let (gens, stats) =

@@ -623,6 +623,7 @@ fn model_stage(
             crate::model::PixtralEngine::load(&rt, &spec.dir, opts).map_err(|e| e.to_string())?;
         let config = GenerationConfig {
             max_new_tokens: spec.max_new_tokens,
+            prefill_chunk: spec.prefill_chunk,
             ..Default::default()
         };
         let policy = BatchPolicy {

@@ -95,6 +95,9 @@ pub struct ModelSpec {
     /// Upper bound on padded prompt tokens per prefill.
     #[serde(default = "default_token_budget")]
     pub token_budget: usize,
+    /// Prompt tokens per prefill pass (0: whole prompts). Bounds the attention scores a prefill holds.
+    #[serde(default = "default_prefill_chunk")]
+    pub prefill_chunk: usize,
     #[serde(default = "default_max_new_tokens")]
     pub max_new_tokens: usize,
 }
@@ -177,6 +180,9 @@ fn default_batch() -> usize {
 }
 fn default_token_budget() -> usize {
     16_384
+}
+fn default_prefill_chunk() -> usize {
+    crate::model::engine::DEFAULT_PREFILL_CHUNK
 }
 fn default_max_new_tokens() -> usize {
     512

@@ -175,6 +175,58 @@ fn every_reference_case_matches_transformers() {
 }
 
 #[test]
+fn chunked_prefill_equals_one_pass() {
+    let mut engine = engine();
+    let cases: Vec<Case> = case_dirs().iter().map(|d| load_case(&engine, d)).collect();
+    let prompts: Vec<EncodedPrompt> = cases.iter().map(|c| c.prompt.clone()).collect();
+    let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap();
+    let run = |engine: &mut PixtralEngine, chunk: usize| {
+        let config = GenerationConfig {
+            max_new_tokens: 12,
+            keep_first_logits: true,
+            prefill_chunk: chunk,
+            ..Default::default()
+        };
+        // Batches of 4 (left-padded), so chunks also cut through padding.
+        let policy = BatchPolicy {
+            max_batch: 4,
+            token_budget: 1 << 20,
+        };
+        let (gens, stats) = engine
+            .generate_many(&prompts, &config, policy, &mut NoHook)
+            .unwrap();
+        (gens, stats)
+    };
+    let (whole, one) = run(&mut engine, 0);
+    // 100 does not divide the widths: uneven last chunks; the longest prompt takes many passes.
+    let (chunked, many) = run(&mut engine, 100);
+    assert!(
+        longest > 1000,
+        "a long prompt is among the cases: {longest}"
+    );
+    assert_eq!(one.prefill_passes, one.batches);
+    assert!(
+        many.prefill_passes >= one.batches + longest / 100,
+        "{one:?} vs {many:?}"
+    );
+    let mut worst = 0f32;
+    for ((w, c), case) in whole.iter().zip(&chunked).zip(&cases) {
+        assert_eq!(w.tokens, c.tokens, "{}", case.name);
+        let (a, b) = (
+            w.first_logits.as_ref().unwrap(),
+            c.first_logits.as_ref().unwrap(),
+        );
+        worst = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(worst, f32::max);
+    }
+    println!("chunked (100) vs one-pass prefill: largest first-step logit diff {worst:.2e}");
+    assert!(worst <= LOGIT_TOL, "{worst}");
+}
+
+#[test]
 fn batched_generation_equals_one_by_one() {
     let mut engine = engine();
     let cases: Vec<Case> = case_dirs().iter().map(|d| load_case(&engine, d)).collect();
