@@ -360,6 +360,7 @@ impl Rasterizer {
         let opts = self.opts.clone();
         let pool = self.pool.clone();
         let task_doc = doc.clone();
+        tracing::debug!(uri = %task_doc.uri, "document task spawned");
         tokio::spawn(async move {
             let kind = match precheck(&task_doc, &bytes, &opts) {
                 Ok(kind) => kind,
@@ -406,8 +407,11 @@ impl Rasterizer {
     where
         S: Stream<Item = Result<(DocumentInfo, Bytes), RasterError>> + 'a,
     {
-        docs.map(move |item| async move {
-            match item {
+        // The rendering task starts in `map` itself, when `buffered` pulls the document into its window, not
+        // when its future is first polled: `buffered` polls queued futures only until one completes, so a start
+        // inside an async block would wait until the consumer asked for that document (one render at a time).
+        docs.map(move |item| {
+            futures::future::ready(match item {
                 Ok((doc, bytes)) => self.document(doc, bytes),
                 Err(e) => {
                     let (tx, rx) = mpsc::channel(1);
@@ -415,7 +419,7 @@ impl Rasterizer {
                     let _ = tx.try_send(Err(e));
                     DocumentPages { doc, pages: rx }
                 }
-            }
+            })
         })
         .buffered(parallel.max(1))
     }

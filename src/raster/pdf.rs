@@ -157,13 +157,15 @@ pub fn render(
             .set_target_size(w as Pixels, h as Pixels)
             .set_maximum_width(opts.max_side as Pixels)
             .set_maximum_height(opts.max_side as Pixels)
-            .set_format(PdfBitmapFormat::BGRA)
+            // 24-bit, with pdfium writing R,G,B in that order (FPDF_REVERSE_BYTE_ORDER): each row is already the
+            // RgbImage's row, so the copy below is one memcpy per row, no per-pixel shuffle.
+            .set_format(PdfBitmapFormat::BGR)
+            .set_reverse_byte_order(true)
             .set_clear_color(PdfColor::WHITE);
         let bitmap = page
             .render_with_config(&config)
             .map_err(|e| page_err(describe(&e)))?;
-        let image =
-            bgra_to_rgb(&bitmap).ok_or_else(|| page_err("unexpected bitmap layout".into()))?;
+        let image = rgb_rows(&bitmap).ok_or_else(|| page_err("unexpected bitmap layout".into()))?;
         drop(bitmap);
         drop(page);
         let keep_going = on_page(PageRaster {
@@ -181,21 +183,23 @@ pub fn render(
     Ok(())
 }
 
-fn bgra_to_rgb(bitmap: &PdfBitmap) -> Option<RgbImage> {
+/// The bitmap's rows without stride padding (24-bit RGB, see the render config).
+fn rgb_rows(bitmap: &PdfBitmap) -> Option<RgbImage> {
     let (w, h) = (bitmap.width() as usize, bitmap.height() as usize);
     if w == 0 || h == 0 {
         return None;
     }
     let raw = bitmap.as_raw_bytes();
     let stride = raw.len() / h;
-    if stride < w * 4 {
+    if stride < w * 3 {
         return None;
+    }
+    if stride == w * 3 {
+        return RgbImage::from_raw(w as u32, h as u32, raw);
     }
     let mut out = Vec::with_capacity(w * h * 3);
     for row in raw.chunks_exact(stride).take(h) {
-        for px in row[..w * 4].chunks_exact(4) {
-            out.extend_from_slice(&[px[2], px[1], px[0]]);
-        }
+        out.extend_from_slice(&row[..w * 3]);
     }
     RgbImage::from_raw(w as u32, h as u32, out)
 }

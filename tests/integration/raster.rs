@@ -164,6 +164,59 @@ fn raster_multipage_pdf_with_text_and_table_renders_at_model_size() {
 }
 
 #[test]
+fn raster_pdf_pages_match_pypdfium2_pixel_for_pixel_in_color() {
+    // Red, green and blue fills plus black text: channel order mistakes (BGR vs RGB) show at once, and the
+    // whole page must equal pypdfium2's rendering of it with the same libpdfium at the same size.
+    let content = format!(
+        "1 0 0 rg 40 500 150 150 re f 0 0.6 0 rg 220 500 150 150 re f 0 0 1 rg 400 500 150 150 re f\n{}",
+        util::invoice_content("COLOR TEST", 3)
+    );
+    let pdf = util::make_pdf(&[PdfPage::new(612.0, 792.0, content)]);
+    let out = raster("colors.pdf", &pdf, &RasterOptions::default()).unwrap();
+    let img = &out[0].image;
+    let (w, h) = img.dimensions();
+    let at = |x_pt: f32, y_pt: f32| {
+        let s = w as f32 / 612.0;
+        *img.get_pixel((x_pt * s) as u32, h - 1 - (y_pt * s) as u32)
+    };
+    assert_eq!(at(115.0, 575.0), Rgb([255, 0, 0]), "red square");
+    let green = at(295.0, 575.0).0;
+    assert!(
+        green[0] == 0 && green[1] > 100 && green[2] == 0,
+        "green square {green:?}"
+    );
+    assert_eq!(at(475.0, 575.0), Rgb([0, 0, 255]), "blue square");
+
+    let dir = tempfile::tempdir().unwrap();
+    let pdf_path = dir.path().join("colors.pdf");
+    let png_path = dir.path().join("reference.png");
+    std::fs::write(&pdf_path, &pdf).unwrap();
+    let script = format!(
+        "import pypdfium2 as p\npage = p.PdfDocument({:?})[0]\n\
+         page.render(scale={w}/612.0, fill_color=(255, 255, 255, 255)).to_pil().convert('RGB').save({:?})",
+        pdf_path.display().to_string(),
+        png_path.display().to_string()
+    );
+    let status = std::process::Command::new(util::python())
+        .args(["-c", &script])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let reference = image::open(&png_path).unwrap().to_rgb8();
+    assert_eq!(reference.dimensions(), (w, h));
+    let differing = img
+        .pixels()
+        .zip(reference.pixels())
+        .filter(|(a, b)| a.0.iter().zip(b.0).any(|(x, y)| x.abs_diff(y) > 2))
+        .count();
+    assert!(
+        differing * 1000 <= (w * h) as usize,
+        "{differing} of {} pixels differ from pypdfium2 by more than 2 levels",
+        w * h
+    );
+}
+
+#[test]
 fn raster_landscape_and_rotated_pages_keep_orientation_and_aspect() {
     let mut landscape = PdfPage::new(842.0, 595.0, util::top_left_marker(595.0));
     landscape.content += &util::invoice_content("LANDSCAPE", 2);
