@@ -242,6 +242,7 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
     let writer = tokio::spawn(async move {
         let mut tally = RowTally::default();
         let mut failure: Option<String> = None;
+        let mut held: Vec<ExtractionRecord> = Vec::new();
         while let Some((records, busy)) = rows_rx.recv().await {
             tally.busy += busy;
             writer_progress.add_busy(Stage::Model, busy);
@@ -282,10 +283,18 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
             writer_progress
                 .generated_tokens
                 .store(tally.generated_tokens, Ordering::Relaxed);
-            let t = Instant::now();
-            let batch = to_record_batch(schema.as_ref(), &ctx, &records).map_err(stage("rows"))?;
-            sink.write(&batch).await.map_err(stage("output"))?;
-            writer_progress.add_busy(Stage::Write, t.elapsed());
+            // Rows go to the sink a whole document at a time, so a file rotation never falls inside a document
+            // and a kill between two commits never leaves half a document committed (the next run would redo the
+            // document and duplicate the committed half). Rows of a document still in progress wait in `held`.
+            held.extend(records);
+            if let Some(last) = held.iter().rposition(completes_document) {
+                let ready: Vec<ExtractionRecord> = held.drain(..=last).collect();
+                let t = Instant::now();
+                let batch =
+                    to_record_batch(schema.as_ref(), &ctx, &ready).map_err(stage("rows"))?;
+                sink.write_unit(&batch).await.map_err(stage("output"))?;
+                writer_progress.add_busy(Stage::Write, t.elapsed());
+            }
             if failure.is_none()
                 && tally.rows >= limits.failure_min_docs
                 && tally.failed as f64 > limits.max_failed_share * tally.rows as f64
@@ -298,6 +307,17 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
                 ));
                 writer_abort.store(true, Ordering::SeqCst);
             }
+        }
+        if !held.is_empty() {
+            // Only when the run stopped inside a document: its rows are left out so that the next run, which
+            // redoes the whole document, writes each page exactly once.
+            let uri = held[0].source.uri.clone();
+            reporter.event(
+                "warn",
+                "document_incomplete",
+                || format!("{uri}: stopped before its last page; left for the next run ({} rows not written)", held.len()),
+                serde_json::json!({"uri": uri, "rows": held.len()}),
+            );
         }
         Ok::<_, PipelineError>((sink, tally, failure))
     });
@@ -359,6 +379,14 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
     let written = sink.finish(manifest_value).await.map_err(stage("output"))?;
     summary.files = written.files.iter().map(|f| f.path.clone()).collect();
     Ok(summary)
+}
+
+/// Whether this row is its document's last: the last page (or the last prompt's pages) or a document-level error.
+fn completes_document(r: &ExtractionRecord) -> bool {
+    r.source.page_start == 0
+        || r.source
+            .doc_page_count
+            .is_none_or(|count| r.source.page_end >= count)
 }
 
 #[derive(Debug, Default)]

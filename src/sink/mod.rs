@@ -377,6 +377,28 @@ impl ParquetSink {
         Ok(())
     }
 
+    /// Appends a batch that must not be split across files (e.g. all rows of some documents, so that a crash
+    /// between two files never commits half a document): if it does not fit in the open file, that file is
+    /// closed first; a batch larger than `max_rows_per_file` gets a file of its own. `max_rows_per_file` is then
+    /// a soft limit.
+    pub async fn write_unit(&mut self, batch: &RecordBatch) -> Result<(), SinkError> {
+        let open_rows = self.current.as_ref().map_or(0, OpenFile::rows);
+        if open_rows > 0
+            && open_rows + batch.num_rows() as u64 > self.config.max_rows_per_file as u64
+        {
+            self.close_current().await?;
+        }
+        let limit = self.config.max_rows_per_file;
+        self.config.max_rows_per_file = limit.max(batch.num_rows());
+        let result = self.write(batch).await;
+        self.config.max_rows_per_file = limit;
+        result?;
+        if self.current.as_ref().map_or(0, OpenFile::rows) >= limit as u64 {
+            self.close_current().await?;
+        }
+        Ok(())
+    }
+
     /// Appends a batch (its schema must be the sink's); starts a new file past `max_rows_per_file`.
     pub async fn write(&mut self, batch: &RecordBatch) -> Result<(), SinkError> {
         if batch.schema().fields() != self.schema.fields() {

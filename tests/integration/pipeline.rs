@@ -707,3 +707,77 @@ fn bench_pipeline_runs_both_sides_on_the_same_documents() {
     assert_eq!(&theirs[2..5], ["2", "2", "8"], "{t}");
     assert!(t.contains("pixtract / python pages per second: "), "{t}");
 }
+
+#[test]
+fn multi_page_documents_never_straddle_a_commit() {
+    // 3-page PDFs with 2 rows per file: a file may only close at a document boundary (files grow past the
+    // limit instead), so a kill between commits never leaves part of a document committed, and the rerun
+    // writes every page exactly once.
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = tmp.path().join("in");
+    std::fs::create_dir(&inputs).unwrap();
+    for d in 0..4 {
+        let pages: Vec<PdfPage> = (1..=3)
+            .map(|p| PdfPage::new(612.0, 792.0, invoice_content(&format!("INV {d} p{p}"), 2)))
+            .collect();
+        std::fs::write(inputs.join(format!("inv{d}.pdf")), make_pdf(&pages)).unwrap();
+    }
+    small_inputs_n(&inputs, 2);
+    let output = tmp.path().join("out");
+    let spec = write_spec(tmp.path(), &inputs, &output);
+    let mut text_spec = std::fs::read_to_string(&spec).unwrap();
+    text_spec = text_spec.replace("batch_size = 4", "batch_size = 2");
+    text_spec.push_str("max_rows_per_file = 2\n");
+    std::fs::write(&spec, text_spec).unwrap();
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pixtract"))
+        .args(["run", spec.to_str().unwrap()])
+        .current_dir(repo_root())
+        .env("PIXTRACT_VENV", repo_root().join(".venv"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while parquet_files(&output).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let whole_documents = |what: &str| {
+        let glob = format!("{}/**/*.parquet", output.display());
+        // Per file and document: rows present vs the document's page count.
+        let per_file = duckdb(&format!(
+            "SELECT filename, regexp_replace(source_uri, '.*/', ''), count(*), max(doc_page_count) \
+             FROM read_parquet('{glob}', hive_partitioning = true, filename = true) GROUP BY ALL ORDER BY ALL"
+        ));
+        for line in per_file.lines() {
+            let f: Vec<&str> = line.split('|').collect();
+            assert_eq!(
+                f[2], f[3],
+                "{what}: a file holds part of a document: {per_file}"
+            );
+        }
+        per_file
+    };
+    let after_kill = whole_documents("after kill -9");
+    let out = pixtract(&["run", spec.to_str().unwrap()], &[], &repo_root());
+    let t = text(&out);
+    assert!(matches!(out.status.code(), Some(0 | 2)), "{t}");
+    whole_documents("after the rerun");
+    let glob = format!("{}/**/*.parquet", output.display());
+    let pages = duckdb(&format!(
+        "SELECT regexp_replace(source_uri, '.*/', ''), page_start, count(*) \
+         FROM read_parquet('{glob}', hive_partitioning = true) GROUP BY ALL ORDER BY ALL"
+    ));
+    let lines: Vec<&str> = pages.lines().collect();
+    assert_eq!(
+        lines.len(),
+        4 * 3 + 2,
+        "every page of every document: {pages}"
+    );
+    assert!(
+        lines.iter().all(|l| l.ends_with("|1")),
+        "each exactly once: {pages}\nafter kill: {after_kill}"
+    );
+}
