@@ -255,11 +255,16 @@ fn python_reference(args: &EngineBenchArgs) -> anyhow::Result<serde_json::Value>
     if args.skip_transformers {
         cmd.arg("--skip-transformers");
     }
+    run_python_reference(&mut cmd)
+}
+
+/// Runs a Python reference (an `onnx-export/export.py` subcommand) and parses the JSON object it prints last.
+/// A failure carries the reference's last stderr line (its error), not a Debug dump.
+pub fn run_python_reference(cmd: &mut Command) -> anyhow::Result<serde_json::Value> {
     let out = cmd.output().with_context(|| {
         format!(
-            "running {} {} bench (run from the checkout)",
-            python.display(),
-            script.display()
+            "running {} (run from the checkout, after scripts/setup.sh)",
+            cmd.get_program().to_string_lossy()
         )
     })?;
     if !out.status.success() {

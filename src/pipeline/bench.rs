@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 
 use super::{LogFormat, PipelineSpec, RunOptions, run_blocking};
 
@@ -179,19 +179,5 @@ fn python_reference(
     if let Some(dpi) = max_dpi {
         cmd.arg("--max-dpi").arg(dpi.to_string());
     }
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {} (run from the checkout)", python.display()))?;
-    if !out.status.success() {
-        bail!(
-            "Python reference failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().unwrap_or("");
-    serde_json::from_str(line).with_context(|| format!("reference printed {line:?}"))
+    crate::model::bench::run_python_reference(&mut cmd)
 }

@@ -408,6 +408,29 @@ fn four_concurrent_shards_cover_the_input_exactly_once() {
     }
 }
 
+/// Starts `pixtract run SPEC` and kills it (SIGKILL) once `files` Parquet files are committed under `output`
+/// (0: 300 ms into start-up); at most 60 s.
+fn kill_run_after(spec: &Path, output: &Path, files: usize) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pixtract"))
+        .args(["run", spec.to_str().unwrap()])
+        .current_dir(repo_root())
+        .env("PIXTRACT_VENV", repo_root().join(".venv"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    if files == 0 {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    } else {
+        while parquet_files(output).len() < files && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 fn parquet_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -438,25 +461,7 @@ fn killed_runs_resume_with_every_document_exactly_once() {
         let mut text_spec = std::fs::read_to_string(&spec).unwrap();
         text_spec.push_str("max_rows_per_file = 2\n");
         std::fs::write(&spec, text_spec).unwrap();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pixtract"))
-            .args(["run", spec.to_str().unwrap()])
-            .current_dir(repo_root())
-            .env("PIXTRACT_VENV", repo_root().join(".venv"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        if after_files == 0 {
-            std::thread::sleep(std::time::Duration::from_millis(300));
-        } else {
-            while parquet_files(&output).len() < after_files && std::time::Instant::now() < deadline
-            {
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-        }
-        let _ = child.kill(); // SIGKILL
-        let _ = child.wait();
+        kill_run_after(&spec, &output, after_files);
         // Whatever the kill left, every visible Parquet file is complete (DuckDB reads its footer and rows).
         for file in parquet_files(&output) {
             let rows = duckdb(&format!(
@@ -730,20 +735,7 @@ fn multi_page_documents_never_straddle_a_commit() {
     text_spec.push_str("max_rows_per_file = 2\n");
     std::fs::write(&spec, text_spec).unwrap();
 
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pixtract"))
-        .args(["run", spec.to_str().unwrap()])
-        .current_dir(repo_root())
-        .env("PIXTRACT_VENV", repo_root().join(".venv"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while parquet_files(&output).is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    kill_run_after(&spec, &output, 1);
     let whole_documents = |what: &str| {
         let glob = format!("{}/**/*.parquet", output.display());
         // Per file and document: rows present vs the document's page count.
