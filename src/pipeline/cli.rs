@@ -36,8 +36,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "I/N")]
     pub shard: Option<String>,
     /// How progress and events go to stderr: auto (a live line on a terminal, plain lines otherwise), plain, or
-    /// json (one object per line: run_started, progress every 10 s, document_failed, row_failed, run_finished;
-    /// the summary on stdout is then JSON too).
+    /// json (one object per line: run_started, progress every 10 s or PIXTRACT_PROGRESS_SECONDS, with
+    /// documents_total and eta_s once the listing is counted, document_failed, row_failed, run_finished; the
+    /// summary on stdout is then JSON too).
     #[arg(long, value_enum, default_value = "auto", env = "PIXTRACT_LOG_FORMAT")]
     pub log_format: LogFormat,
 }

@@ -286,6 +286,10 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
             // Rows go to the sink a whole document at a time, so a file rotation never falls inside a document
             // and a kill between two commits never leaves half a document committed (the next run would redo the
             // document and duplicate the committed half). Rows of a document still in progress wait in `held`.
+            let finished = records.iter().filter(|r| completes_document(r)).count();
+            writer_progress
+                .documents_done
+                .fetch_add(finished, Ordering::Relaxed);
             held.extend(records);
             if let Some(last) = held.iter().rposition(completes_document) {
                 let ready: Vec<ExtractionRecord> = held.drain(..=last).collect();
@@ -482,24 +486,45 @@ async fn produce(
     let skipped_count = skipped.clone();
     let fetch_source = source.clone();
     let max_bytes = r.max_bytes;
+    // Whether this run processes a listed document: in its shard and not already in the output.
+    let wanted = Arc::new(move |doc: &crate::source::DocumentInfo| -> (bool, bool) {
+        let in_shard = shard.is_none_or(|(i, n)| shard_of(&doc.uri, n) == i);
+        let key = state::doc_key(
+            &doc.uri,
+            doc.etag.as_deref(),
+            doc.version.as_deref(),
+            &schema_sha,
+            &model_id,
+        );
+        let done = in_shard && processed.contains(&key);
+        (in_shard && !done, done)
+    });
+    // A second, counting pass over the listing gives the progress display its total (and so an ETA) without
+    // holding the listing in memory; it ends with the listing (one LIST request per 1,000 keys on S3).
+    let counting = {
+        let (wanted, progress) = (wanted.clone(), progress.clone());
+        let counted = source.list(&list).map_err(stage("source"))?;
+        tokio::spawn(async move {
+            let mut n = 0;
+            let mut counted = std::pin::pin!(counted);
+            while let Some(item) = counted.next().await {
+                if item.as_ref().map_or(true, |doc| wanted(doc).0) {
+                    n += 1;
+                }
+            }
+            progress.set_total(n);
+        })
+    };
     let fetched = listing
         .filter(move |item| {
             let keep = match item {
                 Err(_) => true,
                 Ok(doc) => {
-                    let in_shard = shard.is_none_or(|(i, n)| shard_of(&doc.uri, n) == i);
-                    let key = state::doc_key(
-                        &doc.uri,
-                        doc.etag.as_deref(),
-                        doc.version.as_deref(),
-                        &schema_sha,
-                        &model_id,
-                    );
-                    let done = in_shard && processed.contains(&key);
+                    let (keep, done) = wanted(doc);
                     if done {
                         skipped_count.fetch_add(1, Ordering::SeqCst);
                     }
-                    in_shard && !done
+                    keep
                 }
             };
             futures::future::ready(keep)
@@ -618,6 +643,7 @@ async fn produce(
             }
         }
     }
+    counting.abort();
     Ok((documents, failed, pages, skipped.load(Ordering::SeqCst)))
 }
 

@@ -32,6 +32,10 @@ pub(crate) struct Progress {
     pub rows: AtomicUsize,
     pub rows_failed: AtomicUsize,
     pub generated_tokens: AtomicU64,
+    /// Documents whose last row reached the writer.
+    pub documents_done: AtomicUsize,
+    /// Documents this run will process (listing counted in the background); 0 until known.
+    total: AtomicUsize,
     /// Nanoseconds each stage spent working, summed over its parallel workers.
     busy: [AtomicU64; STAGES.len()],
 }
@@ -58,6 +62,27 @@ pub struct StageBusy {
 }
 
 impl Progress {
+    /// The number of documents the run will process, once the counting pass over the listing is done.
+    pub fn set_total(&self, documents: usize) {
+        // Stored +1 so that 0 means "not known yet" and an empty listing still reads as known.
+        self.total.store(documents + 1, Ordering::Relaxed);
+    }
+
+    fn total(&self) -> Option<usize> {
+        self.total.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    /// Seconds left at the documents-per-second rate so far; None until the total and a rate are known.
+    fn eta_seconds(&self, started: Instant) -> Option<f64> {
+        let total = self.total()?;
+        let done = self.documents_done.load(Ordering::Relaxed);
+        let secs = started.elapsed().as_secs_f64();
+        if done == 0 || secs <= 0.0 {
+            return None;
+        }
+        Some(total.saturating_sub(done) as f64 * secs / done as f64)
+    }
+
     pub fn add_busy(&self, stage: Stage, d: Duration) {
         self.busy[stage as usize].fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
     }
@@ -84,19 +109,33 @@ impl Progress {
         json!({
             "elapsed_s": (secs * 10.0).round() / 10.0,
             "documents": self.documents.load(Ordering::Relaxed),
+            "documents_done": self.documents_done.load(Ordering::Relaxed),
             "documents_failed": self.failed.load(Ordering::Relaxed),
             "pages": pages,
             "pages_per_s": (pages as f64 / secs * 100.0).round() / 100.0,
             "rows": self.rows.load(Ordering::Relaxed),
             "rows_failed": self.rows_failed.load(Ordering::Relaxed),
             "generated_tokens_per_s": (self.generated_tokens.load(Ordering::Relaxed) as f64 / secs).round(),
+            "documents_total": self.total(),
+            "eta_s": self.eta_seconds(started).map(|e| e.round()),
         })
     }
 
     fn line(&self, started: Instant) -> String {
         let f = self.fields(started);
+        let total = self.total().map(|t| format!("/{t}")).unwrap_or_default();
+        let eta = match self.eta_seconds(started) {
+            Some(s) if s >= 3600.0 => format!(
+                " | ETA {}h{:02}m",
+                (s / 3600.0) as u64,
+                ((s % 3600.0) / 60.0) as u64
+            ),
+            Some(s) => format!(" | ETA {}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64),
+            None => String::new(),
+        };
         format!(
-            "documents {} ({} failed) | pages {} ({}/s) | rows {} ({} error) | {} generated tokens/s",
+            "documents {}{total} done ({} read, {} failed) | pages {} ({}/s) | rows {} ({} error) | {} generated tokens/s{eta}",
+            f["documents_done"],
             f["documents"],
             f["documents_failed"],
             f["pages"],
@@ -161,8 +200,14 @@ impl Reporter {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             } else {
+                // Every 10 s by default; PIXTRACT_PROGRESS_SECONDS sets another period (log volume vs detail).
+                let every = std::env::var("PIXTRACT_PROGRESS_SECONDS")
+                    .ok()
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .filter(|s| *s > 0.0)
+                    .unwrap_or(10.0);
                 loop {
-                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    tokio::time::sleep(Duration::from_secs_f64(every)).await;
                     self.event(
                         "info",
                         "progress",

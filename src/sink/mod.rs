@@ -582,7 +582,9 @@ impl ParquetSink {
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                let tmp = path.with_file_name(format!(".{name}.inprogress"));
+                // Per run: concurrent shards all write the partition's `_SUCCESS`, and a shared temporary name
+                // would let one writer rename another's file away (seen as ENOENT under 4 concurrent shards).
+                let tmp = path.with_file_name(format!(".{name}.{}.inprogress", self.run_id));
                 std::fs::write(&tmp, &bytes).map_err(io(&tmp))?;
                 std::fs::File::open(&tmp)
                     .and_then(|f| f.sync_all())

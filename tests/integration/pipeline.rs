@@ -164,7 +164,7 @@ fn run_turns_a_folder_into_parquet_with_error_rows_for_bad_documents() {
             "--log-format",
             "json",
         ],
-        &[],
+        &[("PIXTRACT_PROGRESS_SECONDS", "0.2")],
         &repo_root(),
     );
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
@@ -188,6 +188,15 @@ fn run_turns_a_folder_into_parquet_with_error_rows_for_bad_documents() {
     for name in ["empty.jpg", "random.pdf", "truncated.pdf"] {
         assert!(failed.iter().any(|u| u.ends_with(name)), "{failed:?}");
     }
+    // Progress events know the total once the listing is counted, and then give an ETA.
+    let progress: Vec<&serde_json::Value> =
+        events.iter().filter(|e| e["event"] == "progress").collect();
+    assert!(
+        progress
+            .iter()
+            .any(|e| e["documents_total"] == 5 && e["eta_s"].is_number()),
+        "{progress:?}"
+    );
     let summary: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("summary JSON");
     assert_eq!(summary["event"], "run_finished");
