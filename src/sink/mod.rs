@@ -484,20 +484,7 @@ impl ParquetSink {
                         });
                     }
                 };
-                let io = |path: &Path| {
-                    let path = path.to_path_buf();
-                    move |source| SinkError::Io { path, source }
-                };
-                std::fs::File::open(&*tmp)
-                    .and_then(|f| f.sync_all())
-                    .map_err(io(tmp))?;
-                let bytes = std::fs::metadata(&*tmp).map_err(io(tmp))?.len();
-                std::fs::rename(&*tmp, &*final_path).map_err(io(final_path))?;
-                if let Some(dir) = final_path.parent() {
-                    std::fs::File::open(dir)
-                        .and_then(|d| d.sync_all())
-                        .map_err(io(dir))?;
-                }
+                let bytes = publish_local(tmp, final_path)?;
                 FileEntry {
                     path: rel.clone(),
                     rows: *rows,
@@ -586,11 +573,7 @@ impl ParquetSink {
                 // would let one writer rename another's file away (seen as ENOENT under 4 concurrent shards).
                 let tmp = path.with_file_name(format!(".{name}.{}.inprogress", self.run_id));
                 std::fs::write(&tmp, &bytes).map_err(io(&tmp))?;
-                std::fs::File::open(&tmp)
-                    .and_then(|f| f.sync_all())
-                    .map_err(io(&tmp))?;
-                std::fs::rename(&tmp, &path).map_err(io(&path))?;
-                Ok(())
+                publish_local(&tmp, &path).map(|_| ())
             }
             SinkTarget::Store { store, prefix, .. } => {
                 let key = join_key(prefix, rel);
@@ -637,4 +620,25 @@ fn join_key(prefix: &ObjectPath, rel: &str) -> ObjectPath {
     } else {
         ObjectPath::from(format!("{p}/{rel}"))
     }
+}
+
+/// Makes a fully written local temporary file visible under its final name: fsync the file, rename, fsync the
+/// directory (so the rename itself survives a power cut). Returns the file's size. One path for data files, the
+/// manifest and `_SUCCESS` alike.
+fn publish_local(tmp: &Path, final_path: &Path) -> Result<u64, SinkError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SinkError::Io { path, source }
+    };
+    std::fs::File::open(tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io(tmp))?;
+    let bytes = std::fs::metadata(tmp).map_err(io(tmp))?.len();
+    std::fs::rename(tmp, final_path).map_err(io(final_path))?;
+    if let Some(dir) = final_path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))?;
+    }
+    Ok(bytes)
 }
