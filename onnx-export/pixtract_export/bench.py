@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 
 from . import prompting
 from .export import model_from_manifest
@@ -26,16 +25,7 @@ def load_cases(reference_dir: str, names: list[str]):
         folder = os.path.join(reference_dir, name)
         with open(os.path.join(folder, "case.json")) as f:
             case = json.load(f)
-        parts = []
-        for c in case["content"]:
-            if c["type"] == "image":
-                with Image.open(os.path.join(folder, c["file"])) as im:
-                    im.load()
-                    parts.append({"type": "image", "image": im.copy()})
-            else:
-                parts.append(c)
-        ids, images = prompting.encode(parts, case["system"])
-        out.append((ids, images))
+        out.append(prompting.encode_case(folder, case["content"], case["system"]))
     return out
 
 

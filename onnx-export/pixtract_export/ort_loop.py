@@ -59,37 +59,41 @@ class OrtPixtral:
         out = self.decoder.run(None, feeds)
         return out[0][:, -1, :], out[1:]
 
-    def greedy(self, ids: list[int], images: list[np.ndarray], max_new: int, stop_on_eos: bool = True):
-        """Batch-1 greedy decoding; returns (new token ids, first-step logits)."""
+    def _prefill(self, ids: list[int], images: list[np.ndarray]):
+        """Batch-1 prefill: (last-position logits [vocab], cache, attention mask)."""
         arr = np.array([ids], dtype=np.int64)
         embeds = self.embeddings(arr, images)
         n = arr.shape[1]
         mask = np.ones((1, n), dtype=np.int64)
         logits, past = self.step(embeds, mask, np.arange(n)[None], self.empty_past(1))
-        first = logits[0].copy()
+        return logits[0], past, mask
+
+    def _feed(self, tok: int, past, mask):
+        """Appends one token to a batch-1 sequence: (next logits [vocab], cache, attention mask)."""
+        embeds = self.embed.run(["inputs_embeds"], {"input_ids": np.array([[tok]], dtype=np.int64)})[0]
+        mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
+        logits, past = self.step(embeds, mask, np.array([[mask.shape[1] - 1]]), past)
+        return logits[0], past, mask
+
+    def greedy(self, ids: list[int], images: list[np.ndarray], max_new: int, stop_on_eos: bool = True):
+        """Batch-1 greedy decoding; returns (new token ids, first-step logits)."""
+        logits, past, mask = self._prefill(ids, images)
+        first = logits.copy()
         out = []
         for _ in range(max_new):
-            tok = int(np.argmax(logits[0]))
+            tok = int(np.argmax(logits))
             out.append(tok)
             if stop_on_eos and tok == self.eos:
                 break
-            embeds = self.embed.run(["inputs_embeds"], {"input_ids": np.array([[tok]], dtype=np.int64)})[0]
-            mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
-            logits, past = self.step(embeds, mask, np.array([[mask.shape[1] - 1]]), past)
+            logits, past, mask = self._feed(tok, past, mask)
         return out, first
 
     def forced(self, ids: list[int], images: list[np.ndarray], tokens: list[int]) -> np.ndarray:
         """Logits [len(tokens), vocab] when `tokens` are fed one by one after the prompt (teacher forcing):
         row i is the distribution the model gives for position i, whatever it would have chosen before."""
-        arr = np.array([ids], dtype=np.int64)
-        embeds = self.embeddings(arr, images)
-        n = arr.shape[1]
-        mask = np.ones((1, n), dtype=np.int64)
-        logits, past = self.step(embeds, mask, np.arange(n)[None], self.empty_past(1))
-        rows = [logits[0].astype(np.float32)]
+        logits, past, mask = self._prefill(ids, images)
+        rows = [logits.astype(np.float32)]
         for tok in tokens[:-1]:
-            embeds = self.embed.run(["inputs_embeds"], {"input_ids": np.array([[tok]], dtype=np.int64)})[0]
-            mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
-            logits, past = self.step(embeds, mask, np.array([[mask.shape[1] - 1]]), past)
-            rows.append(logits[0].astype(np.float32))
+            logits, past, mask = self._feed(tok, past, mask)
+            rows.append(logits.astype(np.float32))
         return np.stack(rows)

@@ -43,6 +43,24 @@ def encode(content: list, system: str | None = None):
     return list(enc.tokens), [np.ascontiguousarray(img, dtype=np.float32) for img in enc.images]
 
 
+def encode_case(folder: str, content: list, system: str | None = None):
+    """A reference case's content ([{"type": "image", "file": ...} | {"type": "text", ...}]) with its images read
+    back from their PNGs in `folder`, encoded as `encode` does: the bytes the Rust side decodes too."""
+    import os
+
+    from PIL import Image
+
+    loaded = []
+    for c in content:
+        if c["type"] == "image":
+            with Image.open(os.path.join(folder, c["file"])) as im:
+                im.load()
+                loaded.append({"type": "image", "image": im.copy()})
+        else:
+            loaded.append(c)
+    return encode(loaded, system)
+
+
 def decode(ids: list[int]) -> str:
     return mistral_tokenizer().decode(ids)
 

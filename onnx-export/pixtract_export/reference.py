@@ -90,15 +90,7 @@ def run_reference(args) -> int:
                 content.append({"type": "image", "file": fname})
             else:
                 content.append({"type": "text", "text": value})
-        loaded = []
-        for c in content:
-            if c["type"] == "image":
-                with Image.open(os.path.join(folder, c["file"])) as im:
-                    im.load()
-                    loaded.append({"type": "image", "image": im.copy()})
-            else:
-                loaded.append(c)
-        ids, images = prompting.encode(loaded, system)
+        ids, images = prompting.encode_case(folder, content, system)
         image_meta = []
         for k, (fname, chw) in enumerate(zip(files, images)):
             with Image.open(os.path.join(folder, fname)) as im:
