@@ -4,7 +4,6 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::model::runtime::Threads;
 use crate::model::{Device, ModelDir, OrtRuntime};
 use crate::native::{LibraryLocation, NativeLibrary, SearchPaths};
 
@@ -148,7 +147,7 @@ pub fn run(opts: &DoctorOptions, search: &SearchPaths) -> DoctorReport {
             Device::Cuda(id) => Device::Cuda(id),
             Device::Cpu => Device::Cuda(0),
         };
-        match rt.session_builder(cuda, Threads::default()) {
+        match rt.session_builder(cuda) {
             Ok(_) => report.push(
                 "cuda",
                 Status::Ok,
@@ -270,7 +269,7 @@ fn check_model(
     let mut timings = Vec::new();
     for (name, graph) in m.graphs.iter() {
         let start = Instant::now();
-        rt.open_session(&model.path_of(&graph.file), opts.device, Threads::default())
+        rt.open_session(&model.path_of(&graph.file), opts.device)
             .map_err(|e| {
                 let mut msg = format!("{}\n{name}: {e}", lines[0]);
                 if m.dtype == "fp16" && opts.device == Device::Cpu {

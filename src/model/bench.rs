@@ -133,7 +133,6 @@ fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
     let rt = super::OrtRuntime::load_from_env_with_pool(pool)?;
     let opts = EngineOptions {
         device: Device::Cpu,
-        threads: Threads::default(),
     };
     let mut engine = PixtralEngine::load(&rt, &args.model, opts)?;
     let reference_dir = args.reference_dir();

@@ -76,7 +76,6 @@ fn run(args: GenerateArgs) -> anyhow::Result<()> {
     })?;
     let opts = EngineOptions {
         device: args.device,
-        threads: Threads::default(),
     };
     let t_load = Instant::now();
     let mut engine = PixtralEngine::load(&rt, &args.model, opts)

@@ -16,7 +16,7 @@ use super::ModelError;
 use super::manifest::ModelDir;
 use super::preprocess::{ImagePreprocessor, PreparedImage};
 use super::prompt::{EncodedPrompt, PixtralTokenizer};
-use super::runtime::{Device, OrtRuntime, Threads};
+use super::runtime::{Device, OrtRuntime};
 use super::sampling::{Sampler, Sampling};
 
 /// Float type a graph takes (from its declared input types, so fp32 and fp16 exports run the same code).
@@ -140,14 +140,12 @@ fn choose_rows(
 #[derive(Debug, Clone, Copy)]
 pub struct EngineOptions {
     pub device: Device,
-    pub threads: Threads,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
             device: Device::Cpu,
-            threads: Threads::default(),
         }
     }
 }
@@ -298,7 +296,7 @@ impl PixtralEngine {
     ) -> Result<Self, ModelError> {
         let model = ModelDir::open(dir)?;
         let m = &model.manifest;
-        let open = |file: &str| rt.open_session(&model.path_of(file), opts.device, opts.threads);
+        let open = |file: &str| rt.open_session(&model.path_of(file), opts.device);
         let vision = open(&m.graphs.vision_encoder.file)?;
         let embed = open(&m.graphs.embed_tokens.file)?;
         let decoder = open(&m.graphs.decoder.file)?;

@@ -47,7 +47,7 @@ impl fmt::Display for Device {
     }
 }
 
-/// Thread settings for CPU sessions. The default (0 threads, no spin) means "the runtime's shared pool".
+/// Settings of the runtime's shared intra-op pool (all sessions of the process run on it).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Threads {
     /// Zero means ONNX Runtime's default (one per physical core).
@@ -109,12 +109,9 @@ impl OrtRuntime {
         &self.env
     }
 
-    /// A session builder for `device`. For CUDA the provider must register or this fails, saying why.
-    pub fn session_builder(
-        &self,
-        device: Device,
-        threads: Threads,
-    ) -> Result<SessionBuilder, ModelError> {
+    /// A session builder for `device`, on the runtime's shared intra-op pool. For CUDA the provider must
+    /// register or this fails, saying why.
+    pub fn session_builder(&self, device: Device) -> Result<SessionBuilder, ModelError> {
         let err = |e: ort::Error<SessionBuilder>| ModelError::Session {
             path: PathBuf::from("<builder>"),
             reason: e.to_string(),
@@ -126,18 +123,6 @@ impl OrtRuntime {
             })?
             .with_optimization_level(GraphOptimizationLevel::All)
             .map_err(err)?;
-        if threads.intra_op > 0 || threads.spin {
-            // Settings of its own: this session gets a private pool instead of the runtime's shared one.
-            builder = builder.with_independent_thread_pool().map_err(err)?;
-            if threads.intra_op > 0 {
-                builder = builder.with_intra_threads(threads.intra_op).map_err(err)?;
-            }
-            if !threads.spin {
-                builder = builder
-                    .with_config_entry("session.intra_op.allow_spinning", "0")
-                    .map_err(err)?;
-            }
-        }
         if let Device::Cuda(id) = device {
             preload_cuda_wheels(&SearchPaths::from_env());
             let cuda = ort::ep::CUDA::default()
@@ -155,13 +140,8 @@ impl OrtRuntime {
     }
 
     /// Opens one graph file on `device`.
-    pub fn open_session(
-        &self,
-        path: &Path,
-        device: Device,
-        threads: Threads,
-    ) -> Result<Session, ModelError> {
-        let mut builder = self.session_builder(device, threads)?;
+    pub fn open_session(&self, path: &Path, device: Device) -> Result<Session, ModelError> {
+        let mut builder = self.session_builder(device)?;
         builder
             .commit_from_file(path)
             .map_err(|e| ModelError::Session {

@@ -669,10 +669,7 @@ fn model_stage(
             spin: false,
         })
         .map_err(|e| e.to_string())?;
-        let opts = EngineOptions {
-            device,
-            threads: Threads::default(),
-        };
+        let opts = EngineOptions { device };
         let engine =
             crate::model::PixtralEngine::load(&rt, &spec.dir, opts).map_err(|e| e.to_string())?;
         let config = GenerationConfig {

@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use pixtract::model::runtime::Threads;
 use pixtract::model::{
     BatchPolicy, Device, EncodedPrompt, EngineOptions, GenerationConfig, NoHook, PixtralEngine,
 };
@@ -24,7 +23,6 @@ pub fn engine() -> std::sync::MutexGuard<'static, PixtralEngine> {
         .get_or_init(|| {
             let opts = EngineOptions {
                 device: Device::Cpu,
-                threads: Threads::default(),
             };
             Mutex::new(PixtralEngine::load(runtime(), &tiny_model(), opts).expect("engine loads"))
         })

@@ -1,6 +1,5 @@
 use std::collections::BTreeMap;
 
-use pixtract::model::runtime::Threads;
 use pixtract::model::{Device, ModelDir};
 
 use crate::util::{read_json, runtime, tiny_model};
@@ -36,7 +35,7 @@ fn manifest_io_matches_the_graphs_onnx_runtime_loads() {
     let rt = runtime();
     for (name, graph) in model.manifest.graphs.iter() {
         let session = rt
-            .open_session(&model.path_of(&graph.file), Device::Cpu, Threads::default())
+            .open_session(&model.path_of(&graph.file), Device::Cpu)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let actual: BTreeMap<String, String> = session
             .inputs()
