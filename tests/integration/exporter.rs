@@ -3,19 +3,10 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 
 use pixtract::model::manifest::sha256_file;
 
-use crate::util::{python, read_json, repo_root, tiny_model};
-
-fn export_tool(args: &[&str]) -> std::process::Output {
-    Command::new(python())
-        .arg(repo_root().join("onnx-export/export.py"))
-        .args(args)
-        .output()
-        .expect("run onnx-export")
-}
+use crate::util::{export_tool, read_json, tiny_model};
 
 #[test]
 fn verify_passes_on_the_tiny_model_with_identical_greedy_tokens() {

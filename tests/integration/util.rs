@@ -20,6 +20,15 @@ pub fn tiny_model() -> PathBuf {
     dir
 }
 
+/// Runs the Python exporter (`onnx-export/export.py ARGS`) with the project's virtualenv.
+pub fn export_tool<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    Command::new(python())
+        .arg(repo_root().join("onnx-export/export.py"))
+        .args(args)
+        .output()
+        .expect("run onnx-export")
+}
+
 pub fn python() -> PathBuf {
     let py = repo_root().join(".venv/bin/python");
     assert!(

@@ -7,13 +7,12 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use pixtract::model::runtime::Threads;
 use pixtract::model::{
     BatchPolicy, Device, EngineOptions, GenerationConfig, ModelDir, NoHook, PixtralEngine,
 };
 
 use crate::engine::load_case;
-use crate::util::{python, read_json, repo_root, runtime, tiny_model};
+use crate::util::{export_tool, python, read_json, repo_root, runtime, tiny_model};
 
 const VARIANTS: [(&str, &str, Option<u32>); 4] = [
     ("fp16", "fp16", None),
@@ -58,7 +57,6 @@ fn every_variant_matches_its_onnxruntime_python_tokens() {
 
         let opts = EngineOptions {
             device: Device::Cpu,
-            threads: Threads::default(),
         };
         let mut engine = PixtralEngine::load(runtime(), &dir, opts).expect("variant loads");
         let config = GenerationConfig {
@@ -106,14 +104,12 @@ fn every_variant_matches_its_onnxruntime_python_tokens() {
 
 #[test]
 fn computed_weight_bytes_match_every_exported_variant() {
-    let mut cmd = Command::new(python());
-    cmd.arg(repo_root().join("onnx-export/export.py"))
-        .args(["sizes", "--tiny", "--model"])
-        .arg(tiny_model());
-    for (variant, _, _) in VARIANTS {
-        cmd.arg("--model").arg(variant_dir(variant));
+    let mut args: Vec<std::ffi::OsString> = vec!["sizes".into(), "--tiny".into()];
+    for dir in std::iter::once(tiny_model()).chain(VARIANTS.iter().map(|v| variant_dir(v.0))) {
+        args.push("--model".into());
+        args.push(dir.into());
     }
-    let out = cmd.output().expect("exporter runs");
+    let out = export_tool(&args);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -133,11 +129,7 @@ fn computed_weight_bytes_match_every_exported_variant() {
 fn quantize_refuses_bad_requests_clearly() {
     let scratch = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| {
-        let out = Command::new(python())
-            .arg(repo_root().join("onnx-export/export.py"))
-            .args(args)
-            .output()
-            .expect("exporter runs");
+        let out = export_tool(args);
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stderr).to_string(),
@@ -258,7 +250,6 @@ json.dump(man, open(os.path.join(dst, "pixtract-model.json"), "w"), indent=1)
 
     let opts = EngineOptions {
         device: Device::Cpu,
-        threads: Threads::default(),
     };
     let config = GenerationConfig {
         max_new_tokens: 16,
