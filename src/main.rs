@@ -79,6 +79,17 @@ enum Command {
     ///
     ///   pixtract generate --model models/pixtral-12b-fp16 --device cuda --image p1.png --image p2.png --prompt "Invoice number?"
     Generate(pixtract::model::cli::GenerateArgs),
+    /// Check the engine against the model's reference cases (from transformers): input ids, pixel tensors,
+    /// first-step logits, greedy tokens, batched = one by one. Run it once on a new machine or GPU.
+    ///
+    /// Exit code 0: every case passes; 2: some differ (listed); 1: could not run.
+    ///
+    /// Examples:
+    ///
+    ///   pixtract verify --model models/tiny
+    ///
+    ///   pixtract verify --model models/tiny --device cuda
+    Verify(pixtract::model::verify::VerifyArgs),
     /// Benchmarks, each against its reference in the same run, reported as ratios.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -144,6 +155,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Pipeline(args)) => pixtract::pipeline::bench::run(args),
         Command::Run(args) => pixtract::pipeline::cli::run(args),
         Command::Generate(args) => pixtract::model::cli::generate(args),
+        Command::Verify(args) => pixtract::model::verify::run(args),
         Command::Pages(args) => pixtract::raster::cli::pages(args),
         Command::RasterWorker => pixtract::raster::worker::run_worker(),
     }

@@ -50,6 +50,10 @@ pub struct EngineBenchArgs {
     /// ONNX Runtime intra-op threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Device pixtract runs on: cpu, cuda or cuda:N (the Python references stay on the CPU: compare them with
+    /// --device cpu; on a GPU, run once with each device for the GPU/CPU ratio).
+    #[arg(long, default_value = "cpu", value_parser = |s: &str| s.parse::<Device>().map_err(|e| e.to_string()))]
+    pub device: Device,
     /// Let ONNX Runtime's idle threads spin-wait (faster on an otherwise idle machine, harmful when shared).
     #[arg(long)]
     pub spin: bool,
@@ -131,8 +135,14 @@ fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
         spin: args.spin,
     };
     let rt = super::OrtRuntime::load_from_env_with_pool(pool)?;
+    if args.device != Device::Cpu && !args.no_reference {
+        bail!(
+            "the Python references run on the CPU: with --device {} add --no-reference",
+            args.device
+        );
+    }
     let opts = EngineOptions {
-        device: Device::Cpu,
+        device: args.device,
     };
     let mut engine = PixtralEngine::load(&rt, &args.model, opts)?;
     let reference_dir = args.reference_dir();
@@ -176,13 +186,14 @@ fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
         Some(python_reference(&args)?)
     };
     println!(
-        "engine bench: {} prompts ({} prompt tokens, {} images), {} new tokens each (EOS ignored), model {} ({}), cpu",
+        "engine bench: {} prompts ({} prompt tokens, {} images), {} new tokens each (EOS ignored), model {} ({}), {}",
         prompts.len(),
         prompt_tokens,
         prompts.iter().map(|p| p.images.len()).sum::<usize>(),
         args.new_tokens,
         engine.model.manifest.model_id,
-        engine.model.manifest.describe_weights()
+        engine.model.manifest.describe_weights(),
+        engine.device()
     );
     println!(
         "{:<6} {:<22} {:>16} {:>16} {:>12} {:>12}",

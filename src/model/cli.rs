@@ -141,7 +141,7 @@ fn run(args: GenerateArgs) -> anyhow::Result<()> {
     eprintln!(
         "model {} ({}) on {} (loaded in {:.0} ms)\nprompt {prompt_len} tokens ({} image(s){}{}), generated {} tokens \
          (finish: {:?})\npreprocess {:.1} ms | vision {:.1} ms | prefill {:.1} ms ({:.0} tokens/s) | decode {:.1} ms \
-         ({:.1} tokens/s)",
+         ({:.1} tokens/s) | KV cache in {} memory",
         engine.model.manifest.model_id,
         engine.model.manifest.variant(),
         engine.device(),
@@ -157,6 +157,7 @@ fn run(args: GenerateArgs) -> anyhow::Result<()> {
         per_s(stats.prefill_tokens, stats.prefill),
         ms(stats.decode),
         per_s(stats.decode_tokens.saturating_sub(1), stats.decode),
+        stats.kv_cache_memory.as_deref().unwrap_or("unknown"),
     );
     Ok(())
 }

@@ -235,6 +235,9 @@ pub struct GenerationStats {
     pub batches: usize,
     /// Decoder passes over prompt tokens (more than `batches` when prefill is chunked).
     pub prefill_passes: usize,
+    /// Where ONNX Runtime actually put the KV cache (read back from the decoder's `present.*` outputs, e.g.
+    /// "Cuda:0"): evidence that the cache stays on the device, not a setting echoed back.
+    pub kv_cache_memory: Option<String>,
 }
 
 impl GenerationStats {
@@ -247,6 +250,9 @@ impl GenerationStats {
         self.decode_tokens += other.decode_tokens;
         self.batches += other.batches;
         self.prefill_passes += other.prefill_passes;
+        if self.kv_cache_memory.is_none() {
+            self.kv_cache_memory.clone_from(&other.kv_cache_memory);
+        }
     }
 }
 
@@ -613,6 +619,9 @@ impl PixtralEngine {
             };
             past = p;
             stats.prefill_passes += 1;
+            if stats.kv_cache_memory.is_none() {
+                stats.kv_cache_memory = past.first().and_then(memory_of);
+            }
             if end >= width {
                 break l;
             }
@@ -760,4 +769,18 @@ impl PixtralEngine {
         new_shape[0] = keep.len() as i64;
         self.cache_float.tensor(new_shape, &out)
     }
+}
+
+/// "Device:id" of a tensor's memory as ONNX Runtime reports it.
+fn memory_of(value: &DynValue) -> Option<String> {
+    let tensor = value
+        .view()
+        .downcast::<ort::value::DynTensorValueType>()
+        .ok()?;
+    let info = tensor.memory_info();
+    Some(format!(
+        "{}:{}",
+        info.allocation_device().as_str(),
+        info.device_id()
+    ))
 }

@@ -8,6 +8,7 @@ pub mod preprocess;
 pub mod prompt;
 pub mod runtime;
 pub mod sampling;
+pub mod verify;
 
 use std::path::PathBuf;
 

@@ -125,8 +125,13 @@ impl OrtRuntime {
             .map_err(err)?;
         if let Device::Cuda(id) = device {
             preload_cuda_wheels(&SearchPaths::from_env());
+            // Heuristic conv algorithms: every page has its own patch grid, so the vision encoder's Conv sees a new
+            // shape per image and the default exhaustive search would benchmark cuDNN again for each one.
+            // TF32 stays off: fp32 graphs are chosen for exact arithmetic (parity); speed comes from fp16 graphs.
             let cuda = ort::ep::CUDA::default()
                 .with_device_id(id)
+                .with_conv_algorithm_search(ort::ep::cuda::ConvAlgorithmSearch::Heuristic)
+                .with_tf32(false)
                 .build()
                 .error_on_failure();
             builder = builder.with_execution_providers([cuda]).map_err(|e| {
@@ -156,11 +161,20 @@ fn cuda_hint(reason: &str) -> String {
     if out.is_empty() {
         out = "registration failed".into();
     }
-    out.push_str(
-        ". The CPU onnxruntime wheel has no CUDA provider: run `scripts/setup.sh --gpu` (onnxruntime-gpu, CUDA 13) \
-         on a machine with an NVIDIA driver, or set ORT_DYLIB_PATH to a CUDA-enabled libonnxruntime; \
-         use --device cpu to run on the CPU",
-    );
+    if out.contains("cannot open shared object file") {
+        // The CUDA build is there but a library it links (cuBLAS, cuDNN, cudart, ...) is not.
+        out.push_str(
+            ". The CUDA provider needs CUDA 13 and cuDNN 9 libraries: `scripts/setup.sh --gpu` installs them as \
+             nvidia-* wheels into the virtualenv (PIXTRACT_VENV names another one holding them), or put them on \
+             LD_LIBRARY_PATH; use --device cpu to run on the CPU",
+        );
+    } else {
+        out.push_str(
+            ". The CPU onnxruntime wheel has no CUDA provider: run `scripts/setup.sh --gpu` (onnxruntime-gpu, CUDA \
+             13) on a machine with an NVIDIA driver, or set ORT_DYLIB_PATH to a CUDA-enabled libonnxruntime; use \
+             --device cpu to run on the CPU",
+        );
+    }
     out
 }
 

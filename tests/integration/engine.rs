@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use pixtract::model::verify;
 use pixtract::model::{
     BatchPolicy, Device, EncodedPrompt, EngineOptions, GenerationConfig, NoHook, PixtralEngine,
 };
@@ -37,14 +38,7 @@ pub struct Case {
 }
 
 fn case_dirs() -> Vec<PathBuf> {
-    let root = tiny_model().join("reference");
-    let index = read_json(&root.join("cases.json"));
-    index["cases"]
-        .as_array()
-        .expect("cases list")
-        .iter()
-        .map(|c| root.join(c.as_str().unwrap()))
-        .collect()
+    verify::reference_case_dirs(&tiny_model().join("reference")).expect("reference cases")
 }
 
 pub fn load_case(engine: &PixtralEngine, dir: &Path) -> Case {
@@ -57,109 +51,27 @@ pub fn load_case(engine: &PixtralEngine, dir: &Path) -> Case {
     }
 }
 
-fn greedy_32() -> GenerationConfig {
-    GenerationConfig {
-        max_new_tokens: 32,
-        keep_first_logits: true,
-        ..Default::default()
-    }
-}
-
 #[test]
 fn every_reference_case_matches_transformers() {
     let mut engine = engine();
     let dirs = case_dirs();
     assert!(dirs.len() >= 11, "expected the 11 reference cases");
-    let mut worst_logit = 0f32;
-    let mut worst_pixel = 0f32;
     let mut failures = Vec::new();
+    let (mut worst_logit, mut worst_pixel) = (0f32, 0f32);
     for dir in &dirs {
         let case = load_case(&engine, dir);
-        let name = &case.name;
-        let want_ids: Vec<u32> = case.json["input_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
-        if case.prompt.ids != want_ids {
-            failures.push(format!("{name}: input ids differ"));
-            continue;
-        }
-        for (img, meta) in case
-            .prompt
-            .images
-            .iter()
-            .zip(case.json["images"].as_array().unwrap())
-        {
-            let shape: Vec<usize> = meta["tensor_shape"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as usize)
-                .collect();
-            assert_eq!(
-                shape,
-                vec![3, img.height(), img.width()],
-                "{name}: pixel shape"
-            );
-            let (h, w) = (img.height(), img.width());
-            for s in meta["samples"].as_array().unwrap() {
-                let s = s.as_array().unwrap();
-                let (c, y, x) = (
-                    s[0].as_u64().unwrap() as usize,
-                    s[1].as_u64().unwrap() as usize,
-                    s[2].as_u64().unwrap() as usize,
-                );
-                let diff =
-                    (img.pixels[c * h * w + y * w + x] - s[3].as_f64().unwrap() as f32).abs();
-                worst_pixel = worst_pixel.max(diff);
-            }
-            let sum: f64 = img.pixels.iter().map(|&v| v as f64).sum();
-            let abs: f64 = img.pixels.iter().map(|&v| v.abs() as f64).sum();
-            let want_sum = meta["sum"].as_f64().unwrap();
-            let want_abs = meta["abs_sum"].as_f64().unwrap();
-            let n = img.pixels.len() as f64;
-            assert!(
-                (sum - want_sum).abs() / n < PIXEL_TOL as f64
-                    && (abs - want_abs).abs() / n < PIXEL_TOL as f64,
-                "{name}: pixel sums {sum} vs {want_sum}, {abs} vs {want_abs}"
-            );
-        }
-        let (gens, _) = engine
-            .generate_many(
-                std::slice::from_ref(&case.prompt),
-                &greedy_32(),
-                BatchPolicy::default(),
-                &mut NoHook,
-            )
-            .expect("generate");
-        let g = &gens[0];
-        let first = g.first_logits.as_ref().unwrap();
-        let top = &case.json["first_step_top_k"];
-        for (id, want) in top["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .zip(top["logits"].as_array().unwrap())
-        {
-            let got = first[id.as_u64().unwrap() as usize];
-            worst_logit = worst_logit.max((got - want.as_f64().unwrap() as f32).abs());
-        }
-        let want_tokens: Vec<u32> = case.json["greedy_tokens"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
-        if g.tokens != want_tokens {
-            let same = g
-                .tokens
-                .iter()
-                .zip(&want_tokens)
-                .take_while(|(a, b)| a == b)
-                .count();
-            failures.push(format!("{name}: greedy tokens differ after {same}"));
+        let check = verify::check_case(&mut engine, &case.name, &case.json, &case.prompt)
+            .unwrap_or_else(|e| panic!("{}: {e:#}", case.name));
+        worst_logit = worst_logit.max(check.logit_diff);
+        worst_pixel = worst_pixel.max(check.pixel_diff);
+        assert!(check.pixel_sum_diff < PIXEL_TOL as f64, "{check:?}");
+        if !check.ids_equal {
+            failures.push(format!("{}: input ids differ", case.name));
+        } else if !check.tokens_equal() {
+            failures.push(format!(
+                "{}: greedy tokens differ after {} of {}",
+                case.name, check.same_tokens, check.reference_tokens
+            ));
         }
     }
     println!(
@@ -400,4 +312,68 @@ fn generate_cli_answers_and_reports_bad_images() {
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(t.contains("scan.png is not a readable image"), "{t}");
     assert_eq!(t.matches("Invalid PNG signature").count(), 1, "{t}");
+}
+
+/// `pixtract verify` passes on the tiny model and fails (exit 2, the case named) when a reference token is wrong.
+#[test]
+fn verify_cli_checks_the_reference_cases_and_names_a_mismatch() {
+    use crate::util::{pixtract, repo_root, text};
+    let model = tiny_model();
+    let ok = pixtract(
+        &["verify", "--model", model.to_str().unwrap()],
+        &[],
+        &repo_root(),
+    );
+    let t = text(&ok);
+    assert!(ok.status.success(), "{t}");
+    assert!(t.contains("11/11 cases pass"), "{t}");
+    assert!(
+        t.contains("tokens equal to one-by-one runs in 11/11 cases"),
+        "{t}"
+    );
+    assert!(t.contains("parity on cpu"), "{t}");
+
+    // A copy of the reference cases with one greedy token changed.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = model.join("reference");
+    for entry in std::fs::read_dir(&src).unwrap().flatten() {
+        let to = tmp.path().join(entry.file_name());
+        if entry.path().is_dir() {
+            std::fs::create_dir(&to).unwrap();
+            for f in std::fs::read_dir(entry.path()).unwrap().flatten() {
+                std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+            }
+        } else {
+            std::fs::copy(entry.path(), &to).unwrap();
+        }
+    }
+    let case_path = tmp.path().join("rgba/case.json");
+    let mut case = read_json(&case_path);
+    let t5 = case["greedy_tokens"][5].as_u64().unwrap();
+    case["greedy_tokens"][5] = serde_json::json!(t5 + 1);
+    std::fs::write(&case_path, serde_json::to_string(&case).unwrap()).unwrap();
+    let bad = pixtract(
+        &[
+            "verify",
+            "--model",
+            model.to_str().unwrap(),
+            "--reference-dir",
+            tmp.path().to_str().unwrap(),
+            "--batch",
+            "0",
+        ],
+        &[],
+        &repo_root(),
+    );
+    let t = text(&bad);
+    assert_eq!(bad.status.code(), Some(2), "{t}");
+    let line = t
+        .lines()
+        .find(|l| l.starts_with("rgba "))
+        .unwrap_or_else(|| panic!("no rgba line: {t}"));
+    assert!(
+        line.contains("tokens 5/32") && line.ends_with("FAIL"),
+        "{line}"
+    );
+    assert!(t.contains("10/11 cases pass"), "{t}");
 }

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The CUDA checks, in one go, on the tiny models that `scripts/setup.sh` builds: what a user with an NVIDIA GPU
+# runs once to see that pixtract's CUDA path works there, and what the project's GPU figures come from.
+#
+#   scripts/setup.sh --gpu && scripts/gpu-check.sh [OUT_DIR]
+#
+# Steps: `pixtract doctor --device cuda`; `pixtract verify` on cuda for the fp32 model (parity with transformers'
+# reference cases: ids, pixels, first-step logits, greedy tokens, batched = one by one) and for the fp16 and
+# q4f16 variants (reported; they are not expected to equal the fp32 reference); `pixtract bench engine` on cpu
+# and on cuda (same binary, same prompts, back to back); `pixtract generate` on a receipt scan; the demo job
+# (`pipelines/demo.toml`) with `--device cuda`, Parquet under OUT_DIR. Every step runs even if one before it
+# failed; the exit code is the number of failed steps.
+#
+# Environment: PIXTRACT (binary, default target/debug/pixtract), ORT_DYLIB_PATH / PIXTRACT_VENV as for any
+# pixtract command (a CUDA-enabled libonnxruntime: the onnxruntime-gpu wheel's), GPU_CHECK_MODELS (default
+# "models/tiny models/tiny-fp16 models/tiny-q4f16").
+set -u
+bin=${PIXTRACT:-target/debug/pixtract}
+out=${1:-out/gpu-check}
+models=${GPU_CHECK_MODELS:-models/tiny models/tiny-fp16 models/tiny-q4f16}
+mkdir -p "$out"
+failed=0
+step() {
+  echo
+  echo "== $*"
+  local t0=$SECONDS
+  "$@"
+  local rc=$?
+  echo "-- exit $rc in $((SECONDS - t0)) s"
+  [ "$rc" = 0 ] || failed=$((failed + 1))
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
+step "$bin" doctor --device cuda --model models/tiny
+for m in $models; do
+  step "$bin" verify --model "$m" --reference-dir models/tiny/reference --device cuda
+done
+for m in $models; do
+  step "$bin" bench engine --model "$m" --reference-dir models/tiny/reference --no-reference --repeat 3 --device cpu
+  step "$bin" bench engine --model "$m" --reference-dir models/tiny/reference --no-reference --repeat 3 --device cuda
+done
+receipt=$(ls out/demo/inputs/sroie_*.jpg ../shared/corpus/receipts-sroie/*/*.jpg 2>/dev/null | head -1)
+if [ -n "$receipt" ]; then
+  step "$bin" generate --model models/tiny --device cuda --image "$receipt" \
+    --prompt "What is the total amount on this receipt?" --max-new-tokens 48
+fi
+if [ -d out/demo/inputs ]; then
+  sed -e 's|^device = .*|device = "cuda"|' -e "s|^uri = \"out/demo/parquet\"|uri = \"$out/parquet\"|" \
+    pipelines/demo.toml >"$out/demo-cuda.toml"
+  step "$bin" run "$out/demo-cuda.toml" --log-format plain
+fi
+echo
+echo "gpu-check: $failed step(s) failed"
+exit "$failed"
