@@ -25,7 +25,8 @@ pub struct PipelineSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceSpec {
-    /// Folder, file, file:// URL or s3://bucket/prefix (AWS_* environment for credentials/endpoint).
+    /// Folder, file, file:// URL, s3://bucket/prefix (AWS_* environment for credentials/endpoint), gs://bucket/prefix
+    /// (GOOGLE_*) or az://container/prefix (AZURE_*).
     pub uri: String,
     /// Only documents matching one of these globs (a glob without '/' matches the file name). Empty: all.
     #[serde(default)]

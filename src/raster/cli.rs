@@ -14,8 +14,10 @@ use crate::source::{ListOptions, Source};
 /// Arguments of `pixtract pages`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PagesArgs {
-    /// Where the documents are: a file or folder, file://..., or s3://bucket/prefix (credentials, region and
-    /// endpoint from the AWS_* environment variables; AWS_ENDPOINT_URL for S3-compatible stores).
+    /// Where the documents are: a file or folder, file://..., s3://bucket/prefix (credentials, region and
+    /// endpoint from the AWS_* environment variables; AWS_ENDPOINT_URL for S3-compatible stores),
+    /// gs://bucket/prefix (GOOGLE_* variables) or az://container/prefix, abfss://container@account.dfs.core.
+    /// windows.net/prefix (AZURE_* variables).
     #[arg(value_name = "URI")]
     pub uri: String,
     /// Folder for the PNGs (created if missing): <path below URI, '/' as '__'>.pNNNN.png

@@ -3,8 +3,11 @@
 //!
 //! - [`Source::open`] takes a local path, `file://...` or `s3://bucket/prefix` (credentials, region and endpoint
 //!   from the standard `AWS_*` environment variables, e.g. `AWS_ENDPOINT_URL` for an S3-compatible store; plain
-//!   http is allowed for loopback endpoints or with `AWS_ALLOW_HTTP=true`). A URI naming one object or file is a
-//!   source of one document.
+//!   http is allowed for loopback endpoints or with `AWS_ALLOW_HTTP=true`). Google Cloud Storage (`gs://bucket/
+//!   prefix`, credentials from `GOOGLE_APPLICATION_CREDENTIALS` / `GOOGLE_SERVICE_ACCOUNT*`) and Azure Blob
+//!   Storage (`az://container/prefix` with `AZURE_STORAGE_ACCOUNT_NAME`, or `abfss://container@account.dfs.core.
+//!   windows.net/prefix`; keys, SAS or Azure AD from the `AZURE_*` variables; `AZURE_STORAGE_USE_EMULATOR=true`
+//!   for Azurite) come from object_store as they are. A URI naming one object or file is a source of one document.
 //! - [`Source::list`] is a stream (the store pages through the listing; nothing is collected), filtered by
 //!   include/exclude globs; objects over the size limit come out as errors rather than vanishing.
 //! - [`Source::fetch_all`] fetches listed documents with bounded concurrency, in listing order.
@@ -27,7 +30,7 @@ pub enum SourceError {
     #[error("{uri}: not a usable source URI: {reason}")]
     BadUri { uri: String, reason: String },
     #[error(
-        "{uri}: {scheme}:// sources are not built into this pixtract (object_store feature missing)"
+        "{uri}: {scheme}:// sources are not supported: use a local path, file://, s3://, gs:// or az://"
     )]
     UnsupportedScheme { uri: String, scheme: String },
     #[error("{uri}: no such file, directory, object or prefix")]
@@ -215,24 +218,66 @@ impl Source {
                 if let Some(endpoint) = endpoint.filter(|e| is_loopback(e)) {
                     builder = builder.with_allow_http(true).with_endpoint(endpoint);
                 }
-                let store = builder.build().map_err(|e| bad(e.to_string()))?;
-                let prefix =
-                    Path::parse(url.path().trim_matches('/')).map_err(|e| bad(e.to_string()))?;
-                Ok(Source {
-                    store: Arc::new(store),
-                    prefix,
-                    base: format!("s3://{bucket}"),
-                    uri: uri.to_string(),
-                })
+                let store = builder.build().map_err(|e| bad(store_reason(&e)))?;
+                Source::cloud(uri, &url, Arc::new(store), format!("s3://{bucket}"))
             }
-            Some(other @ ("gs" | "az" | "abfs" | "abfss" | "azure" | "http" | "https")) => {
-                Err(SourceError::UnsupportedScheme {
-                    uri: uri.to_string(),
-                    scheme: other.to_string(),
-                })
+            Some("gs") => {
+                let url = url::Url::parse(uri).map_err(|e| bad(e.to_string()))?;
+                let bucket = url
+                    .host_str()
+                    .filter(|b| !b.is_empty())
+                    .ok_or_else(|| bad("no bucket name".into()))?
+                    .to_string();
+                let store = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(&bucket)
+                    .build()
+                    .map_err(|e| bad(store_reason(&e)))?;
+                Source::cloud(uri, &url, Arc::new(store), format!("gs://{bucket}"))
             }
+            Some(scheme @ ("az" | "azure" | "abfs" | "abfss")) => {
+                let url = url::Url::parse(uri).map_err(|e| bad(e.to_string()))?;
+                let host = url
+                    .host_str()
+                    .filter(|h| !h.is_empty())
+                    .ok_or_else(|| bad("no container name".into()))?;
+                // az://container/..., or abfs[s]://container@account.dfs.core.windows.net/... (object_store
+                // reads the account from that host).
+                let base = match url.username() {
+                    "" => format!("{scheme}://{host}"),
+                    container => format!("{scheme}://{container}@{host}"),
+                };
+                let store = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_url(base.clone())
+                    .build()
+                    .map_err(|e| bad(store_reason(&e)))?;
+                Source::cloud(uri, &url, Arc::new(store), base)
+            }
+            Some(other @ ("http" | "https")) => Err(SourceError::UnsupportedScheme {
+                uri: uri.to_string(),
+                scheme: other.to_string(),
+            }),
             Some(other) => Err(bad(format!("unknown scheme {other}://"))),
         }
+    }
+
+    /// A bucket or container of an object store; the URI's path is the listing prefix.
+    fn cloud(
+        uri: &str,
+        url: &url::Url,
+        store: Arc<dyn ObjectStore>,
+        base: String,
+    ) -> Result<Source, SourceError> {
+        let prefix =
+            Path::parse(url.path().trim_matches('/')).map_err(|e| SourceError::BadUri {
+                uri: uri.to_string(),
+                reason: e.to_string(),
+            })?;
+        Ok(Source {
+            store,
+            prefix,
+            base,
+            uri: uri.to_string(),
+        })
     }
 
     fn local(uri: &str, path: PathBuf) -> Result<Source, SourceError> {
@@ -505,7 +550,14 @@ fn store_reason(e: &object_store::Error) -> String {
     }
     if let Some(pos) = text.find("status code: ") {
         let status = &text[pos + "status code: ".len()..];
-        return format!("HTTP {}", status.split(':').next().unwrap_or(status).trim());
+        let status = status.split(':').next().unwrap_or(status).trim();
+        return if status.starts_with("401") || status.starts_with("403") {
+            format!(
+                "HTTP {status} (credentials missing, expired or without access to this bucket/container)"
+            )
+        } else {
+            format!("HTTP {status}")
+        };
     }
     let first = text.lines().next().unwrap_or(&text);
     first.chars().take(300).collect()

@@ -319,8 +319,13 @@ async fn source_local_folders_files_and_file_urls() {
 
     let e = Source::open(&root.join("missing").display().to_string()).unwrap_err();
     assert!(matches!(e, SourceError::NotFound { .. }), "{e:?}");
-    let e = Source::open("gs://bucket/x").unwrap_err();
-    assert!(e.to_string().contains("gs:// sources are not built"), "{e}");
+    let e = Source::open("https://example.com/x.pdf").unwrap_err();
+    assert!(
+        e.to_string().contains("https:// sources are not supported"),
+        "{e}"
+    );
+    let e = Source::open("gs:///x").unwrap_err();
+    assert!(e.to_string().contains("no bucket name"), "{e}");
     let e = Source::open("ftp://host/x").unwrap_err();
     assert!(e.to_string().contains("unknown scheme"), "{e}");
     let e = source
@@ -331,4 +336,65 @@ async fn source_local_folders_files_and_file_urls() {
         .err()
         .unwrap();
     assert!(matches!(e, SourceError::BadGlob { .. }), "{e:?}");
+}
+
+/// gs:// and az:// come from object_store. No GCS or Azure server runs here, so this checks what can be checked:
+/// the URIs open the right store, which reads its standard environment, and failures are one clear line naming
+/// the URI (exit 2), not a panic or a hang.
+#[test]
+fn source_gcs_and_azure_uris_use_their_environment_and_fail_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    let out_arg = out_dir.to_str().unwrap();
+    // Azure: the Azurite emulator settings, pointed at a loopback port where nothing listens.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let azurite = format!("http://127.0.0.1:{port}");
+    let out = util::pixtract(
+        &["pages", "az://scans/2024/", "--out", out_arg],
+        &[
+            ("AZURE_STORAGE_USE_EMULATOR", "true"),
+            ("AZURITE_BLOB_STORAGE_URL", azurite.as_str()),
+        ],
+        dir.path(),
+    );
+    let text = util::text(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("az://scans/2024/: cannot list:"))
+        .unwrap_or_else(|| panic!("no listing error line: {text}"));
+    assert!(!line.contains("panicked") && line.len() < 400, "{line}");
+    // abfss:// names the account in the host; the container is the user part.
+    let out = util::pixtract(
+        &[
+            "pages",
+            "abfss://scans@nosuchaccount.dfs.core.windows.net/2024",
+            "--out",
+            out_arg,
+        ],
+        &[("AZURE_STORAGE_USE_EMULATOR", "false")],
+        dir.path(),
+    );
+    let text = util::text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("abfss://scans@nosuchaccount.dfs.core.windows.net/2024"),
+        "{text}"
+    );
+    // GCS: a service-account file that does not exist is refused before any request.
+    let missing = dir.path().join("no-such-key.json");
+    let out = util::pixtract(
+        &["pages", "gs://receipts/2024", "--out", out_arg],
+        &[("GOOGLE_SERVICE_ACCOUNT", missing.to_str().unwrap())],
+        dir.path(),
+    );
+    let text = util::text(&out);
+    assert!(!out.status.success(), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("gs://receipts/2024"))
+        .unwrap_or_else(|| panic!("no line names the URI: {text}"));
+    assert!(line.contains("no-such-key.json"), "{line}");
 }
