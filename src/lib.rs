@@ -8,6 +8,7 @@
 //! - [`raster`]: documents -> RGB pages at model size (pdfium in worker processes, scans at full resolution)
 //! - [`extract`]: JSON Schema -> prompt, llguidance-constrained decoding, typed Arrow rows with confidences
 //! - [`sink`]: Arrow batches -> Parquet on local disk or S3 (atomic files, Hive partitions, manifest, _SUCCESS)
+//! - [`store`]: object-store URLs (s3://, gs://, az://) shared by the source and the sink
 //! - [`doctor`]: what this machine can run
 
 pub mod doctor;
@@ -19,3 +20,4 @@ pub mod pipeline;
 pub mod raster;
 pub mod sink;
 pub mod source;
+pub mod store;

@@ -29,7 +29,7 @@ use crate::model::{
     BatchPolicy, Device, EngineOptions, GenerationConfig, ImagePreprocessor, ModelDir, OrtRuntime,
 };
 use crate::raster::{PdfMode, RasterError, RasterOptions, Rasterizer};
-use crate::sink::{ParquetSink, S3Config, SinkConfig, SinkTarget};
+use crate::sink::{ParquetSink, SinkConfig, SinkTarget};
 use crate::source::{ListOptions, Source};
 
 pub use report::{LogFormat, StageBusy};
@@ -184,8 +184,7 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
     };
 
     // The sink is set up before any work so a bad output URI fails in the first second, not after the model ran.
-    let target = SinkTarget::parse(&spec.output.uri, &s3_from_env(&spec.output.uri))
-        .map_err(stage("output"))?;
+    let target = SinkTarget::parse(&spec.output.uri).map_err(stage("output"))?;
     let sink_config = SinkConfig {
         partition_key: (!spec.output.partition.is_empty()).then(|| spec.output.partition.clone()),
         max_rows_per_file: spec.output.max_rows_per_file,
@@ -407,26 +406,6 @@ fn new_run_id() -> String {
     let now = chrono::Utc::now();
     let salt = (now.timestamp_subsec_nanos() as u64) ^ ((std::process::id() as u64) << 20);
     format!("{}-{:06x}", now.format("%Y%m%dT%H%M%SZ"), salt & 0xff_ffff)
-}
-
-/// S3 settings for an s3:// output from the standard AWS environment.
-fn s3_from_env(uri: &str) -> S3Config {
-    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    let endpoint = var("AWS_ENDPOINT_URL_S3").or_else(|| var("AWS_ENDPOINT_URL"));
-    S3Config {
-        bucket: uri
-            .strip_prefix("s3://")
-            .and_then(|r| r.split('/').next())
-            .unwrap_or_default()
-            .to_string(),
-        allow_http: endpoint
-            .as_deref()
-            .is_some_and(|e| e.starts_with("http://")),
-        endpoint,
-        region: var("AWS_REGION").or_else(|| var("AWS_DEFAULT_REGION")),
-        access_key_id: var("AWS_ACCESS_KEY_ID"),
-        secret_access_key: var("AWS_SECRET_ACCESS_KEY"),
-    }
 }
 
 /// Which listed documents this run leaves alone.

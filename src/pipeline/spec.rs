@@ -120,7 +120,8 @@ pub struct ExtractSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSpec {
-    /// Folder or s3://bucket/prefix for the Parquet files, manifest and _SUCCESS.
+    /// Folder, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix for the Parquet files, manifest and
+    /// _SUCCESS (credentials from the store's standard environment).
     pub uri: String,
     /// Hive partition key for the run date (`dt=YYYY-MM-DD/`); "" for none.
     #[serde(default = "default_partition")]

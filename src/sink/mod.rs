@@ -95,7 +95,8 @@ impl SinkTarget {
         SinkTarget::Local(dir.into())
     }
 
-    /// `s3://bucket/prefix` on the endpoint and credentials of `cfg` (its bucket is taken from the URL).
+    /// `s3://bucket/prefix` on the endpoint and credentials of `cfg` (its bucket is taken from the URL), for callers
+    /// that configure S3 explicitly rather than from the environment.
     pub fn s3(url: &str, cfg: &S3Config) -> Result<Self, SinkError> {
         let rest = url.strip_prefix("s3://").ok_or_else(|| SinkError::Target {
             target: url.into(),
@@ -134,16 +135,29 @@ impl SinkTarget {
         })
     }
 
-    /// A path, `file://` URL, or `s3://` URL (S3 settings from `cfg`).
-    pub fn parse(target: &str, cfg: &S3Config) -> Result<Self, SinkError> {
-        if target.starts_with("s3://") {
-            Self::s3(target, cfg)
+    /// A path, `file://` URL, or object-store URL (`s3://`, `gs://`, `az://`, `abfss://`), the stores configured
+    /// from their standard environment (see [`crate::store`]).
+    pub fn parse(target: &str) -> Result<Self, SinkError> {
+        if crate::store::is_object_store(target) {
+            let opened = crate::store::open(target).map_err(|reason| SinkError::Target {
+                target: target.into(),
+                reason,
+            })?;
+            Ok(SinkTarget::Store {
+                store: opened.store,
+                url: if opened.prefix.as_ref().is_empty() {
+                    opened.base
+                } else {
+                    format!("{}/{}", opened.base, opened.prefix)
+                },
+                prefix: opened.prefix,
+            })
         } else if let Some(p) = target.strip_prefix("file://") {
             Ok(Self::local(p))
         } else if target.contains("://") {
             Err(SinkError::Target {
                 target: target.into(),
-                reason: "supported: a local path, file://, s3://".into(),
+                reason: "supported: a local path, file://, s3://, gs://, az://, abfss://".into(),
             })
         } else {
             Ok(Self::local(target))

@@ -177,14 +177,6 @@ pub struct Source {
     uri: String,
 }
 
-/// Whether an endpoint URL points at this machine (plain http is then allowed without asking).
-fn is_loopback(endpoint: &str) -> bool {
-    url::Url::parse(endpoint)
-        .ok()
-        .and_then(|u| u.host_str().map(str::to_string))
-        .is_some_and(|h| h == "localhost" || h == "127.0.0.1" || h == "[::1]" || h == "::1")
-}
-
 impl Source {
     /// Opens a local path, `file://` URL, or `s3://bucket[/prefix]`.
     pub fn open(uri: &str) -> Result<Source, SourceError> {
@@ -202,55 +194,14 @@ impl Source {
                     .map_err(|_| bad("not a local file path".into()))?;
                 Source::local(uri, path)
             }
-            Some("s3" | "s3a") => {
-                let url = url::Url::parse(uri).map_err(|e| bad(e.to_string()))?;
-                let bucket = url
-                    .host_str()
-                    .filter(|b| !b.is_empty())
-                    .ok_or_else(|| bad("no bucket name".into()))?
-                    .to_string();
-                let mut builder =
-                    object_store::aws::AmazonS3Builder::from_env().with_bucket_name(&bucket);
-                let endpoint = std::env::var("AWS_ENDPOINT_URL_S3")
-                    .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
-                    .or_else(|_| std::env::var("AWS_ENDPOINT"))
-                    .ok();
-                if let Some(endpoint) = endpoint.filter(|e| is_loopback(e)) {
-                    builder = builder.with_allow_http(true).with_endpoint(endpoint);
-                }
-                let store = builder.build().map_err(|e| bad(store_reason(&e)))?;
-                Source::cloud(uri, &url, Arc::new(store), format!("s3://{bucket}"))
-            }
-            Some("gs") => {
-                let url = url::Url::parse(uri).map_err(|e| bad(e.to_string()))?;
-                let bucket = url
-                    .host_str()
-                    .filter(|b| !b.is_empty())
-                    .ok_or_else(|| bad("no bucket name".into()))?
-                    .to_string();
-                let store = object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                    .with_bucket_name(&bucket)
-                    .build()
-                    .map_err(|e| bad(store_reason(&e)))?;
-                Source::cloud(uri, &url, Arc::new(store), format!("gs://{bucket}"))
-            }
-            Some(scheme @ ("az" | "azure" | "abfs" | "abfss")) => {
-                let url = url::Url::parse(uri).map_err(|e| bad(e.to_string()))?;
-                let host = url
-                    .host_str()
-                    .filter(|h| !h.is_empty())
-                    .ok_or_else(|| bad("no container name".into()))?;
-                // az://container/..., or abfs[s]://container@account.dfs.core.windows.net/... (object_store
-                // reads the account from that host).
-                let base = match url.username() {
-                    "" => format!("{scheme}://{host}"),
-                    container => format!("{scheme}://{container}@{host}"),
-                };
-                let store = object_store::azure::MicrosoftAzureBuilder::from_env()
-                    .with_url(base.clone())
-                    .build()
-                    .map_err(|e| bad(store_reason(&e)))?;
-                Source::cloud(uri, &url, Arc::new(store), base)
+            Some(_) if crate::store::is_object_store(uri) => {
+                let opened = crate::store::open(uri).map_err(bad)?;
+                Ok(Source {
+                    store: opened.store,
+                    prefix: opened.prefix,
+                    base: opened.base,
+                    uri: uri.to_string(),
+                })
             }
             Some(other @ ("http" | "https")) => Err(SourceError::UnsupportedScheme {
                 uri: uri.to_string(),
@@ -258,26 +209,6 @@ impl Source {
             }),
             Some(other) => Err(bad(format!("unknown scheme {other}://"))),
         }
-    }
-
-    /// A bucket or container of an object store; the URI's path is the listing prefix.
-    fn cloud(
-        uri: &str,
-        url: &url::Url,
-        store: Arc<dyn ObjectStore>,
-        base: String,
-    ) -> Result<Source, SourceError> {
-        let prefix =
-            Path::parse(url.path().trim_matches('/')).map_err(|e| SourceError::BadUri {
-                uri: uri.to_string(),
-                reason: e.to_string(),
-            })?;
-        Ok(Source {
-            store,
-            prefix,
-            base,
-            uri: uri.to_string(),
-        })
     }
 
     fn local(uri: &str, path: PathBuf) -> Result<Source, SourceError> {
@@ -393,7 +324,7 @@ impl Source {
                     Err(_) if this.base.starts_with('/') => Ok(None),
                     Err(e) => Err(SourceError::List {
                         uri: this.uri.clone(),
-                        reason: store_reason(&e),
+                        reason: crate::store::reason(&e),
                     }),
                 }
             }
@@ -426,7 +357,7 @@ impl Source {
                                         }
                                         e => SourceError::List {
                                             uri: uri.clone(),
-                                            reason: store_reason(&e),
+                                            reason: crate::store::reason(&e),
                                         },
                                     })
                                     .try_filter(move |meta| {
@@ -487,7 +418,7 @@ impl Source {
             },
             e => SourceError::Fetch {
                 uri: doc.uri.clone(),
-                reason: store_reason(&e),
+                reason: crate::store::reason(&e),
             },
         };
         let result = self.store.get(&location).await.map_err(fetch_err)?;
@@ -530,35 +461,4 @@ impl Source {
             })
             .buffered(concurrency.max(1)))
     }
-}
-
-/// object_store's error in words: the S3 error code and message when the server sent them (`NoSuchBucket:
-/// The specified bucket does not exist`), else the HTTP status, else the first line of the error text.
-fn store_reason(e: &object_store::Error) -> String {
-    let text = e.to_string();
-    let tag = |name: &str| {
-        let open = format!("<{name}>");
-        let start = text.find(&open)? + open.len();
-        let len = text[start..].find(&format!("</{name}>"))?;
-        Some(text[start..start + len].trim().to_string())
-    };
-    if let Some(code) = tag("Code") {
-        return match tag("Message") {
-            Some(message) => format!("{code}: {message}"),
-            None => code,
-        };
-    }
-    if let Some(pos) = text.find("status code: ") {
-        let status = &text[pos + "status code: ".len()..];
-        let status = status.split(':').next().unwrap_or(status).trim();
-        return if status.starts_with("401") || status.starts_with("403") {
-            format!(
-                "HTTP {status} (credentials missing, expired or without access to this bucket/container)"
-            )
-        } else {
-            format!("HTTP {status}")
-        };
-    }
-    let first = text.lines().next().unwrap_or(&text);
-    first.chars().take(300).collect()
 }

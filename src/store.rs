@@ -1,0 +1,155 @@
+//! Object-store URLs: the one place that turns `s3://`, `gs://`, `az://` / `abfss://` into an `ObjectStore`,
+//! shared by the source (documents in) and the sink (Parquet out), so both read the same environment the same way.
+//!
+//! - `s3://bucket/prefix` (`s3a://` too): `AWS_*` variables. `AWS_ENDPOINT_URL[_S3]` points at an S3-compatible
+//!   store; plain http is allowed for a loopback endpoint, or anywhere with `AWS_ALLOW_HTTP=true`.
+//! - `gs://bucket/prefix`: `GOOGLE_*` variables (`GOOGLE_APPLICATION_CREDENTIALS`, `GOOGLE_SERVICE_ACCOUNT`).
+//! - `az://container/prefix` with `AZURE_STORAGE_ACCOUNT_NAME`, or `abfs[s]://container@account.dfs.core.
+//!   windows.net/prefix`: `AZURE_*` variables (`AZURE_STORAGE_USE_EMULATOR=true` for Azurite).
+
+use std::sync::Arc;
+
+use object_store::ObjectStore;
+use object_store::path::Path;
+
+/// An opened object-store URL.
+#[derive(Debug, Clone)]
+pub struct StoreUrl {
+    pub store: Arc<dyn ObjectStore>,
+    /// How object URIs start: `s3://bucket`, `gs://bucket`, `az://container`, ...
+    pub base: String,
+    /// The URL's path inside the bucket or container.
+    pub prefix: Path,
+}
+
+/// Whether `uri` names an object store this module opens (else: a local path, `file://`, or unsupported).
+pub fn is_object_store(uri: &str) -> bool {
+    matches!(
+        scheme(uri).as_deref(),
+        Some("s3" | "s3a" | "gs" | "az" | "azure" | "abfs" | "abfss")
+    )
+}
+
+fn scheme(uri: &str) -> Option<String> {
+    uri.split_once("://").map(|(s, _)| s.to_ascii_lowercase())
+}
+
+/// Whether an endpoint URL points at this machine (plain http is then allowed without asking).
+fn is_loopback(endpoint: &str) -> bool {
+    url::Url::parse(endpoint)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .is_some_and(|h| h == "localhost" || h == "127.0.0.1" || h == "[::1]" || h == "::1")
+}
+
+/// Opens an object-store URL from the standard environment of its cloud. The error is a reason in words.
+pub fn open(uri: &str) -> Result<StoreUrl, String> {
+    let url = url::Url::parse(uri).map_err(|e| e.to_string())?;
+    let host = url.host_str().filter(|h| !h.is_empty());
+    let (store, base): (Arc<dyn ObjectStore>, String) = match scheme(uri).as_deref() {
+        Some("s3" | "s3a") => {
+            let bucket = host.ok_or("no bucket name")?;
+            let mut builder =
+                object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+            let endpoint = std::env::var("AWS_ENDPOINT_URL_S3")
+                .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
+                .or_else(|_| std::env::var("AWS_ENDPOINT"))
+                .ok();
+            if let Some(endpoint) = endpoint.filter(|e| is_loopback(e)) {
+                builder = builder.with_allow_http(true).with_endpoint(endpoint);
+            }
+            let store = builder.build().map_err(|e| reason(&e))?;
+            (Arc::new(store), format!("s3://{bucket}"))
+        }
+        Some("gs") => {
+            let bucket = host.ok_or("no bucket name")?;
+            let store = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                .with_bucket_name(bucket)
+                .build()
+                .map_err(|e| reason(&e))?;
+            (Arc::new(store), format!("gs://{bucket}"))
+        }
+        Some(scheme @ ("az" | "azure" | "abfs" | "abfss")) => {
+            let host = host.ok_or("no container name")?;
+            // az://container/..., or abfs[s]://container@account.dfs.core.windows.net/... (object_store reads
+            // the account from that host).
+            let base = match url.username() {
+                "" => format!("{scheme}://{host}"),
+                container => format!("{scheme}://{container}@{host}"),
+            };
+            let store = object_store::azure::MicrosoftAzureBuilder::from_env()
+                .with_url(base.clone())
+                .build()
+                .map_err(|e| reason(&e))?;
+            (Arc::new(store), base)
+        }
+        Some(other) => return Err(format!("{other}:// is not an object store")),
+        None => return Err("not a URL".into()),
+    };
+    let prefix = Path::parse(url.path().trim_matches('/')).map_err(|e| e.to_string())?;
+    Ok(StoreUrl {
+        store,
+        base,
+        prefix,
+    })
+}
+
+/// object_store's error in words: the S3 error code and message when the server sent them (`NoSuchBucket:
+/// The specified bucket does not exist`), else the HTTP status (with what to check on 401/403), else the first
+/// line of the error text.
+pub fn reason(e: &object_store::Error) -> String {
+    let text = e.to_string();
+    let tag = |name: &str| {
+        let open = format!("<{name}>");
+        let start = text.find(&open)? + open.len();
+        let len = text[start..].find(&format!("</{name}>"))?;
+        Some(text[start..start + len].trim().to_string())
+    };
+    if let Some(code) = tag("Code") {
+        return match tag("Message") {
+            Some(message) => format!("{code}: {message}"),
+            None => code,
+        };
+    }
+    if let Some(pos) = text.find("status code: ") {
+        let status = &text[pos + "status code: ".len()..];
+        let status = status.split(':').next().unwrap_or(status).trim();
+        return if status.starts_with("401") || status.starts_with("403") {
+            format!(
+                "HTTP {status} (credentials missing, expired or without access to this bucket/container)"
+            )
+        } else {
+            format!("HTTP {status}")
+        };
+    }
+    let first = text.lines().next().unwrap_or(&text);
+    first.chars().take(300).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_object_store_schemes() {
+        for uri in [
+            "s3://b/x",
+            "S3A://b",
+            "gs://b/p",
+            "az://c/p",
+            "abfss://c@a.dfs.core.windows.net/p",
+        ] {
+            assert!(is_object_store(uri), "{uri}");
+        }
+        for uri in [
+            "/data/x",
+            "file:///data",
+            "https://example.com/x",
+            "relative/dir",
+        ] {
+            assert!(!is_object_store(uri), "{uri}");
+        }
+        assert_eq!(open("gs:///x").unwrap_err(), "no bucket name");
+        assert!(is_loopback("http://127.0.0.1:9000") && !is_loopback("http://10.0.0.1:9000"));
+    }
+}
