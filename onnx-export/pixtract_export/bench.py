@@ -29,6 +29,46 @@ def load_cases(reference_dir: str, names: list[str]):
     return out
 
 
+def save_encoded(path: str, reference_dir: str, names: list[str]) -> None:
+    """`encode-cases`: the reference cases as mistral-common encodes them, in one .npz (ids + pixel arrays)."""
+    arrays = {}
+    for name, (ids, images) in zip(names, load_cases(reference_dir, names)):
+        arrays[f"{name}/ids"] = np.asarray(ids, dtype=np.int64)
+        for i, img in enumerate(images):
+            arrays[f"{name}/image{i}"] = img
+    np.savez_compressed(path, **arrays)
+
+
+def load_encoded(path: str, names: list[str]):
+    """Prompts written by `save_encoded`, in the order of `names`."""
+    data = np.load(path)
+    out = []
+    for name in names:
+        if f"{name}/ids" not in data:
+            raise SystemExit(f"{path} has no case {name!r} (encode it with `encode-cases`)")
+        images = []
+        while f"{name}/image{len(images)}" in data:
+            images.append(data[f"{name}/image{len(images)}"])
+        out.append((data[f"{name}/ids"].tolist(), images))
+    return out
+
+
+def providers(device: str):
+    """onnxruntime providers for `cpu`, `cuda` or `cuda:N` (CUDA must be there: no silent CPU run)."""
+    if device == "cpu":
+        return ("CPUExecutionProvider",)
+    if device.startswith("cuda"):
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise SystemExit(f"--device {device}: this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
+        if hasattr(ort, "preload_dylibs"):
+            ort.preload_dylibs()
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        return (("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider")
+    raise SystemExit(f"--device {device}: expected cpu, cuda or cuda:N")
+
+
 def ort_batch(ort_model: OrtPixtral, batch, new_tokens: int):
     """Left-padded batch through the ONNX graphs; returns phase times."""
     t0 = time.perf_counter()
@@ -92,6 +132,15 @@ def hf_batch(model, batch, new_tokens: int):
 def main(argv=None) -> int:
     import argparse
 
+    if argv and argv[0] == "encode-cases":
+        q = argparse.ArgumentParser(prog="pixtract-export bench encode-cases",
+                                    description="Write reference cases, encoded with mistral-common, to one .npz")
+        q.add_argument("--cases-from", metavar="DIR", required=True)
+        q.add_argument("--cases", required=True, help="comma-separated case names")
+        q.add_argument("--out", metavar="FILE.npz", required=True)
+        a = q.parse_args(argv[1:])
+        save_encoded(a.out, a.cases_from, a.cases.split(","))
+        return 0
     p = argparse.ArgumentParser(prog="pixtract-export bench", description=__doc__)
     p.add_argument("--model", required=True)
     p.add_argument("--cases", required=True, help="comma-separated reference case names, in prompt order")
@@ -100,12 +149,26 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, action="append", required=True)
     p.add_argument("--repeat", type=int, default=2, help="runs per measurement; the fastest is kept")
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--spin", type=int, choices=(0, 1), default=1,
+                   help="onnxruntime intra-op threads spin-wait (1, its default) or block (0)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda or cuda:N for the onnxruntime loop (onnxruntime-gpu); transformers stays on the CPU")
+    p.add_argument("--encoded", metavar="FILE.npz",
+                   help="prompts already encoded by `encode-cases` (ids and pixel arrays), instead of encoding the "
+                        "reference cases with mistral-common here (for a machine without it)")
     args = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
-    cases = load_cases(args.cases_from or os.path.join(args.model, "reference"), args.cases.split(","))
+    if args.encoded:
+        cases = load_encoded(args.encoded, args.cases.split(","))
+    else:
+        cases = load_cases(args.cases_from or os.path.join(args.model, "reference"), args.cases.split(","))
     with open(os.path.join(args.model, "pixtract-model.json")) as f:
         manifest = json.load(f)
-    ort_model = OrtPixtral(args.model)
+    ort_model = OrtPixtral(args.model, providers=providers(args.device), spin=bool(args.spin))
+    if args.device != "cpu" and ort_model.decoder.get_providers()[0] != "CUDAExecutionProvider":
+        # onnxruntime falls back to the CPU with only a warning when the CUDA provider cannot load.
+        raise SystemExit(f"--device {args.device}: the CUDA provider did not load "
+                         f"(session providers: {ort_model.decoder.get_providers()})")
     hf = None if args.skip_transformers else model_from_manifest(manifest, None)
     ort_batch(ort_model, cases[:1], 2)  # warm-up
     result = {"ort_python": {}, "transformers": {}}

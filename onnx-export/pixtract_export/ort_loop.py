@@ -9,7 +9,7 @@ import numpy as np
 
 
 class OrtPixtral:
-    def __init__(self, model_dir: str, providers=("CPUExecutionProvider",), threads: int = 0):
+    def __init__(self, model_dir: str, providers=("CPUExecutionProvider",), threads: int = 0, spin: bool = True):
         import onnxruntime as ort
 
         with open(os.path.join(model_dir, "pixtract-model.json")) as f:
@@ -17,6 +17,8 @@ class OrtPixtral:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        # onnxruntime's default is to spin; pixtract's benchmark passes its own setting so both sides match.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         g = self.manifest["graphs"]
 
         def session(name):

@@ -41,6 +41,10 @@ pub struct EngineBenchArgs {
     /// Python interpreter with the export stack (default: the project's .venv).
     #[arg(long)]
     pub python: Option<PathBuf>,
+    /// The prompts for the Python side already encoded (`onnx-export/export.py bench encode-cases`), for a
+    /// machine whose Python has no mistral-common.
+    #[arg(long, value_name = "FILE.npz")]
+    pub python_encoded: Option<PathBuf>,
     /// Measure pixtract only.
     #[arg(long)]
     pub no_reference: bool,
@@ -50,12 +54,13 @@ pub struct EngineBenchArgs {
     /// ONNX Runtime intra-op threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// Device pixtract runs on: cpu, cuda or cuda:N (the Python references stay on the CPU: compare them with
-    /// --device cpu; on a GPU, run once with each device for the GPU/CPU ratio).
+    /// Device both pixtract and the Python onnxruntime loop run on: cpu, cuda or cuda:N (cuda needs
+    /// onnxruntime-gpu in --python's environment; transformers is then left out: it would run on the CPU).
     #[arg(long, default_value = "cpu", value_parser = |s: &str| s.parse::<Device>().map_err(|e| e.to_string()))]
     pub device: Device,
-    /// Let ONNX Runtime's idle threads spin-wait (faster on an otherwise idle machine, harmful when shared).
-    #[arg(long)]
+    /// Let ONNX Runtime's idle threads spin-wait between ops (ONNX Runtime's default; faster on an otherwise idle
+    /// machine). `--spin false` when other work shares the cores.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub spin: bool,
 }
 
@@ -135,12 +140,6 @@ fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
         spin: args.spin,
     };
     let rt = super::OrtRuntime::load_from_env_with_pool(pool)?;
-    if args.device != Device::Cpu && !args.no_reference {
-        bail!(
-            "the Python references run on the CPU: with --device {} add --no-reference",
-            args.device
-        );
-    }
     let opts = EngineOptions {
         device: args.device,
     };
@@ -152,6 +151,8 @@ fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
     let config = GenerationConfig {
         max_new_tokens: args.new_tokens,
         stop_on_eos: false,
+        // As the references: tokens only (the pipeline's extraction also asks for their probabilities).
+        token_probs: false,
         ..Default::default()
     };
     // Warm-up: first runs allocate arenas and pick kernels.
@@ -262,7 +263,14 @@ fn python_reference(args: &EngineBenchArgs) -> anyhow::Result<serde_json::Value>
     for b in &args.batches {
         cmd.arg("--batch").arg(b.to_string());
     }
-    if args.skip_transformers {
+    cmd.arg("--spin")
+        .arg(if args.spin { "1" } else { "0" })
+        .arg("--device")
+        .arg(args.device.to_string());
+    if let Some(encoded) = &args.python_encoded {
+        cmd.arg("--encoded").arg(encoded);
+    }
+    if args.skip_transformers || args.device != Device::Cpu {
         cmd.arg("--skip-transformers");
     }
     run_python_reference(&mut cmd)

@@ -36,8 +36,9 @@ pub struct GenerateArgs {
     /// ONNX Runtime intra-op threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// Let ONNX Runtime's idle threads spin-wait (faster on an otherwise idle machine, harmful when shared).
-    #[arg(long)]
+    /// Let ONNX Runtime's idle threads spin-wait between ops (ONNX Runtime's default; faster on an otherwise idle
+    /// machine). `--spin false` when other work shares the cores.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub spin: bool,
     /// Sample at this temperature instead of greedy decoding.
     #[arg(long)]
@@ -129,6 +130,8 @@ fn run(args: GenerateArgs) -> anyhow::Result<()> {
         },
         stop_on_eos: !args.ignore_eos,
         keep_first_logits: false,
+        // The answer is printed, not scored: no per-token probabilities to compute.
+        token_probs: false,
         prefill_chunk: args.prefill_chunk,
     };
     let prompt_len = prompt.ids.len();

@@ -93,8 +93,9 @@ fn read_floats(value: &DynValue, stage: &'static str) -> Result<(Vec<i64>, Vec<f
     Ok((shape.to_vec(), data.iter().map(|v| v.to_f32()).collect()))
 }
 
-/// Rows at or above which `choose_rows` uses a second thread (a scan costs ~60-90 us per row; a scoped thread
-/// ~20-40 us to start).
+/// Rows at or above which `choose_rows` uses a second thread when it computes token probabilities (a softmax
+/// scan costs ~60-90 us per row; a scoped thread ~20-40 us to start). An argmax-only scan runs at memory speed
+/// and stays on the calling thread: a second thread there only fights ONNX Runtime's spinning pool.
 const PARALLEL_CHOOSE_ROWS: usize = 4;
 
 /// `samplers[b].choose(row j's logits)` for every active row `j` (sequence `b = active[j]`).
@@ -121,7 +122,7 @@ fn choose_rows(
             .map(|(s, r)| s.choose(r))
             .collect()
     };
-    if active.len() < PARALLEL_CHOOSE_ROWS {
+    if active.len() < PARALLEL_CHOOSE_ROWS || !mine.iter().all(|s| s.computes_probabilities()) {
         return run(&mut mine, &rows);
     }
     let half = active.len() / 2;
@@ -159,6 +160,9 @@ pub struct GenerationConfig {
     pub stop_on_eos: bool,
     /// Keep the first step's full logits (after the hook) in the output, for parity checks.
     pub keep_first_logits: bool,
+    /// Record each chosen token's probability in `Generation::token_probs` (extraction turns them into field
+    /// confidences). Without it greedy decoding only takes the argmax: no softmax pass over the vocabulary.
+    pub token_probs: bool,
     /// Prompt tokens per prefill pass (0: the whole prompt in one pass). The exported decoder computes attention
     /// explicitly, so one pass over S tokens holds `[batch, heads, S, S]` scores per layer: 0.24 GB per row for a
     /// 3,900-token page on the tiny model, 1.35 GB per row at 4,600 tokens on Pixtral 12B (fp16). In chunks of C
@@ -176,6 +180,7 @@ impl Default for GenerationConfig {
             sampling: Sampling::Greedy,
             stop_on_eos: true,
             keep_first_logits: false,
+            token_probs: true,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
         }
     }
@@ -216,7 +221,8 @@ pub enum FinishReason {
 #[derive(Debug, Clone)]
 pub struct Generation {
     pub tokens: Vec<u32>,
-    /// Probability of each chosen token under the (masked) distribution it was drawn from.
+    /// Probability of each chosen token under the (masked) distribution it was drawn from (empty when
+    /// `GenerationConfig::token_probs` is off).
     pub token_probs: Vec<f32>,
     pub finish: FinishReason,
     pub prompt_tokens: usize,
@@ -650,7 +656,14 @@ impl PixtralEngine {
         let mut widened: Vec<f32> = Vec::new(); // fp16 logits as f32, reused across steps
         let mut samplers: Vec<Sampler> = rows
             .iter()
-            .map(|&r| Sampler::new(&config.sampling, r as u64))
+            .map(|&r| {
+                let sampler = Sampler::new(&config.sampling, r as u64);
+                if config.token_probs {
+                    sampler
+                } else {
+                    sampler.without_probabilities()
+                }
+            })
             .collect();
         loop {
             let mut finished = Vec::new();
@@ -693,7 +706,9 @@ impl PixtralEngine {
                     reason: "every token is masked".into(),
                 })?;
                 outs[b].tokens.push(token);
-                outs[b].token_probs.push(prob);
+                if config.token_probs {
+                    outs[b].token_probs.push(prob);
+                }
                 let hook_done = hook
                     .accept_token(row, token)
                     .map_err(|reason| ModelError::Hook { row, reason })?;

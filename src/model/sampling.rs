@@ -17,6 +17,9 @@ pub enum Sampling {
 pub struct Sampler {
     mode: Sampling,
     state: u64,
+    /// Whether callers want each chosen token's probability. Greedy decoding without it is a max/argmax scan
+    /// only: the softmax denominator's exp over 131k logits is most of the host time per sequence per step.
+    probabilities: bool,
 }
 
 impl Sampler {
@@ -28,7 +31,19 @@ impl Sampler {
         Sampler {
             mode: mode.clone(),
             state: seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            probabilities: true,
         }
+    }
+
+    /// Whether `choose` computes more than an argmax (a probability, or a draw).
+    pub fn computes_probabilities(&self) -> bool {
+        self.probabilities || self.mode != Sampling::Greedy
+    }
+
+    /// Skips computing the chosen token's probability when decoding greedily (`choose` then reports NaN).
+    pub fn without_probabilities(mut self) -> Sampler {
+        self.probabilities = false;
+        self
     }
 
     /// SplitMix64: tiny, fast, reproducible across platforms.
@@ -43,6 +58,9 @@ impl Sampler {
 
     /// The chosen token and its probability under the distribution it came from; None when every logit is -inf.
     pub fn choose(&mut self, logits: &[f32]) -> Option<(u32, f32)> {
+        if !self.probabilities && self.mode == Sampling::Greedy {
+            return argmax_scan(logits).map(|i| (i as u32, f32::NAN));
+        }
         // One read of the logits: max, its first index (as torch.argmax) and the softmax denominator.
         let scan = greedy_scan(logits);
         if scan.max == f32::NEG_INFINITY || scan.max.is_nan() {
@@ -130,6 +148,26 @@ macro_rules! multiversion {
 }
 
 multiversion!(greedy_scan(logits: &[f32]) -> Scan, greedy_scan_blocks);
+multiversion!(argmax_scan(logits: &[f32]) -> Option<usize>, argmax_blocks);
+
+/// First index of the largest logit (as torch.argmax); None when every logit is -inf or NaN. The lane-wise max
+/// runs at memory speed; the first index is then searched in the block that holds the max.
+#[inline(always)]
+fn argmax_blocks(logits: &[f32]) -> Option<usize> {
+    let (mut max, mut best_block) = (f32::NEG_INFINITY, 0usize);
+    for (b, block) in logits.chunks(BLOCK).enumerate() {
+        let m = max_logit_lanes(block);
+        if m > max {
+            max = m;
+            best_block = b;
+        }
+    }
+    if max == f32::NEG_INFINITY {
+        return None;
+    }
+    let start = best_block * BLOCK;
+    first_index_of_lanes(&logits[start..], max).map(|i| start + i)
+}
 
 /// What greedy decoding needs from one row of logits.
 #[derive(Debug, Clone, Copy)]
@@ -273,6 +311,11 @@ mod tests {
         assert_eq!(tok, 1);
         assert!((p - 1.0 / (2.0 + (-2.0f32).exp())).abs() < 1e-6, "{p}");
         assert!(s.choose(&[f32::NEG_INFINITY; 3]).is_none());
+        let mut quick = Sampler::new(&Sampling::Greedy, 0).without_probabilities();
+        let (tok, p) = quick.choose(&[0.0, 2.0, 2.0, f32::NEG_INFINITY]).unwrap();
+        assert_eq!(tok, 1);
+        assert!(p.is_nan());
+        assert!(quick.choose(&[f32::NEG_INFINITY; 3]).is_none());
     }
 
     #[test]
@@ -313,8 +356,10 @@ mod tests {
             "{} vs {exact}",
             scan.denominator
         );
+        assert_eq!(argmax_scan(&logits), Some(BLOCK + 5));
         let all_masked = vec![f32::NEG_INFINITY; 100];
         assert_eq!(greedy_scan(&all_masked).first_max, None);
+        assert_eq!(argmax_scan(&all_masked), None);
     }
 
     #[test]

@@ -645,7 +645,7 @@ fn model_stage(
     let start = || -> Result<_, String> {
         let rt = OrtRuntime::load_from_env_with_pool(Threads {
             intra_op: spec.threads,
-            spin: false,
+            spin: spec.spin,
         })
         .map_err(|e| e.to_string())?;
         let opts = EngineOptions { device };

@@ -90,6 +90,10 @@ pub struct ModelSpec {
     /// ONNX Runtime intra-op threads (0: one per core).
     #[serde(default)]
     pub threads: usize,
+    /// Let ONNX Runtime's idle threads spin-wait between ops (its own default). Off here: the raster workers
+    /// share the cores, and spinning threads take their time.
+    #[serde(default)]
+    pub spin: bool,
     /// Sequences per forward pass.
     #[serde(default = "default_batch")]
     pub batch_size: usize,

@@ -377,3 +377,34 @@ fn verify_cli_checks_the_reference_cases_and_names_a_mismatch() {
     );
     assert!(t.contains("10/11 cases pass"), "{t}");
 }
+
+/// Without token probabilities greedy decoding is an argmax only: the same tokens, no probabilities recorded.
+#[test]
+fn token_probabilities_are_optional_and_change_no_token() {
+    let mut engine = engine();
+    let cases: Vec<Case> = case_dirs().iter().map(|d| load_case(&engine, d)).collect();
+    let prompts: Vec<EncodedPrompt> = cases.iter().map(|c| c.prompt.clone()).collect();
+    let policy = BatchPolicy {
+        max_batch: 4,
+        token_budget: 8192,
+    };
+    let with = GenerationConfig {
+        max_new_tokens: 12,
+        ..Default::default()
+    };
+    let without = GenerationConfig {
+        token_probs: false,
+        ..with.clone()
+    };
+    let (a, _) = engine
+        .generate_many(&prompts, &with, policy, &mut NoHook)
+        .unwrap();
+    let (b, _) = engine
+        .generate_many(&prompts, &without, policy, &mut NoHook)
+        .unwrap();
+    for ((x, y), case) in a.iter().zip(&b).zip(&cases) {
+        assert_eq!(x.tokens, y.tokens, "{}", case.name);
+        assert_eq!(x.token_probs.len(), x.tokens.len(), "{}", case.name);
+        assert!(y.token_probs.is_empty(), "{}", case.name);
+    }
+}
