@@ -11,9 +11,13 @@
 # (`pipelines/demo.toml`) with `--device cuda`, Parquet under OUT_DIR. Every step runs even if one before it
 # failed; the exit code is the number of failed steps.
 #
+# Then, when a Python with onnxruntime-gpu is there (GPU_CHECK_PYTHON, default .venv/bin/python), `pixtract bench
+# engine --device cuda` against the plain Python onnxruntime loop on the same GPU, same graphs, same prompts.
+#
 # Environment: PIXTRACT (binary, default target/debug/pixtract), ORT_DYLIB_PATH / PIXTRACT_VENV as for any
 # pixtract command (a CUDA-enabled libonnxruntime: the onnxruntime-gpu wheel's), GPU_CHECK_MODELS (default
-# "models/tiny models/tiny-fp16 models/tiny-q4f16").
+# "models/tiny models/tiny-fp16 models/tiny-q4f16"), GPU_CHECK_PYTHON, GPU_CHECK_ENCODED (prompts from
+# `onnx-export/export.py bench encode-cases`, for a Python without mistral-common).
 set -u
 bin=${PIXTRACT:-target/debug/pixtract}
 out=${1:-out/gpu-check}
@@ -48,6 +52,13 @@ if [ -d out/demo/inputs ]; then
   sed -e 's|^device = .*|device = "cuda"|' -e "s|^uri = \"out/demo/parquet\"|uri = \"$out/parquet\"|" \
     pipelines/demo.toml >"$out/demo-cuda.toml"
   step "$bin" run "$out/demo-cuda.toml" --log-format plain
+fi
+python=${GPU_CHECK_PYTHON:-.venv/bin/python}
+if [ -x "$python" ] || command -v "$python" >/dev/null 2>&1; then
+  for m in $models; do
+    step "$bin" bench engine --model "$m" --reference-dir models/tiny/reference --device cuda --repeat 3 \
+      --python "$python" ${GPU_CHECK_ENCODED:+--python-encoded "$GPU_CHECK_ENCODED"}
+  done
 fi
 echo
 echo "gpu-check: $failed step(s) failed"

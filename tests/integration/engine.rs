@@ -408,3 +408,53 @@ fn token_probabilities_are_optional_and_change_no_token() {
         assert!(y.token_probs.is_empty(), "{}", case.name);
     }
 }
+
+/// `pixtract bench engine` runs the Python onnxruntime loop in the same run (here from prompts that
+/// `bench encode-cases` wrote, as on a machine without mistral-common) and prints ratios.
+#[test]
+fn bench_engine_compares_with_the_python_loop() {
+    use crate::util::{export_tool, pixtract, repo_root, text};
+    let tmp = tempfile::tempdir().unwrap();
+    let encoded = tmp.path().join("cases.npz");
+    let reference = tiny_model().join("reference");
+    let out = export_tool(&[
+        "bench",
+        "encode-cases",
+        "--cases-from",
+        reference.to_str().unwrap(),
+        "--cases",
+        "rgba,text_only",
+        "--out",
+        encoded.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = pixtract(
+        &[
+            "bench",
+            "engine",
+            "--cases",
+            "rgba,text_only",
+            "--batch",
+            "2",
+            "--repeat",
+            "1",
+            "--new-tokens",
+            "4",
+            "--skip-transformers",
+            "--spin",
+            "false",
+            "--python-encoded",
+            encoded.to_str().unwrap(),
+        ],
+        &[],
+        &repo_root(),
+    );
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    let row = t
+        .lines()
+        .find(|l| l.starts_with("2 ") && l.contains("python onnxruntime loop"))
+        .unwrap_or_else(|| panic!("no Python row: {t}"));
+    assert!(row.trim_end().ends_with('x'), "{row}");
+    assert!(t.contains("2 prompts"), "{t}");
+}
