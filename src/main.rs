@@ -122,23 +122,7 @@ fn parse_device(s: &str) -> Result<Device, String> {
     s.parse::<Device>().map_err(|e| e.to_string())
 }
 
-/// Every rendered page is a fresh 2-4 MB buffer (pdfium's bitmap, the RGB copy, the pipe payload, the tensor).
-/// glibc serves such sizes with mmap and returns them with munmap, so each page paid ~1,000 page faults and the
-/// kernel's zeroing: 13% of the raster processes' time went to clear_page. Raising the mmap threshold (and the
-/// trim threshold with it) keeps freed buffers of up to 32 MB in the heap for the next page. Measured with
-/// `pixtract bench raster --repeat 5` (20-page invoice): 219.9 -> 476.8 pages/s in one process, 214.2 -> 330.7
-/// with two workers; peak RSS of `pixtract pages` on 24 corpus PDFs 226.8 -> 194.3 MB.
-fn keep_large_buffers_in_the_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator thresholds; called first thing in main, before other threads exist.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
-    }
-}
-
 fn main() -> ExitCode {
-    keep_large_buffers_in_the_heap();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PIXTRACT_LOG")

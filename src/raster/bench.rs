@@ -45,7 +45,7 @@ fn collect(paths: &[PathBuf], ext: &str) -> Vec<PathBuf> {
                 .collect();
             found.sort();
             out.extend(found);
-        } else {
+        } else if p.is_file() {
             out.push(p.clone());
         }
     }
