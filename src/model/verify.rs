@@ -16,7 +16,8 @@ use serde_json::Value;
 
 use super::runtime::Threads;
 use super::{
-    BatchPolicy, Device, EncodedPrompt, EngineOptions, GenerationConfig, NoHook, PixtralEngine,
+    BatchPolicy, Device, EncodedPrompt, EngineOptions, Generation, GenerationConfig, NoHook,
+    PixtralEngine,
 };
 
 /// Max abs difference on normalised pixel values (~N(0,1) scale). mistral-common's OpenCV cubic and pixtract's
@@ -180,16 +181,7 @@ pub fn check_case(
         keep_first_logits: true,
         ..Default::default()
     };
-    let (gens, _) = engine.generate_many(
-        std::slice::from_ref(prompt),
-        &config,
-        BatchPolicy::default(),
-        &mut NoHook,
-    )?;
-    let g = gens
-        .into_iter()
-        .next()
-        .ok_or_else(|| anyhow!("no generation"))?;
+    let g = generate_one(engine, prompt, &config)?;
     let first = g
         .first_logits
         .as_ref()
@@ -206,12 +198,7 @@ pub fn check_case(
             .ok_or_else(|| anyhow!("token id {id} outside the vocabulary"))?;
         logit_diff = logit_diff.max((got - f64_of(want, "reference logit")? as f32).abs());
     }
-    let same_tokens = g
-        .tokens
-        .iter()
-        .zip(&want_tokens)
-        .take_while(|(a, b)| **a as u64 == **b)
-        .count();
+    let same_tokens = leading_equal(&g.tokens, &want_tokens);
     Ok(CaseCheck {
         name: name.to_string(),
         ids_equal,
@@ -372,17 +359,31 @@ fn variant_tokens(
         stop_on_eos: false,
         ..Default::default()
     };
+    let got = generate_one(engine, prompt, &config)?;
+    Ok((leading_equal(&got.tokens, &want), want.len()))
+}
+
+/// One prompt, alone in its batch.
+fn generate_one(
+    engine: &mut PixtralEngine,
+    prompt: &EncodedPrompt,
+    config: &GenerationConfig,
+) -> anyhow::Result<Generation> {
     let (gens, _) = engine.generate_many(
         std::slice::from_ref(prompt),
-        &config,
+        config,
         BatchPolicy::default(),
         &mut NoHook,
     )?;
-    let got = gens.first().map(|g| g.tokens.as_slice()).unwrap_or(&[]);
-    let same = got
-        .iter()
-        .zip(&want)
+    gens.into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("the engine returned no generation"))
+}
+
+/// How many leading tokens agree.
+fn leading_equal(got: &[u32], want: &[u64]) -> usize {
+    got.iter()
+        .zip(want)
         .take_while(|(a, b)| **a as u64 == **b)
-        .count();
-    Ok((same, want.len()))
+        .count()
 }
