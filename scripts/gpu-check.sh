@@ -6,8 +6,9 @@
 #
 # Steps: `pixtract doctor --device cuda`; `pixtract verify` on cuda for the fp32 model (parity with transformers'
 # reference cases: ids, pixels, first-step logits, greedy tokens, batched = one by one) and for the fp16 and
-# q4f16 variants (reported; they are not expected to equal the fp32 reference); `pixtract bench engine` on cpu
-# and on cuda (same binary, same prompts, back to back); `pixtract generate` on a receipt scan; the demo job
+# q4f16 variants (reported, not counted: their CPU onnxruntime tokens may flip at near ties on CUDA); `pixtract
+# bench engine` on cpu and on cuda (same binary, same prompts, back to back); `pixtract generate` on a receipt
+# scan; the demo job
 # (`pipelines/demo.toml`) with `--device cuda`, Parquet under OUT_DIR. Every step runs even if one before it
 # failed; the exit code is the number of failed steps.
 #
@@ -33,11 +34,23 @@ step() {
   echo "-- exit $rc in $((SECONDS - t0)) s"
   [ "$rc" = 0 ] || failed=$((failed + 1))
 }
+report() {
+  echo
+  echo "== $* (reported, not counted)"
+  "$@"
+  echo "-- exit $?"
+}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
 step "$bin" doctor --device cuda --model models/tiny
 for m in $models; do
-  step "$bin" verify --model "$m" --reference-dir models/tiny/reference --device cuda
+  if [ "$m" = models/tiny ]; then
+    step "$bin" verify --model "$m" --reference-dir models/tiny/reference --device cuda
+  else
+    # fp16/int4 variants are held to their CPU onnxruntime tokens, and CUDA's fp16 kernels round differently: on
+    # the random tiny model, whose logits are near ties, a token or two may flip. Reported, not counted.
+    report "$bin" verify --model "$m" --reference-dir models/tiny/reference --device cuda
+  fi
 done
 for m in $models; do
   step "$bin" bench engine --model "$m" --reference-dir models/tiny/reference --no-reference --repeat 3 --device cpu
