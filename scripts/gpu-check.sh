@@ -8,9 +8,8 @@
 # reference cases: ids, pixels, first-step logits, greedy tokens, batched = one by one) and for the fp16 and
 # q4f16 variants (reported, not counted: their CPU onnxruntime tokens may flip at near ties on CUDA); `pixtract
 # bench engine` on cpu and on cuda (same binary, same prompts, back to back); `pixtract generate` on a receipt
-# scan; the demo job
-# (`pipelines/demo.toml`) with `--device cuda`, Parquet under OUT_DIR. Every step runs even if one before it
-# failed; the exit code is the number of failed steps.
+# scan; the demo job (`pipelines/demo.toml`) with `--device cuda`, Parquet under OUT_DIR. Every step runs even if
+# one before it failed; the exit code is the number of failed steps.
 #
 # Then, when a Python with onnxruntime-gpu is there (GPU_CHECK_PYTHON, default .venv/bin/python), `pixtract bench
 # engine --device cuda` against the plain Python onnxruntime loop on the same GPU, same graphs, same prompts.
