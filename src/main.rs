@@ -49,7 +49,7 @@ enum Command {
         models: Vec<PathBuf>,
         /// Device you intend to run on: cpu, cuda or cuda:N. With cuda, a CUDA provider that does not register
         /// is a failure (otherwise it is only noted).
-        #[arg(long, default_value = "cpu", value_parser = parse_device)]
+        #[arg(long, default_value = "cpu")]
         device: Device,
         /// Recompute the sha256 of every model file and compare with the manifest (slow on large models).
         #[arg(long)]
@@ -116,10 +116,6 @@ enum BenchCommand {
     ///
     /// Example: pixtract bench pipeline --source out/demo/inputs --max-new-tokens 32
     Pipeline(pixtract::pipeline::bench::PipelineBenchArgs),
-}
-
-fn parse_device(s: &str) -> Result<Device, String> {
-    s.parse::<Device>().map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {

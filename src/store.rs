@@ -22,6 +22,17 @@ pub struct StoreUrl {
     pub prefix: Path,
 }
 
+impl StoreUrl {
+    /// The URL back in its normalised form: `<base>[/<prefix>]`.
+    pub fn url(&self) -> String {
+        if self.prefix.as_ref().is_empty() {
+            self.base.clone()
+        } else {
+            format!("{}/{}", self.base, self.prefix)
+        }
+    }
+}
+
 /// Whether `uri` names an object store this module opens (else: a local path, `file://`, or unsupported).
 pub fn is_object_store(uri: &str) -> bool {
     matches!(
@@ -30,7 +41,8 @@ pub fn is_object_store(uri: &str) -> bool {
     )
 }
 
-fn scheme(uri: &str) -> Option<String> {
+/// The URI's scheme, lower-cased (None for a plain path).
+pub fn scheme(uri: &str) -> Option<String> {
     uri.split_once("://").map(|(s, _)| s.to_ascii_lowercase())
 }
 

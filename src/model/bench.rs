@@ -56,7 +56,7 @@ pub struct EngineBenchArgs {
     pub threads: usize,
     /// Device both pixtract and the Python onnxruntime loop run on: cpu, cuda or cuda:N (cuda needs
     /// onnxruntime-gpu in --python's environment; transformers is then left out: it would run on the CPU).
-    #[arg(long, default_value = "cpu", value_parser = |s: &str| s.parse::<Device>().map_err(|e| e.to_string()))]
+    #[arg(long, default_value = "cpu")]
     pub device: Device,
     /// Let ONNX Runtime's idle threads spin-wait between ops (ONNX Runtime's default; faster on an otherwise idle
     /// machine). `--spin false` when other work shares the cores.

@@ -31,7 +31,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
     /// cpu, cuda or cuda:N. CUDA that cannot register is an error, never a silent CPU run.
-    #[arg(long, default_value = "cpu", value_parser = |s: &str| s.parse::<Device>().map_err(|e| e.to_string()))]
+    #[arg(long, default_value = "cpu")]
     pub device: Device,
     /// ONNX Runtime intra-op threads (0: one per core).
     #[arg(long, default_value_t = 0)]

@@ -58,7 +58,7 @@ impl Sampler {
 
     /// The chosen token and its probability under the distribution it came from; None when every logit is -inf.
     pub fn choose(&mut self, logits: &[f32]) -> Option<(u32, f32)> {
-        if !self.probabilities && self.mode == Sampling::Greedy {
+        if !self.computes_probabilities() {
             return argmax_scan(logits).map(|i| (i as u32, f32::NAN));
         }
         // One read of the logits: max, its first index (as torch.argmax) and the softmax denominator.

@@ -36,7 +36,7 @@ pub struct VerifyArgs {
     #[arg(long, value_name = "DIR")]
     pub reference_dir: Option<PathBuf>,
     /// cpu, cuda or cuda:N. CUDA that cannot register is an error, never a silent CPU run.
-    #[arg(long, default_value = "cpu", value_parser = |s: &str| s.parse::<Device>().map_err(|e| e.to_string()))]
+    #[arg(long, default_value = "cpu")]
     pub device: Device,
     /// Largest first-step logit difference accepted.
     #[arg(long, default_value_t = LOGIT_TOLERANCE)]

@@ -182,7 +182,6 @@ fn default_max_pixels() -> u64 {
 fn default_spin() -> bool {
     true
 }
-
 fn default_device() -> String {
     "cpu".into()
 }

@@ -144,12 +144,8 @@ impl SinkTarget {
                 reason,
             })?;
             Ok(SinkTarget::Store {
+                url: opened.url(),
                 store: opened.store,
-                url: if opened.prefix.as_ref().is_empty() {
-                    opened.base
-                } else {
-                    format!("{}/{}", opened.base, opened.prefix)
-                },
                 prefix: opened.prefix,
             })
         } else if let Some(p) = target.strip_prefix("file://") {

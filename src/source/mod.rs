@@ -1,13 +1,9 @@
 //! Document intake, first half: where documents live (local folders, S3 and S3-compatible stores) and getting
 //! their bytes, through `object_store`.
 //!
-//! - [`Source::open`] takes a local path, `file://...` or `s3://bucket/prefix` (credentials, region and endpoint
-//!   from the standard `AWS_*` environment variables, e.g. `AWS_ENDPOINT_URL` for an S3-compatible store; plain
-//!   http is allowed for loopback endpoints or with `AWS_ALLOW_HTTP=true`). Google Cloud Storage (`gs://bucket/
-//!   prefix`, credentials from `GOOGLE_APPLICATION_CREDENTIALS` / `GOOGLE_SERVICE_ACCOUNT*`) and Azure Blob
-//!   Storage (`az://container/prefix` with `AZURE_STORAGE_ACCOUNT_NAME`, or `abfss://container@account.dfs.core.
-//!   windows.net/prefix`; keys, SAS or Azure AD from the `AZURE_*` variables; `AZURE_STORAGE_USE_EMULATOR=true`
-//!   for Azurite) come from object_store as they are. A URI naming one object or file is a source of one document.
+//! - [`Source::open`] takes a local path, `file://...`, or an object-store URL (`s3://`, `gs://`, `az://`,
+//!   `abfss://`; opened by [`crate::store`] from each cloud's standard environment). A URI naming one object or
+//!   file is a source of one document.
 //! - [`Source::list`] is a stream (the store pages through the listing; nothing is collected), filtered by
 //!   include/exclude globs; objects over the size limit come out as errors rather than vanishing.
 //! - [`Source::fetch_all`] fetches listed documents with bounded concurrency, in listing order.
@@ -178,13 +174,13 @@ pub struct Source {
 }
 
 impl Source {
-    /// Opens a local path, `file://` URL, or `s3://bucket[/prefix]`.
+    /// Opens a local path, `file://` URL, or object-store URL (`s3://bucket[/prefix]`, `gs://`, `az://`, ...).
     pub fn open(uri: &str) -> Result<Source, SourceError> {
         let bad = |reason: String| SourceError::BadUri {
             uri: uri.to_string(),
             reason,
         };
-        let scheme = uri.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+        let scheme = crate::store::scheme(uri);
         match scheme.as_deref() {
             None => Source::local(uri, PathBuf::from(uri)),
             Some("file") => {
