@@ -62,6 +62,10 @@ pub struct EngineBenchArgs {
     /// machine). `--spin false` when other work shares the cores.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub spin: bool,
+    /// Prompt tokens per prefill pass for pixtract (0: all at once, as the Python loop does; default 256 on cpu,
+    /// 1024 on cuda).
+    #[arg(long, value_name = "TOKENS")]
+    pub prefill_chunk: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -159,6 +163,7 @@ fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
         stop_on_eos: false,
         // As the references: tokens only (the pipeline's extraction also asks for their probabilities).
         token_probs: false,
+        prefill_chunk: args.prefill_chunk,
         ..Default::default()
     };
     // Warm-up: first runs allocate arenas and pick kernels.

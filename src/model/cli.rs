@@ -52,9 +52,10 @@ pub struct GenerateArgs {
     /// Keep generating past </s> (for timing a fixed number of tokens).
     #[arg(long)]
     pub ignore_eos: bool,
-    /// Prompt tokens per prefill pass (0: all at once). Smaller chunks hold less attention memory.
-    #[arg(long, default_value_t = crate::model::engine::DEFAULT_PREFILL_CHUNK)]
-    pub prefill_chunk: usize,
+    /// Prompt tokens per prefill pass (0: all at once; default 256 on cpu, 1024 on cuda). Smaller chunks hold
+    /// less attention memory.
+    #[arg(long, value_name = "TOKENS")]
+    pub prefill_chunk: Option<usize>,
 }
 
 pub fn generate(args: GenerateArgs) -> ExitCode {

@@ -101,9 +101,10 @@ pub struct ModelSpec {
     /// Upper bound on padded prompt tokens per prefill.
     #[serde(default = "default_token_budget")]
     pub token_budget: usize,
-    /// Prompt tokens per prefill pass (0: whole prompts). Bounds the attention scores a prefill holds.
-    #[serde(default = "default_prefill_chunk")]
-    pub prefill_chunk: usize,
+    /// Prompt tokens per prefill pass (0: whole prompts; unset: 256 on cpu, 1024 on cuda). Bounds the attention
+    /// scores a prefill holds.
+    #[serde(default)]
+    pub prefill_chunk: Option<usize>,
     #[serde(default = "default_max_new_tokens")]
     pub max_new_tokens: usize,
 }
@@ -190,9 +191,6 @@ fn default_batch() -> usize {
 }
 fn default_token_budget() -> usize {
     16_384
-}
-fn default_prefill_chunk() -> usize {
-    crate::model::engine::DEFAULT_PREFILL_CHUNK
 }
 fn default_max_new_tokens() -> usize {
     512

@@ -94,7 +94,7 @@ fn chunked_prefill_equals_one_pass() {
         let config = GenerationConfig {
             max_new_tokens: 12,
             keep_first_logits: true,
-            prefill_chunk: chunk,
+            prefill_chunk: Some(chunk),
             ..Default::default()
         };
         // Batches of 4 (left-padded), so chunks also cut through padding.
