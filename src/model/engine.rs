@@ -173,10 +173,11 @@ pub struct GenerationConfig {
 
 /// Prompt tokens per prefill pass when the configuration names none.
 ///
-/// CPU: 256. Smaller score tensors stay in cache: on the tiny model (2 cores, 8 reference prompts) vision+prefill
-/// ran 20.5k tok/s at batch 1 and 7.4k at batch 8 with 1,024-token chunks, 31.9k and 15.2k with 256 (128: 30.4k /
-/// 17.2k; 64: 25.9k / 15.6k; one pass: 19.7k / 8.6k). CUDA: 1024, so each pass reuses a 12B model's weights over
-/// enough tokens to be compute-bound (a full 1024x1024 page, 4,160 image tokens, takes 5 passes).
+/// CPU: 256. Smaller score tensors stay in cache: on the tiny model (2 cores, 8 reference prompts, settings
+/// alternated in one process, fastest of 4) vision+prefill ran 19.6k tok/s at batch 1 and 9.3k at batch 8 with
+/// 256-token chunks, 16.7k and 6.2k with 1,024 (128: 19.3k / 10.0k; 512: 18.4k / 8.9k; one pass: 16.3k / 5.4k).
+/// CUDA: 1024, so each pass reuses a 12B model's weights over enough tokens to be compute-bound (a full 1024x1024
+/// page, 4,160 image tokens, takes 5 passes).
 pub fn default_prefill_chunk(device: Device) -> usize {
     match device {
         Device::Cpu => 256,
