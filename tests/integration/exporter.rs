@@ -6,7 +6,7 @@ use std::path::Path;
 
 use pixtract::model::manifest::sha256_file;
 
-use crate::util::{export_tool, read_json, tiny_model};
+use crate::util::{export_tool, python_json, read_json, tiny_model};
 
 #[test]
 fn verify_passes_on_the_tiny_model_with_identical_greedy_tokens() {
@@ -161,17 +161,7 @@ print(json.dumps({
 }))
 "#;
     let decoder = tiny_model().join("decoder_model_merged.onnx");
-    let out = std::process::Command::new(crate::util::python())
-        .args(["-c", script])
-        .arg(&decoder)
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let facts: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let facts = python_json(script, &[decoder.to_str().unwrap()]);
     assert_eq!(facts["past_inputs"], 4, "{facts}");
     assert_eq!(
         facts["expand"], 0,

@@ -16,7 +16,7 @@ use pixtract::sink::{ParquetSink, S3Config, SinkConfig, SinkTarget};
 use serde_json::{Value, json};
 
 use crate::extract::{record_from_answer, run_context, schema_path, source};
-use crate::util::{python, repo_root};
+use crate::util::{python_json, repo_root};
 
 /// Six receipts from three merchants on two days, plus one failed document.
 fn receipt_records(schema: &ExtractionSchema) -> Vec<ExtractionRecord> {
@@ -59,24 +59,6 @@ fn sink_config() -> SinkConfig {
         row_group_size: 2,
         ..Default::default()
     }
-}
-
-/// Runs a DuckDB script (Python, `duckdb` from the virtualenv) that prints one JSON document.
-fn duckdb(script: &str, args: &[&str]) -> Value {
-    let out = Command::new(python())
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "duckdb script failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
 const DUCKDB_READ: &str = r#"
@@ -197,7 +179,7 @@ async fn local_parquet_is_read_back_by_duckdb() {
     assert_eq!(m["summary"]["error"], json!(1));
     assert_eq!(m["files"][1]["rows"], json!(3));
     // ZSTD and statistics, as DuckDB's parquet_metadata sees them.
-    let meta = duckdb(
+    let meta = python_json(
         r#"
 import duckdb, json, sys
 rows = duckdb.execute(f"SELECT compression, bool_and(stats_null_count IS NOT NULL), count(stats_min_value), count(*) FROM parquet_metadata('{sys.argv[1]}/**/*.parquet') WHERE path_in_schema = 'total' GROUP BY ALL").fetchall()
@@ -207,7 +189,7 @@ print(json.dumps([list(r) for r in rows]))
     );
     // 4 row groups of <= 2 rows; the last holds only the failed row (total null), so it has no min.
     assert_eq!(meta, json!([["ZSTD", true, 3, 4]]));
-    check_duckdb_result(&duckdb(DUCKDB_READ, &[dir.path().to_str().unwrap()]));
+    check_duckdb_result(&python_json(DUCKDB_READ, &[dir.path().to_str().unwrap()]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,7 +307,7 @@ impl Moto {
             "import boto3, json, sys\ns3 = boto3.client('s3', endpoint_url='{}', aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')\n{script}",
             self.endpoint()
         );
-        duckdb(&full, args)
+        python_json(&full, args)
     }
 }
 
@@ -376,7 +358,7 @@ print('{}')
 "#,
         &[dir.path().to_str().unwrap()],
     );
-    check_duckdb_result(&duckdb(DUCKDB_READ, &[dir.path().to_str().unwrap()]));
+    check_duckdb_result(&python_json(DUCKDB_READ, &[dir.path().to_str().unwrap()]));
 }
 
 /// Rows that do not compress: enough of them go past one multipart part.
@@ -477,7 +459,7 @@ async fn interrupted_s3_upload_leaves_no_visible_object() {
         .await
         .unwrap();
     std::fs::write(&dst, &bytes).unwrap();
-    let n = duckdb(
+    let n = python_json(
         "import duckdb, json, sys\nprint(json.dumps(duckdb.execute(f\"SELECT count(*) FROM '{sys.argv[1]}'\").fetchone()[0]))",
         &[dst.to_str().unwrap()],
     );

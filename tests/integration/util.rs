@@ -39,6 +39,25 @@ pub fn python() -> PathBuf {
     py
 }
 
+/// Runs a Python script (the project's virtualenv: duckdb, onnx, ...) with `args`; the last line it prints is
+/// one JSON document.
+pub fn python_json(script: &str, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "python script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
 pub fn search_paths() -> SearchPaths {
     SearchPaths {
         virtualenvs: vec![repo_root().join(".venv")],
