@@ -172,35 +172,37 @@ fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
     // fastest round: on a shared machine speed drifts by 10-20% over a minute, and measuring one side entirely
     // before the other turned that drift into the ratio.
     let rounds = args.repeat.max(1);
-    let mut ours: Vec<(usize, Option<Phase>)> = args.batches.iter().map(|&b| (b, None)).collect();
+    // ours[round][i]: pixtract's pass at batch size args.batches[i]; theirs[round]: the Python bench right after it.
+    let mut ours: Vec<Vec<Phase>> = Vec::with_capacity(rounds);
     let mut theirs: Vec<RoundResult> = Vec::new();
-    let mut per_round: Vec<(usize, Phase, Option<serde_json::Value>)> = Vec::new();
     for _ in 0..rounds {
-        for (b, best) in ours.iter_mut() {
-            let phase = measure(
+        let mut phases = Vec::with_capacity(args.batches.len());
+        for &b in &args.batches {
+            phases.push(measure(
                 &mut engine,
                 &prompts,
-                *b,
+                b,
                 &config,
                 prompt_tokens,
                 gen_tokens,
-            )?;
-            if best.is_none_or(|p| phase.total_s() < p.total_s()) {
-                *best = Some(phase);
-            }
-            per_round.push((*b, phase, None));
+            )?);
         }
+        ours.push(phases);
         if !args.no_reference {
-            let r = python_reference(&args)?;
-            for entry in per_round.iter_mut().rev().take(args.batches.len()) {
-                entry.2 = Some(r.clone());
-            }
-            theirs.push(r);
+            theirs.push(python_reference(&args)?);
         }
     }
-    let ours: Vec<(usize, Phase)> = ours
-        .into_iter()
-        .map(|(b, p)| (b, p.unwrap_or_default()))
+    let fastest: Vec<(usize, Phase)> = args
+        .batches
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            let best = ours
+                .iter()
+                .map(|round| round[i])
+                .min_by(|x, y| x.total_s().total_cmp(&y.total_s()));
+            (b, best.unwrap_or_default())
+        })
         .collect();
     let reference = fastest_reference(&theirs, &args.batches, prompt_tokens, gen_tokens);
     println!(
@@ -217,7 +219,7 @@ fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
         "{:<6} {:<22} {:>16} {:>16} {:>12} {:>12}",
         "batch", "implementation", "vision+prefill/s", "decode tok/s", "x prefill", "x decode"
     );
-    for (b, p) in &ours {
+    for (b, p) in &fastest {
         println!(
             "{:<6} {:<22} {:>16.0} {:>16.1} {:>12} {:>12}",
             b, "pixtract (Rust)", p.first_token_tok_s, p.decode_tok_s, "", ""
@@ -243,25 +245,24 @@ fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
             }
         }
     }
-    if let (Some((_, one)), Some((bmax, many))) = (ours.first(), ours.last())
-        && ours.len() > 1
+    if let (Some((_, one)), Some((bmax, many))) = (fastest.first(), fastest.last())
+        && fastest.len() > 1
     {
         println!(
             "pixtract decode throughput, batch {bmax} vs batch {}: {:.2}x",
-            ours[0].0,
+            fastest[0].0,
             many.decode_tok_s / one.decode_tok_s
         );
     }
     if rounds > 1 && !args.no_reference {
         // Each round's pixtract pass against the Python loop's pass right after it: how much of a ratio is drift.
-        for &b in &args.batches {
-            let ratios: Vec<String> = per_round
+        for (i, &b) in args.batches.iter().enumerate() {
+            let ratios: Vec<String> = ours
                 .iter()
-                .filter(|(pb, _, _)| *pb == b)
-                .filter_map(|(_, p, r)| {
-                    let decode =
-                        r.as_ref()?["ort_python"].get(b.to_string())?["decode_tok_s"].as_f64()?;
-                    Some(format!("{:.2}x", p.decode_tok_s / decode))
+                .zip(&theirs)
+                .filter_map(|(round, r)| {
+                    let decode = r["ort_python"].get(b.to_string())?["decode_tok_s"].as_f64()?;
+                    Some(format!("{:.2}x", round[i].decode_tok_s / decode))
                 })
                 .collect();
             println!(
