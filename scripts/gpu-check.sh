@@ -61,7 +61,9 @@ if [ -n "$receipt" ]; then
     --prompt "What is the total amount on this receipt?" --max-new-tokens 48
 fi
 if [ -d out/demo/inputs ]; then
+  # The demo's CPU model has a GroupQueryAttention decoder (CPU only): on CUDA it runs the eager export.
   sed -e 's|^device = .*|device = "cuda"|' -e "s|^uri = \"out/demo/parquet\"|uri = \"$out/parquet\"|" \
+    -e 's|^dir = "models/tiny-gqa"|dir = "models/tiny"|' \
     pipelines/demo.toml >"$out/demo-cuda.toml"
   step "$bin" run "$out/demo-cuda.toml" --log-format plain
 fi

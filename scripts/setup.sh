@@ -82,6 +82,19 @@ else
   echo "$stamp" > "$model/.pixtract-stamp"
 fi
 
+# The same tiny model with a GroupQueryAttention decoder (`--attention gqa`): rows keep their own lengths and
+# pixtract writes the KV cache in place. The CPU default of the demo and of `bench engine`; checked against
+# models/tiny/reference by the engine tests.
+dir=models/tiny-gqa
+if [ ! -f "$dir/.pixtract-stamp" ] || [ "$(cat "$dir/.pixtract-stamp")" != "$stamp" ]; then
+  echo "setup: exporting the tiny model with GroupQueryAttention to $dir"
+  rm -rf "$dir.partial"
+  .venv/bin/python onnx-export/export.py export --tiny --attention gqa --out "$dir.partial" >/dev/null
+  rm -rf "$dir"
+  mv "$dir.partial" "$dir"
+  echo "$stamp" > "$dir/.pixtract-stamp"
+fi
+
 # fp16 and weight-only quantized variants of the tiny model, each with its fidelity report against models/tiny
 # (fidelity.json; the engine tests compare the Rust engine's tokens with the ones recorded there). fp16 comes
 # before q4f16, which is quantized from it.

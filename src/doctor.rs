@@ -4,7 +4,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::model::{Device, ModelDir, OrtRuntime};
+use crate::model::manifest::DecoderAttention;
+use crate::model::{Device, ModelDir, ModelError, OrtRuntime};
 use crate::native::{LibraryLocation, NativeLibrary, SearchPaths};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,13 +245,14 @@ fn check_model(
     }
     let m = &model.manifest;
     let mut lines = vec![format!(
-        "{} ({}), text {} layers x {} heads ({} KV, head_dim {}), vision {} layers, vocab {}, {:.1} MB{}",
+        "{} ({}), text {} layers x {} heads ({} KV, head_dim {}, {} attention), vision {} layers, vocab {}, {:.1} MB{}",
         m.model_id,
         m.describe_weights(),
         m.text.num_layers,
         m.text.num_attention_heads,
         m.text.num_key_value_heads,
         m.text.head_dim,
+        m.graphs.decoder.attention.name(),
         m.vision.num_layers,
         m.text.vocab_size,
         model.weight_bytes() as f64 / 1e6,
@@ -260,6 +262,12 @@ fn check_model(
             ""
         }
     )];
+    if m.graphs.decoder.attention == DecoderAttention::Gqa && opts.device != Device::Cpu {
+        let err = ModelError::AttentionDevice {
+            device: opts.device,
+        };
+        return Err(format!("{}\n{err}", lines[0]));
+    }
     let Some(rt) = runtime else {
         return Err(format!(
             "{}\ncannot open sessions without ONNX Runtime",

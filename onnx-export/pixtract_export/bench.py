@@ -70,34 +70,28 @@ def providers(device: str):
 
 
 def ort_batch(ort_model: OrtPixtral, batch, new_tokens: int):
-    """Left-padded batch through the ONNX graphs; returns phase times."""
+    """The batch through the ONNX graphs (padded as the decoder graph wants it); returns phase times."""
     t0 = time.perf_counter()
     feats = [[ort_model.image_features(img) for img in images] for _, images in batch]
     t_vision = time.perf_counter() - t0
     t1 = time.perf_counter()
-    width = max(len(ids) for ids, _ in batch)
-    n = len(batch)
-    ids = np.full((n, width), ort_model.manifest["tokens"]["pad"], dtype=np.int64)
-    mask = np.zeros((n, width), dtype=np.int64)
+    # One embedding run over the padded batch, as pixtract does; each row then takes its own columns.
+    width = max(len(seq) for seq, _ in batch)
+    ids = np.full((len(batch), width), ort_model.manifest["tokens"]["pad"], dtype=np.int64)
     for row, (seq, _) in enumerate(batch):
         ids[row, width - len(seq):] = seq
-        mask[row, width - len(seq):] = 1
-    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
     embeds = ort_model.embed.run(["inputs_embeds"], {"input_ids": ids})[0]
-    for row, f in enumerate(feats):
+    rows = []
+    for row, ((seq, _), f) in enumerate(zip(batch, feats)):
+        e = embeds[row, width - len(seq):]
         if f:
-            pos = np.argwhere(ids[row] == ort_model.img_id)[:, 0]
-            embeds[row, pos] = np.concatenate(f, axis=0).astype(embeds.dtype)
-    logits, past = ort_model.step(embeds, mask, positions, ort_model.empty_past(n))
+            e[ids[row, width - len(seq):] == ort_model.img_id] = np.concatenate(f, axis=0).astype(e.dtype)
+        rows.append(e)
+    logits, state = ort_model.prefill(rows)
     t_prefill = time.perf_counter() - t1
     t2 = time.perf_counter()
-    nxt = positions[:, -1:] + 1
     for _ in range(new_tokens - 1):
-        tok = logits.argmax(-1)[:, None].astype(np.int64)
-        e = ort_model.embed.run(["inputs_embeds"], {"input_ids": tok})[0]
-        mask = np.concatenate([mask, np.ones((n, 1), dtype=np.int64)], axis=1)
-        logits, past = ort_model.step(e, mask, nxt, past)
-        nxt = nxt + 1
+        logits, state = ort_model.decode(logits.argmax(-1), state)
     t_decode = time.perf_counter() - t2
     return t_vision, t_prefill, t_decode
 

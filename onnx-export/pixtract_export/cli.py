@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from . import ATTENTION_KINDS
 from .model import ExportError
 
 DESCRIPTION = """\
@@ -36,6 +37,12 @@ def _add_export(sub):
                    help="weights and activations; logits are always fp32 (default: fp32). fp16 is for the CUDA "
                         "provider: ONNX Runtime's CPU provider lacks fp16 kernels for parts of these graphs")
     p.add_argument("--seed", type=int, default=None, help="seed of the tiny model's weights (default: 20240911)")
+    p.add_argument("--attention", choices=list(ATTENTION_KINDS), default="eager",
+                   help="decoder attention. eager (default): transformers' attention, left-padded batches, the KV "
+                        "cache grows by Concat; runs on every provider and dtype. gqa: ONNX Runtime's "
+                        "GroupQueryAttention: rows keep their own lengths (no attention over padding) and pixtract "
+                        "writes the cache in place (one buffer bound as past and present); pixtract runs gqa "
+                        "exports on the CPU only (use eager, with --dtype fp16, for CUDA)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="after exporting, quantize the decoder's MatMul weights with ONNX Runtime's MatMulNBits "
                         "(weight-only; with --dtype fp16 this gives q8f16 / q4f16). Same as running `quantize` "

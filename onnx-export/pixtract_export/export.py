@@ -64,7 +64,7 @@ def run_export(args) -> int:
     params = sum(p.numel() for p in model.parameters())
     print(f"loaded {source['model_id']}: {params / 1e6:.1f} M parameters, {args.dtype} ({time.time() - t0:.1f} s)")
     t1 = time.time()
-    graphs = export_graphs(model, out, dtype)
+    graphs = export_graphs(model, out, dtype, args.attention)
     tokenizer = write_tokenizer(out, args.checkpoint)
     source["parameters"] = params
     manifest = build_manifest(model, graphs, tokenizer, args.dtype, source)

@@ -17,7 +17,7 @@ import onnx
 import torch
 from torch import nn
 
-from . import __version__
+from . import ATTENTION_KINDS, __version__
 from .model import IMAGE_MEAN, IMAGE_STD, sha256_file
 
 OPSET = 17
@@ -175,7 +175,76 @@ class Decoder(nn.Module):
         return tuple(out)
 
 
-def _export(module, args, path, input_names, output_names, dynamic_axes, fixed_output_dims=None):
+class _GroupQueryAttentionOp(torch.autograd.Function):
+    """ONNX Runtime's `com.microsoft.GroupQueryAttention` as one traced node.
+
+    query [B,S,Hq*D], key/value [B,S,Hkv*D] (rotated already), past_key/value [B,Hkv,P,D], seqlens_k [B] int32 (each
+    row's valid tokens after this step, minus one), total_sequence_length int32 -> output [B,S,Hq*D], present_key/
+    value. Each row's cache holds its tokens at [0, seqlens_k] (right padding), so a batch of unequal prompts attends
+    over its own length only. When the caller binds the same buffer as past and present (IO binding), ONNX Runtime
+    writes the new keys/values in place instead of concatenating the whole cache every step.
+    `forward` only has to give the tracer the outputs' shapes; the graph is checked against transformers.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, past_key, past_value, seqlens_k, total, num_heads, kv_num_heads):
+        return query.clone(), past_key.clone(), past_value.clone()
+
+    @staticmethod
+    def symbolic(g, query, key, value, past_key, past_value, seqlens_k, total, num_heads, kv_num_heads):
+        return g.op("com.microsoft::GroupQueryAttention", query, key, value, past_key, past_value, seqlens_k, total,
+                    num_heads_i=num_heads, kv_num_heads_i=kv_num_heads, outputs=3)
+
+
+class GroupQueryDecoder(nn.Module):
+    """The text model with ONNX Runtime's GroupQueryAttention and a cache laid out per row (right padding).
+
+    Inputs: inputs_embeds [B,S,H], position_ids [B,S], seqlens_k [B] int32, total_sequence_length int32,
+    logits_index [B] int64 (each row's last real position within this chunk), past [B,Hkv,P,D] per layer.
+    The layers repeat MistralDecoderLayer's forward with the attention replaced (same weights, same RoPE code).
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.lm = model.model.language_model
+        self.lm_head = model.lm_head
+        self.num_layers = model.config.text_config.num_hidden_layers
+        t = model.config.text_config
+        self.heads, self.kv_heads = t.num_attention_heads, t.num_key_value_heads
+        self.head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+
+    def forward(self, inputs_embeds, position_ids, seqlens_k, total_sequence_length, logits_index, *past_flat):
+        from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
+
+        batch, seq, _ = inputs_embeds.shape
+        cos, sin = self.lm.rotary_emb(inputs_embeds, position_ids=position_ids)
+        hidden = inputs_embeds
+        present = []
+        for i, layer in enumerate(self.lm.layers):
+            attn = layer.self_attn
+            residual = hidden
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            q = q.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim)
+            k = k.transpose(1, 2).reshape(batch, seq, self.kv_heads * self.head_dim)
+            out, key, value = _GroupQueryAttentionOp.apply(q, k, v, past_flat[2 * i], past_flat[2 * i + 1], seqlens_k,
+                                                           total_sequence_length, self.heads, self.kv_heads)
+            hidden = residual + attn.o_proj(out)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            present += [key, value]
+        # Each row's last real position (rows end at different columns under right padding).
+        last = hidden[torch.arange(batch), logits_index].unsqueeze(1)
+        logits = self.lm_head(self.lm.norm(last))
+        if logits.dtype != torch.float32:
+            logits = logits.to(torch.float32)
+        return (logits, *present)
+
+
+
+def _export(module, args, path, input_names, output_names, dynamic_axes, fixed_output_dims=None, custom_opsets=None):
     """Traces module to ONNX at path; weights go to `<file>_data` beside it when they are too large for one file."""
     import shutil
     import tempfile
@@ -195,6 +264,7 @@ def _export(module, args, path, input_names, output_names, dynamic_axes, fixed_o
                 opset_version=OPSET,
                 do_constant_folding=True,
                 dynamo=False,
+                custom_opsets=custom_opsets,
             )
         model = onnx.load(raw, load_external_data=True)
     finally:
@@ -246,8 +316,10 @@ def _io(values):
     return out
 
 
-def export_graphs(model, out_dir: str, dtype: torch.dtype) -> dict:
+def export_graphs(model, out_dir: str, dtype: torch.dtype, attention: str = "eager") -> dict:
     """Writes the three graphs into out_dir; returns the manifest's "graphs" section."""
+    if attention not in ATTENTION_KINDS:
+        raise ValueError(f"attention {attention!r}: expected one of {ATTENTION_KINDS}")
     cfg = model.config
     tcfg, vcfg = cfg.text_config, cfg.vision_config
     layers = tcfg.num_hidden_layers
@@ -276,20 +348,38 @@ def export_graphs(model, out_dir: str, dtype: torch.dtype) -> dict:
     graphs["embed_tokens"] = _graph_entry(path, proto, ext)
 
     # Decoder: traced with a non-empty past and batch 2 so no axis is specialised to 0 or 1.
-    decoder = Decoder(model)
     batch, seq, past_len = 2, 4, 3
     embeds = torch.randn(batch, seq, tcfg.hidden_size, dtype=dtype)
-    mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
     positions = torch.arange(past_len, past_len + seq, dtype=torch.int64).unsqueeze(0).repeat(batch, 1)
     past = []
-    input_names = ["inputs_embeds", "attention_mask", "position_ids"]
+    if attention == "gqa":
+        decoder = GroupQueryDecoder(model)
+        seqlens = torch.full((batch,), past_len + seq - 1, dtype=torch.int32)
+        total = torch.tensor(past_len + seq, dtype=torch.int32)
+        last = torch.full((batch,), seq - 1, dtype=torch.int64)
+        args = [embeds, positions, seqlens, total, last]
+        input_names = ["inputs_embeds", "position_ids", "seqlens_k", "total_sequence_length", "logits_index"]
+        axes = {
+            "inputs_embeds": {0: "batch", 1: "sequence"},
+            "position_ids": {0: "batch", 1: "sequence"},
+            "seqlens_k": {0: "batch"},
+            "logits_index": {0: "batch"},
+            "logits": {0: "batch"},
+        }
+        present_axis = "present_sequence"
+    else:
+        decoder = Decoder(model)
+        mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
+        args = [embeds, mask, positions]
+        input_names = ["inputs_embeds", "attention_mask", "position_ids"]
+        axes = {
+            "inputs_embeds": {0: "batch", 1: "sequence"},
+            "attention_mask": {0: "batch", 1: "total_sequence"},
+            "position_ids": {0: "batch", 1: "sequence"},
+            "logits": {0: "batch"},
+        }
+        present_axis = "total_sequence"
     output_names = ["logits"]
-    axes = {
-        "inputs_embeds": {0: "batch", 1: "sequence"},
-        "attention_mask": {0: "batch", 1: "total_sequence"},
-        "position_ids": {0: "batch", 1: "sequence"},
-        "logits": {0: "batch"},
-    }
     for i in range(layers):
         for kind in ("key", "value"):
             past.append(torch.randn(batch, kv_heads, past_len, head_dim, dtype=dtype))
@@ -298,13 +388,17 @@ def export_graphs(model, out_dir: str, dtype: torch.dtype) -> dict:
             axes[name] = {0: "batch", 2: "past_sequence"}
             oname = f"present.{i}.{kind}"
             output_names.append(oname)
-            axes[oname] = {0: "batch", 2: "total_sequence"}
+            axes[oname] = {0: "batch", 2: present_axis}
     path = os.path.join(out_dir, "decoder_model_merged.onnx")
     with _TextAttention(tcfg):
-        proto, ext = _export(decoder, (embeds, mask, positions, *past), path, input_names, output_names, axes,
-                             fixed_output_dims={("logits", 1): 1, ("logits", 2): tcfg.vocab_size})
+        proto, ext = _export(decoder, (*args, *past), path, input_names, output_names, axes,
+                             fixed_output_dims={("logits", 1): 1, ("logits", 2): tcfg.vocab_size},
+                             custom_opsets={"com.microsoft": 1} if attention == "gqa" else None)
     graphs["decoder"] = _graph_entry(path, proto, ext)
     graphs["decoder"]["logits"] = "last_position"
+    # "eager": left-padded batches, attention_mask input, the cache grows by Concat. "gqa": GroupQueryAttention,
+    # right-padded rows described by seqlens_k, the cache may be one buffer bound as both past and present.
+    graphs["decoder"]["attention"] = attention
     graphs["decoder"]["past_key_template"] = "past_key_values.{layer}.key"
     graphs["decoder"]["past_value_template"] = "past_key_values.{layer}.value"
     graphs["decoder"]["present_key_template"] = "present.{layer}.key"

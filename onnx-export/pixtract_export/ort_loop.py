@@ -33,6 +33,7 @@ class OrtPixtral:
         self.eos = self.manifest["tokens"]["eos"]
         dtypes = {i.name: i.type for i in self.decoder.get_inputs()}
         self.float = np.float16 if dtypes["inputs_embeds"] == "tensor(float16)" else np.float32
+        self.gqa = g["decoder"].get("attention", "eager") == "gqa"
 
     def image_features(self, image_chw: np.ndarray) -> np.ndarray:
         px = image_chw[None].astype(self.float)
@@ -52,34 +53,72 @@ class OrtPixtral:
     def empty_past(self, batch: int):
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.float) for _ in range(2 * self.layers)]
 
-    def step(self, embeds, mask, positions, past):
-        feeds = {"inputs_embeds": embeds, "attention_mask": mask.astype(np.int64),
-                 "position_ids": positions.astype(np.int64)}
+    def _run(self, feeds: dict, past):
         for i in range(self.layers):
             feeds[f"past_key_values.{i}.key"] = past[2 * i]
             feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
         out = self.decoder.run(None, feeds)
         return out[0][:, -1, :], out[1:]
 
-    def _prefill(self, ids: list[int], images: list[np.ndarray]):
-        """Batch-1 prefill: (last-position logits [vocab], cache, attention mask)."""
-        arr = np.array([ids], dtype=np.int64)
-        embeds = self.embeddings(arr, images)
-        n = arr.shape[1]
-        mask = np.ones((1, n), dtype=np.int64)
-        logits, past = self.step(embeds, mask, np.arange(n)[None], self.empty_past(1))
-        return logits[0], past, mask
+    def prefill(self, rows: list[np.ndarray]):
+        """Prompts' embeddings ([S_i, hidden] each) through the decoder as one batch, empty cache:
+        (each row's last-position logits [B, vocab], decoding state).
 
-    def _feed(self, tok: int, past, mask):
-        """Appends one token to a batch-1 sequence: (next logits [vocab], cache, attention mask)."""
-        embeds = self.embed.run(["inputs_embeds"], {"input_ids": np.array([[tok]], dtype=np.int64)})[0]
-        mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
-        logits, past = self.step(embeds, mask, np.array([[mask.shape[1] - 1]]), past)
-        return logits[0], past, mask
+        eager graphs take the batch left-padded with an attention mask; gqa graphs right-padded, each row's length
+        in seqlens_k (the layout GroupQueryAttention expects). Either way row i's logits are its own prompt's.
+        """
+        n, width = len(rows), max(r.shape[0] for r in rows)
+        lengths = np.array([r.shape[0] for r in rows], dtype=np.int64)
+        embeds = np.zeros((n, width, rows[0].shape[1]), dtype=rows[0].dtype)
+        if self.gqa:
+            for i, r in enumerate(rows):
+                embeds[i, : r.shape[0]] = r
+            feeds = {"inputs_embeds": embeds, "position_ids": np.tile(np.arange(width, dtype=np.int64), (n, 1)),
+                     "seqlens_k": (lengths - 1).astype(np.int32),
+                     "total_sequence_length": np.array(width, dtype=np.int32), "logits_index": lengths - 1}
+            logits, past = self._run(feeds, self.empty_past(n))
+            return logits, {"past": past, "lengths": lengths}
+        mask = np.zeros((n, width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            embeds[i, width - r.shape[0]:] = r
+            mask[i, width - r.shape[0]:] = 1
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
+        logits, past = self._run(feeds, self.empty_past(n))
+        return logits, {"past": past, "mask": mask, "lengths": lengths}
+
+    def decode(self, tokens, state):
+        """Appends one token per row: (next logits [B, vocab], new state)."""
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
+        n = ids.shape[0]
+        embeds = self.embed.run(["inputs_embeds"], {"input_ids": ids})[0]
+        lengths = state["lengths"]
+        if self.gqa:
+            feeds = {"inputs_embeds": embeds, "position_ids": lengths[:, None].copy(),
+                     "seqlens_k": lengths.astype(np.int32),
+                     "total_sequence_length": np.array(int(lengths.max()) + 1, dtype=np.int32),
+                     "logits_index": np.zeros(n, dtype=np.int64)}
+            logits, past = self._run(feeds, state["past"])
+            return logits, {"past": past, "lengths": lengths + 1}
+        mask = np.concatenate([state["mask"], np.ones((n, 1), dtype=np.int64)], axis=1)
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": lengths[:, None].copy()}
+        logits, past = self._run(feeds, state["past"])
+        return logits, {"past": past, "mask": mask, "lengths": lengths + 1}
+
+    def _prefill(self, ids: list[int], images: list[np.ndarray]):
+        """Batch-1 prefill: (last-position logits [vocab], decoding state)."""
+        embeds = self.embeddings(np.array([ids], dtype=np.int64), images)
+        logits, state = self.prefill([embeds[0]])
+        return logits[0], state
+
+    def _feed(self, tok: int, state):
+        """Appends one token to a batch-1 sequence: (next logits [vocab], decoding state)."""
+        logits, state = self.decode([tok], state)
+        return logits[0], state
 
     def greedy(self, ids: list[int], images: list[np.ndarray], max_new: int, stop_on_eos: bool = True):
         """Batch-1 greedy decoding; returns (new token ids, first-step logits)."""
-        logits, past, mask = self._prefill(ids, images)
+        logits, state = self._prefill(ids, images)
         first = logits.copy()
         out = []
         for _ in range(max_new):
@@ -87,15 +126,15 @@ class OrtPixtral:
             out.append(tok)
             if stop_on_eos and tok == self.eos:
                 break
-            logits, past, mask = self._feed(tok, past, mask)
+            logits, state = self._feed(tok, state)
         return out, first
 
     def forced(self, ids: list[int], images: list[np.ndarray], tokens: list[int]) -> np.ndarray:
         """Logits [len(tokens), vocab] when `tokens` are fed one by one after the prompt (teacher forcing):
         row i is the distribution the model gives for position i, whatever it would have chosen before."""
-        logits, past, mask = self._prefill(ids, images)
+        logits, state = self._prefill(ids, images)
         rows = [logits.astype(np.float32)]
         for tok in tokens[:-1]:
-            logits, past, mask = self._feed(tok, past, mask)
+            logits, state = self._feed(tok, state)
             rows.append(logits.astype(np.float32))
         return np.stack(rows)

@@ -91,7 +91,7 @@ def run_verify(args) -> int:
                   f"pixels {chw.shape[2]}x{chw.shape[1]} -> features {list(got.shape)}, max|feat| {mag:.2f}, "
                   f"max abs diff {diff:.2e} (limit {limit:.2e})")
 
-    print("decoder: batch of 2 left-padded prompts, prefill + 4 decode steps:")
+    print("decoder: batch of 2 prompts of unequal length (padded as the graph wants), prefill + 4 decode steps:")
     receipt = samples.document(300, 420, seed=5, lines=samples.RECEIPT_LINES)
     ids_a, imgs_a = prompting.encode([{"type": "image", "image": receipt},
                                       {"type": "text", "text": "Extract the total as JSON."}])
@@ -111,7 +111,8 @@ def run_verify(args) -> int:
     ref_logits, cache = out.logits[:, -1].float().numpy(), _cache_of(out)
     emb_o = ort_model.embeddings(ids, imgs_a)
     emb_diff = float(np.abs(emb_o.astype(np.float32) - emb_t.numpy()).max())
-    got_logits, past = ort_model.step(emb_o, mask, positions, ort_model.empty_past(2))
+    rows = [emb_o[row, width - len(seq):] for row, seq in enumerate([ids_a, ids_b])]
+    got_logits, state = ort_model.prefill(rows)
     worst = float(np.abs(ref_logits - got_logits).max())
     rep.check("prefill logits", worst <= tol["logits"],
               f"lengths {len(ids_a)} and {len(ids_b)} padded to {width}, embeddings diff {emb_diff:.2e}, "
@@ -127,8 +128,7 @@ def run_verify(args) -> int:
             out = model(inputs_embeds=e, attention_mask=torch.from_numpy(mask),
                         position_ids=torch.from_numpy(positions), cache=cache, use_cache=True)
         ref_logits, cache = out.logits[:, -1].float().numpy(), _cache_of(out)
-        e_o = ort_model.embed.run(["inputs_embeds"], {"input_ids": nxt})[0]
-        got_logits, past = ort_model.step(e_o, mask, positions, past)
+        got_logits, state = ort_model.decode(nxt[:, 0], state)
         step_diffs.append(float(np.abs(ref_logits - got_logits).max()))
     rep.check("decode steps", max(step_diffs) <= tol["logits"],
               "max abs diff per step " + ", ".join(f"{d:.2e}" for d in step_diffs))

@@ -19,11 +19,12 @@ const DEFAULT_CASES: &str = "grayscale,rgba,system_prompt,multilingual_image,tal
 
 #[derive(Debug, clap::Args)]
 pub struct EngineBenchArgs {
-    /// Model directory with reference cases (`reference/<case>/`), as `scripts/setup.sh` makes models/tiny.
-    #[arg(long, value_name = "DIR", default_value = "models/tiny")]
+    /// Model directory, as `scripts/setup.sh` makes them: models/tiny-gqa (GroupQueryAttention decoder, the
+    /// cache written in place: pixtract's fastest CPU path), models/tiny (eager decoder), or a variant.
+    #[arg(long, value_name = "DIR", default_value = "models/tiny-gqa")]
     pub model: PathBuf,
-    /// Folder holding the reference cases (default: <model>/reference). Quantized variants have none of
-    /// their own: point this at the fp32 model's, e.g. models/tiny/reference.
+    /// Folder holding the reference cases (default: <model>/reference, else models/tiny/reference: the
+    /// gqa export and the quantized variants share the fp32 tiny model's).
     #[arg(long, value_name = "DIR")]
     pub reference_dir: Option<PathBuf>,
     /// Reference cases used as prompts, comma-separated.
@@ -123,9 +124,14 @@ pub fn load_reference_case(
 
 impl EngineBenchArgs {
     fn reference_dir(&self) -> PathBuf {
-        self.reference_dir
-            .clone()
-            .unwrap_or_else(|| self.model.join("reference"))
+        self.reference_dir.clone().unwrap_or_else(|| {
+            let own = self.model.join("reference");
+            if own.is_dir() {
+                own
+            } else {
+                PathBuf::from("models/tiny/reference")
+            }
+        })
     }
 }
 
@@ -155,6 +161,13 @@ fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
     };
     let mut engine = PixtralEngine::load(&rt, &args.model, opts)?;
     let reference_dir = args.reference_dir();
+    if args.reference_dir.is_none() && !reference_dir.starts_with(&args.model) {
+        eprintln!(
+            "bench engine: {} has no reference/ of its own; prompts from {} (--reference-dir to choose)",
+            args.model.display(),
+            reference_dir.display()
+        );
+    }
     let prompts = load_prompts(&engine, &reference_dir, &args.cases)?;
     let prompt_tokens: usize = prompts.iter().map(|p| p.ids.len()).sum();
     let gen_tokens = prompts.len() * args.new_tokens.saturating_sub(1);

@@ -4,16 +4,21 @@
 //! `past_key_values.*` inputs through IO binding, without a copy. Outputs are bound to the session's device (on
 //! CUDA the cache never crosses to the host); only the last-position logits come back to the host, where the
 //! per-step hook (grammar masks) and sampling run.
+//!
+//! Decoders exported with GroupQueryAttention (`--attention gqa`, CPU) go one step further: the cache is one
+//! buffer per layer and key/value, bound as both past and present, which ONNX Runtime writes in place, so a decode
+//! step copies none of the cache (`DecodeCache::InPlace`). Host copies remain where rows change: prefilled rows are
+//! gathered into the batch buffer once, and a finished row leaving the batch compacts the others.
 
 use std::time::{Duration, Instant};
 
 use half::f16;
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
-use ort::session::Session;
+use ort::session::{IoBinding, Session};
 use ort::value::{DynTensor, DynValue, Tensor, TensorElementType, ValueType};
 
 use super::ModelError;
-use super::manifest::ModelDir;
+use super::manifest::{DecoderAttention, ModelDir};
 use super::preprocess::{ImagePreprocessor, PreparedImage};
 use super::prompt::{EncodedPrompt, PixtralTokenizer};
 use super::runtime::{Device, OrtRuntime};
@@ -58,6 +63,13 @@ impl FloatKind {
             other => Err(ModelError::Graph(format!(
                 "{input} has type {other:?}; expected float32 or float16"
             ))),
+        }
+    }
+
+    fn element_type(self) -> TensorElementType {
+        match self {
+            FloatKind::F32 => TensorElementType::Float32,
+            FloatKind::F16 => TensorElementType::Float16,
         }
     }
 
@@ -308,6 +320,7 @@ pub struct PixtralEngine {
     past_names: Vec<String>,
     present_names: Vec<String>,
     kv_memory: MemoryInfo<'static>,
+    attention: DecoderAttention,
 }
 
 impl PixtralEngine {
@@ -319,12 +332,31 @@ impl PixtralEngine {
     ) -> Result<Self, ModelError> {
         let model = ModelDir::open(dir)?;
         let m = &model.manifest;
+        // Checked before any session opens. The in-place cache is host memory (zeroed, prefilled rows gathered and
+        // finished rows compacted by host copies), and ONNX Runtime's CUDA GroupQueryAttention has no fp32 kernel
+        // (an fp32 node would quietly fall back to the CPU provider).
+        let attention = m.graphs.decoder.attention;
+        if attention == DecoderAttention::Gqa && opts.device != Device::Cpu {
+            return Err(ModelError::AttentionDevice {
+                device: opts.device,
+            });
+        }
         let open = |file: &str| rt.open_session(&model.path_of(file), opts.device);
         let vision = open(&m.graphs.vision_encoder.file)?;
         let embed = open(&m.graphs.embed_tokens.file)?;
         let decoder = open(&m.graphs.decoder.file)?;
         let tokenizer = PixtralTokenizer::from_file(&model.path_of(&m.tokenizer.file), m.tokens)?;
         let vision_float = FloatKind::of(&vision, "pixel_values")?;
+        let wanted = match attention {
+            DecoderAttention::Eager => "attention_mask",
+            DecoderAttention::Gqa => "seqlens_k",
+        };
+        if !decoder.inputs().iter().any(|i| i.name() == wanted) {
+            return Err(ModelError::AttentionInputs {
+                attention: attention.name(),
+                wanted,
+            });
+        }
         let decoder_float = FloatKind::of(&decoder, "inputs_embeds")?;
         let cache_float = FloatKind::of(&decoder, "past_key_values.0.key")?;
         let logits_float = FloatKind::of_output(&decoder, "logits")?;
@@ -367,11 +399,17 @@ impl PixtralEngine {
             past_names,
             present_names,
             kv_memory,
+            attention,
         })
     }
 
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// The decoder graph's attention (how it pads rows and keeps the cache).
+    pub fn attention(&self) -> DecoderAttention {
+        self.attention
     }
 
     /// Largest prompt + generation the model accepts.
@@ -427,12 +465,37 @@ impl PixtralEngine {
     /// A host buffer for `rows` last-position logits (`[rows, 1, vocab]`, the graph's logits type).
     fn logits_buffer(&self, rows: usize) -> Result<DynTensor, ModelError> {
         let vocab = self.model.manifest.text.vocab_size as i64;
-        let ty = match self.logits_float {
-            FloatKind::F32 => TensorElementType::Float32,
-            FloatKind::F16 => TensorElementType::Float16,
-        };
+        let ty = self.logits_float.element_type();
         DynTensor::new(&Allocator::default(), ty, vec![rows as i64, 1, vocab])
             .map_err(ort_err("logits buffer"))
+    }
+
+    /// A decoder binding holding what both decoder kinds take: `inputs_embeds` `[batch, seq, hidden]` (seq from
+    /// `positions`), `position_ids` `[batch, seq]`, and the caller's `logits` buffer as the `logits` output.
+    fn step_binding(
+        &self,
+        embeds: &[f32],
+        batch: usize,
+        positions: &[i64],
+        logits: &mut DynTensor,
+    ) -> Result<IoBinding, ModelError> {
+        let hidden = self.model.manifest.text.hidden_size;
+        let seq = positions.len() / batch.max(1);
+        let embeds = self
+            .decoder_float
+            .tensor(vec![batch as i64, seq as i64, hidden as i64], embeds)?;
+        let positions = Tensor::from_array((vec![batch as i64, seq as i64], positions.to_vec()))
+            .map_err(ort_err("position ids"))?;
+        let bind = ort_err("decoder binding");
+        let mut binding = self.decoder.create_binding().map_err(&bind)?;
+        binding
+            .bind_input("inputs_embeds", &embeds)
+            .map_err(&bind)?;
+        binding
+            .bind_input("position_ids", &positions)
+            .map_err(&bind)?;
+        binding.bind_output("logits", &mut *logits).map_err(&bind)?;
+        Ok(binding)
     }
 
     /// One decoder pass through IO binding: writes the last-position logits into `logits` (`[batch, 1, vocab]`,
@@ -441,7 +504,7 @@ impl PixtralEngine {
     /// The logits buffer is the caller's and is reused step after step: a buffer ONNX Runtime allocated per run was
     /// fresh memory each time (4 MB at batch 8), and the lm_head wrote it, and the argmax read it, at page-fault and
     /// memory speed instead of cache speed (argmax 0.41-0.64 ms per batch-8 step vs 0.22 ms on a warm buffer).
-    fn decoder_step(
+    fn eager_pass(
         &mut self,
         embeds: &[f32],
         batch: usize,
@@ -450,29 +513,15 @@ impl PixtralEngine {
         past: &[DynValue],
         logits: &mut DynTensor,
     ) -> Result<Vec<DynValue>, ModelError> {
-        let hidden = self.model.manifest.text.hidden_size;
-        let seq = positions.len() / batch;
         let total = mask.len() / batch;
-        let embeds = self
-            .decoder_float
-            .tensor(vec![batch as i64, seq as i64, hidden as i64], embeds)?;
         let mask = Tensor::from_array((vec![batch as i64, total as i64], mask.to_vec()))
             .map_err(ort_err("attention mask"))?;
-        let positions = Tensor::from_array((vec![batch as i64, seq as i64], positions.to_vec()))
-            .map_err(ort_err("position ids"))?;
         let bind = ort_err("decoder binding");
-        let mut binding = self.decoder.create_binding().map_err(&bind)?;
-        binding
-            .bind_input("inputs_embeds", &embeds)
-            .map_err(&bind)?;
+        let mut binding = self.step_binding(embeds, batch, positions, logits)?;
         binding.bind_input("attention_mask", &mask).map_err(&bind)?;
-        binding
-            .bind_input("position_ids", &positions)
-            .map_err(&bind)?;
         for (name, value) in self.past_names.iter().zip(past) {
             binding.bind_input(name, value).map_err(&bind)?;
         }
-        binding.bind_output("logits", &mut *logits).map_err(&bind)?;
         // Re-bound every step: a buffer bound once would keep step 1's shape (FACTS.md).
         for name in &self.present_names {
             binding
@@ -492,6 +541,256 @@ impl PixtralEngine {
             );
         }
         Ok(present)
+    }
+
+    /// Prefill of a left-padded batch through an eager decoder: each pass appends `chunk` columns to the cache;
+    /// every row's mask and positions cover the columns so far, so the result equals one pass over the whole width.
+    #[allow(clippy::too_many_arguments)]
+    fn prefill_padded(
+        &mut self,
+        embeds: &[f32],
+        batch: usize,
+        width: usize,
+        mask: &[i64],
+        positions: &[i64],
+        chunk: usize,
+        logits: &mut DynTensor,
+        stats: &mut GenerationStats,
+    ) -> Result<Vec<DynValue>, ModelError> {
+        let hidden = self.model.manifest.text.hidden_size;
+        let mut past = self.empty_past(batch)?;
+        let mut start = 0;
+        loop {
+            let end = (start + chunk).min(width);
+            past = if start == 0 && end == width {
+                self.eager_pass(embeds, batch, mask, positions, &past, logits)?
+            } else {
+                let cols = end - start;
+                let mut e = Vec::with_capacity(batch * cols * hidden);
+                let mut m = Vec::with_capacity(batch * end);
+                let mut pos = Vec::with_capacity(batch * cols);
+                for b in 0..batch {
+                    e.extend_from_slice(
+                        &embeds[(b * width + start) * hidden..(b * width + end) * hidden],
+                    );
+                    m.extend_from_slice(&mask[b * width..b * width + end]);
+                    pos.extend_from_slice(&positions[b * width + start..b * width + end]);
+                }
+                self.eager_pass(&e, batch, &m, &pos, &past, logits)?
+            };
+            stats.prefill_passes += 1;
+            if stats.kv_cache_memory.is_none() {
+                stats.kv_cache_memory = past.first().and_then(memory_of);
+            }
+            if end >= width {
+                return Ok(past);
+            }
+            start = end;
+        }
+    }
+
+    /// Prefill through a GroupQueryAttention decoder: row by row (ONNX Runtime's CPU kernel takes a prompt chunk
+    /// after a non-empty cache only at batch 1), each row in `chunk`-token passes written in place into its own
+    /// cache buffer, then the rows gathered into one `[rows, kv_heads, capacity, head_dim]` buffer per layer and
+    /// key/value. No row attends over another row's padding, at prefill or later.
+    ///
+    /// `embeds` is the left-padded `[rows, width, hidden]` batch; row b's prompt is its last `lengths[b]` columns.
+    #[allow(clippy::too_many_arguments)]
+    fn prefill_in_place(
+        &mut self,
+        embeds: &[f32],
+        width: usize,
+        lengths: &[usize],
+        capacity: usize,
+        chunk: usize,
+        logits: &mut DynTensor,
+        stats: &mut GenerationStats,
+    ) -> Result<Vec<DynTensor>, ModelError> {
+        let hidden = self.model.manifest.text.hidden_size;
+        let batch = lengths.len();
+        let mut gathered = if batch > 1 {
+            Some(self.cache_buffers(batch, capacity)?)
+        } else {
+            None
+        };
+        // At batch 1 the pass writes the batch's logits buffer itself; otherwise each row's, copied into place.
+        let mut row_logits = if batch > 1 {
+            Some(self.logits_buffer(1)?)
+        } else {
+            None
+        };
+        let mut last = Vec::new();
+        for (b, &len) in lengths.iter().enumerate() {
+            let row = &embeds[(b * width + width - len) * hidden..(b + 1) * width * hidden];
+            let mut buffers = self.cache_buffers(1, capacity)?;
+            let mut start = 0;
+            while start < len {
+                let end = (start + chunk).min(len);
+                let positions: Vec<i64> = (start as i64..end as i64).collect();
+                self.gqa_pass(
+                    &row[start * hidden..end * hidden],
+                    1,
+                    &positions,
+                    &[end as i32 - 1],
+                    end as i32,
+                    &[(end - start) as i64 - 1],
+                    &mut buffers,
+                    row_logits.as_mut().unwrap_or(&mut *logits),
+                )?;
+                stats.prefill_passes += 1;
+                start = end;
+            }
+            if let Some(row_logits) = &row_logits {
+                copy_rows(row_logits, 0, logits, b, 1)?;
+            }
+            if stats.kv_cache_memory.is_none() {
+                stats.kv_cache_memory = buffers.first().map(tensor_memory);
+            }
+            match gathered.as_mut() {
+                Some(all) => {
+                    for (dst, src) in all.iter_mut().zip(&buffers) {
+                        copy_rows(src, 0, dst, b, 1)?;
+                    }
+                }
+                None => last = buffers,
+            }
+        }
+        Ok(gathered.unwrap_or(last))
+    }
+
+    /// Zeroed host cache buffers `[rows, kv_heads, capacity, head_dim]`, one per layer and key/value. Made with
+    /// ONNX Runtime's allocator: only such tensors can be bound as outputs, which is what lets the decoder write
+    /// into them in place.
+    fn cache_buffers(&self, rows: usize, capacity: usize) -> Result<Vec<DynTensor>, ModelError> {
+        let t = &self.model.manifest.text;
+        let ty = self.cache_float.element_type();
+        let shape = vec![
+            rows as i64,
+            t.num_key_value_heads as i64,
+            capacity as i64,
+            t.head_dim as i64,
+        ];
+        (0..self.past_names.len())
+            .map(|_| {
+                let mut buffer = DynTensor::new(&Allocator::default(), ty, shape.clone())
+                    .map_err(ort_err("cache buffer"))?;
+                let bytes = host_tensor_bytes(&buffer)?;
+                // SAFETY: a host tensor just allocated for `bytes` bytes (shape x element size, checked host).
+                unsafe { std::ptr::write_bytes(buffer.data_ptr_mut().cast::<u8>(), 0, bytes) };
+                Ok(buffer)
+            })
+            .collect()
+    }
+
+    /// One pass of a GroupQueryAttention decoder with `buffers` bound as both `past_key_values.*` and `present.*`:
+    /// ONNX Runtime writes the new keys/values at each row's position in place (no copy of the cache) and the
+    /// logits of each row's `logits_index` into `logits`.
+    #[allow(clippy::too_many_arguments)]
+    fn gqa_pass(
+        &mut self,
+        embeds: &[f32],
+        batch: usize,
+        positions: &[i64],
+        seqlens_k: &[i32],
+        total: i32,
+        logits_index: &[i64],
+        buffers: &mut [DynTensor],
+        logits: &mut DynTensor,
+    ) -> Result<(), ModelError> {
+        let seqlens = Tensor::from_array((vec![batch as i64], seqlens_k.to_vec()))
+            .map_err(ort_err("seqlens_k"))?;
+        let total = Tensor::from_array((Vec::<i64>::new(), vec![total]))
+            .map_err(ort_err("total sequence length"))?;
+        let index = Tensor::from_array((vec![batch as i64], logits_index.to_vec()))
+            .map_err(ort_err("logits index"))?;
+        let bind = ort_err("decoder binding");
+        let mut binding = self.step_binding(embeds, batch, positions, logits)?;
+        binding.bind_input("seqlens_k", &seqlens).map_err(&bind)?;
+        binding
+            .bind_input("total_sequence_length", &total)
+            .map_err(&bind)?;
+        binding.bind_input("logits_index", &index).map_err(&bind)?;
+        for ((past, present), buffer) in self
+            .past_names
+            .iter()
+            .zip(&self.present_names)
+            .zip(buffers.iter_mut())
+        {
+            binding.bind_input(past, &*buffer).map_err(&bind)?;
+            binding.bind_output(present, &mut *buffer).map_err(&bind)?;
+        }
+        self.decoder
+            .run_binding(&binding)
+            .map_err(ort_err("decoder"))?;
+        Ok(())
+    }
+
+    /// One decode step for the `active` rows (indices into the batch) given their new tokens' embeddings.
+    fn decode_step(
+        &mut self,
+        cache: &mut DecodeCache,
+        embeds: &[f32],
+        active: &[usize],
+        logits: &mut DynTensor,
+    ) -> Result<(), ModelError> {
+        let n = active.len();
+        match cache {
+            DecodeCache::Concat {
+                past,
+                mask_rows,
+                next_pos,
+            } => {
+                let mut step_mask = Vec::new();
+                let mut step_pos = Vec::with_capacity(n);
+                for &b in active {
+                    mask_rows[b].push(1);
+                    step_mask.extend_from_slice(&mask_rows[b]);
+                    step_pos.push(next_pos[b]);
+                    next_pos[b] += 1;
+                }
+                *past = self.eager_pass(embeds, n, &step_mask, &step_pos, past, logits)?;
+            }
+            DecodeCache::InPlace { buffers, lengths } => {
+                // seqlens_k is each row's length after this step minus one: its length now.
+                let seqlens: Vec<i32> = lengths.iter().map(|&l| l as i32).collect();
+                let total = lengths.iter().max().copied().unwrap_or(0) as i32 + 1;
+                let index = vec![0i64; n];
+                // A row's new token sits at its current length.
+                self.gqa_pass(embeds, n, lengths, &seqlens, total, &index, buffers, logits)?;
+                for l in lengths.iter_mut() {
+                    *l += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps rows `keep` (indices among the active rows) of the cache: finished sequences leave the batch.
+    fn keep_rows(&self, cache: &mut DecodeCache, keep: &[usize]) -> Result<(), ModelError> {
+        match cache {
+            DecodeCache::Concat { past, .. } => {
+                *past = past
+                    .iter()
+                    .map(|v| self.gather_rows(v, keep))
+                    .collect::<Result<Vec<_>, _>>()?;
+            }
+            DecodeCache::InPlace { buffers, lengths } => {
+                // Every buffer is [rows, kv_heads, capacity, head_dim] (made by `cache_buffers`).
+                let Some(&capacity) = buffers.first().and_then(|b| b.shape().get(2)) else {
+                    return Ok(());
+                };
+                let capacity = capacity as usize;
+                let mut kept = self.cache_buffers(keep.len(), capacity)?;
+                for (dst, src) in kept.iter_mut().zip(buffers.iter()) {
+                    for (j, &k) in keep.iter().enumerate() {
+                        copy_rows(src, k, dst, j, 1)?;
+                    }
+                }
+                *buffers = kept;
+                *lengths = keep.iter().map(|&k| lengths[k]).collect();
+            }
+        }
+        Ok(())
     }
 
     /// Generates for many prompts: grouped by length into batches under `policy`, results in input order.
@@ -549,6 +848,9 @@ impl PixtralEngine {
         let limit = self.context_limit();
         for &r in rows {
             let p = &prompts[r];
+            if p.ids.is_empty() {
+                return Err(ModelError::EmptyPrompt { row: r });
+            }
             if p.ids.len() + config.max_new_tokens > limit {
                 return Err(ModelError::ContextTooLong {
                     prompt: p.ids.len(),
@@ -611,8 +913,6 @@ impl PixtralEngine {
                 }
             }
         }
-        // Chunked prefill: each pass appends `chunk` columns of the left-padded batch to the cache; every row's
-        // mask and positions cover the columns so far, so the result equals one pass over the whole width.
         let chunk = match config
             .prefill_chunk
             .unwrap_or_else(|| default_prefill_chunk(self.device))
@@ -620,47 +920,52 @@ impl PixtralEngine {
             0 => width.max(1),
             c => c,
         };
-        let mut past = self.empty_past(batch)?;
         let mut logits = self.logits_buffer(batch)?;
-        let mut start = 0;
-        loop {
-            let end = (start + chunk).min(width);
-            let p = if start == 0 && end == width {
-                self.decoder_step(&embeds, batch, &mask, &positions, &past, &mut logits)?
-            } else {
-                let cols = end - start;
-                let mut e = Vec::with_capacity(batch * cols * hidden);
-                let mut m = Vec::with_capacity(batch * end);
-                let mut pos = Vec::with_capacity(batch * cols);
-                for b in 0..batch {
-                    e.extend_from_slice(
-                        &embeds[(b * width + start) * hidden..(b * width + end) * hidden],
-                    );
-                    m.extend_from_slice(&mask[b * width..b * width + end]);
-                    pos.extend_from_slice(&positions[b * width + start..b * width + end]);
+        let mut cache = match self.attention {
+            DecoderAttention::Eager => {
+                let past = self.prefill_padded(
+                    &embeds,
+                    batch,
+                    width,
+                    &mask,
+                    &positions,
+                    chunk,
+                    &mut logits,
+                    &mut stats,
+                )?;
+                DecodeCache::Concat {
+                    past,
+                    mask_rows: (0..batch)
+                        .map(|b| mask[b * width..(b + 1) * width].to_vec())
+                        .collect(),
+                    next_pos: rows.iter().map(|&r| prompts[r].ids.len() as i64).collect(),
                 }
-                self.decoder_step(&e, batch, &m, &pos, &past, &mut logits)?
-            };
-            past = p;
-            stats.prefill_passes += 1;
-            if stats.kv_cache_memory.is_none() {
-                stats.kv_cache_memory = past.first().and_then(memory_of);
             }
-            if end >= width {
-                break;
+            DecoderAttention::Gqa => {
+                // Each row's real tokens are the last `len` columns of the left-padded embeddings.
+                let lengths: Vec<usize> = rows.iter().map(|&r| prompts[r].ids.len()).collect();
+                let capacity = width + config.max_new_tokens;
+                let buffers = self.prefill_in_place(
+                    &embeds,
+                    width,
+                    &lengths,
+                    capacity,
+                    chunk,
+                    &mut logits,
+                    &mut stats,
+                )?;
+                DecodeCache::InPlace {
+                    buffers,
+                    lengths: lengths.iter().map(|&l| l as i64).collect(),
+                }
             }
-            start = end;
-        }
+        };
         stats.prefill = t1.elapsed();
         stats.prefill_tokens = rows.iter().map(|&r| prompts[r].ids.len()).sum();
 
         // Decode.
         let t2 = Instant::now();
         let mut active: Vec<usize> = (0..batch).collect(); // positions in `rows` still generating
-        let mut next_pos: Vec<i64> = rows.iter().map(|&r| prompts[r].ids.len() as i64).collect();
-        let mut mask_rows: Vec<Vec<i64>> = (0..batch)
-            .map(|b| mask[b * width..(b + 1) * width].to_vec())
-            .collect();
         let mut outs: Vec<Generation> = rows
             .iter()
             .map(|&r| Generation {
@@ -752,24 +1057,13 @@ impl PixtralEngine {
                 let keep: Vec<usize> = (0..active.len())
                     .filter(|j| !finished.contains(j))
                     .collect();
-                past = past
-                    .iter()
-                    .map(|v| self.gather_rows(v, &keep))
-                    .collect::<Result<Vec<_>, _>>()?;
+                self.keep_rows(&mut cache, &keep)?;
                 active = keep.iter().map(|&j| active[j]).collect();
                 logits = self.logits_buffer(active.len())?;
             }
             let n = active.len();
             let embeds = self.embed_ids(chosen, n)?;
-            let mut step_mask = Vec::new();
-            let mut step_pos = Vec::with_capacity(n);
-            for &b in &active {
-                mask_rows[b].push(1);
-                step_mask.extend_from_slice(&mask_rows[b]);
-                step_pos.push(next_pos[b]);
-                next_pos[b] += 1;
-            }
-            past = self.decoder_step(&embeds, n, &step_mask, &step_pos, &past, &mut logits)?;
+            self.decode_step(&mut cache, &embeds, &active, &mut logits)?;
         }
         stats.decode = t2.elapsed();
         Ok((outs, stats))
@@ -803,16 +1097,93 @@ impl PixtralEngine {
     }
 }
 
+/// The KV cache between decode steps, in the layout the decoder graph wants.
+enum DecodeCache {
+    /// Eager graphs: the last pass's `present.*` (a new tensor each step), and per batch row its attention mask
+    /// and next position (left padding).
+    Concat {
+        past: Vec<DynValue>,
+        mask_rows: Vec<Vec<i64>>,
+        next_pos: Vec<i64>,
+    },
+    /// GroupQueryAttention graphs: one `[active rows, kv_heads, capacity, head_dim]` buffer per layer and
+    /// key/value, bound as both past and present; each active row's length (its tokens fill the row's start).
+    InPlace {
+        buffers: Vec<DynTensor>,
+        lengths: Vec<i64>,
+    },
+}
+
+/// Bytes of a host float tensor's data (shape x element size); an error for device memory or other element
+/// types, so the raw copies below never run past a buffer.
+fn host_tensor_bytes(tensor: &DynTensor) -> Result<usize, ModelError> {
+    if tensor.memory_info().allocation_device() != AllocationDevice::CPU {
+        return Err(ModelError::Graph(format!(
+            "cache buffer in {} memory: the in-place cache is host memory",
+            tensor_memory(tensor)
+        )));
+    }
+    let size = match tensor.data_type() {
+        TensorElementType::Float32 => 4,
+        TensorElementType::Float16 => 2,
+        other => {
+            return Err(ModelError::Graph(format!(
+                "cache or logits of type {other:?}: expected float32 or float16"
+            )));
+        }
+    };
+    let elements: i64 = tensor.shape().iter().product();
+    Ok(elements.max(0) as usize * size)
+}
+
+/// Copies `rows` rows (along the first axis) of host tensor `src` from row `from` into `dst` at row `to`. Both
+/// must be host float tensors of the same type and the same size per row (checked).
+fn copy_rows(
+    src: &DynTensor,
+    from: usize,
+    dst: &mut DynTensor,
+    to: usize,
+    rows: usize,
+) -> Result<(), ModelError> {
+    let rows_of = |t: &DynTensor| t.shape().first().map_or(0, |&r| r.max(0) as usize);
+    let (src_rows, dst_rows) = (rows_of(src), rows_of(dst));
+    let (src_bytes, dst_bytes) = (host_tensor_bytes(src)?, host_tensor_bytes(dst)?);
+    let row = src_bytes / src_rows.max(1);
+    if src.data_type() != dst.data_type()
+        || src_rows == 0
+        || row != dst_bytes / dst_rows.max(1)
+        || from + rows > src_rows
+        || to + rows > dst_rows
+    {
+        return Err(ModelError::Graph(format!(
+            "cannot copy rows {from}..{} of {:?} into rows {to}.. of {:?}",
+            from + rows,
+            src.shape(),
+            dst.shape()
+        )));
+    }
+    // SAFETY: both are host tensors of the same float type (checked by `host_tensor_bytes`); the byte ranges were
+    // checked against their sizes just above, and `src` and `dst` are distinct tensors (`dst` is borrowed mutably).
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            src.data_ptr().cast::<u8>().add(from * row),
+            dst.data_ptr_mut().cast::<u8>().add(to * row),
+            rows * row,
+        );
+    }
+    Ok(())
+}
+
 /// "Device:id" of a tensor's memory as ONNX Runtime reports it.
 fn memory_of(value: &DynValue) -> Option<String> {
     let tensor = value
         .view()
         .downcast::<ort::value::DynTensorValueType>()
         .ok()?;
+    Some(tensor_memory(&tensor))
+}
+
+fn tensor_memory(tensor: &DynTensor) -> String {
     let info = tensor.memory_info();
-    Some(format!(
-        "{}:{}",
-        info.allocation_device().as_str(),
-        info.device_id()
-    ))
+    format!("{}:{}", info.allocation_device().as_str(), info.device_id())
 }

@@ -162,6 +162,31 @@ pub struct GraphEntry {
     pub outputs: Vec<TensorSpec>,
     #[serde(default)]
     pub external_data: Option<FileEntry>,
+    /// Decoder only: how its attention treats padding and the cache (absent in older manifests: eager).
+    #[serde(default)]
+    pub attention: DecoderAttention,
+}
+
+/// The decoder graph's attention, as `onnx-export export --attention` wrote it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecoderAttention {
+    /// transformers' attention: left-padded batches with an `attention_mask` input; `present.*` is the past
+    /// concatenated with this step's keys/values (a new tensor each step).
+    #[default]
+    Eager,
+    /// ONNX Runtime's GroupQueryAttention: each row's tokens sit at the start of its cache row (right padding,
+    /// lengths in `seqlens_k`), and the cache may be one buffer bound as both past and present, written in place.
+    Gqa,
+}
+
+impl DecoderAttention {
+    pub fn name(self) -> &'static str {
+        match self {
+            DecoderAttention::Eager => "eager",
+            DecoderAttention::Gqa => "gqa",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -73,12 +73,26 @@ pub enum ModelError {
     #[error("model graph does not match its manifest: {0}")]
     Graph(String),
     #[error(
+        "this model's decoder uses GroupQueryAttention (exported with --attention gqa), which pixtract runs on the \
+         CPU only; for {device} export with --attention eager (and --dtype fp16)"
+    )]
+    AttentionDevice { device: Device },
+    #[error(
         "prompt of {prompt} tokens plus {new_tokens} new tokens exceeds the model's context of {limit} tokens"
     )]
     ContextTooLong {
         prompt: usize,
         new_tokens: usize,
         limit: usize,
+    },
+    #[error("prompt {row} has no tokens (an encoded prompt starts with <s>)")]
+    EmptyPrompt { row: usize },
+    #[error(
+        "the decoder graph does not have the inputs of its manifest's \"attention\": {attention} decoders take {wanted}"
+    )]
+    AttentionInputs {
+        attention: &'static str,
+        wanted: &'static str,
     },
     #[error("prompt has {slots} [IMG] tokens but its images give {features} features")]
     ImageTokens { slots: usize, features: usize },

@@ -5,30 +5,45 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use pixtract::model::manifest::DecoderAttention;
 use pixtract::model::verify;
 use pixtract::model::{
     BatchPolicy, Device, EncodedPrompt, EngineOptions, GenerationConfig, NoHook, PixtralEngine,
 };
 use serde_json::Value;
 
-use crate::util::{read_json, runtime, tiny_model};
+use crate::util::{read_json, runtime, tiny_gqa_model, tiny_model};
 
 /// Max abs difference allowed on normalised pixel values (~N(0,1) scale). mistral-common's OpenCV cubic and ours
 /// differ by float rounding only (FACTS.md saw 6e-5 on the 0..255 scale, ~1e-6 here).
 const PIXEL_TOL: f32 = 1e-4;
 const LOGIT_TOL: f32 = 1e-4;
 
+fn load_engine(
+    cell: &'static std::sync::OnceLock<Mutex<PixtralEngine>>,
+    dir: fn() -> PathBuf,
+) -> std::sync::MutexGuard<'static, PixtralEngine> {
+    cell.get_or_init(|| {
+        let opts = EngineOptions {
+            device: Device::Cpu,
+        };
+        Mutex::new(PixtralEngine::load(runtime(), &dir(), opts).expect("engine loads"))
+    })
+    .lock()
+    .unwrap_or_else(|e| e.into_inner())
+}
+
+/// The engine on the tiny model (eager decoder: left-padded batches, cache grown by Concat).
 pub fn engine() -> std::sync::MutexGuard<'static, PixtralEngine> {
     static ENGINE: std::sync::OnceLock<Mutex<PixtralEngine>> = std::sync::OnceLock::new();
-    ENGINE
-        .get_or_init(|| {
-            let opts = EngineOptions {
-                device: Device::Cpu,
-            };
-            Mutex::new(PixtralEngine::load(runtime(), &tiny_model(), opts).expect("engine loads"))
-        })
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+    load_engine(&ENGINE, tiny_model)
+}
+
+/// The engine on the same tiny model exported with GroupQueryAttention (right-padded rows, cache in place): the
+/// engine tests below run on both, against the same transformers fixtures.
+fn gqa_engine() -> std::sync::MutexGuard<'static, PixtralEngine> {
+    static ENGINE: std::sync::OnceLock<Mutex<PixtralEngine>> = std::sync::OnceLock::new();
+    load_engine(&ENGINE, tiny_gqa_model)
 }
 
 pub struct Case {
@@ -51,16 +66,31 @@ pub fn load_case(engine: &PixtralEngine, dir: &Path) -> Case {
     }
 }
 
+/// Every reference case, and its prompt alone (what `generate_many` takes), in case order.
+fn reference_prompts(engine: &PixtralEngine) -> (Vec<Case>, Vec<EncodedPrompt>) {
+    let cases: Vec<Case> = case_dirs().iter().map(|d| load_case(engine, d)).collect();
+    let prompts = cases.iter().map(|c| c.prompt.clone()).collect();
+    (cases, prompts)
+}
+
 #[test]
 fn every_reference_case_matches_transformers() {
-    let mut engine = engine();
+    check_every_case(&mut engine());
+}
+
+#[test]
+fn gqa_every_reference_case_matches_transformers() {
+    check_every_case(&mut gqa_engine());
+}
+
+fn check_every_case(engine: &mut PixtralEngine) {
     let dirs = case_dirs();
     assert!(dirs.len() >= 11, "expected the 11 reference cases");
     let mut failures = Vec::new();
     let (mut worst_logit, mut worst_pixel) = (0f32, 0f32);
     for dir in &dirs {
-        let case = load_case(&engine, dir);
-        let check = verify::check_case(&mut engine, &case.name, &case.json, &case.prompt)
+        let case = load_case(engine, dir);
+        let check = verify::check_case(engine, &case.name, &case.json, &case.prompt)
             .unwrap_or_else(|e| panic!("{}: {e:#}", case.name));
         worst_logit = worst_logit.max(check.logit_diff);
         worst_pixel = worst_pixel.max(check.pixel_diff);
@@ -86,9 +116,16 @@ fn every_reference_case_matches_transformers() {
 
 #[test]
 fn chunked_prefill_equals_one_pass() {
-    let mut engine = engine();
-    let cases: Vec<Case> = case_dirs().iter().map(|d| load_case(&engine, d)).collect();
-    let prompts: Vec<EncodedPrompt> = cases.iter().map(|c| c.prompt.clone()).collect();
+    check_chunked_prefill(&mut engine());
+}
+
+#[test]
+fn gqa_chunked_prefill_equals_one_pass() {
+    check_chunked_prefill(&mut gqa_engine());
+}
+
+fn check_chunked_prefill(engine: &mut PixtralEngine) {
+    let (cases, prompts) = reference_prompts(engine);
     let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap();
     let run = |engine: &mut PixtralEngine, chunk: usize| {
         let config = GenerationConfig {
@@ -107,16 +144,21 @@ fn chunked_prefill_equals_one_pass() {
             .unwrap();
         (gens, stats)
     };
-    let (whole, one) = run(&mut engine, 0);
+    let (whole, one) = run(engine, 0);
     // 100 does not divide the widths: uneven last chunks; the longest prompt takes many passes.
-    let (chunked, many) = run(&mut engine, 100);
+    let (chunked, many) = run(engine, 100);
     assert!(
         longest > 1000,
         "a long prompt is among the cases: {longest}"
     );
-    assert_eq!(one.prefill_passes, one.batches);
+    // One pass per batch (eager: the batch at once) or per row (gqa: rows prefill one by one).
+    let passes = match engine.attention() {
+        DecoderAttention::Eager => one.batches,
+        DecoderAttention::Gqa => prompts.len(),
+    };
+    assert_eq!(one.prefill_passes, passes, "{one:?}");
     assert!(
-        many.prefill_passes >= one.batches + longest / 100,
+        many.prefill_passes >= one.prefill_passes + longest / 100,
         "{one:?} vs {many:?}"
     );
     let mut worst = 0f32;
@@ -138,9 +180,16 @@ fn chunked_prefill_equals_one_pass() {
 
 #[test]
 fn batched_generation_equals_one_by_one() {
-    let mut engine = engine();
-    let cases: Vec<Case> = case_dirs().iter().map(|d| load_case(&engine, d)).collect();
-    let prompts: Vec<EncodedPrompt> = cases.iter().map(|c| c.prompt.clone()).collect();
+    check_batched(&mut engine());
+}
+
+#[test]
+fn gqa_batched_generation_equals_one_by_one() {
+    check_batched(&mut gqa_engine());
+}
+
+fn check_batched(engine: &mut PixtralEngine) {
+    let (cases, prompts) = reference_prompts(engine);
     let config = GenerationConfig {
         max_new_tokens: 12,
         ..Default::default()
@@ -175,6 +224,15 @@ fn batched_generation_equals_one_by_one() {
 
 #[test]
 fn sequences_leaving_the_batch_do_not_disturb_the_others() {
+    check_leaving(&mut engine());
+}
+
+#[test]
+fn gqa_sequences_leaving_the_batch_do_not_disturb_the_others() {
+    check_leaving(&mut gqa_engine());
+}
+
+fn check_leaving(engine: &mut PixtralEngine) {
     // A row stopped early by the hook leaves the batch; the remaining rows continue from a compacted cache.
     struct StopRowAfter(usize, usize);
     impl pixtract::model::StepHook for StopRowAfter {
@@ -189,14 +247,13 @@ fn sequences_leaving_the_batch_do_not_disturb_the_others() {
             Ok(false)
         }
     }
-    let mut engine = engine();
     let dirs = case_dirs();
     let names = ["text_only", "multilingual", "rgba"];
     let prompts: Vec<EncodedPrompt> = names
         .iter()
         .map(|n| {
             let dir = dirs.iter().find(|d| d.ends_with(n)).unwrap();
-            load_case(&engine, dir).prompt
+            load_case(engine, dir).prompt
         })
         .collect();
     let config = GenerationConfig {
@@ -220,8 +277,55 @@ fn sequences_leaving_the_batch_do_not_disturb_the_others() {
 }
 
 #[test]
+fn gqa_models_refuse_cuda_with_the_reason() {
+    // Checked before any session opens, so it holds on machines without CUDA too: an fp32 GroupQueryAttention node
+    // would otherwise run on the CPU provider behind the user's back.
+    let opts = EngineOptions {
+        device: Device::Cuda(0),
+    };
+    let err = match PixtralEngine::load(runtime(), &tiny_gqa_model(), opts) {
+        Ok(_) => panic!("a gqa model loaded for cuda"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("GroupQueryAttention") && err.contains("--attention eager"),
+        "{err}"
+    );
+}
+
+#[test]
 fn bad_inputs_are_clear_errors() {
-    let mut engine = engine();
+    check_bad_inputs(&mut engine());
+}
+
+#[test]
+fn gqa_bad_inputs_are_clear_errors() {
+    check_bad_inputs(&mut gqa_engine());
+}
+
+fn check_bad_inputs(engine: &mut PixtralEngine) {
+    // An empty prompt next to a real one: an error naming it, not a row decoded from stale logits.
+    let prompts = [
+        EncodedPrompt {
+            ids: vec![1, 3, 1032, 4],
+            images: vec![],
+        },
+        EncodedPrompt {
+            ids: vec![],
+            images: vec![],
+        },
+    ];
+    let err = engine
+        .generate_many(
+            &prompts,
+            &GenerationConfig::default(),
+            BatchPolicy::default(),
+            &mut NoHook,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("prompt 1 has no tokens"), "{err}");
+
     // A prompt longer than the context the manifest allows.
     let limit = engine.context_limit();
     let long = EncodedPrompt {
@@ -382,8 +486,7 @@ fn verify_cli_checks_the_reference_cases_and_names_a_mismatch() {
 #[test]
 fn token_probabilities_are_optional_and_change_no_token() {
     let mut engine = engine();
-    let cases: Vec<Case> = case_dirs().iter().map(|d| load_case(&engine, d)).collect();
-    let prompts: Vec<EncodedPrompt> = cases.iter().map(|c| c.prompt.clone()).collect();
+    let (cases, prompts) = reference_prompts(&engine);
     let policy = BatchPolicy {
         max_batch: 4,
         token_budget: 8192,

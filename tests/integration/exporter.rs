@@ -6,7 +6,7 @@ use std::path::Path;
 
 use pixtract::model::manifest::sha256_file;
 
-use crate::util::{export_tool, python_json, read_json, tiny_model};
+use crate::util::{export_tool, python_json, read_json, tiny_gqa_model, tiny_model};
 
 #[test]
 fn verify_passes_on_the_tiny_model_with_identical_greedy_tokens() {
@@ -172,4 +172,43 @@ print(json.dumps({
         facts["logits_producer"], "Cast",
         "identity Cast on fp32 logits: {facts}"
     );
+}
+
+/// The `--attention gqa` decoder (models/tiny-gqa): every cache input feeds only a GroupQueryAttention node and
+/// every cache output comes from one, so a caller that binds one buffer as both gets the cache written in place;
+/// nothing in the graph concatenates or copies it, and no attention mask is needed (rows carry their lengths).
+#[test]
+fn gqa_decoder_graph_hands_the_cache_only_to_group_query_attention() {
+    let script = r#"
+import json, sys, onnx
+m = onnx.load(sys.argv[1], load_external_data=False)
+consumers = {}
+for n in m.graph.node:
+    for i in n.input:
+        consumers.setdefault(i, []).append(n.op_type)
+producer = {o: n.op_type for n in m.graph.node for o in n.output}
+print(json.dumps({
+    "inputs": [i.name for i in m.graph.input],
+    "past_consumers": sorted({op for i in m.graph.input if i.name.startswith("past_key_values.")
+                              for op in consumers.get(i.name, [])}),
+    "present_producers": sorted({producer[o.name] for o in m.graph.output if o.name.startswith("present.")}),
+    "gqa_nodes": sum(n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft" for n in m.graph.node),
+}))
+"#;
+    let decoder = tiny_gqa_model().join("decoder_model_merged.onnx");
+    let facts = python_json(script, &[decoder.to_str().unwrap()]);
+    assert_eq!(facts["gqa_nodes"], 2, "one per layer: {facts}");
+    assert_eq!(
+        facts["past_consumers"],
+        serde_json::json!(["GroupQueryAttention"]),
+        "{facts}"
+    );
+    assert_eq!(
+        facts["present_producers"],
+        serde_json::json!(["GroupQueryAttention"]),
+        "{facts}"
+    );
+    let inputs = facts["inputs"].as_array().unwrap();
+    assert!(!inputs.iter().any(|i| i == "attention_mask"), "{facts}");
+    assert!(inputs.iter().any(|i| i == "seqlens_k"), "{facts}");
 }

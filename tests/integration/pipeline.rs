@@ -2,23 +2,16 @@
 //! constrained by the receipt schema -> Parquet, read back by DuckDB.
 
 use std::path::Path;
-use std::process::Command;
 
 use crate::util::{
-    PdfPage, invoice_content, make_pdf, pixtract, python, repo_root, text, tiny_model,
+    PdfPage, invoice_content, make_pdf, pixtract, python_stdout, repo_root, text, tiny_model,
 };
 
 fn duckdb(sql: &str) -> String {
-    let out = Command::new(python())
-        .args(["-c", &format!("import duckdb\nfor r in duckdb.sql({sql:?}).fetchall(): print('|'.join(map(str, r)))")])
-        .output()
-        .expect("run duckdb");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let script = format!(
+        "import duckdb\nfor r in duckdb.sql({sql:?}).fetchall(): print('|'.join(map(str, r)))"
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    python_stdout(&script, &[] as &[&str])
 }
 
 fn write_spec(dir: &Path, inputs: &Path, output: &Path) -> std::path::PathBuf {

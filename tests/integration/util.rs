@@ -11,10 +11,21 @@ pub fn repo_root() -> PathBuf {
 
 /// The tiny model made by `scripts/setup.sh`. Missing is a failure with the fix, not a skip.
 pub fn tiny_model() -> PathBuf {
-    let dir = repo_root().join("models/tiny");
+    setup_model("tiny")
+}
+
+/// The tiny model exported with `--attention gqa` (GroupQueryAttention decoder, KV cache written in place), made by
+/// `scripts/setup.sh` from the same seed as `tiny_model()`.
+pub fn tiny_gqa_model() -> PathBuf {
+    setup_model("tiny-gqa")
+}
+
+/// `models/<name>`, exported by `scripts/setup.sh`; missing is a failure that says how to make it.
+fn setup_model(name: &str) -> PathBuf {
+    let dir = repo_root().join("models").join(name);
     assert!(
         dir.join("pixtract-model.json").is_file(),
-        "{} has no exported tiny model: run `scripts/setup.sh` (or `make test`, which runs it)",
+        "{} has no exported model: run `scripts/setup.sh` (or `make test`, which runs it)",
         dir.display()
     );
     dir
@@ -39,9 +50,9 @@ pub fn python() -> PathBuf {
     py
 }
 
-/// Runs a Python script (the project's virtualenv: duckdb, onnx, ...) with `args`; the last line it prints is
-/// one JSON document.
-pub fn python_json(script: &str, args: &[&str]) -> serde_json::Value {
+/// Runs a Python script (the project's virtualenv: duckdb, onnx, ...) with `args`; asserts it succeeded (its
+/// stderr is the failure message) and returns what it printed.
+pub fn python_stdout<S: AsRef<std::ffi::OsStr>>(script: &str, args: &[S]) -> String {
     let out = Command::new(python())
         .arg("-c")
         .arg(script)
@@ -53,7 +64,12 @@ pub fn python_json(script: &str, args: &[&str]) -> serde_json::Value {
         "python script failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a Python script as `python_stdout` does; the last line it prints is one JSON document.
+pub fn python_json(script: &str, args: &[&str]) -> serde_json::Value {
+    let stdout = python_stdout(script, args);
     serde_json::from_str(stdout.lines().last().unwrap_or(""))
         .unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }

@@ -5,14 +5,13 @@
 //! Pixtral 12B table must match the variants' actual initializers byte for byte.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use pixtract::model::{
     BatchPolicy, Device, EngineOptions, GenerationConfig, ModelDir, NoHook, PixtralEngine,
 };
 
 use crate::engine::load_case;
-use crate::util::{export_tool, python, read_json, repo_root, runtime, tiny_model};
+use crate::util::{export_tool, python_stdout, read_json, repo_root, runtime, tiny_model};
 
 const VARIANTS: [(&str, &str, Option<u32>); 4] = [
     ("fp16", "fp16", None),
@@ -236,17 +235,7 @@ man["graphs"]["decoder"]["bytes"] = os.path.getsize(path)
 man["graphs"]["decoder"]["sha256"] = hashlib.sha256(open(path, "rb").read()).hexdigest()
 json.dump(man, open(os.path.join(dst, "pixtract-model.json"), "w"), indent=1)
 "#;
-    let out = Command::new(python())
-        .args(["-c", script])
-        .arg(&src)
-        .arg(&dst)
-        .output()
-        .expect("python runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python_stdout(script, &[&src, &dst]);
 
     let opts = EngineOptions {
         device: Device::Cpu,
