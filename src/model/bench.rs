@@ -122,19 +122,6 @@ pub fn load_reference_case(
     Ok((case, prompt))
 }
 
-impl EngineBenchArgs {
-    fn reference_dir(&self) -> PathBuf {
-        self.reference_dir.clone().unwrap_or_else(|| {
-            let own = self.model.join("reference");
-            if own.is_dir() {
-                own
-            } else {
-                PathBuf::from("models/tiny/reference")
-            }
-        })
-    }
-}
-
 fn load_prompts(
     engine: &PixtralEngine,
     reference_dir: &Path,
@@ -160,14 +147,8 @@ fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
         device: args.device,
     };
     let mut engine = PixtralEngine::load(&rt, &args.model, opts)?;
-    let reference_dir = args.reference_dir();
-    if args.reference_dir.is_none() && !reference_dir.starts_with(&args.model) {
-        eprintln!(
-            "bench engine: {} has no reference/ of its own; prompts from {} (--reference-dir to choose)",
-            args.model.display(),
-            reference_dir.display()
-        );
-    }
+    let reference_dir =
+        super::verify::reference_dir_for(&args.model, args.reference_dir.as_deref());
     let prompts = load_prompts(&engine, &reference_dir, &args.cases)?;
     let prompt_tokens: usize = prompts.iter().map(|p| p.ids.len()).sum();
     let gen_tokens = prompts.len() * args.new_tokens.saturating_sub(1);
@@ -202,7 +183,7 @@ fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
         }
         ours.push(phases);
         if !args.no_reference {
-            theirs.push(python_reference(&args)?);
+            theirs.push(python_reference(&args, &reference_dir)?);
         }
     }
     let fastest: Vec<(usize, Phase)> = args
@@ -349,7 +330,10 @@ fn fastest_reference(
     Some(out)
 }
 
-fn python_reference(args: &EngineBenchArgs) -> anyhow::Result<serde_json::Value> {
+fn python_reference(
+    args: &EngineBenchArgs,
+    reference_dir: &Path,
+) -> anyhow::Result<serde_json::Value> {
     let python = args
         .python
         .clone()
@@ -361,7 +345,7 @@ fn python_reference(args: &EngineBenchArgs) -> anyhow::Result<serde_json::Value>
         .arg("--model")
         .arg(&args.model)
         .arg("--cases-from")
-        .arg(args.reference_dir())
+        .arg(reference_dir)
         .arg("--cases")
         .arg(&args.cases)
         .arg("--new-tokens")

@@ -31,8 +31,9 @@ pub struct VerifyArgs {
     /// Model directory written by onnx-export.
     #[arg(long, value_name = "DIR", default_value = "models/tiny")]
     pub model: PathBuf,
-    /// Folder holding the reference cases (default: <model>/reference). Quantized variants have none of their
-    /// own: point this at the fp32 model's, e.g. models/tiny/reference, and expect token differences.
+    /// Folder holding the reference cases (default: <model>/reference, else models/tiny/reference: the tiny
+    /// model's other exports, e.g. models/tiny-gqa, share its weights and so its reference). Quantized variants
+    /// have none of their own: point this at the fp32 model's and expect token differences.
     #[arg(long, value_name = "DIR")]
     pub reference_dir: Option<PathBuf>,
     /// cpu, cuda or cuda:N. CUDA that cannot register is an error, never a silent CPU run.
@@ -74,6 +75,25 @@ impl CaseCheck {
             && self.logit_diff <= logit_tolerance
             && self.tokens_equal()
     }
+}
+
+/// Where a model's reference cases are: `chosen`, else `<model>/reference`, else the tiny model's (with a note on
+/// stderr), which the other tiny exports share since they hold the same seeded weights.
+pub fn reference_dir_for(model: &Path, chosen: Option<&Path>) -> PathBuf {
+    if let Some(dir) = chosen {
+        return dir.to_path_buf();
+    }
+    let own = model.join("reference");
+    if own.is_dir() {
+        return own;
+    }
+    let tiny = PathBuf::from("models/tiny/reference");
+    eprintln!(
+        "{} has no reference/ of its own; using {} (--reference-dir to choose)",
+        model.display(),
+        tiny.display()
+    );
+    tiny
 }
 
 /// The reference case folders listed by `<reference_dir>/cases.json`.
@@ -233,10 +253,7 @@ fn verify(args: &VerifyArgs) -> anyhow::Result<bool> {
     };
     let mut engine = PixtralEngine::load(&rt, &args.model, opts)
         .with_context(|| format!("loading model {}", args.model.display()))?;
-    let reference_dir = args
-        .reference_dir
-        .clone()
-        .unwrap_or_else(|| args.model.join("reference"));
+    let reference_dir = reference_dir_for(&args.model, args.reference_dir.as_deref());
     // A quantized or fp16 variant is not expected to give the fp32 reference's tokens: its own reference is the
     // Python onnxruntime loop's greedy tokens on the same graphs, which `onnx-export fidelity` keeps.
     let variant_reference = variant_reference(&args.model, engine.model.manifest.variant())?;

@@ -482,6 +482,28 @@ fn verify_cli_checks_the_reference_cases_and_names_a_mismatch() {
     assert!(t.contains("10/11 cases pass"), "{t}");
 }
 
+/// The GroupQueryAttention export holds the tiny model's weights but no reference of its own: `verify` uses the tiny
+/// model's, says so, and the GQA decoder passes every check against transformers.
+#[test]
+fn verify_cli_passes_the_gqa_export_against_the_shared_reference() {
+    use crate::util::{pixtract, repo_root, text};
+    let model = tiny_gqa_model();
+    assert!(!model.join("reference").exists());
+    let out = pixtract(
+        &["verify", "--model", model.to_str().unwrap(), "--batch", "3"],
+        &[],
+        &repo_root(),
+    );
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("using models/tiny/reference"), "{t}");
+    assert!(t.contains("11/11 cases pass"), "{t}");
+    assert!(
+        t.contains("tokens equal to one-by-one runs in 11/11 cases"),
+        "{t}"
+    );
+}
+
 /// Without token probabilities greedy decoding is an argmax only: the same tokens, no probabilities recorded.
 #[test]
 fn token_probabilities_are_optional_and_change_no_token() {
