@@ -193,6 +193,21 @@ pub fn run(opts: &DoctorOptions, search: &SearchPaths) -> DoctorReport {
     report
 }
 
+/// 512 B, 160.0 KiB, 650.0 MiB, 1.2 GiB.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
 fn describe(loc: &LibraryLocation) -> String {
     format!(
         "{} (version {}, {})",
@@ -262,6 +277,15 @@ fn check_model(
             ""
         }
     )];
+    // What memory a batch will want beside the weights: the figure users size `batch_size` by.
+    let per_token = m.kv_cache_bytes_per_token();
+    let page = m.max_image_tokens();
+    lines.push(format!(
+        "KV cache {} per token ({}); a full-size page ({page} image tokens) {} per sequence in flight",
+        human_bytes(per_token as u64),
+        m.dtype,
+        human_bytes((per_token * page) as u64),
+    ));
     if m.graphs.decoder.attention == DecoderAttention::Gqa && opts.device != Device::Cpu {
         let err = ModelError::AttentionDevice {
             device: opts.device,
@@ -296,4 +320,17 @@ fn check_model(
         timings.join(", ")
     ));
     Ok(lines.join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_bytes;
+
+    #[test]
+    fn human_bytes_picks_the_unit_that_keeps_the_number_small() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(40 * 2 * 8 * 128 * 2), "160.0 KiB");
+        assert_eq!(human_bytes(40 * 2 * 8 * 128 * 2 * 4160), "650.0 MiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
 }

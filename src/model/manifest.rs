@@ -58,6 +58,21 @@ impl ModelManifest {
         self.variant.as_deref().unwrap_or(&self.dtype)
     }
 
+    /// Bytes one token takes in the KV cache: a key and a value per layer and KV head, in the cache's float type
+    /// (`dtype`: quantized variants quantize weights only). Pixtral 12B in fp16: 40 x 2 x 8 x 128 x 2 = 160 KiB.
+    pub fn kv_cache_bytes_per_token(&self) -> usize {
+        let t = &self.text;
+        let float_bytes = if self.dtype == "fp16" { 2 } else { 4 };
+        t.num_layers * 2 * t.num_key_value_heads * t.head_dim * float_bytes
+    }
+
+    /// Prompt tokens of the largest image preprocessing lets through: a square of `max_image_size`, each patch row
+    /// `[IMG]` tokens closed by `[IMG_BREAK]` (`[IMG_END]` on the last).
+    pub fn max_image_tokens(&self) -> usize {
+        let side = self.image.max_image_size / self.image.patch_size.max(1);
+        side * (side + 1)
+    }
+
     /// One line on what the weights hold, e.g. "q4f16: decoder MatMuls 4-bit, block 32".
     pub fn describe_weights(&self) -> String {
         match &self.quantization {

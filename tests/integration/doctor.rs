@@ -29,6 +29,23 @@ fn doctor_finds_libraries_and_opens_the_tiny_model() {
         t.contains("sessions open on cpu: vision_encoder") && t.contains("decoder"),
         "{t}"
     );
+    // The KV cache figure follows the manifest's architecture (tiny: well under a KiB per token).
+    let m = crate::util::read_json(&model.join("pixtract-model.json"));
+    let text_cfg = &m["text"];
+    let per_token = text_cfg["num_layers"].as_u64().unwrap()
+        * 2
+        * text_cfg["num_key_value_heads"].as_u64().unwrap()
+        * text_cfg["head_dim"].as_u64().unwrap()
+        * 4;
+    let side =
+        m["image"]["max_image_size"].as_u64().unwrap() / m["image"]["patch_size"].as_u64().unwrap();
+    assert!(
+        t.contains(&format!(
+            "KV cache {per_token} B per token (fp32); a full-size page ({} image tokens)",
+            side * (side + 1)
+        )),
+        "{t}"
+    );
     assert!(t.contains("all checks passed"), "{t}");
 }
 
