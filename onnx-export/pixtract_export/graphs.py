@@ -121,24 +121,60 @@ def grouped_attention(module, query, key, value, attention_mask, scaling, dropou
 GROUPED_ATTENTION = "pixtract_grouped"
 
 
-class _TextAttention:
-    """While exporting the decoder, the text layers use `grouped_attention` (the vision tower and the model object
-    the reference fixtures come from keep transformers' eager attention)."""
+class _UseAttention:
+    """While one graph is exported, the layers of `config` use the attention function registered as `name` (the model
+    object the reference fixtures come from, and the other graphs, keep transformers' eager attention)."""
 
-    def __init__(self, text_config):
-        self.config = text_config
+    def __init__(self, config, name, function):
+        self.config, self.name, self.function = config, name, function
 
     def __enter__(self):
         from transformers import AttentionInterface
 
-        AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
+        AttentionInterface.register(self.name, self.function)
         self.saved = self.config._attn_implementation
-        self.config._attn_implementation = GROUPED_ATTENTION
+        self.config._attn_implementation = self.name
         return self
 
     def __exit__(self, *exc):
         self.config._attn_implementation = self.saved
         return False
+
+
+class _MultiHeadAttentionOp(torch.autograd.Function):
+    """ONNX Runtime's `com.microsoft.MultiHeadAttention` as one traced node: query/key/value [B,S,H*D] -> [B,S,H*D],
+    softmax(q k^T / sqrt(D)) v per head, unmasked. Its CPU kernel never materialises the [H,S,S] scores as separate
+    MatMul/Softmax outputs, and its CUDA kernels pick fused (flash / memory-efficient) attention: the vision encoder's
+    scores grow with the square of an image's patches (4,096 for a full page: 16 x 4,096^2 per layer in Pixtral 12B).
+    `forward` computes the same math in torch, so the traced module still returns the right features.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, num_heads):
+        batch, seq, width = query.shape
+        heads = lambda t: t.view(batch, seq, num_heads, width // num_heads).transpose(1, 2)
+        scores = torch.matmul(heads(query), heads(key).transpose(-1, -2)) * (width // num_heads) ** -0.5
+        probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        return torch.matmul(probs, heads(value)).transpose(1, 2).reshape(batch, seq, width)
+
+    @staticmethod
+    def symbolic(g, query, key, value, num_heads):
+        return g.op("com.microsoft::MultiHeadAttention", query, key, value, num_heads_i=num_heads)
+
+
+def vision_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """PixtralAttention's attention as one MultiHeadAttention node ([B,H,S,D] in, [B,S,H,D] out as transformers
+    expects). One image per run attends to all of its patches, so there is no mask; the scale is MultiHeadAttention's
+    default 1/sqrt(head_dim), which is Pixtral's."""
+    if attention_mask is not None or abs(scaling - module.head_dim ** -0.5) > 1e-9:
+        raise ValueError("vision_attention: expected an unmasked attention scaled by 1/sqrt(head_dim)")
+    # Heads and head_dim from the module (plain ints): sizes read off traced tensors cannot be op attributes.
+    flat = lambda t: t.transpose(1, 2).flatten(2)
+    out = _MultiHeadAttentionOp.apply(flat(query), flat(key), flat(value), module.num_heads)
+    return out.unflatten(2, (module.num_heads, module.head_dim)), None
+
+
+VISION_ATTENTION = "pixtract_vision_mha"
 
 
 class Decoder(nn.Module):
@@ -332,10 +368,12 @@ def export_graphs(model, out_dir: str, dtype: torch.dtype, attention: str = "eag
     vision = VisionEncoder(model)
     pixel = torch.randn(1, 3, 3 * patch, 5 * patch, dtype=dtype)
     path = os.path.join(out_dir, "vision_encoder.onnx")
-    proto, ext = _export(
-        vision, (pixel,), path, ["pixel_values"], ["image_features"],
-        {"pixel_values": {2: "height", 3: "width"}, "image_features": {0: "num_patches"}},
-    )
+    with _UseAttention(model.model.vision_tower.config, VISION_ATTENTION, vision_attention):
+        proto, ext = _export(
+            vision, (pixel,), path, ["pixel_values"], ["image_features"],
+            {"pixel_values": {2: "height", 3: "width"}, "image_features": {0: "num_patches"}},
+            custom_opsets={"com.microsoft": 1},
+        )
     graphs["vision_encoder"] = _graph_entry(path, proto, ext)
 
     embed = EmbedTokens(model)
@@ -390,7 +428,7 @@ def export_graphs(model, out_dir: str, dtype: torch.dtype, attention: str = "eag
             output_names.append(oname)
             axes[oname] = {0: "batch", 2: present_axis}
     path = os.path.join(out_dir, "decoder_model_merged.onnx")
-    with _TextAttention(tcfg):
+    with _UseAttention(tcfg, GROUPED_ATTENTION, grouped_attention):
         proto, ext = _export(decoder, (*args, *past), path, input_names, output_names, axes,
                              fixed_output_dims={("logits", 1): 1, ("logits", 2): tcfg.vocab_size},
                              custom_opsets={"com.microsoft": 1} if attention == "gqa" else None)

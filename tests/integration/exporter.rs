@@ -212,3 +212,27 @@ print(json.dumps({
     assert!(!inputs.iter().any(|i| i == "attention_mask"), "{facts}");
     assert!(inputs.iter().any(|i| i == "seqlens_k"), "{facts}");
 }
+
+/// The vision encoder's attention is one MultiHeadAttention node per layer (no MatMul/Softmax/MatMul chain that
+/// materialises every layer's [heads, patches, patches] scores), in every export of the tiny model; the parity tests
+/// hold its features to transformers'.
+#[test]
+fn vision_encoder_attends_through_multi_head_attention() {
+    let script = r#"
+import json, sys, onnx
+m = onnx.load(sys.argv[1], load_external_data=False)
+ops = [(n.domain, n.op_type) for n in m.graph.node]
+print(json.dumps({
+    "mha_nodes": sum(op == ("com.microsoft", "MultiHeadAttention") for op in ops),
+    "softmax_nodes": sum(t == "Softmax" for _, t in ops),
+}))
+"#;
+    for model in [tiny_model(), tiny_gqa_model()] {
+        let manifest = read_json(&model.join("pixtract-model.json"));
+        let layers = manifest["vision"]["num_layers"].as_u64().unwrap();
+        let graph = model.join("vision_encoder.onnx");
+        let facts = python_json(script, &[graph.to_str().unwrap()]);
+        assert_eq!(facts["mha_nodes"], layers, "{}: {facts}", model.display());
+        assert_eq!(facts["softmax_nodes"], 0, "{}: {facts}", model.display());
+    }
+}
