@@ -70,29 +70,33 @@ ln -sfn "$venv" .venv
 # Tiny seeded Pixtral + reference fixtures, rebuilt when the exporter or the environment changes.
 model=models/tiny
 stamp=$( { cat onnx-export/pixtract_export/*.py; echo "$key"; } | sha256sum | cut -c1-16)
-if [ -f "$model/.pixtract-stamp" ] && [ "$(cat "$model/.pixtract-stamp")" = "$stamp" ]; then
+# Each model is built in DIR.partial and moved into place with its stamp only when complete: an interrupted
+# set-up never leaves a half-written model under the final name.
+current() { [ -f "$1/.pixtract-stamp" ] && [ "$(cat "$1/.pixtract-stamp")" = "$stamp" ]; }
+publish() {
+  rm -rf "$1"
+  mv "$1.partial" "$1"
+  echo "$stamp" > "$1/.pixtract-stamp"
+}
+if current "$model"; then
   echo "setup: tiny model up to date ($model)"
 else
   echo "setup: exporting the tiny seeded Pixtral and its reference fixtures to $model"
   rm -rf "$model.partial"
   .venv/bin/python onnx-export/export.py export --tiny --out "$model.partial"
   .venv/bin/python onnx-export/export.py reference --model "$model.partial"
-  rm -rf "$model"
-  mv "$model.partial" "$model"
-  echo "$stamp" > "$model/.pixtract-stamp"
+  publish "$model"
 fi
 
 # The same tiny model with a GroupQueryAttention decoder (`--attention gqa`): rows keep their own lengths and
 # pixtract writes the KV cache in place. The CPU default of the demo and of `bench engine`; checked against
 # models/tiny/reference by the engine tests.
 dir=models/tiny-gqa
-if [ ! -f "$dir/.pixtract-stamp" ] || [ "$(cat "$dir/.pixtract-stamp")" != "$stamp" ]; then
+if ! current "$dir"; then
   echo "setup: exporting the tiny model with GroupQueryAttention to $dir"
   rm -rf "$dir.partial"
   .venv/bin/python onnx-export/export.py export --tiny --attention gqa --out "$dir.partial" >/dev/null
-  rm -rf "$dir"
-  mv "$dir.partial" "$dir"
-  echo "$stamp" > "$dir/.pixtract-stamp"
+  publish "$dir"
 fi
 
 # fp16 and weight-only quantized variants of the tiny model, each with its fidelity report against models/tiny
@@ -100,7 +104,7 @@ fi
 # before q4f16, which is quantized from it.
 for variant in fp16 int8 int4 q4f16; do
   dir=models/tiny-$variant
-  if [ -f "$dir/.pixtract-stamp" ] && [ "$(cat "$dir/.pixtract-stamp")" = "$stamp" ]; then
+  if current "$dir"; then
     continue
   fi
   echo "setup: building the tiny model's $variant variant in $dir"
@@ -112,7 +116,5 @@ for variant in fp16 int8 int4 q4f16; do
     q4f16) .venv/bin/python onnx-export/export.py quantize --model models/tiny-fp16 --bits 4 --out "$dir.partial" >/dev/null ;;
   esac
   .venv/bin/python onnx-export/export.py fidelity --model "$dir.partial" --baseline "$model" | tail -2 | head -1
-  rm -rf "$dir"
-  mv "$dir.partial" "$dir"
-  echo "$stamp" > "$dir/.pixtract-stamp"
+  publish "$dir"
 done
