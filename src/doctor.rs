@@ -4,8 +4,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::model::manifest::DecoderAttention;
-use crate::model::{Device, ModelDir, ModelError, OrtRuntime};
+use crate::model::{Device, ModelDir, OrtRuntime};
 use crate::native::{LibraryLocation, NativeLibrary, SearchPaths};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -286,12 +285,11 @@ fn check_model(
         m.dtype,
         human_bytes((per_token * page) as u64),
     ));
-    if m.graphs.decoder.attention == DecoderAttention::Gqa && opts.device != Device::Cpu {
-        let err = ModelError::AttentionDevice {
-            device: opts.device,
-        };
-        return Err(format!("{}\n{err}", lines[0]));
-    }
+    m.graphs
+        .decoder
+        .attention
+        .check_device(opts.device)
+        .map_err(|err| format!("{}\n{err}", lines[0]))?;
     let Some(rt) = runtime else {
         return Err(format!(
             "{}\ncannot open sessions without ONNX Runtime",

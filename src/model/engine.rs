@@ -332,15 +332,9 @@ impl PixtralEngine {
     ) -> Result<Self, ModelError> {
         let model = ModelDir::open(dir)?;
         let m = &model.manifest;
-        // Checked before any session opens. The in-place cache is host memory (zeroed, prefilled rows gathered and
-        // finished rows compacted by host copies), and ONNX Runtime's CUDA GroupQueryAttention has no fp32 kernel
-        // (an fp32 node would quietly fall back to the CPU provider).
+        // Checked before any session opens.
         let attention = m.graphs.decoder.attention;
-        if attention == DecoderAttention::Gqa && opts.device != Device::Cpu {
-            return Err(ModelError::AttentionDevice {
-                device: opts.device,
-            });
-        }
+        attention.check_device(opts.device)?;
         let open = |file: &str| rt.open_session(&model.path_of(file), opts.device);
         let vision = open(&m.graphs.vision_encoder.file)?;
         let embed = open(&m.graphs.embed_tokens.file)?;

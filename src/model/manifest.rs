@@ -9,6 +9,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::ModelError;
+use super::runtime::Device;
 
 pub const MANIFEST_FILE: &str = "pixtract-model.json";
 const FORMAT: &str = "pixtract-model";
@@ -196,6 +197,16 @@ pub enum DecoderAttention {
 }
 
 impl DecoderAttention {
+    /// Whether pixtract can run this decoder on `device`: gqa only on the CPU. Its in-place cache is host memory
+    /// (zeroed, prefilled rows gathered and finished rows compacted by host copies), and ONNX Runtime's CUDA
+    /// GroupQueryAttention has no fp32 kernel (an fp32 node would quietly fall back to the CPU provider).
+    pub fn check_device(self, device: Device) -> Result<(), ModelError> {
+        if self == DecoderAttention::Gqa && device != Device::Cpu {
+            return Err(ModelError::AttentionDevice { device });
+        }
+        Ok(())
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             DecoderAttention::Eager => "eager",
