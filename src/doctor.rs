@@ -4,6 +4,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::error::chain;
 use crate::model::{Device, ModelDir, OrtRuntime};
 use crate::native::{LibraryLocation, NativeLibrary, SearchPaths};
 
@@ -115,13 +116,13 @@ pub fn run(opts: &DoctorOptions, search: &SearchPaths) -> DoctorReport {
                     Some(rt)
                 }
                 Err(e) => {
-                    report.push("onnxruntime", Status::Fail, e.to_string());
+                    report.push("onnxruntime", Status::Fail, chain(&e));
                     None
                 }
             }
         }
         Err(e) => {
-            report.push("onnxruntime", Status::Fail, e.to_string());
+            report.push("onnxruntime", Status::Fail, chain(&e));
             None
         }
     };
@@ -139,7 +140,7 @@ pub fn run(opts: &DoctorOptions, search: &SearchPaths) -> DoctorReport {
                 format!("{}: {e}", loc.path.display()),
             ),
         },
-        Err(e) => report.push("pdfium", Status::Fail, e.to_string()),
+        Err(e) => report.push("pdfium", Status::Fail, chain(&e)),
     }
 
     if let Some(rt) = &runtime {
@@ -159,7 +160,7 @@ pub fn run(opts: &DoctorOptions, search: &SearchPaths) -> DoctorReport {
                 } else {
                     Status::Fail
                 };
-                let mut text = e.to_string();
+                let mut text = chain(&e);
                 if status == Status::Note {
                     text.push_str("\n(not needed: running on cpu)");
                 }

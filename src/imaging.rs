@@ -2,7 +2,7 @@
 //!
 //! This is the one resize in the code base: the raster stage uses it to hand pages on at model size, the model
 //! stage to build pixel tensors. It must stay bit-faithful: an antialiased resampler (Pillow-style, or the image
-//! crate's filters) changed up to 25 of 32 greedy tokens on the tiny model (FACTS.md).
+//! crate's filters) changes the model's greedy tokens (measured in docs/benchmarks.md).
 //!
 //! mistral-common: PIL image -> RGB (non-RGB via RGBA composited on white) -> u8 to f32 -> OpenCV `INTER_CUBIC`
 //! resize (IPP path: f64 coordinates, always 4 taps, a = -0.75, no antialiasing, output not clamped) ->

@@ -54,13 +54,37 @@ fn is_loopback(endpoint: &str) -> bool {
         .is_some_and(|h| h == "localhost" || h == "127.0.0.1" || h == "[::1]" || h == "::1")
 }
 
-/// Opens an object-store URL from the standard environment of its cloud. The error is a reason in words.
-pub fn open(uri: &str) -> Result<StoreUrl, String> {
-    let url = url::Url::parse(uri).map_err(|e| e.to_string())?;
+/// Why an object-store URL could not be opened. Cloneable (object_store's errors are shared), since the
+/// source's errors travel with every listed entry.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("not a valid URL")]
+    Url(#[from] url::ParseError),
+    #[error("no bucket name")]
+    NoBucket,
+    #[error("no container name")]
+    NoContainer,
+    #[error("{0}:// is not an object store")]
+    NotAnObjectStore(String),
+    #[error("not a URL")]
+    NotAUrl,
+    #[error("cannot configure the object store")]
+    Configure(#[source] Arc<object_store::Error>),
+    #[error("not a valid object path")]
+    Prefix(#[source] Arc<object_store::path::Error>),
+}
+
+fn configure(e: object_store::Error) -> StoreError {
+    StoreError::Configure(Arc::new(e))
+}
+
+/// Opens an object-store URL from the standard environment of its cloud.
+pub fn open(uri: &str) -> Result<StoreUrl, StoreError> {
+    let url = url::Url::parse(uri)?;
     let host = url.host_str().filter(|h| !h.is_empty());
     let (store, base): (Arc<dyn ObjectStore>, String) = match scheme(uri).as_deref() {
         Some("s3" | "s3a") => {
-            let bucket = host.ok_or("no bucket name")?;
+            let bucket = host.ok_or(StoreError::NoBucket)?;
             let mut builder =
                 object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
             let endpoint = std::env::var("AWS_ENDPOINT_URL_S3")
@@ -70,19 +94,19 @@ pub fn open(uri: &str) -> Result<StoreUrl, String> {
             if let Some(endpoint) = endpoint.filter(|e| is_loopback(e)) {
                 builder = builder.with_allow_http(true).with_endpoint(endpoint);
             }
-            let store = builder.build().map_err(|e| reason(&e))?;
+            let store = builder.build().map_err(configure)?;
             (Arc::new(store), format!("s3://{bucket}"))
         }
         Some("gs") => {
-            let bucket = host.ok_or("no bucket name")?;
+            let bucket = host.ok_or(StoreError::NoBucket)?;
             let store = object_store::gcp::GoogleCloudStorageBuilder::from_env()
                 .with_bucket_name(bucket)
                 .build()
-                .map_err(|e| reason(&e))?;
+                .map_err(configure)?;
             (Arc::new(store), format!("gs://{bucket}"))
         }
         Some(scheme @ ("az" | "azure" | "abfs" | "abfss")) => {
-            let host = host.ok_or("no container name")?;
+            let host = host.ok_or(StoreError::NoContainer)?;
             // az://container/..., or abfs[s]://container@account.dfs.core.windows.net/... (object_store reads
             // the account from that host).
             let base = match url.username() {
@@ -92,13 +116,14 @@ pub fn open(uri: &str) -> Result<StoreUrl, String> {
             let store = object_store::azure::MicrosoftAzureBuilder::from_env()
                 .with_url(base.clone())
                 .build()
-                .map_err(|e| reason(&e))?;
+                .map_err(configure)?;
             (Arc::new(store), base)
         }
-        Some(other) => return Err(format!("{other}:// is not an object store")),
-        None => return Err("not a URL".into()),
+        Some(other) => return Err(StoreError::NotAnObjectStore(other.to_string())),
+        None => return Err(StoreError::NotAUrl),
     };
-    let prefix = Path::parse(url.path().trim_matches('/')).map_err(|e| e.to_string())?;
+    let prefix =
+        Path::parse(url.path().trim_matches('/')).map_err(|e| StoreError::Prefix(Arc::new(e)))?;
     Ok(StoreUrl {
         store,
         base,
@@ -161,7 +186,7 @@ mod tests {
         ] {
             assert!(!is_object_store(uri), "{uri}");
         }
-        assert_eq!(open("gs:///x").unwrap_err(), "no bucket name");
+        assert!(matches!(open("gs:///x"), Err(StoreError::NoBucket)));
         assert!(is_loopback("http://127.0.0.1:9000") && !is_loopback("http://10.0.0.1:9000"));
     }
 }

@@ -19,7 +19,7 @@ use toktrie_hf_tokenizers::ByteTokenizer;
 
 use super::ExtractError;
 use super::schema::ExtractionSchema;
-use crate::model::StepHook;
+use crate::model::{HookError, StepHook};
 
 /// llguidance's tokenizer environment and parser factory for one tokenizer.
 pub struct GrammarEnv {
@@ -39,15 +39,13 @@ impl GrammarEnv {
         eos: u32,
         vocab: usize,
     ) -> Result<Self, ExtractError> {
-        let grammar = |reason: String| ExtractError::Grammar(reason);
         let mut bt = ByteTokenizer::from_tokenizer(tokenizer)
-            .map_err(|e| grammar(format!("tokenizer for llguidance: {e}")))?;
+            .map_err(grammar_err("byte tokenizer for llguidance"))?;
         bt.set_eos_token(eos);
         let env = bt
             .into_tok_env(Some(vocab))
-            .map_err(|e| grammar(format!("token environment: {e}")))?;
-        let mut factory =
-            ParserFactory::new_simple(&env).map_err(|e| grammar(format!("parser factory: {e}")))?;
+            .map_err(grammar_err("token environment"))?;
+        let mut factory = ParserFactory::new_simple(&env).map_err(grammar_err("parser factory"))?;
         factory.quiet();
         let trie = env.tok_trie();
         let closers = ["\"", "]", "}", "null", ",", "1", "[", "{"]
@@ -81,8 +79,11 @@ impl GrammarEnv {
         if let Some(env) = cache.get(&key) {
             return Ok(env.clone());
         }
-        let tok = tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| {
-            ExtractError::Grammar(format!("cannot load {}: {e}", tokenizer_json.display()))
+        let tok = tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|source| {
+            ExtractError::GrammarTokenizer {
+                path: tokenizer_json.to_path_buf(),
+                source,
+            }
         })?;
         let env = Arc::new(GrammarEnv::from_tokenizer(tok, eos, vocab)?);
         cache.insert(key, env.clone());
@@ -151,12 +152,12 @@ impl GrammarEnv {
     pub fn check(&self, schema: &ExtractionSchema) -> Result<(), ExtractError> {
         let grammar = TopLevelGrammar::from_json_schema(schema.grammar_schema());
         let mut m = self.matcher(&grammar);
-        m.compute_mask().map(|_| ()).map_err(|e| {
-            ExtractError::Grammar(format!(
-                "schema {:?} does not compile to a grammar: {e}",
-                schema.name
-            ))
-        })
+        m.compute_mask()
+            .map(|_| ())
+            .map_err(|e| ExtractError::Grammar {
+                what: format!("schema {:?} does not compile to a grammar", schema.name),
+                source: e.into(),
+            })
     }
 }
 
@@ -247,8 +248,38 @@ impl SchemaConstraint {
     }
 }
 
+/// An llguidance set-up error, kept whole as the source of [`ExtractError::Grammar`].
+fn grammar_err<E: Into<BoxError>>(what: &str) -> impl FnOnce(E) -> ExtractError {
+    let what = what.to_string();
+    move |e| ExtractError::Grammar {
+        what,
+        source: e.into(),
+    }
+}
+
+/// Why the grammar could not take a decoding step (llguidance's own errors kept as sources).
+#[derive(Debug, thiserror::Error)]
+pub enum GrammarStepError {
+    #[error("grammar mask")]
+    Mask(#[source] BoxError),
+    #[error("the grammar allows no token")]
+    NoTokenAllowed,
+    #[error("grammar rejected token {token}")]
+    Rejected {
+        token: u32,
+        #[source]
+        source: BoxError,
+    },
+    #[error("grammar failed after token {token}: {reason}")]
+    Failed { token: u32, reason: String },
+    #[error("grammar state")]
+    State(#[source] BoxError),
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 impl StepHook for SchemaConstraint {
-    fn mask_logits(&mut self, row: usize, logits: &mut [f32]) -> Result<(), String> {
+    fn mask_logits(&mut self, row: usize, logits: &mut [f32]) -> Result<(), HookError> {
         let t0 = std::time::Instant::now();
         let trace = self.trace;
         let budget = self.max_new_tokens.saturating_sub(self.reserve);
@@ -258,7 +289,7 @@ impl StepHook for SchemaConstraint {
         let mask = state
             .matcher
             .compute_mask_or_eos()
-            .map_err(|e| format!("grammar mask: {e}"))?;
+            .map_err(|e| GrammarStepError::Mask(e.into()))?;
         let raw_argmax = if trace { argmax(logits) } else { 0 };
         let closing = state.steps >= budget;
         if closing && state.report.closing_from.is_none() {
@@ -280,7 +311,7 @@ impl StepHook for SchemaConstraint {
                     }
                     best.map(|(i, _)| i as u32)
                 })
-                .ok_or("the grammar allows no token")?;
+                .ok_or(GrammarStepError::NoTokenAllowed)?;
             for (i, v) in logits.iter_mut().enumerate() {
                 if i as u32 != pick {
                     *v = f32::NEG_INFINITY;
@@ -317,7 +348,7 @@ impl StepHook for SchemaConstraint {
                 }
             }
             if allowed == 0 {
-                return Err("the grammar allows no token".into());
+                return Err(GrammarStepError::NoTokenAllowed.into());
             }
         }
         if trace {
@@ -332,7 +363,7 @@ impl StepHook for SchemaConstraint {
         Ok(())
     }
 
-    fn accept_token(&mut self, row: usize, token: u32) -> Result<bool, String> {
+    fn accept_token(&mut self, row: usize, token: u32) -> Result<bool, HookError> {
         let t0 = std::time::Instant::now();
         let eos = self.env.eos;
         let state = self.row(row);
@@ -343,23 +374,26 @@ impl StepHook for SchemaConstraint {
             return Ok(true);
         }
         if let Err(e) = state.matcher.consume_token(token as TokenId) {
-            let msg = format!("grammar rejected token {token}: {e}");
-            state.report.error = Some(msg.clone());
-            return Err(msg);
+            let err = GrammarStepError::Rejected {
+                token,
+                source: e.into(),
+            };
+            state.report.error = Some(crate::error::chain(&err));
+            return Err(err.into());
         }
         if state.matcher.is_error() {
-            let msg = format!(
-                "grammar failed after token {token}: {}",
-                state.matcher.get_error().unwrap_or_default()
-            );
-            state.report.error = Some(msg.clone());
-            return Err(msg);
+            let err = GrammarStepError::Failed {
+                token,
+                reason: state.matcher.get_error().unwrap_or_default(),
+            };
+            state.report.error = Some(crate::error::chain(&err));
+            return Err(err.into());
         }
         let done = state.matcher.is_stopped()
             || state
                 .matcher
                 .is_accepting()
-                .map_err(|e| format!("grammar state: {e}"))?;
+                .map_err(|e| GrammarStepError::State(e.into()))?;
         if done {
             state.report.accepted = true;
         }

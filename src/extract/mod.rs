@@ -14,6 +14,7 @@ pub mod constraint;
 pub mod prompt;
 pub mod rows;
 pub mod schema;
+pub mod values;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,14 +35,16 @@ use crate::model::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExtractError {
-    #[error("cannot read schema {}: {source}", path.display())]
+    #[error("cannot read schema {}", path.display())]
     SchemaRead {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("schema {} is not valid JSON: {source}", path.display())]
+    #[error("schema {} is not valid JSON", path.display())]
     SchemaParse {
         path: PathBuf,
+        #[source]
         source: serde_json::Error,
     },
     #[error("schema {schema}: unsupported construct at {path}: {reason}")]
@@ -50,12 +53,29 @@ pub enum ExtractError {
         path: String,
         reason: String,
     },
-    #[error("grammar: {0}")]
-    Grammar(String),
-    #[error("building Arrow columns: {0}")]
-    Arrow(String),
-    #[error("model: {0}")]
+    /// llguidance could not set up or compile a grammar (its errors are `anyhow` values, kept whole).
+    #[error("grammar: {what}")]
+    Grammar {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot load tokenizer {} for llguidance", path.display())]
+    GrammarTokenizer {
+        path: PathBuf,
+        #[source]
+        source: tokenizers::Error,
+    },
+    #[error("building Arrow columns")]
+    Arrow(#[from] arrow::error::ArrowError),
+    /// The answer's JSON does not have the shape the schema's Arrow type needs.
+    #[error("{path}: {reason}")]
+    Shape { path: String, reason: String },
+    #[error("model")]
     Model(#[from] crate::model::ModelError),
+    /// A broken promise inside pixtract, not a property of the input.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
 }
 
 /// Schema-constrained extraction, or plain transcription.
@@ -171,7 +191,7 @@ impl Extractor {
                         Err(e) => {
                             records[i] = Some(ExtractionRecord::failed(
                                 page.source,
-                                format!("prompt: {e}"),
+                                format!("prompt: {}", crate::error::chain(&e)),
                             ))
                         }
                         Ok(p) if p.ids.len() + self.config.max_new_tokens > limit => {
@@ -213,8 +233,10 @@ impl Extractor {
                 Err(e) => {
                     // The whole batch failed: every document in it still gets its row.
                     for (slot, (source, _, _)) in slots.iter().zip(sources) {
-                        records[*slot] =
-                            Some(ExtractionRecord::failed(source, format!("generation: {e}")));
+                        records[*slot] = Some(ExtractionRecord::failed(
+                            source,
+                            format!("generation: {}", crate::error::chain(&e)),
+                        ));
                     }
                 }
                 Ok((gens, s)) => {
@@ -254,7 +276,7 @@ impl Extractor {
         }
         let records = records
             .into_iter()
-            .map(|r| r.ok_or_else(|| ExtractError::Grammar("an input got no record".into())))
+            .map(|r| r.ok_or_else(|| ExtractError::Internal("an input got no record")))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(ExtractionOutput {
             records,

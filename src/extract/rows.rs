@@ -1,7 +1,8 @@
 //! Extraction results -> Arrow record batches: the extracted fields (typed per the schema, with a `_confidence`
 //! struct beside the values of every object) followed by provenance and operations columns.
 //!
-//! Row layout (schema mode): `<schema fields...>`, `_confidence`, then [`PROVENANCE_COLUMNS`]. Free-text mode:
+//! Row layout (schema mode): `<schema fields...>`, `_confidence`, then the provenance columns
+//! ([`super::values::provenance::PROVENANCE`]). Free-text mode:
 //! `text`, `_confidence {text}`, then the same provenance columns. A failed document still gets a row: extracted
 //! columns null, `status = "error"`, `error` says why.
 //!
@@ -16,43 +17,19 @@ use arrow::array::{
     Int64Array, ListArray, RecordBatch, StringArray, StructArray, TimestampMicrosecondArray,
 };
 use arrow::buffer::{NullBuffer, OffsetBuffer};
-use arrow::datatypes::{DataType, Field, Fields, Schema, TimeUnit};
-use chrono::{DateTime, NaiveDate, Utc};
+use arrow::datatypes::{DataType, Field, Fields, Schema};
+use chrono::{DateTime, Utc};
 
 use super::ExtractError;
 use super::answer::{Node, NodeValue};
 use super::schema::{
     ExtractionSchema, FieldDef, FieldType, confidence_field, confidence_pair_type, struct_fields,
 };
-
-/// pixtract's own columns, after the extracted ones. Schema properties may not use these names.
-pub const PROVENANCE_COLUMNS: &[&str] = &[
-    "source_uri",
-    "source_etag",
-    "source_version",
-    "page_start",
-    "page_end",
-    "doc_page_count",
-    "pipeline",
-    "schema_name",
-    "schema_sha256",
-    "model_id",
-    "run_id",
-    "processed_at",
-    "status",
-    "error",
-    "finish_reason",
-    "raw_output",
-    "prompt_tokens",
-    "generated_tokens",
-    "fetch_ms",
-    "raster_ms",
-    "vision_ms",
-    "prefill_ms",
-    "decode_ms",
-    "grammar_ms",
-    "parse_ms",
-];
+use super::values::provenance::{
+    DOC_PAGE_COUNT, MODEL_ID, PAGE_END, PAGE_START, PROVENANCE, ProvenanceColumn, SCHEMA_SHA256,
+    SOURCE_ETAG, SOURCE_URI, SOURCE_VERSION,
+};
+use super::values::{parse_date, parse_decimal, parse_timestamp};
 
 /// Where a row's pages came from.
 #[derive(Debug, Clone, Default)]
@@ -145,40 +122,6 @@ impl ExtractionRecord {
     }
 }
 
-fn provenance_fields() -> Vec<Field> {
-    let utc = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
-    let s = |n: &str, null: bool| Field::new(n, DataType::Utf8, null);
-    let i = |n: &str, null: bool| Field::new(n, DataType::Int32, null);
-    let ms = |n: &str| Field::new(n, DataType::Float64, true);
-    vec![
-        s("source_uri", false),
-        s("source_etag", true),
-        s("source_version", true),
-        i("page_start", false),
-        i("page_end", false),
-        i("doc_page_count", true),
-        s("pipeline", false),
-        s("schema_name", false),
-        s("schema_sha256", true),
-        s("model_id", false),
-        s("run_id", false),
-        Field::new("processed_at", utc, false),
-        s("status", false),
-        s("error", true),
-        s("finish_reason", true),
-        s("raw_output", true),
-        i("prompt_tokens", true),
-        i("generated_tokens", true),
-        ms("fetch_ms"),
-        ms("raster_ms"),
-        ms("vision_ms"),
-        ms("prefill_ms"),
-        ms("decode_ms"),
-        ms("grammar_ms"),
-        ms("parse_ms"),
-    ]
-}
-
 /// Name used in `schema_name` for free-text rows.
 pub const FREE_TEXT: &str = "free_text";
 
@@ -204,7 +147,7 @@ pub fn row_schema(schema: Option<&ExtractionSchema>) -> Schema {
         .iter()
         .map(|f| f.as_ref().clone().with_nullable(true))
         .collect();
-    fields.extend(provenance_fields());
+    fields.extend(PROVENANCE.iter().map(ProvenanceColumn::arrow_field));
     let mut metadata = std::collections::HashMap::new();
     if let Some(s) = schema {
         metadata.insert("pixtract.schema_name".to_string(), s.name.clone());
@@ -241,7 +184,9 @@ pub fn to_record_batch(
             };
             let array = build_array(&root, &roots, "$")?;
             let Some(st) = array.as_any().downcast_ref::<StructArray>() else {
-                return Err(ExtractError::Arrow("root is not a struct".into()));
+                return Err(ExtractError::Internal(
+                    "the root Arrow array is not a struct",
+                ));
             };
             columns.extend(st.columns().iter().cloned());
         }
@@ -268,11 +213,13 @@ pub fn to_record_batch(
             let pair = pair_array(&confs);
             let conf = confidence_field(&text_fields());
             let DataType::Struct(fields) = conf.data_type() else {
-                return Err(ExtractError::Arrow("confidence is not a struct".into()));
+                return Err(ExtractError::Internal(
+                    "the confidence field is not a struct",
+                ));
             };
             columns.push(Arc::new(
                 StructArray::try_new(fields.clone(), vec![pair], Some(NullBuffer::from(present)))
-                    .map_err(arrow_err)?,
+                    .map_err(ExtractError::Arrow)?,
             ));
         }
     }
@@ -295,56 +242,57 @@ pub fn to_record_batch(
             records.iter().map(|r| f(&r.latency)).collect::<Vec<_>>(),
         ))
     };
-    columns.push(strs(&|r| Some(r.source.uri.clone())));
-    columns.push(strs(&|r| r.source.etag.clone()));
-    columns.push(strs(&|r| r.source.version.clone()));
-    columns.push(ints(&|r| Some(r.source.page_start)));
-    columns.push(ints(&|r| Some(r.source.page_end)));
-    columns.push(ints(&|r| r.source.doc_page_count));
-    columns.push(Arc::new(StringArray::from(vec![ctx.pipeline.as_str(); n])));
-    columns.push(Arc::new(StringArray::from(vec![schema_name.as_str(); n])));
-    columns.push(Arc::new(StringArray::from(vec![schema_sha.as_deref(); n])));
-    columns.push(Arc::new(StringArray::from(vec![ctx.model_id.as_str(); n])));
-    columns.push(Arc::new(StringArray::from(vec![ctx.run_id.as_str(); n])));
-    columns.push(Arc::new(
-        TimestampMicrosecondArray::from(
-            records
-                .iter()
-                .map(|r| r.processed_at.timestamp_micros())
-                .collect::<Vec<_>>(),
-        )
-        .with_timezone("UTC"),
-    ));
-    columns.push(strs(&|r| {
-        Some(if r.is_ok() { "ok" } else { "error" }.to_string())
-    }));
-    columns.push(strs(&|r| match &r.outcome {
-        Outcome::Failed(e) => Some(e.clone()),
-        _ => r.warning.clone(),
-    }));
-    columns.push(strs(&|r| r.finish_reason.clone()));
-    columns.push(strs(&|r| r.raw_output.clone()));
-    columns.push(ints(&|r| r.prompt_tokens));
-    columns.push(ints(&|r| r.generated_tokens));
-    columns.push(ms(&|l| l.fetch_ms));
-    columns.push(ms(&|l| l.raster_ms));
-    columns.push(ms(&|l| l.vision_ms));
-    columns.push(ms(&|l| l.prefill_ms));
-    columns.push(ms(&|l| l.decode_ms));
-    columns.push(ms(&|l| l.grammar_ms));
-    columns.push(ms(&|l| l.parse_ms));
-    RecordBatch::try_new(arrow_schema, columns).map_err(arrow_err)
-}
-
-fn arrow_err(e: arrow::error::ArrowError) -> ExtractError {
-    ExtractError::Arrow(e.to_string())
+    let text = |v: Vec<Option<&str>>| -> ArrayRef { Arc::new(StringArray::from(v)) };
+    for column in PROVENANCE {
+        // One arm per column of the table: a column added there without a value here fails every test.
+        columns.push(match column.name {
+            SOURCE_URI => strs(&|r| Some(r.source.uri.clone())),
+            SOURCE_ETAG => strs(&|r| r.source.etag.clone()),
+            SOURCE_VERSION => strs(&|r| r.source.version.clone()),
+            PAGE_START => ints(&|r| Some(r.source.page_start)),
+            PAGE_END => ints(&|r| Some(r.source.page_end)),
+            DOC_PAGE_COUNT => ints(&|r| r.source.doc_page_count),
+            "pipeline" => text(vec![Some(ctx.pipeline.as_str()); n]),
+            "schema_name" => text(vec![Some(schema_name.as_str()); n]),
+            SCHEMA_SHA256 => text(vec![schema_sha.as_deref(); n]),
+            MODEL_ID => text(vec![Some(ctx.model_id.as_str()); n]),
+            "run_id" => text(vec![Some(ctx.run_id.as_str()); n]),
+            "processed_at" => Arc::new(
+                TimestampMicrosecondArray::from(
+                    records
+                        .iter()
+                        .map(|r| r.processed_at.timestamp_micros())
+                        .collect::<Vec<_>>(),
+                )
+                .with_timezone("UTC"),
+            ),
+            "status" => strs(&|r| Some(if r.is_ok() { "ok" } else { "error" }.to_string())),
+            "error" => strs(&|r| match &r.outcome {
+                Outcome::Failed(e) => Some(e.clone()),
+                _ => r.warning.clone(),
+            }),
+            "finish_reason" => strs(&|r| r.finish_reason.clone()),
+            "raw_output" => strs(&|r| r.raw_output.clone()),
+            "prompt_tokens" => ints(&|r| r.prompt_tokens),
+            "generated_tokens" => ints(&|r| r.generated_tokens),
+            "fetch_ms" => ms(&|l| l.fetch_ms),
+            "raster_ms" => ms(&|l| l.raster_ms),
+            "vision_ms" => ms(&|l| l.vision_ms),
+            "prefill_ms" => ms(&|l| l.prefill_ms),
+            "decode_ms" => ms(&|l| l.decode_ms),
+            "grammar_ms" => ms(&|l| l.grammar_ms),
+            "parse_ms" => ms(&|l| l.parse_ms),
+            _ => return Err(ExtractError::Internal("a provenance column has no value")),
+        });
+    }
+    RecordBatch::try_new(arrow_schema, columns).map_err(ExtractError::Arrow)
 }
 
 fn mismatch(path: &str, want: &str, node: &Node) -> ExtractError {
-    ExtractError::Arrow(format!(
-        "{path}: expected {want}, the answer has {:?}",
-        node.to_value()
-    ))
+    ExtractError::Shape {
+        path: path.to_string(),
+        reason: format!("expected {want}, the answer has {:?}", node.to_value()),
+    }
 }
 
 /// `{min, mean}` structs, null where absent.
@@ -418,7 +366,7 @@ fn build_array(
             Arc::new(
                 Decimal128Array::from(out)
                     .with_precision_and_scale(*precision, *scale)
-                    .map_err(arrow_err)?,
+                    .map_err(ExtractError::Arrow)?,
             )
         }
         FieldType::Boolean => Arc::new(BooleanArray::from(scalars(values, |n| match &n.value {
@@ -467,14 +415,18 @@ fn build_array(
             let valid = NullBuffer::from(objects.iter().map(Option::is_some).collect::<Vec<_>>());
             let conf = confidence_field(children);
             let DataType::Struct(conf_fields) = conf.data_type() else {
-                return Err(ExtractError::Arrow("confidence is not a struct".into()));
+                return Err(ExtractError::Internal(
+                    "the confidence field is not a struct",
+                ));
             };
             arrays.push(Arc::new(
                 StructArray::try_new(conf_fields.clone(), pairs, Some(valid.clone()))
-                    .map_err(arrow_err)?,
+                    .map_err(ExtractError::Arrow)?,
             ));
             let fields: Fields = struct_fields(children);
-            Arc::new(StructArray::try_new(fields, arrays, Some(valid)).map_err(arrow_err)?)
+            Arc::new(
+                StructArray::try_new(fields, arrays, Some(valid)).map_err(ExtractError::Arrow)?,
+            )
         }
         FieldType::List(item) => {
             let mut offsets = vec![0i32];
@@ -491,8 +443,10 @@ fn build_array(
                         _ => return Err(mismatch(path, "an array", n)),
                     },
                 }
-                let len = i32::try_from(flat.len())
-                    .map_err(|_| ExtractError::Arrow(format!("{path}: too many list items")))?;
+                let len = i32::try_from(flat.len()).map_err(|_| ExtractError::Shape {
+                    path: path.to_string(),
+                    reason: "too many list items".into(),
+                })?;
                 offsets.push(len);
             }
             let child = build_array(item, &flat, &format!("{path}[]"))?;
@@ -503,84 +457,8 @@ fn build_array(
                     child,
                     Some(NullBuffer::from(valid)),
                 )
-                .map_err(arrow_err)?,
+                .map_err(ExtractError::Arrow)?,
             )
         }
     })
-}
-
-/// `YYYY-MM-DD` -> days since 1970-01-01.
-pub fn parse_date(s: &str) -> Option<i32> {
-    let d = NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
-    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1)?;
-    i32::try_from((d - epoch).num_days()).ok()
-}
-
-/// RFC 3339 -> microseconds since the epoch (UTC).
-pub fn parse_timestamp(s: &str) -> Option<i64> {
-    DateTime::parse_from_rfc3339(s)
-        .ok()
-        .map(|d| d.with_timezone(&Utc).timestamp_micros())
-}
-
-/// A JSON number's text -> unscaled i128 at `scale` (round half away from zero), None if it does not fit
-/// `precision` digits.
-pub fn parse_decimal(text: &str, precision: u8, scale: i8) -> Option<i128> {
-    let (mantissa, exp) = match text.find(['e', 'E']) {
-        Some(i) => (&text[..i], text[i + 1..].parse::<i32>().ok()?),
-        None => (text, 0),
-    };
-    let (neg, mantissa) = match mantissa.strip_prefix('-') {
-        Some(m) => (true, m),
-        None => (false, mantissa),
-    };
-    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    if int.is_empty() || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let digits = format!("{int}{frac}");
-    let digits = digits.trim_start_matches('0');
-    let shift = exp - frac.len() as i32 + i32::from(scale);
-    let mut value: i128 = 0;
-    let (keep, dropped) = if shift >= 0 {
-        (digits, "")
-    } else {
-        let cut = digits.len().saturating_sub((-shift) as usize);
-        digits.split_at(cut)
-    };
-    for b in keep.bytes() {
-        value = value.checked_mul(10)?.checked_add(i128::from(b - b'0'))?;
-    }
-    if shift > 0 {
-        for _ in 0..shift {
-            value = value.checked_mul(10)?;
-        }
-    }
-    // Dropped digits: round half away from zero on the first one (when enough digits were dropped).
-    let dropped_all = shift < 0 && (-shift) as usize > digits.len();
-    if !dropped_all && dropped.as_bytes().first().is_some_and(|&d| d >= b'5') {
-        value = value.checked_add(1)?;
-    }
-    if value >= 10i128.checked_pow(u32::from(precision))? {
-        return None;
-    }
-    Some(if neg { -value } else { value })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_decimal;
-
-    #[test]
-    fn decimals_parse_exactly() {
-        assert_eq!(parse_decimal("12.34", 10, 2), Some(1234));
-        assert_eq!(parse_decimal("-0.005", 10, 2), Some(-1));
-        assert_eq!(parse_decimal("0.004", 10, 2), Some(0));
-        assert_eq!(parse_decimal("1e3", 10, 2), Some(100_000));
-        assert_eq!(parse_decimal("1.5E-1", 10, 2), Some(15));
-        assert_eq!(parse_decimal("100", 3, 1), None);
-        assert_eq!(parse_decimal("99.9", 3, 1), Some(999));
-        assert_eq!(parse_decimal("7", 5, 0), Some(7));
-        assert_eq!(parse_decimal("0.0001", 5, 2), Some(0));
-    }
 }

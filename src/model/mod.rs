@@ -1,20 +1,17 @@
 //! The model stage: Pixtral exported to ONNX (manifest, ONNX Runtime sessions).
 
-pub mod bench;
-pub mod cli;
 pub mod engine;
 pub mod manifest;
 pub mod preprocess;
 pub mod prompt;
 pub mod runtime;
 pub mod sampling;
-pub mod verify;
 
 use std::path::PathBuf;
 
 pub use engine::{
     BatchPolicy, EngineOptions, FinishReason, Generation, GenerationConfig, GenerationStats,
-    NoHook, PixtralEngine, StepHook,
+    HookError, NoHook, PixtralEngine, StepHook,
 };
 pub use manifest::{ModelDir, ModelManifest};
 pub use preprocess::{ImagePreprocessor, PreparedImage};
@@ -24,22 +21,26 @@ pub use sampling::Sampling;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    // Causes are part of the message (not `source`), so a printed error chain does not repeat them.
-    #[error("cannot read model manifest {}: {cause}", path.display())]
+    // Causes are kept as `source`, never repeated in the message: a printed chain (`crate::error::chain`,
+    // anyhow's `{:#}`) shows each once.
+    #[error("cannot read model manifest {}", path.display())]
     ManifestRead {
         path: PathBuf,
+        #[source]
         cause: std::io::Error,
     },
-    #[error("model manifest {} is not valid JSON for pixtract: {cause}", path.display())]
+    #[error("model manifest {} is not valid JSON for pixtract", path.display())]
     ManifestParse {
         path: PathBuf,
+        #[source]
         cause: serde_json::Error,
     },
     #[error("model manifest {}: {reason}", path.display())]
     ManifestInvalid { path: PathBuf, reason: String },
-    #[error("model file {} is missing or unreadable: {cause}", path.display())]
+    #[error("model file {} is missing or unreadable", path.display())]
     FileMissing {
         path: PathBuf,
+        #[source]
         cause: std::io::Error,
     },
     #[error("model file {} has {actual} bytes, the manifest says {expected}: incomplete copy?", path.display())]
@@ -56,20 +57,44 @@ pub enum ModelError {
     },
     #[error(transparent)]
     Native(#[from] crate::native::NativeError),
-    #[error("cannot load ONNX Runtime from {}: {reason}", path.display())]
-    RuntimeLoad { path: PathBuf, reason: String },
+    #[error("cannot load ONNX Runtime from {}", path.display())]
+    RuntimeLibrary {
+        path: PathBuf,
+        #[source]
+        source: ort::LoadDynamicError,
+    },
+    #[error("cannot set up ONNX Runtime from {}", path.display())]
+    RuntimeLoad {
+        path: PathBuf,
+        #[source]
+        source: ort::Error,
+    },
     #[error("invalid device {0:?}: expected cpu, cuda or cuda:N")]
     BadDevice(String),
     #[error("CUDA execution provider unavailable for {device}: {reason}")]
     CudaUnavailable { device: Device, reason: String },
-    #[error("cannot create ONNX Runtime session for {}: {reason}", path.display())]
-    Session { path: PathBuf, reason: String },
-    #[error("cannot load tokenizer {}: {reason}", path.display())]
-    Tokenizer { path: PathBuf, reason: String },
-    #[error("tokenizer: {0}")]
-    Encode(String),
-    #[error("ONNX Runtime failed in {stage}: {reason}")]
-    Ort { stage: &'static str, reason: String },
+    #[error("cannot create an ONNX Runtime session for {}", path.display())]
+    Session {
+        path: PathBuf,
+        #[source]
+        source: ort::Error,
+    },
+    #[error("cannot create an ONNX Runtime session builder")]
+    SessionBuilder(#[source] ort::Error),
+    #[error("cannot load tokenizer {}", path.display())]
+    Tokenizer {
+        path: PathBuf,
+        #[source]
+        source: tokenizers::Error,
+    },
+    #[error("tokenizer")]
+    Encode(#[source] tokenizers::Error),
+    #[error("ONNX Runtime failed in {stage}")]
+    Ort {
+        stage: &'static str,
+        #[source]
+        source: ort::Error,
+    },
     #[error("model graph does not match its manifest: {0}")]
     Graph(String),
     #[error(
@@ -98,6 +123,12 @@ pub enum ModelError {
     ImageTokens { slots: usize, features: usize },
     #[error("image has no pixels ({width}x{height})")]
     EmptyImage { width: u32, height: u32 },
-    #[error("step hook failed for sequence {row}: {reason}")]
-    Hook { row: usize, reason: String },
+    #[error("step hook failed for sequence {row}")]
+    Hook {
+        row: usize,
+        #[source]
+        source: HookError,
+    },
+    #[error("every token is masked for sequence {row}")]
+    AllMasked { row: usize },
 }

@@ -42,9 +42,9 @@ pub struct PixtralTokenizer {
 
 impl PixtralTokenizer {
     pub fn from_file(path: &Path, special: SpecialTokens) -> Result<Self, ModelError> {
-        let tokenizer = Tokenizer::from_file(path).map_err(|e| ModelError::Tokenizer {
+        let tokenizer = Tokenizer::from_file(path).map_err(|source| ModelError::Tokenizer {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            source,
         })?;
         Ok(PixtralTokenizer { tokenizer, special })
     }
@@ -62,13 +62,11 @@ impl PixtralTokenizer {
         self.tokenizer
             .encode(text, false)
             .map(|e| e.get_ids().to_vec())
-            .map_err(|e| ModelError::Encode(e.to_string()))
+            .map_err(ModelError::Encode)
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
-        self.tokenizer
-            .decode(ids, true)
-            .map_err(|e| ModelError::Encode(e.to_string()))
+        self.tokenizer.decode(ids, true).map_err(ModelError::Encode)
     }
 
     pub fn encode(&self, prompt: Prompt) -> Result<EncodedPrompt, ModelError> {

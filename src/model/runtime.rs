@@ -72,23 +72,27 @@ impl OrtRuntime {
     /// Loads libonnxruntime; sessions share one intra-op pool of `pool.intra_op` threads (0: one per core),
     /// spin-waiting between ops when `pool.spin` (faster on an otherwise idle machine, harmful when shared).
     pub fn load_with_pool(library: LibraryLocation, pool: Threads) -> Result<Self, ModelError> {
-        let fail = |reason: String| ModelError::RuntimeLoad {
+        let fail = |source: ort::Error| ModelError::RuntimeLoad {
             path: library.path.clone(),
-            reason,
+            source,
         };
-        let builder = ort::init_from(&library.path).map_err(|e| fail(e.to_string()))?;
+        let builder =
+            ort::init_from(&library.path).map_err(|source| ModelError::RuntimeLibrary {
+                path: library.path.clone(),
+                source,
+            })?;
         // One intra-op pool for every session of the process (vision, embeddings, decoder) instead of one each:
         // three pools on a small box wake and preempt one another (measured: prefill 1.2x faster shared).
         let pool = ort::environment::GlobalThreadPoolOptions::default()
             .with_spin_control(pool.spin)
             .and_then(|p| p.with_intra_threads(pool.intra_op))
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(fail)?;
         let env = builder
             .with_name("pixtract")
             .with_telemetry(false)
             .with_global_thread_pool(pool)
             .build()
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(fail)?;
         Ok(OrtRuntime { library, env })
     }
 
@@ -112,15 +116,9 @@ impl OrtRuntime {
     /// A session builder for `device`, on the runtime's shared intra-op pool. For CUDA the provider must
     /// register or this fails, saying why.
     pub fn session_builder(&self, device: Device) -> Result<SessionBuilder, ModelError> {
-        let err = |e: ort::Error<SessionBuilder>| ModelError::Session {
-            path: PathBuf::from("<builder>"),
-            reason: e.to_string(),
-        };
+        let err = |e: ort::Error<SessionBuilder>| ModelError::SessionBuilder(e.into());
         let mut builder = Session::builder(&self.env)
-            .map_err(|e| ModelError::Session {
-                path: PathBuf::from("<builder>"),
-                reason: e.to_string(),
-            })?
+            .map_err(ModelError::SessionBuilder)?
             .with_optimization_level(GraphOptimizationLevel::All)
             .map_err(err)?;
         if let Device::Cuda(id) = device {
@@ -149,9 +147,9 @@ impl OrtRuntime {
         let mut builder = self.session_builder(device)?;
         builder
             .commit_from_file(path)
-            .map_err(|e| ModelError::Session {
+            .map_err(|source| ModelError::Session {
                 path: path.to_path_buf(),
-                reason: e.to_string(),
+                source,
             })
     }
 }

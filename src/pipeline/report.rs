@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 /// How `pixtract run` reports on stderr.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
     /// A live spinner on a terminal, plain lines otherwise.
     #[default]
@@ -19,7 +19,6 @@ pub enum LogFormat {
     /// One JSON object per line: run_started, progress (every 10 s), document_failed, row_failed, run_finished.
     Json,
     /// Nothing but errors that stop the run (benchmarks).
-    #[value(skip)]
     Quiet,
 }
 

@@ -213,14 +213,15 @@ fn default_failure_min_docs() -> usize {
 
 impl PipelineSpec {
     pub fn load(path: &Path) -> Result<PipelineSpec, PipelineError> {
-        let text = std::fs::read_to_string(path).map_err(|e| PipelineError::Spec {
+        let text = std::fs::read_to_string(path).map_err(|source| PipelineError::SpecRead {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            source,
         })?;
-        let spec: PipelineSpec = toml::from_str(&text).map_err(|e| PipelineError::Spec {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let spec: PipelineSpec =
+            toml::from_str(&text).map_err(|source| PipelineError::SpecParse {
+                path: path.to_path_buf(),
+                source,
+            })?;
         spec.validate().map_err(|reason| PipelineError::Spec {
             path: path.to_path_buf(),
             reason,

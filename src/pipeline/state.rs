@@ -13,7 +13,18 @@ use object_store::buffered::BufReader;
 use object_store::path::Path as ObjectPath;
 use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
 
-use super::PipelineError;
+/// Why the output's earlier state could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot list the output")]
+    Store(#[from] object_store::Error),
+    #[error("cannot read a Parquet file of the output")]
+    Parquet(#[from] parquet::errors::ParquetError),
+}
+use crate::extract::values::provenance::{
+    DOC_PAGE_COUNT, MODEL_ID, PAGE_END, PAGE_START, SCHEMA_SHA256, SOURCE_ETAG, SOURCE_URI,
+    SOURCE_VERSION,
+};
 use crate::sink::SinkTarget;
 
 /// Identity of a processed document: (uri, etag or version, schema sha256, model id).
@@ -57,14 +68,13 @@ pub fn doc_key(
 
 /// Reads every committed Parquet file under the target. A document counts as processed when its rows reach its
 /// last page, or when it has a document-level error row (page 0: it never rendered).
-pub async fn read_processed(target: &SinkTarget) -> Result<ProcessedSet, PipelineError> {
+pub async fn read_processed(target: &SinkTarget) -> Result<ProcessedSet, StateError> {
     let (store, prefix): (Arc<dyn ObjectStore>, Option<ObjectPath>) = match target {
         SinkTarget::Local(dir) => {
             if !dir.is_dir() {
                 return Ok(ProcessedSet::default());
             }
-            let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
-                .map_err(super::stage("output state"))?;
+            let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)?;
             (Arc::new(fs), None)
         }
         SinkTarget::Store { store, prefix, .. } => (
@@ -79,25 +89,22 @@ pub async fn read_processed(target: &SinkTarget) -> Result<ProcessedSet, Pipelin
             futures::future::ready(name.ends_with(".parquet") && !name.starts_with('.'))
         })
         .try_collect()
-        .await
-        .map_err(super::stage("output state"))?;
+        .await?;
     // Per key: highest page reached, page count, document-level error seen.
     let mut cover: HashMap<DocKey, (i32, Option<i32>, bool)> = HashMap::new();
     let mut set = ProcessedSet::default();
     for meta in files {
         let reader = BufReader::new(store.clone(), &meta);
-        let builder = ParquetRecordBatchStreamBuilder::new(reader)
-            .await
-            .map_err(super::stage("output state"))?;
+        let builder = ParquetRecordBatchStreamBuilder::new(reader).await?;
         let columns = [
-            "source_uri",
-            "source_etag",
-            "source_version",
-            "schema_sha256",
-            "model_id",
-            "page_start",
-            "page_end",
-            "doc_page_count",
+            SOURCE_URI,
+            SOURCE_ETAG,
+            SOURCE_VERSION,
+            SCHEMA_SHA256,
+            MODEL_ID,
+            PAGE_START,
+            PAGE_END,
+            DOC_PAGE_COUNT,
         ];
         let schema = builder.schema().clone();
         let mut indices = Vec::new();
@@ -112,37 +119,31 @@ pub async fn read_processed(target: &SinkTarget) -> Result<ProcessedSet, Pipelin
             continue;
         }
         let mask = ProjectionMask::roots(builder.parquet_schema(), indices);
-        let mut stream = builder
-            .with_projection(mask)
-            .build()
-            .map_err(super::stage("output state"))?;
+        let mut stream = builder.with_projection(mask).build()?;
         set.files_read += 1;
-        while let Some(batch) = stream
-            .try_next()
-            .await
-            .map_err(super::stage("output state"))?
-        {
+        while let Some(batch) = stream.try_next().await? {
             let text = |name: &str| {
                 batch
                     .column_by_name(name)
-                    .map(|c| c.as_string::<i32>().clone())
+                    // `_opt`: a foreign file with other column types is skipped, never a panic.
+                    .and_then(|c| c.as_string_opt::<i32>().cloned())
             };
             let int = |name: &str| {
                 batch
                     .column_by_name(name)
-                    .map(|c| c.as_primitive::<Int32Type>().clone())
+                    .and_then(|c| c.as_primitive_opt::<Int32Type>().cloned())
             };
             let (Some(uri), Some(etag), Some(version), Some(schema_sha), Some(model)) = (
-                text("source_uri"),
-                text("source_etag"),
-                text("source_version"),
-                text("schema_sha256"),
-                text("model_id"),
+                text(SOURCE_URI),
+                text(SOURCE_ETAG),
+                text(SOURCE_VERSION),
+                text(SCHEMA_SHA256),
+                text(MODEL_ID),
             ) else {
                 continue;
             };
             let (Some(start), Some(end), Some(count)) =
-                (int("page_start"), int("page_end"), int("doc_page_count"))
+                (int(PAGE_START), int(PAGE_END), int(DOC_PAGE_COUNT))
             else {
                 continue;
             };

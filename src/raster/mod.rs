@@ -9,15 +9,13 @@
 //!   Pixtral's own ([`crate::imaging`]), because an antialiased pre-downscale changes the model's tokens.
 //! - Limits on bytes, pages and pixels turn hostile inputs into [`RasterError`]s that name the document.
 
-pub mod bench;
-pub mod cli;
 pub mod pdf;
 pub mod scan;
 pub mod worker;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -25,28 +23,7 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-/// Where a document came from: enough to find it again and to tell whether it changed.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct DocumentInfo {
-    /// `s3://bucket/key`, or an absolute local path.
-    pub uri: String,
-    /// Size in bytes.
-    pub size: u64,
-    pub etag: Option<String>,
-    pub version: Option<String>,
-    pub last_modified: Option<SystemTime>,
-}
-
-impl DocumentInfo {
-    /// A document known only by a name (bytes in memory, tests).
-    pub fn named(uri: impl Into<String>, size: u64) -> DocumentInfo {
-        DocumentInfo {
-            uri: uri.into(),
-            size,
-            ..Default::default()
-        }
-    }
-}
+pub use crate::document::{DocumentInfo, FetchError};
 
 /// One page, ready for the model stage.
 #[derive(Debug, Clone)]
@@ -205,9 +182,9 @@ pub enum RasterError {
         "{uri}: rendering took longer than {seconds} s; the renderer process was stopped and replaced"
     )]
     Timeout { uri: String, seconds: u64 },
-    /// Listing or fetching failed (the reason says which).
-    #[error("{uri}: {reason}")]
-    Fetch { uri: String, reason: String },
+    /// The source could not hand the document's bytes on (listing, fetching, size limit).
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
     #[error("PDF renderer unavailable: {reason}")]
     Renderer { reason: String },
 }
@@ -228,8 +205,8 @@ impl RasterError {
             | PdfPage { uri, .. }
             | Decode { uri, .. }
             | WorkerCrashed { uri, .. }
-            | Timeout { uri, .. }
-            | Fetch { uri, .. } => Some(uri),
+            | Timeout { uri, .. } => Some(uri),
+            Fetch(e) => Some(e.uri()),
             Renderer { .. } => None,
         }
     }

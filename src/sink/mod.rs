@@ -33,24 +33,34 @@ use serde::{Deserialize, Serialize};
 pub enum SinkError {
     #[error("invalid sink target {target:?}: {reason}")]
     Target { target: String, reason: String },
-    #[error("cannot configure object store for {target}: {source}")]
+    #[error("invalid sink target {target:?}")]
+    Open {
+        target: String,
+        #[source]
+        source: crate::store::StoreError,
+    },
+    #[error("cannot configure object store for {target}")]
     Store {
         target: String,
+        #[source]
         source: object_store::Error,
     },
-    #[error("local file {}: {source}", path.display())]
+    #[error("local file {}", path.display())]
     Io {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("writing {file}: {source}")]
+    #[error("writing {file}")]
     Parquet {
         file: String,
+        #[source]
         source: parquet::errors::ParquetError,
     },
-    #[error("object {key}: {source}")]
+    #[error("object {key}")]
     Object {
         key: String,
+        #[source]
         source: object_store::Error,
     },
     #[error("batch schema differs from the sink's schema: {0}")]
@@ -139,9 +149,9 @@ impl SinkTarget {
     /// from their standard environment (see [`crate::store`]).
     pub fn parse(target: &str) -> Result<Self, SinkError> {
         if crate::store::is_object_store(target) {
-            let opened = crate::store::open(target).map_err(|reason| SinkError::Target {
+            let opened = crate::store::open(target).map_err(|source| SinkError::Open {
                 target: target.into(),
-                reason,
+                source,
             })?;
             Ok(SinkTarget::Store {
                 url: opened.url(),

@@ -18,13 +18,18 @@ use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
 
-pub use crate::raster::DocumentInfo;
-use crate::raster::RasterError;
+pub use crate::document::{DocumentInfo, FetchError};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SourceError {
     #[error("{uri}: not a usable source URI: {reason}")]
     BadUri { uri: String, reason: String },
+    #[error("{uri}: not a usable source URI")]
+    Store {
+        uri: String,
+        #[source]
+        source: crate::store::StoreError,
+    },
     #[error(
         "{uri}: {scheme}:// sources are not supported: use a local path, file://, s3://, gs:// or az://"
     )]
@@ -45,6 +50,7 @@ impl SourceError {
     pub fn uri(&self) -> Option<&str> {
         match self {
             SourceError::BadUri { uri, .. }
+            | SourceError::Store { uri, .. }
             | SourceError::UnsupportedScheme { uri, .. }
             | SourceError::NotFound { uri }
             | SourceError::List { uri, .. }
@@ -55,13 +61,11 @@ impl SourceError {
     }
 }
 
-impl From<SourceError> for RasterError {
-    fn from(e: SourceError) -> RasterError {
+impl From<SourceError> for FetchError {
+    fn from(e: SourceError) -> FetchError {
         match e {
-            SourceError::TooLarge { uri, size, limit } => {
-                RasterError::TooLarge { uri, size, limit }
-            }
-            other => RasterError::Fetch {
+            SourceError::TooLarge { uri, size, limit } => FetchError::TooLarge { uri, size, limit },
+            other => FetchError::Failed {
                 uri: other.uri().unwrap_or("?").to_string(),
                 reason: strip_uri(&other),
             },
@@ -71,7 +75,7 @@ impl From<SourceError> for RasterError {
 
 /// The error's message without its leading `uri: ` (the raster error adds it back).
 fn strip_uri(e: &SourceError) -> String {
-    let msg = e.to_string();
+    let msg = crate::error::chain(e);
     match e.uri() {
         Some(uri) => msg
             .strip_prefix(uri)
@@ -191,7 +195,10 @@ impl Source {
                 Source::local(uri, path)
             }
             Some(_) if crate::store::is_object_store(uri) => {
-                let opened = crate::store::open(uri).map_err(bad)?;
+                let opened = crate::store::open(uri).map_err(|source| SourceError::Store {
+                    uri: uri.to_string(),
+                    source,
+                })?;
                 Ok(Source {
                     store: opened.store,
                     prefix: opened.prefix,

@@ -6,18 +6,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use pixtract::model::manifest::DecoderAttention;
-use pixtract::model::verify;
 use pixtract::model::{
-    BatchPolicy, Device, EncodedPrompt, EngineOptions, GenerationConfig, NoHook, PixtralEngine,
+    BatchPolicy, Device, EncodedPrompt, EngineOptions, GenerationConfig, HookError, NoHook,
+    PixtralEngine,
 };
-use serde_json::Value;
+use pixtract::verify::{
+    self, LOGIT_TOLERANCE as LOGIT_TOL, PIXEL_TOLERANCE as PIXEL_TOL, ReferenceCase,
+};
 
 use crate::util::{read_json, runtime, tiny_gqa_model, tiny_model};
-
-/// Max abs difference allowed on normalised pixel values (~N(0,1) scale). mistral-common's OpenCV cubic and ours
-/// differ by float rounding only (FACTS.md saw 6e-5 on the 0..255 scale, ~1e-6 here).
-const PIXEL_TOL: f32 = 1e-4;
-const LOGIT_TOL: f32 = 1e-4;
 
 fn load_engine(
     cell: &'static std::sync::OnceLock<Mutex<PixtralEngine>>,
@@ -46,24 +43,14 @@ fn gqa_engine() -> std::sync::MutexGuard<'static, PixtralEngine> {
     load_engine(&ENGINE, tiny_gqa_model)
 }
 
-pub struct Case {
-    pub name: String,
-    pub json: Value,
-    pub prompt: EncodedPrompt,
-}
+pub type Case = ReferenceCase;
 
 fn case_dirs() -> Vec<PathBuf> {
     verify::reference_case_dirs(&tiny_model().join("reference")).expect("reference cases")
 }
 
 pub fn load_case(engine: &PixtralEngine, dir: &Path) -> Case {
-    let (json, prompt) = pixtract::model::bench::load_reference_case(engine, dir)
-        .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
-    Case {
-        name: json["name"].as_str().unwrap().to_string(),
-        prompt,
-        json,
-    }
+    ReferenceCase::load(engine, dir).unwrap_or_else(|e| panic!("{}: {e:?}", dir.display()))
 }
 
 /// Every reference case, and its prompt alone (what `generate_many` takes), in case order.
@@ -73,14 +60,27 @@ fn reference_prompts(engine: &PixtralEngine) -> (Vec<Case>, Vec<EncodedPrompt>) 
     (cases, prompts)
 }
 
-#[test]
-fn every_reference_case_matches_transformers() {
-    check_every_case(&mut engine());
+/// Each check runs on both exports of the tiny model, as two tests (eager, gqa), so a failure names its export.
+macro_rules! on_both_exports {
+    ($($check:ident => $eager:ident, $gqa:ident;)*) => {$(
+        #[test]
+        fn $eager() {
+            $check(&mut engine());
+        }
+
+        #[test]
+        fn $gqa() {
+            $check(&mut gqa_engine());
+        }
+    )*};
 }
 
-#[test]
-fn gqa_every_reference_case_matches_transformers() {
-    check_every_case(&mut gqa_engine());
+on_both_exports! {
+    check_every_case => every_reference_case_matches_transformers, gqa_every_reference_case_matches_transformers;
+    check_chunked_prefill => chunked_prefill_equals_one_pass, gqa_chunked_prefill_equals_one_pass;
+    check_batched => batched_generation_equals_one_by_one, gqa_batched_generation_equals_one_by_one;
+    check_leaving => sequences_leaving_the_batch_do_not_disturb_the_others, gqa_sequences_leaving_the_batch_do_not_disturb_the_others;
+    check_bad_inputs => bad_inputs_are_clear_errors, gqa_bad_inputs_are_clear_errors;
 }
 
 fn check_every_case(engine: &mut PixtralEngine) {
@@ -90,8 +90,8 @@ fn check_every_case(engine: &mut PixtralEngine) {
     let (mut worst_logit, mut worst_pixel) = (0f32, 0f32);
     for dir in &dirs {
         let case = load_case(engine, dir);
-        let check = verify::check_case(engine, &case.name, &case.json, &case.prompt)
-            .unwrap_or_else(|e| panic!("{}: {e:#}", case.name));
+        let check =
+            verify::check_case(engine, &case).unwrap_or_else(|e| panic!("{}: {e:#}", case.name));
         worst_logit = worst_logit.max(check.logit_diff);
         worst_pixel = worst_pixel.max(check.pixel_diff);
         assert!(check.pixel_sum_diff < PIXEL_TOL as f64, "{check:?}");
@@ -112,16 +112,6 @@ fn check_every_case(engine: &mut PixtralEngine) {
     assert!(failures.is_empty(), "{failures:#?}");
     assert!(worst_pixel <= PIXEL_TOL, "pixel diff {worst_pixel}");
     assert!(worst_logit <= LOGIT_TOL, "logit diff {worst_logit}");
-}
-
-#[test]
-fn chunked_prefill_equals_one_pass() {
-    check_chunked_prefill(&mut engine());
-}
-
-#[test]
-fn gqa_chunked_prefill_equals_one_pass() {
-    check_chunked_prefill(&mut gqa_engine());
 }
 
 fn check_chunked_prefill(engine: &mut PixtralEngine) {
@@ -178,16 +168,6 @@ fn check_chunked_prefill(engine: &mut PixtralEngine) {
     assert!(worst <= LOGIT_TOL, "{worst}");
 }
 
-#[test]
-fn batched_generation_equals_one_by_one() {
-    check_batched(&mut engine());
-}
-
-#[test]
-fn gqa_batched_generation_equals_one_by_one() {
-    check_batched(&mut gqa_engine());
-}
-
 fn check_batched(engine: &mut PixtralEngine) {
     let (cases, prompts) = reference_prompts(engine);
     let config = GenerationConfig {
@@ -222,24 +202,14 @@ fn check_batched(engine: &mut PixtralEngine) {
     }
 }
 
-#[test]
-fn sequences_leaving_the_batch_do_not_disturb_the_others() {
-    check_leaving(&mut engine());
-}
-
-#[test]
-fn gqa_sequences_leaving_the_batch_do_not_disturb_the_others() {
-    check_leaving(&mut gqa_engine());
-}
-
 fn check_leaving(engine: &mut PixtralEngine) {
     // A row stopped early by the hook leaves the batch; the remaining rows continue from a compacted cache.
     struct StopRowAfter(usize, usize);
     impl pixtract::model::StepHook for StopRowAfter {
-        fn mask_logits(&mut self, _: usize, _: &mut [f32]) -> Result<(), String> {
+        fn mask_logits(&mut self, _: usize, _: &mut [f32]) -> Result<(), HookError> {
             Ok(())
         }
-        fn accept_token(&mut self, row: usize, _: u32) -> Result<bool, String> {
+        fn accept_token(&mut self, row: usize, _: u32) -> Result<bool, HookError> {
             if row == self.0 {
                 self.1 -= 1;
                 return Ok(self.1 == 0);
@@ -291,16 +261,6 @@ fn gqa_models_refuse_cuda_with_the_reason() {
         err.contains("GroupQueryAttention") && err.contains("--attention eager"),
         "{err}"
     );
-}
-
-#[test]
-fn bad_inputs_are_clear_errors() {
-    check_bad_inputs(&mut engine());
-}
-
-#[test]
-fn gqa_bad_inputs_are_clear_errors() {
-    check_bad_inputs(&mut gqa_engine());
 }
 
 fn check_bad_inputs(engine: &mut PixtralEngine) {

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, Date32Array, Decimal128Array, Float32Array, Float64Array, ListArray, StringArray,
-    StructArray, TimestampMicrosecondArray,
+    Array, Date32Array, Decimal128Array, Float32Array, Float64Array, ListArray, RecordBatch,
+    StringArray, StructArray, TimestampMicrosecondArray,
 };
 use arrow::datatypes::{DataType, Field, Fields, TimeUnit};
 use pixtract::extract::answer;
@@ -121,7 +121,7 @@ fn arrow_mapping_covers_every_construct() {
         "$ref target's annotations"
     );
     // The row layout: extracted columns (all nullable at top level: failed rows), _confidence, provenance.
-    let row = schema.arrow_schema();
+    let row = pixtract::extract::row_schema(Some(&schema));
     let names: Vec<&str> = row.fields().iter().map(|f| f.name().as_str()).collect();
     assert_eq!(
         &names[..12],
@@ -448,97 +448,79 @@ fn answers_become_typed_rows_with_confidence() {
     failed.source.doc_page_count = None;
     let batch = to_record_batch(Some(&schema), &run_context(), &[ok, failed]).expect("batch");
     assert_eq!(batch.num_rows(), 2);
-    let col = |n: &str| {
-        batch
-            .column_by_name(n)
-            .unwrap_or_else(|| panic!("column {n}"))
-            .clone()
-    };
-    let names = col("name");
-    let names = names.as_any().downcast_ref::<StringArray>().unwrap();
+    let names = col::<StringArray>(&batch, "name");
     assert_eq!(names.value(0), "Café Ünïcode 東京");
     assert!(names.is_null(1));
-    let days = col("day");
-    let days = days.as_any().downcast_ref::<Date32Array>().unwrap();
+    let days = col::<Date32Array>(&batch, "day");
     assert_eq!(days.value(0), 19789, "2024-03-07 is day 19789");
-    let at = col("at");
-    let at = at
-        .as_any()
-        .downcast_ref::<TimestampMicrosecondArray>()
-        .unwrap();
+    let at = col::<TimestampMicrosecondArray>(&batch, "at");
     assert_eq!(
         at.value(0),
         1_709_803_230_000_000,
         "10:20:30+01:00 = 09:20:30Z"
     );
-    let amount = col("amount");
-    let amount = amount.as_any().downcast_ref::<Decimal128Array>().unwrap();
+    let amount = col::<Decimal128Array>(&batch, "amount");
     assert_eq!(
         amount.value(0),
         123_451,
         "1234.505 rounds half away from zero to 1234.51"
     );
-    let lines = col("lines");
-    let lines = lines.as_any().downcast_ref::<ListArray>().unwrap();
+    let lines = col::<ListArray>(&batch, "lines");
     assert_eq!(lines.value_length(0), 2);
     assert!(lines.is_null(1));
     let items = lines.value(0);
-    let items = items.as_any().downcast_ref::<StructArray>().unwrap();
-    let q = items
-        .column_by_name("q")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<Float64Array>()
-        .unwrap()
-        .clone();
+    let items = downcast::<StructArray>(&items, "lines[]");
+    let q = child::<Float64Array>(&items, "q");
     assert_eq!((q.value(0), q.value(1)), (1.5, 2.0));
     // Confidence: the name's tokens (0.25 inside, 0.9 for the token that also holds the quote) and the rest.
-    let conf = col("_confidence");
-    let conf = conf.as_any().downcast_ref::<StructArray>().unwrap();
+    let conf = col::<StructArray>(&batch, "_confidence");
     assert!(conf.is_null(1), "failed row has no confidence");
     let pair = |field: &str| {
-        let p = conf
-            .column_by_name(field)
-            .unwrap()
-            .as_any()
-            .downcast_ref::<StructArray>()
-            .unwrap()
-            .clone();
-        let min = p
-            .column_by_name("min")
-            .unwrap()
-            .as_any()
-            .downcast_ref::<Float32Array>()
-            .unwrap()
-            .value(0);
-        let mean = p
-            .column_by_name("mean")
-            .unwrap()
-            .as_any()
-            .downcast_ref::<Float32Array>()
-            .unwrap()
-            .value(0);
-        (min, mean)
+        let p = child::<StructArray>(&conf, field);
+        (
+            child::<Float32Array>(&p, "min").value(0),
+            child::<Float32Array>(&p, "mean").value(0),
+        )
     };
     assert_eq!(pair("name").0, 0.25);
     assert!(pair("name").1 < 0.5);
     assert_eq!(pair("day"), (0.9, 0.9));
-    let status = col("status");
-    let status = status.as_any().downcast_ref::<StringArray>().unwrap();
+    let status = col::<StringArray>(&batch, "status");
     assert_eq!((status.value(0), status.value(1)), ("ok", "error"));
-    let err = col("error");
     assert!(
-        err.as_any()
-            .downcast_ref::<StringArray>()
-            .unwrap()
+        col::<StringArray>(&batch, "error")
             .value(1)
             .contains("FormatError")
     );
-    let sha = col("schema_sha256");
     assert_eq!(
-        sha.as_any().downcast_ref::<StringArray>().unwrap().value(0),
+        col::<StringArray>(&batch, "schema_sha256").value(0),
         schema.sha256
     );
+}
+
+/// An array as its concrete type, naming what it is when it is not.
+fn downcast<T: Array + Clone + 'static>(array: &dyn Array, what: &str) -> T {
+    array
+        .as_any()
+        .downcast_ref::<T>()
+        .unwrap_or_else(|| panic!("{what} is {:?}", array.data_type()))
+        .clone()
+}
+
+/// A record batch's column `name` as `T`.
+fn col<T: Array + Clone + 'static>(batch: &RecordBatch, name: &str) -> T {
+    let array = batch
+        .column_by_name(name)
+        .unwrap_or_else(|| panic!("no column {name}"));
+    downcast(array.as_ref(), name)
+}
+
+/// A struct array's child `name` as `T`.
+fn child<T: Array + Clone + 'static>(parent: &StructArray, name: &str) -> T {
+    let array = parent
+        .column_by_name(name)
+        .unwrap_or_else(|| panic!("no child {name}"));
+    downcast(array.as_ref(), name)
 }
 
 /// Every reference image (prepared by the engine's preprocessor), one page per input.
@@ -771,30 +753,12 @@ fn free_text_mode_and_failed_inputs_still_give_rows() {
         .map(|f| f.name().clone())
         .collect();
     assert_eq!(&names[..2], &["text", "_confidence"]);
-    let status = batch
-        .column_by_name("status")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<StringArray>()
-        .unwrap()
-        .clone();
-    assert_eq!(status.value(1), "error");
-    let schema_name = batch
-        .column_by_name("schema_name")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<StringArray>()
-        .unwrap()
-        .clone();
-    assert_eq!(schema_name.value(0), "free_text");
-    let fetch = batch
-        .column_by_name("fetch_ms")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<Float64Array>()
-        .unwrap()
-        .clone();
-    assert_eq!(fetch.value(0), 1.0);
+    assert_eq!(col::<StringArray>(&batch, "status").value(1), "error");
+    assert_eq!(
+        col::<StringArray>(&batch, "schema_name").value(0),
+        "free_text"
+    );
+    assert_eq!(col::<Float64Array>(&batch, "fetch_ms").value(0), 1.0);
 }
 
 /// Cost of the grammar: decode tokens/s with and without the receipt grammar, batch 1 and 8, same process.

@@ -5,6 +5,7 @@ mod doctor;
 mod engine;
 mod exporter;
 mod extract;
+mod layers;
 mod model_dir;
 mod pipeline;
 mod raster;

@@ -325,7 +325,9 @@ async fn source_local_folders_files_and_file_urls() {
         "{e}"
     );
     let e = Source::open("gs:///x").unwrap_err();
-    assert!(e.to_string().contains("no bucket name"), "{e}");
+    // The cause is kept as the error's source: the chain says it.
+    let chain = pixtract::error::chain(&e);
+    assert!(chain.contains("no bucket name"), "{chain}");
     let e = Source::open("ftp://host/x").unwrap_err();
     assert!(e.to_string().contains("unknown scheme"), "{e}");
     let e = source

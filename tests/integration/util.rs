@@ -223,7 +223,7 @@ pub fn make_pdf(pages: &[PdfPage]) -> Vec<u8> {
     objects.push(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_vec());
     page_objs.sort_by_key(|(id, _)| *id);
     objects.extend(page_objs.into_iter().map(|(_, o)| o));
-    pixtract::raster::bench::pdf_from_objects(&objects)
+    pixtract::testkit::pdf_from_objects(&objects)
 }
 
 /// A one-page PDF encrypted with the standard security handler (RC4, revision 2) and a user password, made

@@ -1,16 +1,14 @@
-//! `pixtract generate`: one prompt over one or more images, answer and per-phase timings. The CLI edge of the
-//! model stage (errors become anyhow messages here and nowhere deeper).
+//! `pixtract generate`: one prompt over one or more images, answer and per-phase timings.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 
-use super::runtime::Threads;
-use super::{
-    BatchPolicy, Device, EngineOptions, GenerationConfig, NoHook, PixtralEngine, Prompt,
-    PromptPart, Sampling,
+use pixtract::model::runtime::Threads;
+use pixtract::model::{
+    BatchPolicy, Device, EngineOptions, GenerationConfig, NoHook, OrtRuntime, PixtralEngine,
+    Prompt, PromptPart, Sampling,
 };
 
 #[derive(Debug, clap::Args)]
@@ -58,21 +56,11 @@ pub struct GenerateArgs {
     pub prefill_chunk: Option<usize>,
 }
 
-pub fn generate(args: GenerateArgs) -> ExitCode {
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("pixtract generate: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn run(args: GenerateArgs) -> anyhow::Result<()> {
+pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     if args.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }
-    let rt = super::OrtRuntime::load_from_env_with_pool(Threads {
+    let rt = OrtRuntime::load_from_env_with_pool(Threads {
         intra_op: args.threads,
         spin: args.spin,
     })?;

@@ -1,46 +1,68 @@
-//! `pixtract run`: the CLI edge of the job runner.
+//! `pixtract run`: a pipeline spec with command-line overrides, its summary and exit code.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::{LogFormat, PipelineSpec, RunOptions, RunSummary, run_blocking};
+use pixtract::error::chain;
+use pixtract::pipeline::{LogFormat, PipelineSpec, RunOptions, RunSummary, run_blocking};
+
+/// `--log-format`: how progress and events go to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormatArg {
+    /// A live spinner on a terminal, plain lines otherwise.
+    Auto,
+    /// Plain lines: a progress line every 10 s, one line per failed document.
+    Plain,
+    /// One JSON object per line: run_started, progress (every 10 s), document_failed, row_failed, run_finished.
+    Json,
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(arg: LogFormatArg) -> Self {
+        match arg {
+            LogFormatArg::Auto => LogFormat::Auto,
+            LogFormatArg::Plain => LogFormat::Plain,
+            LogFormatArg::Json => LogFormat::Json,
+        }
+    }
+}
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Pipeline spec (TOML), e.g. pipelines/demo.toml. Every key is documented in pipelines/receipts.toml.
-    pub spec: PathBuf,
+    spec: PathBuf,
     /// Override [source] uri.
     #[arg(long, env = "PIXTRACT_SOURCE")]
-    pub source: Option<String>,
+    source: Option<String>,
     /// Override [output] uri.
     #[arg(long, env = "PIXTRACT_OUTPUT")]
-    pub output: Option<String>,
+    output: Option<String>,
     /// Override [model] dir.
     #[arg(long, env = "PIXTRACT_MODEL")]
-    pub model: Option<PathBuf>,
+    model: Option<PathBuf>,
     /// Override [model] device: cpu, cuda or cuda:N.
     #[arg(long, env = "PIXTRACT_DEVICE")]
-    pub device: Option<String>,
+    device: Option<String>,
     /// Override [model] max_new_tokens.
     #[arg(long)]
-    pub max_new_tokens: Option<usize>,
+    max_new_tokens: Option<usize>,
     /// Override [limits] max_documents (0: all).
     #[arg(long)]
-    pub max_documents: Option<usize>,
+    max_documents: Option<usize>,
     /// Reprocess documents the output already holds (same ETag/version, schema and model are skipped otherwise).
     #[arg(long)]
-    pub force: bool,
+    force: bool,
     /// Process shard I of N (documents assigned by a stable hash of their URI). Without it, the index comes from
     /// JOB_COMPLETION_INDEX (Kubernetes Indexed Jobs) or AWS_BATCH_JOB_ARRAY_INDEX (AWS Batch array jobs) and the
     /// count from PIXTRACT_SHARDS.
     #[arg(long, value_name = "I/N")]
-    pub shard: Option<String>,
+    shard: Option<String>,
     /// How progress and events go to stderr: auto (a live line on a terminal, plain lines otherwise), plain, or
     /// json (one object per line: run_started, progress every 10 s or PIXTRACT_PROGRESS_SECONDS, with
     /// documents_total and eta_s once the listing is counted, document_failed, row_failed, run_finished; the
     /// summary on stdout is then JSON too).
     #[arg(long, value_enum, default_value = "auto", env = "PIXTRACT_LOG_FORMAT")]
-    pub log_format: LogFormat,
+    log_format: LogFormatArg,
 }
 
 /// `--shard i/n`, else a scheduler's index variable with PIXTRACT_SHARDS.
@@ -77,17 +99,9 @@ fn shard_from(arg: Option<&str>) -> Result<Option<(u64, u64)>, String> {
     Ok(None)
 }
 
-/// Exit codes: 0 every row ok; 2 finished with failed documents or rows (each has an error row); 3 stopped early
-/// by the failure budget or SIGINT/SIGTERM (what was done is committed; the next run does the rest); 1 could not
-/// run (bad spec, model, output).
-pub fn run(args: RunArgs) -> ExitCode {
-    let mut spec = match PipelineSpec::load(&args.spec) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("pixtract run: error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+/// The spec file with the command line's overrides, checked, and the shard to process.
+fn spec_with_overrides(args: RunArgs) -> anyhow::Result<(PipelineSpec, Option<(u64, u64)>)> {
+    let mut spec = PipelineSpec::load(&args.spec)?;
     if let Some(v) = args.source {
         spec.source.uri = v;
     }
@@ -106,18 +120,25 @@ pub fn run(args: RunArgs) -> ExitCode {
     if let Some(v) = args.max_documents {
         spec.limits.max_documents = v;
     }
-    let shard = match shard_from(args.shard.as_deref()) {
-        Ok(s) => s,
+    let shard = shard_from(args.shard.as_deref()).map_err(anyhow::Error::msg)?;
+    spec.validate().map_err(anyhow::Error::msg)?;
+    Ok((spec, shard))
+}
+
+/// Exit codes: 0 every row ok; 2 finished with failed documents or rows (each has an error row); 3 stopped early
+/// by the failure budget or SIGINT/SIGTERM (what was done is committed; the next run does the rest); 1 could not
+/// run (bad spec, model, output).
+pub fn run(args: RunArgs) -> ExitCode {
+    let log_format = LogFormat::from(args.log_format);
+    let force = args.force;
+    let (spec, shard) = match spec_with_overrides(args) {
+        Ok(v) => v,
         Err(e) => {
-            eprintln!("pixtract run: error: {e}");
+            eprintln!("pixtract run: error: {e:#}");
             return ExitCode::FAILURE;
         }
     };
-    if let Err(reason) = spec.validate() {
-        eprintln!("pixtract run: error: {reason}");
-        return ExitCode::FAILURE;
-    }
-    if args.log_format != LogFormat::Json {
+    if log_format != LogFormat::Json {
         eprintln!(
             "pixtract run: pipeline {} | {} -> {} | model {} on {}",
             spec.name,
@@ -128,21 +149,21 @@ pub fn run(args: RunArgs) -> ExitCode {
         );
     }
     let opts = RunOptions {
-        force: args.force,
+        force,
         shard,
-        log: args.log_format,
+        log: log_format,
     };
-    let json = args.log_format == LogFormat::Json;
+    let json = log_format == LogFormat::Json;
     match run_blocking(spec, opts) {
         Err(e) => {
             if json {
                 eprintln!(
                     "{}",
                     serde_json::json!({"ts": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                        "level": "error", "event": "run_failed", "error": e.to_string()})
+                        "level": "error", "event": "run_failed", "error": chain(&e)})
                 );
             } else {
-                eprintln!("pixtract run: error: {e}");
+                eprintln!("pixtract run: error: {}", chain(&e));
             }
             ExitCode::FAILURE
         }

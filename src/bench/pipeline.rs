@@ -6,44 +6,26 @@
 //! grammar-constrained decoding, so schema mode would not be the same job.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::Command;
 
 use anyhow::bail;
 
-use super::{LogFormat, PipelineSpec, RunOptions, run_blocking};
+use pixtract::pipeline::{LogFormat, PipelineSpec, RunOptions, run_blocking};
 
 const SUFFIXES: [&str; 7] = ["pdf", "jpg", "jpeg", "png", "tif", "tiff", "webp"];
 
-#[derive(Debug, clap::Args)]
-pub struct PipelineBenchArgs {
-    /// Folder of documents (PDF, JPEG, PNG, TIFF, WebP), e.g. out/demo/inputs after `make demo`.
-    #[arg(long, value_name = "DIR")]
+/// What `pixtract bench pipeline` runs (the command line's flags, documented there).
+#[derive(Debug, Clone)]
+pub struct PipelineBench {
     pub source: PathBuf,
-    /// Pipeline spec whose raster and model settings both sides use (its schema is ignored: free-text mode).
-    #[arg(long, default_value = "pipelines/demo.toml")]
     pub spec: PathBuf,
-    /// Model directory (overrides the spec's).
-    #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
-    /// Tokens generated per page at most (both sides stop at </s>).
-    #[arg(long, default_value_t = 32)]
     pub max_new_tokens: usize,
-    /// Python interpreter with the export stack (default: the project's .venv).
-    #[arg(long)]
-    pub python: Option<PathBuf>,
+    pub python: PathBuf,
 }
 
-pub fn run(args: PipelineBenchArgs) -> ExitCode {
-    match bench(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("pixtract bench pipeline: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn bench(args: PipelineBenchArgs) -> anyhow::Result<()> {
+/// Runs both pipelines and prints their table.
+pub fn run(args: PipelineBench) -> anyhow::Result<()> {
     if !args.source.is_dir() {
         bail!(
             "--source {}: not a folder (run `make demo` for out/demo/inputs, or point it at your documents)",
@@ -69,7 +51,7 @@ fn bench(args: PipelineBenchArgs) -> anyhow::Result<()> {
     let max_side = spec.raster.max_side;
     let max_dpi = spec.raster.max_dpi;
     let model_dir = spec.model.dir.clone();
-    let instruction = crate::extract::prompt::free_text_instruction();
+    let instruction = pixtract::extract::prompt::free_text_instruction();
 
     eprintln!(
         "pixtract bench pipeline: pixtract run (free text, {} new tokens) ...",
@@ -147,19 +129,15 @@ fn bench(args: PipelineBenchArgs) -> anyhow::Result<()> {
 }
 
 fn python_reference(
-    args: &PipelineBenchArgs,
+    args: &PipelineBench,
     model: &Path,
     scratch: &Path,
     instruction: &str,
     max_side: u32,
     max_dpi: Option<f32>,
 ) -> anyhow::Result<serde_json::Value> {
-    let python = args
-        .python
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(".venv/bin/python"));
-    let mut cmd = Command::new(&python);
-    cmd.arg("onnx-export/export.py")
+    let mut cmd = Command::new(&args.python);
+    cmd.arg(super::EXPORTER)
         .arg("pipeline-reference")
         .arg("--source")
         .arg(&args.source)
@@ -179,5 +157,5 @@ fn python_reference(
     if let Some(dpi) = max_dpi {
         cmd.arg("--max-dpi").arg(dpi.to_string());
     }
-    crate::model::bench::run_python_reference(&mut cmd)
+    super::run_python_reference(&mut cmd)
 }

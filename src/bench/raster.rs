@@ -2,33 +2,26 @@
 //! run, same files, as a ratio; and JPEG scans (decode + Pixtral resize to model size) per second.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use bytes::Bytes;
 use futures::StreamExt;
 use image::DynamicImage;
 
-use super::{DocumentInfo, PdfMode, RasterOptions, Rasterizer, rasterize_blocking};
-use crate::imaging;
+use pixtract::imaging;
+use pixtract::raster::{DocumentInfo, PdfMode, RasterOptions, Rasterizer, rasterize_blocking};
+use pixtract::testkit;
 
-#[derive(Debug, Clone, clap::Args)]
-pub struct RasterBenchArgs {
-    /// PDFs to render (files or folders). Default: a generated 20-page invoice (text and tables).
-    #[arg(long = "pdf", value_name = "PATH")]
+/// What `pixtract bench raster` measures (the command line's flags, documented there).
+#[derive(Debug, Clone)]
+pub struct RasterBench {
     pub pdfs: Vec<PathBuf>,
-    /// JPEG scans to decode and resize (files or folders). Default: ../shared/corpus/receipts-sroie if present.
-    #[arg(long = "jpeg", value_name = "PATH")]
     pub jpegs: Vec<PathBuf>,
-    /// Long side in pixels for both renderers.
-    #[arg(long, default_value_t = 1024)]
     pub max_side: u32,
-    /// Worker processes for the parallel run (pdftoppm gets as many concurrent processes).
-    #[arg(long, default_value_t = 2)]
     pub workers: usize,
-    /// Passes over the inputs per measurement.
-    #[arg(long, default_value_t = 3)]
     pub repeat: usize,
 }
 
@@ -52,88 +45,13 @@ fn collect(paths: &[PathBuf], ext: &str) -> Vec<PathBuf> {
     out
 }
 
-/// A 20-page invoice-like PDF: Helvetica text and ruled tables.
-pub fn sample_invoice_pdf(pages: usize) -> Vec<u8> {
-    let mut objects: Vec<Vec<u8>> = vec![
-        b"<< /Type /Catalog /Pages 2 0 R >>".to_vec(),
-        Vec::new(),
-        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_vec(),
-    ];
-    let mut kids = Vec::new();
-    for p in 0..pages {
-        let page_id = objects.len() + 1;
-        kids.push(format!("{page_id} 0 R"));
-        let mut c = format!("BT /F1 24 Tf 72 740 Td (INVOICE 2024-{p:04}) Tj ET\n0 0 0 RG 0.8 w\n");
-        for r in 0..30 {
-            let y = 700 - r * 20;
-            c += &format!("72 {y} m 540 {y} l S\n");
-            c += &format!(
-                "BT /F1 10 Tf 78 {} Td (Item {r} description of goods) Tj 300 0 Td ({}) Tj 100 0 Td ({}.{:02}) Tj ET\n",
-                y - 14,
-                r % 7 + 1,
-                r * 3 + 1,
-                r * 7 % 100
-            );
-        }
-        for x in [72, 370, 470, 540] {
-            c += &format!("{x} 700 m {x} 100 l S\n");
-        }
-        objects.push(
-            format!(
-                "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> /Contents {} 0 R >>",
-                page_id + 1
-            )
-            .into_bytes(),
-        );
-        let mut s = format!("<< /Length {} >>\nstream\n", c.len()).into_bytes();
-        s.extend_from_slice(c.as_bytes());
-        s.extend_from_slice(b"\nendstream");
-        objects.push(s);
-    }
-    objects[1] = format!(
-        "<< /Type /Pages /Kids [{}] /Count {pages} >>",
-        kids.join(" ")
-    )
-    .into_bytes();
-    pdf_from_objects(&objects)
-}
-
-/// A PDF file from its objects (numbered 1.. in order, object 1 the catalog), with a classic xref table.
-/// Generated test and bench documents share it.
-pub fn pdf_from_objects(objects: &[Vec<u8>]) -> Vec<u8> {
-    // The binary comment marks the file as binary for tools that sniff the second line.
-    let mut out = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n".to_vec();
-    let mut offsets = Vec::new();
-    for (i, o) in objects.iter().enumerate() {
-        offsets.push(out.len());
-        out.extend_from_slice(format!("{} 0 obj\n", i + 1).as_bytes());
-        out.extend_from_slice(o);
-        out.extend_from_slice(b"\nendobj\n");
-    }
-    let xref = out.len();
-    out.extend_from_slice(
-        format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes(),
-    );
-    for off in offsets {
-        out.extend_from_slice(format!("{off:010} 00000 n \n").as_bytes());
-    }
-    out.extend_from_slice(
-        format!(
-            "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
-            objects.len() + 1
-        )
-        .as_bytes(),
-    );
-    out
-}
-
 /// pdftoppm over every file, `parallel` processes at a time, long side `max_side`, PPM into a temp folder.
 fn pdftoppm(
     files: &[PathBuf],
     max_side: u32,
     parallel: usize,
     out: &Path,
-) -> Result<Duration, String> {
+) -> anyhow::Result<Duration> {
     let started = Instant::now();
     for chunk in files.chunks(parallel.max(1)) {
         let children: Vec<_> = chunk
@@ -147,34 +65,24 @@ fn pdftoppm(
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .spawn()
-                    .map_err(|e| {
-                        format!("cannot run pdftoppm (apt-get install poppler-utils): {e}")
-                    })
+                    .context("cannot run pdftoppm (apt-get install poppler-utils)")
             })
             .collect::<Result<_, _>>()?;
         for mut c in children {
-            c.wait().map_err(|e| e.to_string())?;
+            c.wait()?;
         }
     }
     Ok(started.elapsed())
 }
 
-pub fn run(args: RasterBenchArgs) -> ExitCode {
-    match run_inner(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn run_inner(args: RasterBenchArgs) -> Result<(), String> {
+/// Runs the benchmark and prints its table.
+pub fn run(args: RasterBench) -> anyhow::Result<()> {
     let tmp = tempdir()?;
     let mut pdfs = collect(&args.pdfs, "pdf");
     if pdfs.is_empty() {
         let p = tmp.join("invoice-20p.pdf");
-        std::fs::write(&p, sample_invoice_pdf(20)).map_err(|e| e.to_string())?;
+        std::fs::write(&p, testkit::sample_invoice_pdf(20))
+            .with_context(|| format!("writing {}", p.display()))?;
         pdfs.push(p);
     }
     let docs: Vec<(PathBuf, Vec<u8>)> = pdfs
@@ -182,7 +90,7 @@ fn run_inner(args: RasterBenchArgs) -> Result<(), String> {
         .map(|p| {
             std::fs::read(p)
                 .map(|b| (p.clone(), b))
-                .map_err(|e| format!("{}: {e}", p.display()))
+                .with_context(|| format!("reading {}", p.display()))
         })
         .collect::<Result<_, _>>()?;
     let opts = RasterOptions {
@@ -210,10 +118,9 @@ fn run_inner(args: RasterBenchArgs) -> Result<(), String> {
     }
     let one = pages as f64 / started.elapsed().as_secs_f64();
     // pixtract, N worker processes.
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-    let mode =
-        PdfMode::workers(args.workers, Duration::from_secs(120)).map_err(|e| e.to_string())?;
-    let rasterizer = Rasterizer::new(opts.clone(), mode).map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let mode = PdfMode::workers(args.workers, Duration::from_secs(120))?;
+    let rasterizer = Rasterizer::new(opts.clone(), mode)?;
     let (par_pages, par_s) = runtime.block_on(async {
         // Warm the workers (process start, pdfium load) outside the clock.
         let warm = futures::stream::iter((0..args.workers).map(|_| {
@@ -307,8 +214,8 @@ fn run_inner(args: RasterBenchArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn tempdir() -> Result<PathBuf, String> {
+fn tempdir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("pixtract-bench-raster-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }

@@ -7,9 +7,11 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use image::DynamicImage;
 
-use super::{PdfMode, RasterError, RasterOptions, Rasterizer};
-use crate::imaging;
-use crate::source::{ListOptions, Source};
+use pixtract::document::FetchError;
+use pixtract::error::chain;
+use pixtract::imaging;
+use pixtract::raster::{PdfMode, RasterError, RasterOptions, Rasterizer};
+use pixtract::source::{ListOptions, Source};
 
 /// Arguments of `pixtract pages`.
 #[derive(Debug, Clone, clap::Args)]
@@ -19,46 +21,46 @@ pub struct PagesArgs {
     /// gs://bucket/prefix (GOOGLE_* variables) or az://container/prefix, abfss://container@account.dfs.core.
     /// windows.net/prefix (AZURE_* variables).
     #[arg(value_name = "URI")]
-    pub uri: String,
+    uri: String,
     /// Folder for the PNGs (created if missing): <path below URI, '/' as '__'>.pNNNN.png
     #[arg(long, value_name = "DIR")]
-    pub out: PathBuf,
+    out: PathBuf,
     /// Long side of the model's view in pixels (Pixtral: 1024). PDFs are rendered at this size directly.
     #[arg(long, default_value_t = 1024)]
-    pub max_side: u32,
+    max_side: u32,
     /// Patch size the model view is rounded up to (Pixtral: 16).
     #[arg(long, default_value_t = 16)]
-    pub patch: usize,
+    patch: usize,
     /// Cap on the PDF render resolution in DPI (small pages are not enlarged past it).
     #[arg(long)]
-    pub max_dpi: Option<f32>,
+    max_dpi: Option<f32>,
     /// Only documents matching one of these globs (repeatable); a glob without '/' matches the file name.
     #[arg(long = "include", value_name = "GLOB")]
-    pub include: Vec<String>,
+    include: Vec<String>,
     /// Skip documents matching these globs (repeatable).
     #[arg(long = "exclude", value_name = "GLOB")]
-    pub exclude: Vec<String>,
+    exclude: Vec<String>,
     /// Password for encrypted PDFs.
     #[arg(long, env = "PIXTRACT_PDF_PASSWORD", hide_env_values = true)]
-    pub password: Option<String>,
+    password: Option<String>,
     /// PDF renderer processes (each renders one document at a time).
     #[arg(long, default_value_t = default_workers())]
-    pub workers: usize,
+    workers: usize,
     /// Seconds a renderer process may spend on one document before it is stopped and replaced.
     #[arg(long, default_value_t = 60)]
-    pub timeout: u64,
+    timeout: u64,
     /// Fetches in flight at once.
     #[arg(long, default_value_t = 8)]
-    pub fetch_concurrency: usize,
+    fetch_concurrency: usize,
     /// Largest document accepted, in bytes.
     #[arg(long, default_value_t = RasterOptions::default().max_bytes)]
-    pub max_bytes: u64,
+    max_bytes: u64,
     /// Most pages accepted per document.
     #[arg(long, default_value_t = RasterOptions::default().max_pages)]
-    pub max_pages: usize,
+    max_pages: usize,
     /// Most pixels accepted per image (decompression bombs).
     #[arg(long, default_value_t = RasterOptions::default().max_pixels)]
-    pub max_pixels: u64,
+    max_pixels: u64,
 }
 
 fn default_workers() -> usize {
@@ -94,7 +96,7 @@ async fn run_pages(args: PagesArgs) -> ExitCode {
     }
     let source = match Source::open(&args.uri) {
         Ok(s) => s,
-        Err(e) => return fatal(e.to_string()),
+        Err(e) => return fatal(chain(&e)),
     };
     let opts = RasterOptions {
         max_side: args.max_side,
@@ -106,11 +108,11 @@ async fn run_pages(args: PagesArgs) -> ExitCode {
     };
     let mode = match PdfMode::workers(args.workers, Duration::from_secs(args.timeout.max(1))) {
         Ok(m) => m,
-        Err(e) => return fatal(e.to_string()),
+        Err(e) => return fatal(chain(&e)),
     };
     let rasterizer = match Rasterizer::new(opts, mode) {
         Ok(r) => r,
-        Err(e) => return fatal(e.to_string()),
+        Err(e) => return fatal(chain(&e)),
     };
     let list_opts = ListOptions {
         include: args.include.clone(),
@@ -118,8 +120,8 @@ async fn run_pages(args: PagesArgs) -> ExitCode {
         max_bytes: args.max_bytes,
     };
     let fetched = match source.fetch_all(&list_opts, args.fetch_concurrency) {
-        Ok(s) => s.map(|r| r.map_err(RasterError::from)),
-        Err(e) => return fatal(e.to_string()),
+        Ok(s) => s.map(|r| r.map_err(|e| RasterError::from(FetchError::from(e)))),
+        Err(e) => return fatal(chain(&e)),
     };
     let (mut docs, mut pages_total, mut failed) = (0usize, 0usize, 0usize);
     let mut stream = std::pin::pin!(rasterizer.documents(fetched, args.workers.max(1)));
@@ -157,7 +159,7 @@ async fn run_pages(args: PagesArgs) -> ExitCode {
                     }
                 }
                 Err(e) => {
-                    error = Some(e.to_string());
+                    error = Some(chain(&e));
                     break;
                 }
             }

@@ -5,69 +5,38 @@
 //! (b) transformers `generate()` (both in `onnx-export/pixtract_export/bench.py`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::Command;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 
-use super::runtime::Threads;
-use super::{
-    Device, EncodedPrompt, EngineOptions, GenerationConfig, NoHook, PixtralEngine, Prompt,
-    PromptPart,
+use pixtract::model::runtime::Threads;
+use pixtract::model::{
+    Device, EncodedPrompt, EngineOptions, GenerationConfig, NoHook, OrtRuntime, PixtralEngine,
 };
+use pixtract::verify::{self, ReferenceCase};
 
-const DEFAULT_CASES: &str = "grayscale,rgba,system_prompt,multilingual_image,tall_receipt,text_only,multilingual,two_images";
-
-#[derive(Debug, clap::Args)]
-pub struct EngineBenchArgs {
-    /// Model directory, as `scripts/setup.sh` makes them: models/tiny-gqa (GroupQueryAttention decoder, the
-    /// cache written in place: pixtract's fastest CPU path), models/tiny (eager decoder), or a variant.
-    #[arg(long, value_name = "DIR", default_value = "models/tiny-gqa")]
+/// What `pixtract bench engine` measures (the command line's flags, documented there).
+#[derive(Debug, Clone)]
+pub struct EngineBench {
     pub model: PathBuf,
-    /// Folder holding the reference cases (default: <model>/reference, else models/tiny/reference: the
-    /// gqa export and the quantized variants share the fp32 tiny model's).
-    #[arg(long, value_name = "DIR")]
     pub reference_dir: Option<PathBuf>,
-    /// Reference cases used as prompts, comma-separated.
-    #[arg(long, default_value = DEFAULT_CASES)]
-    pub cases: String,
-    /// New tokens per sequence (EOS ignored).
-    #[arg(long, default_value_t = 32)]
+    /// Reference case names used as prompts.
+    pub cases: Vec<String>,
     pub new_tokens: usize,
-    /// Batch sizes to measure; repeatable.
-    #[arg(long = "batch", default_values_t = vec![1, 8])]
     pub batches: Vec<usize>,
-    /// Rounds: each runs pixtract once, then the Python references once; each side's fastest round is reported.
-    #[arg(long, default_value_t = 2)]
     pub repeat: usize,
-    /// Python interpreter with the export stack (default: the project's .venv).
-    #[arg(long)]
-    pub python: Option<PathBuf>,
-    /// The prompts for the Python side already encoded (`onnx-export/export.py bench encode-cases`), for a
-    /// machine whose Python has no mistral-common.
-    #[arg(long, value_name = "FILE.npz")]
+    pub python: PathBuf,
     pub python_encoded: Option<PathBuf>,
-    /// Measure pixtract only.
-    #[arg(long)]
     pub no_reference: bool,
-    /// Skip transformers generate() (slow), keep the Python ONNX Runtime loop.
-    #[arg(long)]
     pub skip_transformers: bool,
-    /// ONNX Runtime intra-op threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// Device both pixtract and the Python onnxruntime loop run on: cpu, cuda or cuda:N (cuda needs
-    /// onnxruntime-gpu in --python's environment; transformers is then left out: it would run on the CPU).
-    #[arg(long, default_value = "cpu")]
     pub device: Device,
-    /// Let ONNX Runtime's idle threads spin-wait between ops (ONNX Runtime's default; faster on an otherwise idle
-    /// machine). `--spin false` when other work shares the cores.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub spin: bool,
-    /// Prompt tokens per prefill pass for pixtract (0: all at once, as the Python loop does; default 256 on cpu,
-    /// 1024 on cuda).
-    #[arg(long, value_name = "TOKENS")]
     pub prefill_chunk: Option<usize>,
 }
+
+/// The reference cases `bench engine` uses as prompts by default: images of every shape, text only, two images.
+pub const DEFAULT_CASES: &str = "grayscale,rgba,system_prompt,multilingual_image,tall_receipt,text_only,multilingual,two_images";
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Phase {
@@ -83,53 +52,14 @@ impl Phase {
     }
 }
 
-pub fn run(args: EngineBenchArgs) -> ExitCode {
-    match bench(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("pixtract bench engine: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// A reference case (`<model>/reference/<name>/case.json` with its PNGs) encoded for `engine`, with the case's
-/// JSON (expected ids, logits, tokens). Shared by this bench and the parity tests.
-pub fn load_reference_case(
-    engine: &PixtralEngine,
-    dir: &Path,
-) -> anyhow::Result<(serde_json::Value, EncodedPrompt)> {
-    let text = std::fs::read_to_string(dir.join("case.json"))
-        .with_context(|| format!("reference case {} (run scripts/setup.sh)", dir.display()))?;
-    let case: serde_json::Value = serde_json::from_str(&text)?;
-    let mut parts = Vec::new();
-    for part in case["content"].as_array().into_iter().flatten() {
-        match part["type"].as_str() {
-            Some("image") => {
-                let file = dir.join(part["file"].as_str().unwrap_or_default());
-                let img = image::open(&file).with_context(|| format!("{}", file.display()))?;
-                parts.push(PromptPart::Image(engine.preprocessor.prepare(&img)?));
-            }
-            _ => parts.push(PromptPart::Text(
-                part["text"].as_str().unwrap_or_default().to_string(),
-            )),
-        }
-    }
-    let prompt = engine.tokenizer.encode(Prompt {
-        system: case["system"].as_str().map(str::to_string),
-        parts,
-    })?;
-    Ok((case, prompt))
-}
-
 fn load_prompts(
     engine: &PixtralEngine,
     reference_dir: &Path,
-    cases: &str,
+    cases: &[String],
 ) -> anyhow::Result<Vec<EncodedPrompt>> {
     let mut out = Vec::new();
-    for name in cases.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        out.push(load_reference_case(engine, &reference_dir.join(name))?.1);
+    for name in cases {
+        out.push(ReferenceCase::load(engine, &reference_dir.join(name))?.prompt);
     }
     if out.is_empty() {
         bail!("no cases given");
@@ -137,18 +67,22 @@ fn load_prompts(
     Ok(out)
 }
 
-fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
+/// Runs the benchmark and prints its table.
+pub fn run(args: EngineBench) -> anyhow::Result<()> {
     let pool = Threads {
         intra_op: args.threads,
         spin: args.spin,
     };
-    let rt = super::OrtRuntime::load_from_env_with_pool(pool)?;
+    let rt = OrtRuntime::load_from_env_with_pool(pool)?;
     let opts = EngineOptions {
         device: args.device,
     };
     let mut engine = PixtralEngine::load(&rt, &args.model, opts)?;
-    let reference_dir =
-        super::verify::reference_dir_for(&args.model, args.reference_dir.as_deref());
+    let reference = verify::reference_dir_for(&args.model, args.reference_dir.as_deref());
+    if let Some(note) = reference.note(&args.model) {
+        eprintln!("{note}");
+    }
+    let reference_dir = reference.path;
     let prompts = load_prompts(&engine, &reference_dir, &args.cases)?;
     let prompt_tokens: usize = prompts.iter().map(|p| p.ids.len()).sum();
     let gen_tokens = prompts.len() * args.new_tokens.saturating_sub(1);
@@ -330,24 +264,16 @@ fn fastest_reference(
     Some(out)
 }
 
-fn python_reference(
-    args: &EngineBenchArgs,
-    reference_dir: &Path,
-) -> anyhow::Result<serde_json::Value> {
-    let python = args
-        .python
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(".venv/bin/python"));
-    let script = Path::new("onnx-export/export.py");
-    let mut cmd = Command::new(&python);
-    cmd.arg(script)
+fn python_reference(args: &EngineBench, reference_dir: &Path) -> anyhow::Result<serde_json::Value> {
+    let mut cmd = Command::new(&args.python);
+    cmd.arg(super::EXPORTER)
         .arg("bench")
         .arg("--model")
         .arg(&args.model)
         .arg("--cases-from")
         .arg(reference_dir)
         .arg("--cases")
-        .arg(&args.cases)
+        .arg(args.cases.join(","))
         .arg("--new-tokens")
         .arg(args.new_tokens.to_string())
         .arg("--repeat")
@@ -365,28 +291,5 @@ fn python_reference(
     if args.skip_transformers || args.device != Device::Cpu {
         cmd.arg("--skip-transformers");
     }
-    run_python_reference(&mut cmd)
-}
-
-/// Runs a Python reference (an `onnx-export/export.py` subcommand) and parses the JSON object it prints last.
-/// A failure carries the reference's last stderr line (its error), not a Debug dump.
-pub fn run_python_reference(cmd: &mut Command) -> anyhow::Result<serde_json::Value> {
-    let out = cmd.output().with_context(|| {
-        format!(
-            "running {} (run from the checkout, after scripts/setup.sh)",
-            cmd.get_program().to_string_lossy()
-        )
-    })?;
-    if !out.status.success() {
-        bail!(
-            "Python reference failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().unwrap_or("");
-    serde_json::from_str(line).with_context(|| format!("reference printed {line:?}"))
+    super::run_python_reference(&mut cmd)
 }

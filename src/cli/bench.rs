@@ -1,0 +1,187 @@
+//! `pixtract bench ...`: the benchmarks' flags; the measuring lives in `crate::bench`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use pixtract::model::Device;
+
+use crate::bench::engine::{DEFAULT_CASES, EngineBench};
+use crate::bench::pipeline::PipelineBench;
+use crate::bench::raster::RasterBench;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Engine throughput on the tiny model: pixtract vs a Python onnxruntime loop over the same graphs and vs
+    /// transformers generate(); vision+prefill and decode tokens/s at each batch size.
+    ///
+    /// Example: pixtract bench engine --batch 1 --batch 8 --new-tokens 32
+    Engine(EngineBenchArgs),
+    /// PDF rendering: pixtract (one process, then N worker processes) vs poppler's pdftoppm at the same long
+    /// side, same files, same run, pages/s and ratio; plus JPEG scans decoded and Pixtral-resized per second.
+    /// Needs pdftoppm (Debian: apt-get install poppler-utils).
+    ///
+    /// Example: pixtract bench raster --pdf invoices/ --workers 2 --repeat 3
+    Raster(RasterBenchArgs),
+    /// The whole job, documents in and Parquet out: `pixtract run` vs a Python reference pipeline (pypdfium2,
+    /// mistral-common, transformers generate(), pyarrow) on the same documents, same run, pages/s and ratio.
+    ///
+    /// Example: pixtract bench pipeline --source out/demo/inputs --max-new-tokens 32
+    Pipeline(PipelineBenchArgs),
+}
+
+/// Exit code 0 when the benchmark ran, 1 (with the reason) when it could not.
+pub fn bench(command: BenchCommand) -> ExitCode {
+    let (name, outcome) = match command {
+        BenchCommand::Engine(args) => ("bench engine", crate::bench::engine::run(args.into())),
+        BenchCommand::Raster(args) => ("bench raster", crate::bench::raster::run(args.into())),
+        BenchCommand::Pipeline(args) => {
+            ("bench pipeline", crate::bench::pipeline::run(args.into()))
+        }
+    };
+    super::report(name, outcome)
+}
+
+/// The project's virtualenv Python (`scripts/setup.sh`), where the references' packages are.
+fn default_python() -> PathBuf {
+    PathBuf::from(".venv/bin/python")
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EngineBenchArgs {
+    /// Model directory, as `scripts/setup.sh` makes them: models/tiny-gqa (GroupQueryAttention decoder, the
+    /// cache written in place: pixtract's fastest CPU path), models/tiny (eager decoder), or a variant.
+    #[arg(long, value_name = "DIR", default_value = "models/tiny-gqa")]
+    model: PathBuf,
+    /// Folder holding the reference cases (default: <model>/reference, else models/tiny/reference: the
+    /// gqa export and the quantized variants share the fp32 tiny model's).
+    #[arg(long, value_name = "DIR")]
+    reference_dir: Option<PathBuf>,
+    /// Reference cases used as prompts, comma-separated.
+    #[arg(long, default_value = DEFAULT_CASES, value_delimiter = ',')]
+    cases: Vec<String>,
+    /// New tokens per sequence (EOS ignored).
+    #[arg(long, default_value_t = 32)]
+    new_tokens: usize,
+    /// Batch sizes to measure; repeatable.
+    #[arg(long = "batch", default_values_t = vec![1, 8])]
+    batches: Vec<usize>,
+    /// Rounds: each runs pixtract once, then the Python references once; each side's fastest round is reported.
+    #[arg(long, default_value_t = 2)]
+    repeat: usize,
+    /// Python interpreter with the export stack (default: the project's .venv).
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// The prompts for the Python side already encoded (`onnx-export/export.py bench encode-cases`), for a
+    /// machine whose Python has no mistral-common.
+    #[arg(long, value_name = "FILE.npz")]
+    python_encoded: Option<PathBuf>,
+    /// Measure pixtract only.
+    #[arg(long)]
+    no_reference: bool,
+    /// Skip transformers generate() (slow), keep the Python ONNX Runtime loop.
+    #[arg(long)]
+    skip_transformers: bool,
+    /// ONNX Runtime intra-op threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Device both pixtract and the Python onnxruntime loop run on: cpu, cuda or cuda:N (cuda needs
+    /// onnxruntime-gpu in --python's environment; transformers is then left out: it would run on the CPU).
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// Let ONNX Runtime's idle threads spin-wait between ops (ONNX Runtime's default; faster on an otherwise idle
+    /// machine). `--spin false` when other work shares the cores.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    spin: bool,
+    /// Prompt tokens per prefill pass for pixtract (0: all at once, as the Python loop does; default 256 on cpu,
+    /// 1024 on cuda).
+    #[arg(long, value_name = "TOKENS")]
+    prefill_chunk: Option<usize>,
+}
+
+impl From<EngineBenchArgs> for EngineBench {
+    fn from(a: EngineBenchArgs) -> Self {
+        Self {
+            model: a.model,
+            reference_dir: a.reference_dir,
+            cases: a
+                .cases
+                .into_iter()
+                .map(|c| c.trim().to_string())
+                .filter(|c| !c.is_empty())
+                .collect(),
+            new_tokens: a.new_tokens,
+            batches: a.batches,
+            repeat: a.repeat,
+            python: a.python.unwrap_or_else(default_python),
+            python_encoded: a.python_encoded,
+            no_reference: a.no_reference,
+            skip_transformers: a.skip_transformers,
+            threads: a.threads,
+            device: a.device,
+            spin: a.spin,
+            prefill_chunk: a.prefill_chunk,
+        }
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RasterBenchArgs {
+    /// PDFs to render (files or folders). Default: a generated 20-page invoice (text and tables).
+    #[arg(long = "pdf", value_name = "PATH")]
+    pdfs: Vec<PathBuf>,
+    /// JPEG scans to decode and resize (files or folders). Default: ../shared/corpus/receipts-sroie if present.
+    #[arg(long = "jpeg", value_name = "PATH")]
+    jpegs: Vec<PathBuf>,
+    /// Long side in pixels for both renderers.
+    #[arg(long, default_value_t = 1024)]
+    max_side: u32,
+    /// Worker processes for the parallel run (pdftoppm gets as many concurrent processes).
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Passes over the inputs per measurement.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+}
+
+impl From<RasterBenchArgs> for RasterBench {
+    fn from(a: RasterBenchArgs) -> Self {
+        Self {
+            pdfs: a.pdfs,
+            jpegs: a.jpegs,
+            max_side: a.max_side,
+            workers: a.workers,
+            repeat: a.repeat,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PipelineBenchArgs {
+    /// Folder of documents (PDF, JPEG, PNG, TIFF, WebP), e.g. out/demo/inputs after `make demo`.
+    #[arg(long, value_name = "DIR")]
+    source: PathBuf,
+    /// Pipeline spec whose raster and model settings both sides use (its schema is ignored: free-text mode).
+    #[arg(long, default_value = "pipelines/demo.toml")]
+    spec: PathBuf,
+    /// Model directory (overrides the spec's).
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// Tokens generated per page at most (both sides stop at </s>).
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Python interpreter with the export stack (default: the project's .venv).
+    #[arg(long)]
+    python: Option<PathBuf>,
+}
+
+impl From<PipelineBenchArgs> for PipelineBench {
+    fn from(a: PipelineBenchArgs) -> Self {
+        Self {
+            source: a.source,
+            spec: a.spec,
+            model: a.model,
+            max_new_tokens: a.max_new_tokens,
+            python: a.python.unwrap_or_else(default_python),
+        }
+    }
+}

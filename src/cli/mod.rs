@@ -1,0 +1,114 @@
+//! The command line: one file per command, each parsing its arguments, calling the library and turning the
+//! outcome into text and an exit code. Errors become `anyhow` messages here and nowhere deeper.
+
+mod bench;
+mod doctor;
+mod generate;
+mod pages;
+mod run;
+mod verify;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Turn piles of receipts and invoices into tables: documents from S3 or local storage are rasterized, read by
+/// the Pixtral vision-language model through ONNX Runtime, and written as schema-typed Parquet.
+///
+/// Native libraries (libonnxruntime, libpdfium) come from the project's virtualenv (`scripts/setup.sh`), or from
+/// ORT_DYLIB_PATH / PDFIUM_DYLIB_PATH. Start with `pixtract doctor`.
+#[derive(Debug, Parser)]
+#[command(name = "pixtract", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a pipeline: documents from a folder or S3 -> pages -> Pixtral (schema-constrained) -> Parquet.
+    ///
+    /// Every document ends as rows: one per prompt (page, or group of pages), or an error row saying why it failed.
+    /// Files appear only when complete; a manifest and _SUCCESS are written last. Exit codes: 0 all rows ok,
+    /// 2 finished with failed documents/rows, 3 stopped early (failure budget, SIGINT/SIGTERM: in-flight work is
+    /// finished and committed, the next run does the rest), 1 could not run.
+    ///
+    /// Examples:
+    ///
+    ///   pixtract run pipelines/demo.toml
+    ///
+    ///   pixtract run pipelines/receipts.toml --source s3://mail/receipts/ --output s3://lake/receipts/ --device cuda
+    Run(run::RunArgs),
+    /// Check libraries, GPU support and model directories; exits 1 and says how to fix what is missing.
+    ///
+    /// Examples:
+    ///
+    ///   pixtract doctor                          # every models/*/ under the current directory, on cpu
+    ///
+    ///   pixtract doctor --model models/pixtral-12b-fp16 --device cuda --verify-hashes
+    Doctor(doctor::DoctorArgs),
+    /// Write every page of every document under URI as PNG, exactly as the model will see it.
+    ///
+    /// PDFs are rendered by pdfium in worker processes straight at model size; scans (JPEG, PNG, WebP, TIFF) are
+    /// decoded at full resolution with EXIF orientation applied; both then get Pixtral's own resize. Prints one
+    /// line per document (pages and render time, or why it failed). Exit code 0: all rendered; 2: some failed;
+    /// 1: nothing could be done.
+    ///
+    /// Examples:
+    ///
+    ///   pixtract pages invoices/ --out /tmp/pages
+    ///
+    ///   AWS_ENDPOINT_URL=http://127.0.0.1:9000 pixtract pages s3://mail/2024/ --include '*.pdf' --out /tmp/p
+    Pages(pages::PagesArgs),
+    /// Run Pixtral on images and a prompt; print the answer, then per-phase timings on stderr.
+    ///
+    /// Images are preprocessed exactly as mistral-common does (Pixtral's reference), the prompt follows Pixtral's
+    /// chat layout, decoding is greedy unless --temperature is given.
+    ///
+    /// Examples:
+    ///
+    ///   pixtract generate --model models/tiny --image receipt.jpg --prompt "What is the total?"
+    ///
+    ///   pixtract generate --model models/pixtral-12b-fp16 --device cuda --image p1.png --image p2.png --prompt "Invoice number?"
+    Generate(generate::GenerateArgs),
+    /// Check the engine against the model's reference cases (from transformers): input ids, pixel tensors,
+    /// first-step logits, greedy tokens, batched = one by one. Run it once on a new machine or GPU.
+    ///
+    /// Exit code 0: every case passes; 2: some differ (listed); 1: could not run.
+    ///
+    /// Examples:
+    ///
+    ///   pixtract verify --model models/tiny
+    ///
+    ///   pixtract verify --model models/tiny --device cuda
+    Verify(verify::VerifyArgs),
+    /// Benchmarks, each against its reference in the same run, reported as ratios.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Internal: a PDF renderer process speaking the worker protocol on stdin/stdout.
+    #[command(name = "raster-worker", hide = true)]
+    RasterWorker,
+}
+
+pub fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Run(args) => run::run(args),
+        Command::Doctor(args) => doctor::doctor(args),
+        Command::Pages(args) => pages::pages(args),
+        Command::Generate(args) => report("generate", generate::generate(args)),
+        Command::Verify(args) => verify::verify(args),
+        Command::Bench(command) => bench::bench(command),
+        Command::RasterWorker => pixtract::raster::worker::run_worker(),
+    }
+}
+
+/// The exit code of a command that either did its job (0) or could not (1, its error chain on stderr).
+fn report(command: &str, outcome: anyhow::Result<()>) -> ExitCode {
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pixtract {command}: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

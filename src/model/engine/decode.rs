@@ -1,0 +1,171 @@
+//! The decode loop: per step, the hook masks each row's logits, each row's sampler picks a token, the hook sees
+//! it, finished rows leave the batch, and the others' next tokens go through the decoder.
+
+use half::f16;
+use ort::value::DynTensor;
+
+use super::cache::KvCache;
+use super::ort_util::{FloatKind, ort_err};
+use super::{FinishReason, Generation, GenerationConfig, PixtralEngine, StepHook};
+use crate::model::ModelError;
+use crate::model::prompt::EncodedPrompt;
+use crate::model::sampling::Sampler;
+
+/// Rows at or above which `choose_rows` uses a second thread when it computes token probabilities (a softmax
+/// scan costs ~60-90 us per row; a scoped thread ~20-40 us to start). An argmax-only scan runs at memory speed
+/// and stays on the calling thread: a second thread there only fights ONNX Runtime's spinning pool.
+const PARALLEL_CHOOSE_ROWS: usize = 4;
+
+/// `samplers[b].choose(row j's logits)` for every active row `j` (sequence `b = active[j]`).
+pub(super) fn choose_rows(
+    samplers: &mut [Sampler],
+    active: &[usize],
+    logits: &[f32],
+    vocab: usize,
+) -> Vec<Option<(u32, f32)>> {
+    // Each active row's sampler, in active order (active is ascending, so a single pass hands them out).
+    let mut mine: Vec<&mut Sampler> = Vec::with_capacity(active.len());
+    let mut wanted = active.iter().peekable();
+    for (b, sampler) in samplers.iter_mut().enumerate() {
+        if wanted.peek() == Some(&&b) {
+            mine.push(sampler);
+            wanted.next();
+        }
+    }
+    let rows: Vec<&[f32]> = logits.chunks(vocab).take(active.len()).collect();
+    let run = |samplers: &mut [&mut Sampler], rows: &[&[f32]]| -> Vec<Option<(u32, f32)>> {
+        samplers
+            .iter_mut()
+            .zip(rows)
+            .map(|(s, r)| s.choose(r))
+            .collect()
+    };
+    if active.len() < PARALLEL_CHOOSE_ROWS || !mine.iter().all(|s| s.computes_probabilities()) {
+        return run(&mut mine, &rows);
+    }
+    let half = active.len() / 2;
+    let (s_front, s_back) = mine.split_at_mut(half);
+    let (r_front, r_back) = rows.split_at(half);
+    std::thread::scope(|scope| {
+        let back = scope.spawn(|| run(s_back, r_back));
+        let mut out = run(s_front, r_front);
+        // A panic in the helper thread is a bug in `choose`; propagate it rather than invent a result.
+        out.extend(back.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        out
+    })
+}
+
+impl PixtralEngine {
+    /// Decodes the prefilled batch until every row has finished. `rows` index into `prompts` and name the
+    /// sequences to the hook; `logits` holds the prefill's last-position logits. Also returns the decode
+    /// tokens counted as rows x steps.
+    pub(super) fn decode(
+        &mut self,
+        cache: &mut KvCache,
+        mut logits: DynTensor,
+        prompts: &[EncodedPrompt],
+        rows: &[usize],
+        config: &GenerationConfig,
+        hook: &mut dyn StepHook,
+    ) -> Result<(Vec<Generation>, usize), ModelError> {
+        let mut decode_tokens = 0;
+        let eos = self.model.manifest.tokens.eos;
+        let vocab = self.model.manifest.text.vocab_size;
+        let mut active: Vec<usize> = (0..rows.len()).collect(); // positions in `rows` still generating
+        let mut outs: Vec<Generation> = rows
+            .iter()
+            .map(|&r| Generation {
+                tokens: Vec::new(),
+                token_probs: Vec::new(),
+                finish: FinishReason::Length,
+                prompt_tokens: prompts[r].ids.len(),
+                first_logits: None,
+            })
+            .collect();
+        let mut widened: Vec<f32> = Vec::new(); // fp16 logits as f32, reused across steps
+        let mut samplers: Vec<Sampler> = rows
+            .iter()
+            .map(|&r| {
+                let sampler = Sampler::new(&config.sampling, r as u64);
+                if config.token_probs {
+                    sampler
+                } else {
+                    sampler.without_probabilities()
+                }
+            })
+            .collect();
+        loop {
+            let mut finished = Vec::new();
+            let mut chosen = Vec::with_capacity(active.len());
+            // Masked in place: the host logits buffer ONNX Runtime wrote is ours until the next step.
+            let logits_data: &mut [f32] = match self.decoder.logits_float {
+                FloatKind::F32 => {
+                    logits
+                        .try_extract_tensor_mut::<f32>()
+                        .map_err(ort_err("logits"))?
+                        .1
+                }
+                FloatKind::F16 => {
+                    let (_, half) = logits
+                        .try_extract_tensor::<f16>()
+                        .map_err(ort_err("logits"))?;
+                    widened.clear();
+                    widened.extend(half.iter().map(|v| v.to_f32()));
+                    &mut widened
+                }
+            };
+            // 1. The hook masks each row (sequential: it owns per-row grammar state).
+            for (j, &b) in active.iter().enumerate() {
+                let row = rows[b];
+                let slice = &mut logits_data[j * vocab..(j + 1) * vocab];
+                hook.mask_logits(row, slice)
+                    .map_err(|source| ModelError::Hook { row, source })?;
+                if config.keep_first_logits && outs[b].tokens.is_empty() {
+                    outs[b].first_logits = Some(slice.to_vec());
+                }
+            }
+            // 2. Each row's token and probability: independent rows, so split over two threads at batch sizes
+            // where the scans (131k logits each) cost more than a thread.
+            let picks = choose_rows(&mut samplers, &active, logits_data, vocab);
+            // 3. The hook sees each chosen token, in row order.
+            for (j, &b) in active.iter().enumerate() {
+                let row = rows[b];
+                let (token, prob) = picks[j].ok_or(ModelError::AllMasked { row })?;
+                outs[b].tokens.push(token);
+                if config.token_probs {
+                    outs[b].token_probs.push(prob);
+                }
+                let hook_done = hook
+                    .accept_token(row, token)
+                    .map_err(|source| ModelError::Hook { row, source })?;
+                if config.stop_on_eos && token == eos {
+                    outs[b].finish = FinishReason::Eos;
+                    finished.push(j);
+                } else if hook_done {
+                    outs[b].finish = FinishReason::Hook;
+                    finished.push(j);
+                } else if outs[b].tokens.len() >= config.max_new_tokens {
+                    outs[b].finish = FinishReason::Length;
+                    finished.push(j);
+                } else {
+                    chosen.push(token as i64);
+                }
+            }
+            decode_tokens += active.len();
+            if finished.len() == active.len() {
+                return Ok((outs, decode_tokens));
+            }
+            if !finished.is_empty() {
+                // Finished sequences leave the batch: keep only the others' cache rows.
+                let keep: Vec<usize> = (0..active.len())
+                    .filter(|j| !finished.contains(j))
+                    .collect();
+                cache.keep_rows(&self.decoder, &keep)?;
+                active = keep.iter().map(|&j| active[j]).collect();
+                logits = self.decoder.logits_buffer(active.len())?;
+            }
+            let embeds = self.embed_ids(chosen, active.len())?;
+            cache.step(&mut self.decoder, &embeds, &active, &mut logits)?;
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! What a caller asks of the engine and what it gets back: options, generation settings, the per-step hook,
+//! results and timings, the batch policy.
+
+use std::time::Duration;
+
+use crate::model::runtime::Device;
+use crate::model::sampling::Sampling;
+
+/// Options for loading the engine.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    pub device: Device,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerationConfig {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Stop a sequence at `</s>`. Benchmarks turn this off to generate a fixed number of tokens.
+    pub stop_on_eos: bool,
+    /// Keep the first step's full logits (after the hook) in the output, for parity checks.
+    pub keep_first_logits: bool,
+    /// Record each chosen token's probability in `Generation::token_probs` (extraction turns them into field
+    /// confidences). Without it greedy decoding only takes the argmax: no softmax pass over the vocabulary.
+    pub token_probs: bool,
+    /// Prompt tokens per prefill pass (0: the whole prompt in one pass). The exported decoder computes attention
+    /// explicitly, so one pass over S tokens holds `[batch, heads, S, S]` scores per layer: 0.24 GB per row for a
+    /// 3,900-token page on the tiny model, 1.35 GB per row at 4,600 tokens on Pixtral 12B (fp16). In chunks of C
+    /// the scores are `[batch, heads, C, S]`: memory falls by S/C for a few more graph runs.
+    /// None: [`default_prefill_chunk`] for the engine's device.
+    pub prefill_chunk: Option<usize>,
+}
+
+/// Prompt tokens per prefill pass when the configuration names none.
+///
+/// CPU: 256. Smaller score tensors stay in cache: on the tiny model (2 cores, 8 reference prompts, settings
+/// alternated in one process, fastest of 4) vision+prefill ran 19.6k tok/s at batch 1 and 9.3k at batch 8 with
+/// 256-token chunks, 16.7k and 6.2k with 1,024 (128: 19.3k / 10.0k; 512: 18.4k / 8.9k; one pass: 16.3k / 5.4k).
+/// CUDA: 1024, so each pass reuses a 12B model's weights over enough tokens to be compute-bound (a full 1024x1024
+/// page, 4,160 image tokens, takes 5 passes).
+pub fn default_prefill_chunk(device: Device) -> usize {
+    match device {
+        Device::Cpu => 256,
+        Device::Cuda(_) => 1024,
+    }
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        GenerationConfig {
+            max_new_tokens: 256,
+            sampling: Sampling::Greedy,
+            stop_on_eos: true,
+            keep_first_logits: false,
+            token_probs: true,
+            prefill_chunk: None,
+        }
+    }
+}
+
+/// Per-step hook over one sequence's logits: masks (e.g. a grammar) and sees each chosen token.
+/// `row` is the sequence's index in the caller's request list, whatever batch it runs in.
+pub trait StepHook {
+    /// May set disallowed tokens to `f32::NEG_INFINITY`.
+    fn mask_logits(&mut self, row: usize, logits: &mut [f32]) -> Result<(), HookError>;
+    /// Called with the chosen token; returns true when the sequence is complete (e.g. grammar accepted).
+    fn accept_token(&mut self, row: usize, token: u32) -> Result<bool, HookError>;
+}
+
+/// A step hook's own error, kept whole as the source of [`crate::model::ModelError::Hook`].
+pub type HookError = Box<dyn std::error::Error + Send + Sync>;
+
+/// No masking.
+pub struct NoHook;
+
+impl StepHook for NoHook {
+    fn mask_logits(&mut self, _row: usize, _logits: &mut [f32]) -> Result<(), HookError> {
+        Ok(())
+    }
+    fn accept_token(&mut self, _row: usize, _token: u32) -> Result<bool, HookError> {
+        Ok(false)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// Generated `</s>` (included in `tokens`).
+    Eos,
+    /// Reached `max_new_tokens`.
+    Length,
+    /// The hook declared the sequence complete.
+    Hook,
+}
+
+/// One sequence's result.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    /// Probability of each chosen token under the (masked) distribution it was drawn from (empty when
+    /// `GenerationConfig::token_probs` is off).
+    pub token_probs: Vec<f32>,
+    pub finish: FinishReason,
+    pub prompt_tokens: usize,
+    pub first_logits: Option<Vec<f32>>,
+}
+
+/// Time spent per phase, summed over a call.
+#[derive(Debug, Clone, Default)]
+pub struct GenerationStats {
+    pub vision: Duration,
+    pub prefill: Duration,
+    pub decode: Duration,
+    pub images: usize,
+    pub prefill_tokens: usize,
+    pub decode_tokens: usize,
+    pub batches: usize,
+    /// Decoder passes over prompt tokens (more than `batches` when prefill is chunked).
+    pub prefill_passes: usize,
+    /// Where ONNX Runtime actually put the KV cache (read back from the decoder's `present.*` outputs, e.g.
+    /// "Cuda:0"): evidence that the cache stays on the device, not a setting echoed back.
+    pub kv_cache_memory: Option<String>,
+}
+
+impl GenerationStats {
+    pub(super) fn add(&mut self, other: &GenerationStats) {
+        self.vision += other.vision;
+        self.prefill += other.prefill;
+        self.decode += other.decode;
+        self.images += other.images;
+        self.prefill_tokens += other.prefill_tokens;
+        self.decode_tokens += other.decode_tokens;
+        self.batches += other.batches;
+        self.prefill_passes += other.prefill_passes;
+        if self.kv_cache_memory.is_none() {
+            self.kv_cache_memory.clone_from(&other.kv_cache_memory);
+        }
+    }
+}
+
+/// How many sequences share one forward pass.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchPolicy {
+    pub max_batch: usize,
+    /// Upper bound on padded prompt tokens in one prefill (rows x longest prompt).
+    pub token_budget: usize,
+}
+
+impl Default for BatchPolicy {
+    fn default() -> Self {
+        BatchPolicy {
+            max_batch: 8,
+            token_budget: 16_384,
+        }
+    }
+}

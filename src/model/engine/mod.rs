@@ -1,0 +1,294 @@
+//! The Pixtral engine: vision encoder, token embeddings and the KV-cache decoder on ONNX Runtime.
+//!
+//! The KV cache lives in ONNX Runtime values bound through IO binding ([`cache`]); outputs are bound to the
+//! session's device (on CUDA the cache never crosses to the host); only the last-position logits come back to
+//! the host, where the per-step hook (grammar masks) and sampling run ([`decode`]). Which prompts share a
+//! batch is the [`scheduler`]'s call; how a decoder pass is bound is the [`decoder`]'s.
+
+mod cache;
+mod decode;
+mod decoder;
+mod generation;
+mod ort_util;
+mod scheduler;
+
+use std::time::Instant;
+
+use ort::session::Session;
+use ort::value::Tensor;
+
+pub use generation::{
+    BatchPolicy, EngineOptions, FinishReason, Generation, GenerationConfig, GenerationStats,
+    HookError, NoHook, StepHook, default_prefill_chunk,
+};
+
+use super::ModelError;
+use super::manifest::{DecoderAttention, ModelDir};
+use super::preprocess::{ImagePreprocessor, PreparedImage};
+use super::prompt::{EncodedPrompt, PixtralTokenizer};
+use super::runtime::{Device, OrtRuntime};
+use cache::{KvCache, PromptBatch};
+use decoder::Decoder;
+use ort_util::{FloatKind, ort_err, read_floats};
+
+pub struct PixtralEngine {
+    pub model: ModelDir,
+    pub tokenizer: PixtralTokenizer,
+    pub preprocessor: ImagePreprocessor,
+    device: Device,
+    vision: Session,
+    vision_float: FloatKind,
+    embed: Session,
+    decoder: Decoder,
+}
+
+impl PixtralEngine {
+    /// Opens the three graphs and the tokenizer of a model directory on `opts.device`.
+    pub fn load(
+        rt: &OrtRuntime,
+        dir: &std::path::Path,
+        opts: EngineOptions,
+    ) -> Result<Self, ModelError> {
+        let model = ModelDir::open(dir)?;
+        let m = &model.manifest;
+        // Checked before any session opens.
+        m.graphs.decoder.attention.check_device(opts.device)?;
+        let open = |file: &str| rt.open_session(&model.path_of(file), opts.device);
+        let vision = open(&m.graphs.vision_encoder.file)?;
+        let embed = open(&m.graphs.embed_tokens.file)?;
+        let decoder = Decoder::new(open(&m.graphs.decoder.file)?, m, opts.device)?;
+        let tokenizer = PixtralTokenizer::from_file(&model.path_of(&m.tokenizer.file), m.tokens)?;
+        let vision_float = FloatKind::of(&vision, "pixel_values")?;
+        let preprocessor = ImagePreprocessor::from_config(&m.image);
+        Ok(PixtralEngine {
+            model,
+            tokenizer,
+            preprocessor,
+            device: opts.device,
+            vision,
+            vision_float,
+            embed,
+            decoder,
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The decoder graph's attention (how it pads rows and keeps the cache).
+    pub fn attention(&self) -> DecoderAttention {
+        self.decoder.attention
+    }
+
+    /// Largest prompt + generation the model accepts.
+    pub fn context_limit(&self) -> usize {
+        self.model.manifest.text.max_position_embeddings
+    }
+
+    /// Vision encoder on one image: `[patches, text_hidden]` features, row-major.
+    pub fn image_features(&mut self, image: &PreparedImage) -> Result<Vec<f32>, ModelError> {
+        let (w, h) = (image.width() as i64, image.height() as i64);
+        let pixels = self.vision_float.tensor(vec![1, 3, h, w], &image.pixels)?;
+        let outputs = self
+            .vision
+            .run(ort::inputs!["pixel_values" => pixels])
+            .map_err(ort_err("vision encoder"))?;
+        let (shape, data) = read_floats(&outputs[0], "vision features")?;
+        let expected = (image.grid.cols * image.grid.rows) as i64;
+        let hidden = self.model.manifest.text.hidden_size as i64;
+        if shape != [expected, hidden] {
+            return Err(ModelError::Graph(format!(
+                "vision encoder returned {shape:?} for a {}x{} patch grid, expected [{expected}, {hidden}]",
+                image.grid.cols, image.grid.rows
+            )));
+        }
+        Ok(data)
+    }
+
+    /// Token embeddings `[batch, seq, hidden]` (host, f32).
+    fn embed_ids(&mut self, ids: Vec<i64>, batch: usize) -> Result<Vec<f32>, ModelError> {
+        let seq = ids.len() / batch.max(1);
+        let input = Tensor::from_array((vec![batch as i64, seq as i64], ids))
+            .map_err(ort_err("input ids"))?;
+        let outputs = self
+            .embed
+            .run(ort::inputs!["input_ids" => input])
+            .map_err(ort_err("embed tokens"))?;
+        Ok(read_floats(&outputs[0], "embeddings")?.1)
+    }
+
+    /// Generates for many prompts: grouped by length into batches under `policy`, results in input order.
+    pub fn generate_many(
+        &mut self,
+        prompts: &[EncodedPrompt],
+        config: &GenerationConfig,
+        policy: BatchPolicy,
+        hook: &mut dyn StepHook,
+    ) -> Result<(Vec<Generation>, GenerationStats), ModelError> {
+        let lengths: Vec<usize> = prompts.iter().map(|p| p.ids.len()).collect();
+        let mut results: Vec<Option<Generation>> = vec![None; prompts.len()];
+        let mut stats = GenerationStats::default();
+        for rows in scheduler::plan_batches(&lengths, policy) {
+            let (gens, s) = self.generate_rows(prompts, &rows, config, hook)?;
+            stats.add(&s);
+            for (row, g) in rows.iter().zip(gens) {
+                results[*row] = Some(g);
+            }
+        }
+        let results = results
+            .into_iter()
+            .map(|g| g.ok_or_else(|| ModelError::Graph("a sequence got no result".into())))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((results, stats))
+    }
+
+    /// Generates for one batch: `rows` index into `prompts` (and name the sequences to the hook).
+    pub fn generate_rows(
+        &mut self,
+        prompts: &[EncodedPrompt],
+        rows: &[usize],
+        config: &GenerationConfig,
+        hook: &mut dyn StepHook,
+    ) -> Result<(Vec<Generation>, GenerationStats), ModelError> {
+        let mut stats = GenerationStats {
+            batches: 1,
+            ..Default::default()
+        };
+        self.check_rows(prompts, rows, config)?;
+
+        let t0 = Instant::now();
+        let features = self.vision_features(prompts, rows, &mut stats)?;
+        stats.vision = t0.elapsed();
+
+        let t1 = Instant::now();
+        let batch = self.prompt_batch(prompts, rows, &features)?;
+        let chunk = match config
+            .prefill_chunk
+            .unwrap_or_else(|| default_prefill_chunk(self.device))
+        {
+            0 => batch.width.max(1),
+            c => c,
+        };
+        let capacity = batch.width + config.max_new_tokens;
+        let mut logits = self.decoder.logits_buffer(rows.len())?;
+        let mut cache = KvCache::prefill(
+            &mut self.decoder,
+            &batch,
+            chunk,
+            capacity,
+            &mut logits,
+            &mut stats,
+        )?;
+        stats.prefill = t1.elapsed();
+        stats.prefill_tokens = batch.lengths.iter().sum();
+
+        let t2 = Instant::now();
+        let (outs, decode_tokens) = self.decode(&mut cache, logits, prompts, rows, config, hook)?;
+        stats.decode = t2.elapsed();
+        stats.decode_tokens = decode_tokens;
+        Ok((outs, stats))
+    }
+
+    /// Every row has a prompt that, with its new tokens, fits the context.
+    fn check_rows(
+        &self,
+        prompts: &[EncodedPrompt],
+        rows: &[usize],
+        config: &GenerationConfig,
+    ) -> Result<(), ModelError> {
+        let limit = self.context_limit();
+        for &r in rows {
+            let p = &prompts[r];
+            if p.ids.is_empty() {
+                return Err(ModelError::EmptyPrompt { row: r });
+            }
+            if p.ids.len() + config.max_new_tokens > limit {
+                return Err(ModelError::ContextTooLong {
+                    prompt: p.ids.len(),
+                    new_tokens: config.max_new_tokens,
+                    limit,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Vision features per row, in `[IMG]` order, checked against the row's number of `[IMG]` tokens.
+    fn vision_features(
+        &mut self,
+        prompts: &[EncodedPrompt],
+        rows: &[usize],
+        stats: &mut GenerationStats,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let img = self.model.manifest.tokens.img;
+        let hidden = self.model.manifest.text.hidden_size;
+        let mut features = Vec::with_capacity(rows.len());
+        for &r in rows {
+            let p = &prompts[r];
+            let mut f = Vec::new();
+            for image in &p.images {
+                f.extend(self.image_features(image)?);
+                stats.images += 1;
+            }
+            let slots = p.ids.iter().filter(|&&t| t == img).count();
+            if slots * hidden != f.len() {
+                return Err(ModelError::ImageTokens {
+                    slots,
+                    features: f.len() / hidden.max(1),
+                });
+            }
+            features.push(f);
+        }
+        Ok(features)
+    }
+
+    /// The rows' prompts left-padded to one width, embedded, with each row's image features in place of its
+    /// `[IMG]` tokens.
+    fn prompt_batch(
+        &mut self,
+        prompts: &[EncodedPrompt],
+        rows: &[usize],
+        features: &[Vec<f32>],
+    ) -> Result<PromptBatch, ModelError> {
+        let tokens = self.model.manifest.tokens;
+        let hidden = self.model.manifest.text.hidden_size;
+        let batch = rows.len();
+        let width = rows
+            .iter()
+            .map(|&r| prompts[r].ids.len())
+            .max()
+            .unwrap_or(0);
+        let mut ids = vec![tokens.pad as i64; batch * width];
+        let mut mask = vec![0i64; batch * width];
+        let mut positions = vec![0i64; batch * width];
+        for (b, &r) in rows.iter().enumerate() {
+            let p = &prompts[r].ids;
+            let offset = width - p.len();
+            for (i, &t) in p.iter().enumerate() {
+                ids[b * width + offset + i] = t as i64;
+                mask[b * width + offset + i] = 1;
+                positions[b * width + offset + i] = i as i64;
+            }
+        }
+        let mut embeds = self.embed_ids(ids.clone(), batch)?;
+        for (b, f) in features.iter().enumerate() {
+            let mut next = 0;
+            for i in 0..width {
+                if ids[b * width + i] == tokens.img as i64 {
+                    let dst = (b * width + i) * hidden;
+                    embeds[dst..dst + hidden]
+                        .copy_from_slice(&f[next * hidden..(next + 1) * hidden]);
+                    next += 1;
+                }
+            }
+        }
+        Ok(PromptBatch {
+            embeds,
+            width,
+            mask,
+            positions,
+            lengths: rows.iter().map(|&r| prompts[r].ids.len()).collect(),
+        })
+    }
+}

@@ -1,0 +1,149 @@
+//! The writer: rows to Parquet as they come, a whole document at a time, with the failure budget.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::PipelineError;
+use super::report::{Progress, Reporter, Stage};
+use super::spec::LimitsSpec;
+use crate::extract::{ExtractionRecord, ExtractionSchema, RunContext, to_record_batch};
+use crate::sink::ParquetSink;
+
+/// What the model stage hands the writer: a batch's rows and the time the model spent on them.
+pub(super) type ModelOutput = (Vec<ExtractionRecord>, Duration);
+
+pub(super) struct Writer {
+    pub sink: ParquetSink,
+    pub schema: Option<ExtractionSchema>,
+    pub ctx: RunContext,
+    pub limits: LimitsSpec,
+    pub reporter: Reporter,
+    pub progress: Arc<Progress>,
+    /// Set when the failure budget is exceeded: the producer stops taking documents.
+    pub abort: Arc<AtomicBool>,
+}
+
+/// What the writer leaves when its input ends.
+pub(super) struct Written {
+    pub sink: ParquetSink,
+    pub tally: RowTally,
+    /// Why the run stopped early (failure budget), if it did.
+    pub failure: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct RowTally {
+    pub rows: usize,
+    pub ok: usize,
+    pub failed: usize,
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+    pub busy: Duration,
+}
+
+impl Writer {
+    pub async fn run(
+        mut self,
+        mut rows_rx: mpsc::Receiver<ModelOutput>,
+    ) -> Result<Written, PipelineError> {
+        let mut tally = RowTally::default();
+        let mut failure: Option<String> = None;
+        let mut held: Vec<ExtractionRecord> = Vec::new();
+        while let Some((records, busy)) = rows_rx.recv().await {
+            tally.busy += busy;
+            self.progress.add_busy(Stage::Model, busy);
+            for r in &records {
+                tally.rows += 1;
+                if r.is_ok() {
+                    tally.ok += 1;
+                } else {
+                    tally.failed += 1;
+                }
+                // Document-level failures (page 0) were reported when they happened.
+                if !r.is_ok() && r.source.page_start > 0 {
+                    let error = r.error_message().unwrap_or_default().to_string();
+                    self.reporter.event(
+                        "warn",
+                        "row_failed",
+                        || {
+                            format!(
+                                "error row: {} pages {}-{}: {error}",
+                                r.source.uri, r.source.page_start, r.source.page_end
+                            )
+                        },
+                        serde_json::json!({
+                            "uri": r.source.uri,
+                            "page_start": r.source.page_start,
+                            "page_end": r.source.page_end,
+                            "error": error,
+                        }),
+                    );
+                }
+                tally.prompt_tokens += r.prompt_tokens.unwrap_or(0) as u64;
+                tally.generated_tokens += r.generated_tokens.unwrap_or(0) as u64;
+            }
+            self.progress.rows.store(tally.rows, Ordering::Relaxed);
+            self.progress
+                .rows_failed
+                .store(tally.failed, Ordering::Relaxed);
+            self.progress
+                .generated_tokens
+                .store(tally.generated_tokens, Ordering::Relaxed);
+            // Rows go to the sink a whole document at a time, so a file rotation never falls inside a document
+            // and a kill between two commits never leaves half a document committed (the next run would redo the
+            // document and duplicate the committed half). Rows of a document still in progress wait in `held`.
+            let finished = records.iter().filter(|r| completes_document(r)).count();
+            self.progress
+                .documents_done
+                .fetch_add(finished, Ordering::Relaxed);
+            held.extend(records);
+            if let Some(last) = held.iter().rposition(completes_document) {
+                let ready: Vec<ExtractionRecord> = held.drain(..=last).collect();
+                let t = Instant::now();
+                let batch = to_record_batch(self.schema.as_ref(), &self.ctx, &ready)
+                    .map_err(PipelineError::Rows)?;
+                self.sink.write_unit(&batch).await?;
+                self.progress.add_busy(Stage::Write, t.elapsed());
+            }
+            if failure.is_none()
+                && tally.rows >= self.limits.failure_min_docs
+                && tally.failed as f64 > self.limits.max_failed_share * tally.rows as f64
+            {
+                failure = Some(format!(
+                    "failure budget exceeded: {} of {} rows failed (limit {:.0}%)",
+                    tally.failed,
+                    tally.rows,
+                    self.limits.max_failed_share * 100.0
+                ));
+                self.abort.store(true, Ordering::SeqCst);
+            }
+        }
+        if !held.is_empty() {
+            // Only when the run stopped inside a document: its rows are left out so that the next run, which
+            // redoes the whole document, writes each page exactly once.
+            let uri = held[0].source.uri.clone();
+            self.reporter.event(
+                "warn",
+                "document_incomplete",
+                || format!("{uri}: stopped before its last page; left for the next run ({} rows not written)", held.len()),
+                serde_json::json!({"uri": uri, "rows": held.len()}),
+            );
+        }
+        Ok(Written {
+            sink: self.sink,
+            tally,
+            failure,
+        })
+    }
+}
+
+/// Whether this row is its document's last: the last page (or the last prompt's pages) or a document-level error.
+fn completes_document(r: &ExtractionRecord) -> bool {
+    r.source.page_start == 0
+        || r.source
+            .doc_page_count
+            .is_none_or(|count| r.source.page_end >= count)
+}
