@@ -82,7 +82,7 @@ impl OrtRuntime {
                 source,
             })?;
         // One intra-op pool for every session of the process (vision, embeddings, decoder) instead of one each:
-        // three pools on a small box wake and preempt one another (measured: prefill 1.2x faster shared).
+        // three pools on a small box wake and preempt one another (docs/benchmarks.md has the prefill figures).
         let pool = ort::environment::GlobalThreadPoolOptions::default()
             .with_spin_control(pool.spin)
             .and_then(|p| p.with_intra_threads(pool.intra_op))

@@ -91,7 +91,7 @@ pub struct ModelSpec {
     #[serde(default)]
     pub threads: usize,
     /// Let ONNX Runtime's idle threads spin-wait between ops (its own default). On by default: the model stage is
-    /// most of a run's time, and the demo ran 7.4-7.5 s with it vs 7.9-8.1 s without, raster workers included.
+    /// most of a run's time, and spinning made the demo job faster, raster workers included (docs/benchmarks.md).
     /// Turn it off when other work must share the cores.
     #[serde(default = "default_spin")]
     pub spin: bool,

@@ -143,7 +143,7 @@ fn exporter_refuses_bad_input_clearly() {
     }
 }
 
-/// The decoder export's two speed properties (README, "a model directory"): no per-query-head copy of the KV cache
+/// The decoder export's two speed properties (docs/exporter.md, "Attention variants"): no per-query-head copy of the KV cache
 /// (transformers' `repeat_kv` exports as Expand over the cache) and no float->float Cast producing fp32 logits.
 /// Each was a pure copy of ~14% / ~18% of a batch-8 decode step on the tiny model.
 #[test]

@@ -1,7 +1,7 @@
 //! fp16 and weight-only quantized variants (`onnx-export quantize`, MatMulNBits) run in the Rust engine with no
 //! code change: the engine reads input, KV-cache and logits types from the graphs. Each variant's greedy tokens
 //! must equal the ones the plain Python ONNX Runtime loop produced for the same variant (recorded by
-//! `onnx-export fidelity` in <variant>/fidelity.json), case by case; and the size arithmetic behind the README's
+//! `onnx-export fidelity` in <variant>/fidelity.json), case by case; and the size arithmetic behind docs/quantization.md's
 //! Pixtral 12B table must match the variants' actual initializers byte for byte.
 
 use std::path::PathBuf;

@@ -42,11 +42,9 @@ pub struct GenerationConfig {
 
 /// Prompt tokens per prefill pass when the configuration names none.
 ///
-/// CPU: 256. Smaller score tensors stay in cache: on the tiny model (2 cores, 8 reference prompts, settings
-/// alternated in one process, fastest of 4) vision+prefill ran 19.6k tok/s at batch 1 and 9.3k at batch 8 with
-/// 256-token chunks, 16.7k and 6.2k with 1,024 (128: 19.3k / 10.0k; 512: 18.4k / 8.9k; one pass: 16.3k / 5.4k).
-/// CUDA: 1024, so each pass reuses a 12B model's weights over enough tokens to be compute-bound (a full 1024x1024
-/// page, 4,160 image tokens, takes 5 passes).
+/// CPU: 256, so the score tensors of a pass stay in cache (the chunk sizes measured against each other are in
+/// docs/benchmarks.md). CUDA: 1024, so each pass reuses a 12B model's weights over enough tokens to be
+/// compute-bound (a full 1024x1024 page, 4,160 image tokens, takes 5 passes).
 pub fn default_prefill_chunk(device: Device) -> usize {
     match device {
         Device::Cpu => 256,
