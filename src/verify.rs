@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::model::manifest::DecoderAttention;
 use crate::model::{
-    BatchPolicy, EncodedPrompt, Generation, GenerationConfig, ModelError, NoHook, PixtralEngine,
-    Prompt, PromptPart,
+    BatchPolicy, Batching, EncodedPrompt, Generation, GenerationConfig, ModelError, NoHook,
+    PixtralEngine, Prompt, PromptPart,
 };
 
 /// Max abs difference on normalised pixel values (~N(0,1) scale). mistral-common's OpenCV cubic and pixtract's
@@ -402,6 +403,8 @@ pub struct CaseOutcome {
 /// The batched re-run of every case.
 #[derive(Debug, Clone)]
 pub struct BatchedOutcome {
+    /// How the rows were batched (`continuous` or `static`).
+    pub batching: &'static str,
     pub max_rows: usize,
     pub batches: usize,
     pub cases: usize,
@@ -414,7 +417,8 @@ pub struct VerifyReport {
     pub cases: Vec<CaseOutcome>,
     /// The model is a variant checked against its own onnxruntime tokens (logits not held to fp32 tolerance).
     pub against_variant: bool,
-    pub batched: Option<BatchedOutcome>,
+    /// One re-run per batching the model supports (continuous and static for GroupQueryAttention decoders).
+    pub batched: Vec<BatchedOutcome>,
     pub elapsed: Duration,
 }
 
@@ -424,8 +428,7 @@ impl VerifyReport {
     }
 
     pub fn ok(&self) -> bool {
-        self.passed() == self.cases.len()
-            && self.batched.as_ref().is_none_or(|b| b.differing.is_empty())
+        self.passed() == self.cases.len() && self.batched.iter().all(|b| b.differing.is_empty())
     }
 
     /// The largest value of `f` over the cases.
@@ -476,11 +479,18 @@ pub fn verify(
         cases.push(outcome);
         prompts.push(case.prompt);
     }
-    let batched = if opts.batch > 1 && !prompts.is_empty() {
-        Some(batched_rerun(engine, &cases, &prompts, opts.batch)?)
-    } else {
-        None
-    };
+    let mut batched = Vec::new();
+    if opts.batch > 1 && !prompts.is_empty() {
+        let batchings: &[Batching] = match engine.attention() {
+            DecoderAttention::Gqa => &[Batching::Continuous, Batching::Static],
+            DecoderAttention::Eager => &[Batching::Static],
+        };
+        for &batching in batchings {
+            batched.push(batched_rerun(
+                engine, &cases, &prompts, opts.batch, batching,
+            )?);
+        }
+    }
     Ok(VerifyReport {
         cases,
         against_variant: variant_reference.is_some(),
@@ -495,6 +505,7 @@ fn batched_rerun(
     cases: &[CaseOutcome],
     prompts: &[EncodedPrompt],
     max_rows: usize,
+    batching: Batching,
 ) -> Result<BatchedOutcome, VerifyError> {
     let config = GenerationConfig {
         max_new_tokens: cases
@@ -507,6 +518,7 @@ fn batched_rerun(
     let policy = BatchPolicy {
         max_batch: max_rows,
         token_budget: usize::MAX,
+        batching,
     };
     let (batched, stats) = engine.generate_many(prompts, &config, policy, &mut NoHook)?;
     let differing = cases
@@ -518,6 +530,7 @@ fn batched_rerun(
         .map(|(c, _)| c.check.name.clone())
         .collect();
     Ok(BatchedOutcome {
+        batching: batching.name(),
         max_rows,
         batches: stats.batches,
         cases: cases.len(),

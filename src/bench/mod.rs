@@ -1,7 +1,8 @@
 //! Benchmarks, each against its named reference in the same run, reported as ratios: PDF rendering against
 //! poppler (`raster`), the engine against a Python onnxruntime loop and transformers (`engine`), the whole job
-//! against a Python pipeline (`pipeline`).
+//! against a Python pipeline (`pipeline`), continuous batching against static batching (`batching`).
 
+pub mod batching;
 pub mod engine;
 pub mod pipeline;
 pub mod raster;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use pixtract::model::Device;
 
+use crate::bench::batching::BatchingBench;
 use crate::bench::engine::{DEFAULT_CASES, EngineBench};
 use crate::bench::pipeline::PipelineBench;
 use crate::bench::raster::RasterBench;
@@ -27,6 +28,12 @@ pub enum BenchCommand {
     ///
     /// Example: pixtract bench pipeline --source out/demo/inputs --max-new-tokens 32
     Pipeline(PipelineBenchArgs),
+    /// Continuous vs static batching in the same run: many prompts whose answers differ in length (drawn from a
+    /// seeded generator, each ended by a step hook as a grammar ends an answer), same batch size; tokens/s, the
+    /// share of decode rows idle, the ratio. Fails unless every sequence equals its prompt's one-by-one run.
+    ///
+    /// Example: pixtract bench batching --prompts 64 --min-tokens 8 --max-tokens 256 --batch 8
+    Batching(BatchingBenchArgs),
 }
 
 /// Exit code 0 when the benchmark ran, 1 (with the reason) when it could not.
@@ -36,6 +43,9 @@ pub fn bench(command: BenchCommand) -> ExitCode {
         BenchCommand::Raster(args) => ("bench raster", crate::bench::raster::run(args.into())),
         BenchCommand::Pipeline(args) => {
             ("bench pipeline", crate::bench::pipeline::run(args.into()))
+        }
+        BenchCommand::Batching(args) => {
+            ("bench batching", crate::bench::batching::run(args.into()))
         }
     };
     super::report(name, outcome)
@@ -182,6 +192,63 @@ impl From<PipelineBenchArgs> for PipelineBench {
             model: a.model,
             max_new_tokens: a.max_new_tokens,
             python: a.python.unwrap_or_else(default_python),
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BatchingBenchArgs {
+    /// Model directory with a GroupQueryAttention decoder (continuous batching needs its slot cache; an eager
+    /// export runs both passes statically).
+    #[arg(long, value_name = "DIR", default_value = "models/tiny-gqa")]
+    model: PathBuf,
+    /// Folder holding the reference cases whose prompts are cycled (default: <model>/reference, else
+    /// models/tiny/reference).
+    #[arg(long, value_name = "DIR")]
+    reference_dir: Option<PathBuf>,
+    /// Prompts per pass.
+    #[arg(long, default_value_t = 64)]
+    prompts: usize,
+    /// Shortest answer, in tokens.
+    #[arg(long, default_value_t = 8)]
+    min_tokens: usize,
+    /// Longest answer, in tokens.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Rows decoded together: the static batch size and the continuous slot count.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Rounds, each running static then continuous.
+    #[arg(long, default_value_t = 2)]
+    repeat: usize,
+    /// Seed of the answer lengths.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// ONNX Runtime intra-op threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// Let ONNX Runtime's idle threads spin-wait between ops.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    spin: bool,
+}
+
+impl From<BatchingBenchArgs> for BatchingBench {
+    fn from(a: BatchingBenchArgs) -> Self {
+        Self {
+            model: a.model,
+            reference_dir: a.reference_dir,
+            prompts: a.prompts,
+            min_tokens: a.min_tokens,
+            max_tokens: a.max_tokens,
+            batch: a.batch,
+            repeat: a.repeat,
+            seed: a.seed,
+            threads: a.threads,
+            device: a.device,
+            spin: a.spin,
         }
     }
 }

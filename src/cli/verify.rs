@@ -110,9 +110,10 @@ fn print_summary(report: &VerifyReport, engine: &PixtralEngine, logit_tolerance:
             .filter(|c| c.check.tokens_equal())
             .count(),
     );
-    if let Some(b) = &report.batched {
+    for b in &report.batched {
         println!(
-            "batched (up to {} rows, {} batches): tokens equal to one-by-one runs in {}/{} cases{}",
+            "batched, {} (up to {} rows, {} batches): tokens equal to one-by-one runs in {}/{} cases{}",
+            b.batching,
             b.max_rows,
             b.batches,
             b.cases - b.differing.len(),

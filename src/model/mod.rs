@@ -10,8 +10,8 @@ pub mod sampling;
 use std::path::PathBuf;
 
 pub use engine::{
-    BatchPolicy, EngineOptions, FinishReason, Generation, GenerationConfig, GenerationStats,
-    HookError, NoHook, PixtralEngine, StepHook,
+    AnswerLengths, BatchPolicy, Batching, EngineOptions, FinishReason, Generation,
+    GenerationConfig, GenerationStats, HookError, NoHook, PixtralEngine, StepHook,
 };
 pub use manifest::{ModelDir, ModelManifest};
 pub use preprocess::{ImagePreprocessor, PreparedImage};

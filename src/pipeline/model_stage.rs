@@ -36,6 +36,7 @@ pub(super) fn model_stage(
         let policy = BatchPolicy {
             max_batch: spec.batch_size,
             token_budget: spec.token_budget,
+            batching: spec.batching,
         };
         let extractor =
             Extractor::new(&engine, mode, config, policy).map_err(PipelineError::Extract)?;

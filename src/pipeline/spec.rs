@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::PipelineError;
+use crate::model::Batching;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -101,6 +102,11 @@ pub struct ModelSpec {
     /// Upper bound on padded prompt tokens per prefill.
     #[serde(default = "default_token_budget")]
     pub token_budget: usize,
+    /// "continuous" (default): a finished sequence's KV-cache slot takes the next waiting prompt at once
+    /// (GroupQueryAttention exports); "static": batches run until their longest answer ends. Eager exports
+    /// always batch statically.
+    #[serde(default)]
+    pub batching: Batching,
     /// Prompt tokens per prefill pass (0: whole prompts; unset: 256 on cpu, 1024 on cuda). Bounds the attention
     /// scores a prefill holds.
     #[serde(default)]

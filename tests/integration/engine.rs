@@ -7,8 +7,8 @@ use std::sync::Mutex;
 
 use pixtract::model::manifest::DecoderAttention;
 use pixtract::model::{
-    BatchPolicy, Device, EncodedPrompt, EngineOptions, GenerationConfig, HookError, NoHook,
-    PixtralEngine,
+    AnswerLengths, BatchPolicy, Batching, Device, EncodedPrompt, EngineOptions, FinishReason,
+    GenerationConfig, GenerationStats, HookError, NoHook, PixtralEngine,
 };
 use pixtract::verify::{
     self, LOGIT_TOLERANCE as LOGIT_TOL, PIXEL_TOLERANCE as PIXEL_TOL, ReferenceCase,
@@ -38,7 +38,7 @@ pub fn engine() -> std::sync::MutexGuard<'static, PixtralEngine> {
 
 /// The engine on the same tiny model exported with GroupQueryAttention (right-padded rows, cache in place): the
 /// engine tests below run on both, against the same transformers fixtures.
-fn gqa_engine() -> std::sync::MutexGuard<'static, PixtralEngine> {
+pub fn gqa_engine() -> std::sync::MutexGuard<'static, PixtralEngine> {
     static ENGINE: std::sync::OnceLock<Mutex<PixtralEngine>> = std::sync::OnceLock::new();
     load_engine(&ENGINE, tiny_gqa_model)
 }
@@ -128,6 +128,7 @@ fn check_chunked_prefill(engine: &mut PixtralEngine) {
         let policy = BatchPolicy {
             max_batch: 4,
             token_budget: 1 << 20,
+            ..Default::default()
         };
         let (gens, stats) = engine
             .generate_many(&prompts, &config, policy, &mut NoHook)
@@ -181,6 +182,7 @@ fn check_batched(engine: &mut PixtralEngine) {
             BatchPolicy {
                 max_batch: 4,
                 token_budget: 8192,
+                ..Default::default()
             },
             &mut NoHook,
         )
@@ -233,6 +235,7 @@ fn check_leaving(engine: &mut PixtralEngine) {
     let policy = BatchPolicy {
         max_batch: 3,
         token_budget: 1 << 20,
+        ..Default::default()
     };
     let (full, _) = engine
         .generate_many(&prompts, &config, policy, &mut NoHook)
@@ -244,6 +247,89 @@ fn check_leaving(engine: &mut PixtralEngine) {
     assert_eq!(cut[1].tokens[..], full[1].tokens[..3]);
     assert_eq!(cut[0].tokens, full[0].tokens);
     assert_eq!(cut[2].tokens, full[2].tokens);
+}
+
+fn idle_share(stats: &GenerationStats) -> f64 {
+    1.0 - stats.decode_tokens as f64 / stats.decode_row_capacity.max(1) as f64
+}
+
+#[test]
+fn gqa_continuous_batching_equals_one_by_one_in_any_arrival_order() {
+    let mut engine = gqa_engine();
+    let (cases, prompts) = reference_prompts(&engine);
+    let n = prompts.len();
+    // Answers of 2..=23 tokens: rows retire at different steps and slots are refilled mid-run.
+    let lengths: Vec<usize> = (0..n).map(|i| 2 + (i * 7) % 22).collect();
+    let config = GenerationConfig {
+        max_new_tokens: *lengths.iter().max().unwrap(),
+        stop_on_eos: false,
+        ..Default::default()
+    };
+    let one_by_one = BatchPolicy {
+        max_batch: 1,
+        batching: Batching::Static,
+        ..Default::default()
+    };
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            let (g, _) = engine
+                .generate_many(std::slice::from_ref(p), &config, one_by_one, &mut NoHook)
+                .unwrap();
+            g[0].tokens.clone()
+        })
+        .collect();
+    let interleaved: Vec<usize> = (0..n).step_by(2).chain((1..n).step_by(2)).collect();
+    let orders = [
+        (0..n).collect::<Vec<_>>(),
+        (0..n).rev().collect(),
+        interleaved,
+    ];
+    for order in &orders {
+        let arriving: Vec<EncodedPrompt> = order.iter().map(|&i| prompts[i].clone()).collect();
+        let wanted: Vec<usize> = order.iter().map(|&i| lengths[i]).collect();
+        for slots in [2, 3] {
+            let policy = |batching| BatchPolicy {
+                max_batch: slots,
+                batching,
+                ..Default::default()
+            };
+            let (gens, continuous) = engine
+                .generate_many(
+                    &arriving,
+                    &config,
+                    policy(Batching::Continuous),
+                    &mut AnswerLengths::new(wanted.clone()),
+                )
+                .unwrap();
+            for (j, &i) in order.iter().enumerate() {
+                assert_eq!(
+                    gens[j].tokens[..],
+                    alone[i][..lengths[i]],
+                    "{} arriving {j}th of {order:?}, {slots} slots",
+                    cases[i].name
+                );
+                assert_eq!(gens[j].finish, FinishReason::Hook);
+            }
+            // The same work statically batched leaves more decode rows idle (counted, not timed).
+            let (statically, stat) = engine
+                .generate_many(
+                    &arriving,
+                    &config,
+                    policy(Batching::Static),
+                    &mut AnswerLengths::new(wanted.clone()),
+                )
+                .unwrap();
+            assert_eq!(continuous.decode_tokens, stat.decode_tokens);
+            assert!(
+                idle_share(&continuous) < idle_share(&stat),
+                "idle rows: continuous {continuous:?} vs static {stat:?}"
+            );
+            for (c, s) in gens.iter().zip(&statically) {
+                assert_eq!(c.tokens, s.tokens);
+            }
+        }
+    }
 }
 
 #[test]
@@ -472,6 +558,7 @@ fn token_probabilities_are_optional_and_change_no_token() {
     let policy = BatchPolicy {
         max_batch: 4,
         token_budget: 8192,
+        ..Default::default()
     };
     let with = GenerationConfig {
         max_new_tokens: 12,

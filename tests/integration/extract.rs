@@ -15,10 +15,10 @@ use pixtract::extract::{
     ExtractError, ExtractionRecord, ExtractionSchema, Extractor, Mode, Outcome, PageInput,
     RunContext, SourceInfo, to_record_batch,
 };
-use pixtract::model::{BatchPolicy, GenerationConfig, NoHook, PreparedImage};
+use pixtract::model::{BatchPolicy, Batching, GenerationConfig, NoHook, PreparedImage};
 use serde_json::{Value, json};
 
-use crate::engine::engine;
+use crate::engine::{engine, gqa_engine};
 use crate::util::{repo_root, tiny_model};
 
 pub fn schema_path(name: &str) -> PathBuf {
@@ -553,6 +553,64 @@ fn reference_pages(engine: &pixtract::model::PixtralEngine) -> Vec<(String, Prep
 }
 
 #[test]
+fn continuous_batching_under_the_grammar_equals_one_by_one() {
+    // Rows end when the grammar accepts, at different steps; their slots take the next pages at once.
+    let mut engine = gqa_engine();
+    let pages = reference_pages(&engine);
+    let config = GenerationConfig {
+        max_new_tokens: 96,
+        ..Default::default()
+    };
+    let run = |engine: &mut pixtract::model::PixtralEngine, max_batch, batching| {
+        let policy = BatchPolicy {
+            max_batch,
+            batching,
+            ..Default::default()
+        };
+        let ex = Extractor::new(
+            engine,
+            Mode::Schema(Box::new(load("receipt"))),
+            config.clone(),
+            policy,
+        )
+        .expect("extractor");
+        let inputs = pages
+            .iter()
+            .map(|(uri, img)| {
+                Ok(PageInput {
+                    source: source(uri),
+                    images: vec![img.clone()],
+                    fetch_ms: None,
+                    raster_ms: None,
+                })
+            })
+            .collect();
+        let out = ex.run(engine, inputs).expect("run");
+        out.records
+            .iter()
+            .map(|r| {
+                (
+                    r.raw_output.clone(),
+                    r.finish_reason.clone(),
+                    format!("{:?}", r.outcome),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let alone = run(&mut engine, 1, Batching::Static);
+    let continuous = run(&mut engine, 3, Batching::Continuous);
+    assert_eq!(alone.len(), pages.len());
+    let finishes: std::collections::BTreeSet<_> = alone.iter().map(|r| r.1.clone()).collect();
+    eprintln!("finish reasons under the grammar: {finishes:?}");
+    for (i, (a, c)) in alone.iter().zip(&continuous).enumerate() {
+        assert_eq!(
+            a, c,
+            "page {i}: continuous batching differs from its one-by-one run"
+        );
+    }
+}
+
+#[test]
 fn constrained_decoding_on_tiny_model_always_gives_valid_json() {
     let mut engine = engine();
     let pages = reference_pages(&engine);
@@ -566,6 +624,7 @@ fn constrained_decoding_on_tiny_model_always_gives_valid_json() {
         let policy = BatchPolicy {
             max_batch: 4,
             token_budget: 32_768,
+            ..Default::default()
         };
         let mut ex = Extractor::new(
             &engine,
@@ -774,6 +833,7 @@ fn grammar_cost_bench() {
         let policy = BatchPolicy {
             max_batch: batch,
             token_budget: 1 << 20,
+            ..Default::default()
         };
         let free_cfg = GenerationConfig {
             max_new_tokens,

@@ -220,26 +220,14 @@ fn prefill_in_place(
     for (b, &len) in batch.lengths.iter().enumerate() {
         let row = &batch.embeds[(b * width + width - len) * hidden..(b + 1) * width * hidden];
         let mut buffers = decoder.cache_buffers(1, capacity)?;
-        let mut start = 0;
-        while start < len {
-            let end = (start + chunk).min(len);
-            let positions: Vec<i64> = (start as i64..end as i64).collect();
-            let step = GqaStep {
-                embeds: &row[start * hidden..end * hidden],
-                batch: 1,
-                positions: &positions,
-                seqlens_k: &[end as i32 - 1],
-                total: end as i32,
-                logits_index: &[(end - start) as i64 - 1],
-            };
-            decoder.gqa_pass(
-                step,
-                &mut buffers,
-                row_logits.as_mut().unwrap_or(&mut *logits),
-            )?;
-            stats.prefill_passes += 1;
-            start = end;
-        }
+        prefill_row(
+            decoder,
+            row,
+            chunk,
+            &mut buffers,
+            row_logits.as_mut().unwrap_or(&mut *logits),
+            stats,
+        )?;
         if let Some(row_logits) = &row_logits {
             copy_rows(row_logits, 0, logits, b, 1)?;
         }
@@ -256,4 +244,37 @@ fn prefill_in_place(
         }
     }
     Ok(gathered.unwrap_or(last))
+}
+
+/// Prefills one prompt (`embeds`: its `[len, hidden]` embeddings) into the one-row GroupQueryAttention cache
+/// `buffers` (`[1, kv_heads, capacity, head_dim]` each) in `chunk`-token passes, leaving its last position's
+/// logits in `logits` (`[1, 1, vocab]`). The cache's earlier contents need not be zero: the first pass starts
+/// the row at length 0 and nothing past a row's length is read.
+pub(super) fn prefill_row(
+    decoder: &mut Decoder,
+    embeds: &[f32],
+    chunk: usize,
+    buffers: &mut [DynTensor],
+    logits: &mut DynTensor,
+    stats: &mut GenerationStats,
+) -> Result<(), ModelError> {
+    let hidden = decoder.hidden();
+    let len = embeds.len() / hidden.max(1);
+    let mut start = 0;
+    while start < len {
+        let end = (start + chunk.max(1)).min(len);
+        let positions: Vec<i64> = (start as i64..end as i64).collect();
+        let step = GqaStep {
+            embeds: &embeds[start * hidden..end * hidden],
+            batch: 1,
+            positions: &positions,
+            seqlens_k: &[end as i32 - 1],
+            total: end as i32,
+            logits_index: &[(end - start) as i64 - 1],
+        };
+        decoder.gqa_pass(step, buffers, logits)?;
+        stats.prefill_passes += 1;
+        start = end;
+    }
+    Ok(())
 }

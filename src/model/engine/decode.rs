@@ -55,10 +55,72 @@ pub(super) fn choose_rows(
     })
 }
 
+/// What a static batch's decode gives back: its sequences, the tokens decoded (rows x steps) and the row slots
+/// the steps offered (the batch's size each step).
+pub(super) struct DecodeOutcome {
+    pub generations: Vec<Generation>,
+    pub decode_tokens: usize,
+    pub row_capacity: usize,
+}
+
+/// The host logits of a pass as mutable f32 rows: the buffer itself for fp32 logits (masked in place: it is
+/// ours until the next pass), or `widened` holding fp16 logits as f32.
+pub(super) fn host_logits<'a>(
+    logits: &'a mut DynTensor,
+    kind: FloatKind,
+    widened: &'a mut Vec<f32>,
+) -> Result<&'a mut [f32], ModelError> {
+    Ok(match kind {
+        FloatKind::F32 => {
+            logits
+                .try_extract_tensor_mut::<f32>()
+                .map_err(ort_err("logits"))?
+                .1
+        }
+        FloatKind::F16 => {
+            let (_, half) = logits
+                .try_extract_tensor::<f16>()
+                .map_err(ort_err("logits"))?;
+            widened.clear();
+            widened.extend(half.iter().map(|v| v.to_f32()));
+            widened
+        }
+    })
+}
+
+/// Why a sequence that just produced `token` stops, if it does: EOS (when configured), the hook's say-so, or its
+/// token budget. One rule for the static and the continuous decode loops.
+pub(super) fn finish_after(
+    token: u32,
+    hook_done: bool,
+    generated: usize,
+    config: &GenerationConfig,
+    eos: u32,
+) -> Option<FinishReason> {
+    if config.stop_on_eos && token == eos {
+        Some(FinishReason::Eos)
+    } else if hook_done {
+        Some(FinishReason::Hook)
+    } else if generated >= config.max_new_tokens {
+        Some(FinishReason::Length)
+    } else {
+        None
+    }
+}
+
+/// A sampler for sequence `row`: seeded by the row, so a sequence draws the same tokens in any batch.
+pub(super) fn sampler_for(row: usize, config: &GenerationConfig) -> Sampler {
+    let sampler = Sampler::new(&config.sampling, row as u64);
+    if config.token_probs {
+        sampler
+    } else {
+        sampler.without_probabilities()
+    }
+}
+
 impl PixtralEngine {
     /// Decodes the prefilled batch until every row has finished. `rows` index into `prompts` and name the
-    /// sequences to the hook; `logits` holds the prefill's last-position logits. Also returns the decode
-    /// tokens counted as rows x steps.
+    /// sequences to the hook; `logits` holds the prefill's last-position logits.
     pub(super) fn decode(
         &mut self,
         cache: &mut KvCache,
@@ -67,8 +129,9 @@ impl PixtralEngine {
         rows: &[usize],
         config: &GenerationConfig,
         hook: &mut dyn StepHook,
-    ) -> Result<(Vec<Generation>, usize), ModelError> {
+    ) -> Result<DecodeOutcome, ModelError> {
         let mut decode_tokens = 0;
+        let mut row_capacity = 0;
         let eos = self.model.manifest.tokens.eos;
         let vocab = self.model.manifest.text.vocab_size;
         let mut active: Vec<usize> = (0..rows.len()).collect(); // positions in `rows` still generating
@@ -83,37 +146,11 @@ impl PixtralEngine {
             })
             .collect();
         let mut widened: Vec<f32> = Vec::new(); // fp16 logits as f32, reused across steps
-        let mut samplers: Vec<Sampler> = rows
-            .iter()
-            .map(|&r| {
-                let sampler = Sampler::new(&config.sampling, r as u64);
-                if config.token_probs {
-                    sampler
-                } else {
-                    sampler.without_probabilities()
-                }
-            })
-            .collect();
+        let mut samplers: Vec<Sampler> = rows.iter().map(|&r| sampler_for(r, config)).collect();
         loop {
             let mut finished = Vec::new();
             let mut chosen = Vec::with_capacity(active.len());
-            // Masked in place: the host logits buffer ONNX Runtime wrote is ours until the next step.
-            let logits_data: &mut [f32] = match self.decoder.logits_float {
-                FloatKind::F32 => {
-                    logits
-                        .try_extract_tensor_mut::<f32>()
-                        .map_err(ort_err("logits"))?
-                        .1
-                }
-                FloatKind::F16 => {
-                    let (_, half) = logits
-                        .try_extract_tensor::<f16>()
-                        .map_err(ort_err("logits"))?;
-                    widened.clear();
-                    widened.extend(half.iter().map(|v| v.to_f32()));
-                    &mut widened
-                }
-            };
+            let logits_data = host_logits(&mut logits, self.decoder.logits_float, &mut widened)?;
             // 1. The hook masks each row (sequential: it owns per-row grammar state).
             for (j, &b) in active.iter().enumerate() {
                 let row = rows[b];
@@ -138,22 +175,22 @@ impl PixtralEngine {
                 let hook_done = hook
                     .accept_token(row, token)
                     .map_err(|source| ModelError::Hook { row, source })?;
-                if config.stop_on_eos && token == eos {
-                    outs[b].finish = FinishReason::Eos;
-                    finished.push(j);
-                } else if hook_done {
-                    outs[b].finish = FinishReason::Hook;
-                    finished.push(j);
-                } else if outs[b].tokens.len() >= config.max_new_tokens {
-                    outs[b].finish = FinishReason::Length;
-                    finished.push(j);
-                } else {
-                    chosen.push(token as i64);
+                match finish_after(token, hook_done, outs[b].tokens.len(), config, eos) {
+                    Some(reason) => {
+                        outs[b].finish = reason;
+                        finished.push(j);
+                    }
+                    None => chosen.push(token as i64),
                 }
             }
             decode_tokens += active.len();
+            row_capacity += rows.len();
             if finished.len() == active.len() {
-                return Ok((outs, decode_tokens));
+                return Ok(DecodeOutcome {
+                    generations: outs,
+                    decode_tokens,
+                    row_capacity,
+                });
             }
             if !finished.is_empty() {
                 // Finished sequences leave the batch: keep only the others' cache rows.

@@ -89,6 +89,33 @@ impl StepHook for NoHook {
     }
 }
 
+/// Ends sequence `row` after `lengths[row]` tokens, as a grammar ends an answer: per-sequence budgets for
+/// workloads whose answers differ in length (benchmarks, tests of rows retiring at different steps).
+pub struct AnswerLengths {
+    lengths: Vec<usize>,
+    seen: Vec<usize>,
+}
+
+impl AnswerLengths {
+    pub fn new(lengths: Vec<usize>) -> Self {
+        let seen = vec![0; lengths.len()];
+        AnswerLengths { lengths, seen }
+    }
+}
+
+impl StepHook for AnswerLengths {
+    fn mask_logits(&mut self, _row: usize, _logits: &mut [f32]) -> Result<(), HookError> {
+        Ok(())
+    }
+    fn accept_token(&mut self, row: usize, _token: u32) -> Result<bool, HookError> {
+        let (Some(seen), Some(&length)) = (self.seen.get_mut(row), self.lengths.get(row)) else {
+            return Err(format!("no answer length for sequence {row}").into());
+        };
+        *seen += 1;
+        Ok(*seen >= length)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     /// Generated `</s>` (included in `tokens`).
@@ -123,6 +150,9 @@ pub struct GenerationStats {
     pub batches: usize,
     /// Decoder passes over prompt tokens (more than `batches` when prefill is chunked).
     pub prefill_passes: usize,
+    /// Row slots the decode steps offered (rows x steps: a static batch's size, or the slot count, per step);
+    /// `decode_tokens` of them did work, the rest idled (rows finished while their batch ran on).
+    pub decode_row_capacity: usize,
     /// Where ONNX Runtime actually put the KV cache (read back from the decoder's `present.*` outputs, e.g.
     /// "Cuda:0"): evidence that the cache stays on the device, not a setting echoed back.
     pub kv_cache_memory: Option<String>,
@@ -138,6 +168,7 @@ impl GenerationStats {
         self.decode_tokens += other.decode_tokens;
         self.batches += other.batches;
         self.prefill_passes += other.prefill_passes;
+        self.decode_row_capacity += other.decode_row_capacity;
         if self.kv_cache_memory.is_none() {
             self.kv_cache_memory.clone_from(&other.kv_cache_memory);
         }
@@ -150,6 +181,7 @@ pub struct BatchPolicy {
     pub max_batch: usize,
     /// Upper bound on padded prompt tokens in one prefill (rows x longest prompt).
     pub token_budget: usize,
+    pub batching: Batching,
 }
 
 impl Default for BatchPolicy {
@@ -157,6 +189,42 @@ impl Default for BatchPolicy {
         BatchPolicy {
             max_batch: 8,
             token_budget: 16_384,
+            batching: Batching::default(),
+        }
+    }
+}
+
+/// How rows of a batch are refilled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Batching {
+    /// `max_batch` KV-cache slots: a finished sequence frees its slot at once and the next waiting prompt is
+    /// prefilled into it, joining the running rows at the next step (GroupQueryAttention decoders; an eager
+    /// decoder runs static batches).
+    #[default]
+    Continuous,
+    /// Batches planned up front by length; a batch runs until its longest answer ends and nothing joins it.
+    Static,
+}
+
+impl Batching {
+    pub fn name(self) -> &'static str {
+        match self {
+            Batching::Continuous => "continuous",
+            Batching::Static => "static",
+        }
+    }
+}
+
+impl std::str::FromStr for Batching {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "continuous" => Ok(Batching::Continuous),
+            "static" => Ok(Batching::Static),
+            other => Err(format!(
+                "unknown batching '{other}': expected 'continuous' or 'static'"
+            )),
         }
     }
 }

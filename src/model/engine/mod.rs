@@ -11,6 +11,7 @@ mod decoder;
 mod generation;
 mod ort_util;
 mod scheduler;
+mod slots;
 
 use std::time::Instant;
 
@@ -18,8 +19,8 @@ use ort::session::Session;
 use ort::value::Tensor;
 
 pub use generation::{
-    BatchPolicy, EngineOptions, FinishReason, Generation, GenerationConfig, GenerationStats,
-    HookError, NoHook, StepHook, default_prefill_chunk,
+    AnswerLengths, BatchPolicy, Batching, EngineOptions, FinishReason, Generation,
+    GenerationConfig, GenerationStats, HookError, NoHook, StepHook, default_prefill_chunk,
 };
 
 use super::ModelError;
@@ -118,7 +119,9 @@ impl PixtralEngine {
         Ok(read_floats(&outputs[0], "embeddings")?.1)
     }
 
-    /// Generates for many prompts: grouped by length into batches under `policy`, results in input order.
+    /// Generates for many prompts under `policy`, results in input order: through KV-cache slots refilled as
+    /// sequences finish (continuous batching, GroupQueryAttention decoders), or grouped by length into static
+    /// batches.
     pub fn generate_many(
         &mut self,
         prompts: &[EncodedPrompt],
@@ -126,6 +129,11 @@ impl PixtralEngine {
         policy: BatchPolicy,
         hook: &mut dyn StepHook,
     ) -> Result<(Vec<Generation>, GenerationStats), ModelError> {
+        if policy.batching == Batching::Continuous
+            && self.decoder.attention == DecoderAttention::Gqa
+        {
+            return self.generate_continuous(prompts, config, policy.max_batch, hook);
+        }
         let lengths: Vec<usize> = prompts.iter().map(|p| p.ids.len()).collect();
         let mut results: Vec<Option<Generation>> = vec![None; prompts.len()];
         let mut stats = GenerationStats::default();
@@ -184,10 +192,11 @@ impl PixtralEngine {
         stats.prefill_tokens = batch.lengths.iter().sum();
 
         let t2 = Instant::now();
-        let (outs, decode_tokens) = self.decode(&mut cache, logits, prompts, rows, config, hook)?;
+        let decoded = self.decode(&mut cache, logits, prompts, rows, config, hook)?;
         stats.decode = t2.elapsed();
-        stats.decode_tokens = decode_tokens;
-        Ok((outs, stats))
+        stats.decode_tokens = decoded.decode_tokens;
+        stats.decode_row_capacity = decoded.row_capacity;
+        Ok((decoded.generations, stats))
     }
 
     /// Every row has a prompt that, with its new tokens, fits the context.
