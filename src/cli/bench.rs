@@ -56,6 +56,22 @@ fn default_python() -> PathBuf {
     PathBuf::from(".venv/bin/python")
 }
 
+/// Where and how the engine benchmarks run ONNX Runtime.
+#[derive(Debug, clap::Args)]
+pub struct RuntimeArgs {
+    /// ONNX Runtime intra-op threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// cpu, cuda or cuda:N. For `bench engine` the Python onnxruntime loop runs there too (cuda needs
+    /// onnxruntime-gpu in --python's environment; transformers is then left out: it would run on the CPU).
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// Let ONNX Runtime's idle threads spin-wait between ops (ONNX Runtime's default; faster on an otherwise idle
+    /// machine). `--spin false` when other work shares the cores.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    spin: bool,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct EngineBenchArgs {
     /// Model directory, as `scripts/setup.sh` makes them: models/tiny-gqa (GroupQueryAttention decoder, the
@@ -91,17 +107,8 @@ pub struct EngineBenchArgs {
     /// Skip transformers generate() (slow), keep the Python ONNX Runtime loop.
     #[arg(long)]
     skip_transformers: bool,
-    /// ONNX Runtime intra-op threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
-    /// Device both pixtract and the Python onnxruntime loop run on: cpu, cuda or cuda:N (cuda needs
-    /// onnxruntime-gpu in --python's environment; transformers is then left out: it would run on the CPU).
-    #[arg(long, default_value = "cpu")]
-    device: Device,
-    /// Let ONNX Runtime's idle threads spin-wait between ops (ONNX Runtime's default; faster on an otherwise idle
-    /// machine). `--spin false` when other work shares the cores.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
-    spin: bool,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
     /// Prompt tokens per prefill pass for pixtract (0: all at once, as the Python loop does; default 256 on cpu,
     /// 1024 on cuda).
     #[arg(long, value_name = "TOKENS")]
@@ -126,9 +133,9 @@ impl From<EngineBenchArgs> for EngineBench {
             python_encoded: a.python_encoded,
             no_reference: a.no_reference,
             skip_transformers: a.skip_transformers,
-            threads: a.threads,
-            device: a.device,
-            spin: a.spin,
+            threads: a.runtime.threads,
+            device: a.runtime.device,
+            spin: a.runtime.spin,
             prefill_chunk: a.prefill_chunk,
         }
     }
@@ -224,15 +231,8 @@ pub struct BatchingBenchArgs {
     /// Seed of the answer lengths.
     #[arg(long, default_value_t = 7)]
     seed: u64,
-    /// ONNX Runtime intra-op threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: Device,
-    /// Let ONNX Runtime's idle threads spin-wait between ops.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
-    spin: bool,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
 }
 
 impl From<BatchingBenchArgs> for BatchingBench {
@@ -246,9 +246,9 @@ impl From<BatchingBenchArgs> for BatchingBench {
             batch: a.batch,
             repeat: a.repeat,
             seed: a.seed,
-            threads: a.threads,
-            device: a.device,
-            spin: a.spin,
+            threads: a.runtime.threads,
+            device: a.runtime.device,
+            spin: a.runtime.spin,
         }
     }
 }
