@@ -11,12 +11,14 @@
 //! - [`sink`]: Arrow batches -> Parquet on local disk or S3 (atomic files, Hive partitions, manifest, _SUCCESS)
 //! - [`store`]: object-store URLs (s3://, gs://, az://) shared by the source and the sink
 //! - [`doctor`]: what this machine can run
+//! - [`eval`]: accuracy of an output against labelled documents (per-field scores, calibration)
 //! - [`verify`]: the engine against a model's reference cases (typed results)
 //! - [`testkit`]: generated documents for tests and benchmarks
 
 pub mod doctor;
 pub mod document;
 pub mod error;
+pub mod eval;
 pub mod extract;
 pub mod imaging;
 pub mod model;

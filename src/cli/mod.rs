@@ -3,6 +3,7 @@
 
 mod bench;
 mod doctor;
+mod eval;
 mod generate;
 mod pages;
 mod run;
@@ -82,6 +83,19 @@ enum Command {
     ///
     ///   pixtract verify --model models/tiny --device cuda
     Verify(verify::VerifyArgs),
+    /// Score an output against labelled documents: per-field precision, recall, F1 and exact-match accuracy
+    /// (micro and macro), calibration of the confidences, and the threshold per field that reaches a target
+    /// precision.
+    ///
+    /// Values are compared per type: amounts as decimals ("$8.20" = 8.2), dates from the label's own format
+    /// ("05 MAR 2018" = 2018-03-05), text case- and whitespace-folded. Exit code 0 when it ran, 1 when it could not.
+    ///
+    /// Examples:
+    ///
+    ///   pixtract eval --predictions out/receipts --labels ../shared/corpus/receipts-sroie
+    ///
+    ///   pixtract eval --predictions out/inv --labels labels.jsonl --map amount=total --map date=invoice_date --json
+    Eval(eval::EvalArgs),
     /// Benchmarks, each against its reference in the same run, reported as ratios.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -97,6 +111,7 @@ pub fn main() -> ExitCode {
         Command::Pages(args) => pages::pages(args),
         Command::Generate(args) => report("generate", generate::generate(args)),
         Command::Verify(args) => verify::verify(args),
+        Command::Eval(args) => report("eval", eval::eval(args)),
         Command::Bench(command) => bench::bench(command),
         Command::RasterWorker => pixtract::raster::worker::run_worker(),
     }

@@ -3,6 +3,7 @@
 
 mod doctor;
 mod engine;
+mod eval;
 mod exporter;
 mod extract;
 mod layers;

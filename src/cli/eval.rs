@@ -1,0 +1,81 @@
+//! `pixtract eval`: an output's accuracy against labelled documents.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use pixtract::eval::{self, EvalOptions, FieldMap, LabelSet, Predictions};
+
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// The predictions: a pixtract output folder (its committed Parquet files, read recursively) or one
+    /// .parquet file.
+    #[arg(long, value_name = "PATH")]
+    predictions: String,
+    /// The labels: a folder of one JSON object per document, named like the document (SROIE's 000.json beside
+    /// 000.jpg, or key/*.json; invoice2data's tests/compare/*.json), or a labels.jsonl whose lines carry
+    /// "document" (file name or URI) and the fields.
+    #[arg(long, value_name = "PATH")]
+    labels: PathBuf,
+    /// Which label key is scored against which output column, LABEL_KEY=FIELD; repeatable. Default: SROIE's
+    /// keys against schemas/receipt.json (company=merchant_name, date=transaction_date,
+    /// address=merchant_address, total=total).
+    #[arg(long = "map", value_name = "KEY=FIELD")]
+    mapping: Vec<FieldMap>,
+    /// Compare text exactly (default: case and runs of whitespace folded). Amounts and dates are always compared
+    /// as values.
+    #[arg(long)]
+    exact: bool,
+    /// Precision the per-field confidence threshold must reach (values under it would go to a person).
+    #[arg(long, default_value_t = 0.99, value_name = "P")]
+    target_precision: f64,
+    /// Reliability bins for the calibration table.
+    #[arg(long, default_value_t = 10)]
+    bins: usize,
+    /// Print the report as one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Also write one row per document and field (document, field, predicted, expected, outcome, confidence)
+    /// to this Parquet file.
+    #[arg(long, value_name = "FILE.parquet")]
+    out_parquet: Option<PathBuf>,
+}
+
+/// Runs the evaluation and prints it. Exit code 0 when it ran (whatever the scores), 1 when it could not.
+pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    let predictions = Predictions::load(&args.predictions)
+        .with_context(|| format!("reading predictions {}", args.predictions))?;
+    let labels = LabelSet::load(&args.labels)
+        .with_context(|| format!("reading labels {}", args.labels.display()))?;
+    let opts = EvalOptions {
+        mapping: if args.mapping.is_empty() {
+            eval::sroie_mapping()
+        } else {
+            args.mapping
+        },
+        exact: args.exact,
+        target_precision: args.target_precision,
+        bins: args.bins,
+    };
+    let report = eval::evaluate(&predictions, &labels, &opts)?;
+    if let Some(path) = &args.out_parquet {
+        eval::write_outcomes(&report, path)?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "{} labelled documents, {} predicted ({} rows in {} files), {} without labels",
+            labels.documents.len(),
+            predictions.documents.len(),
+            predictions.rows,
+            predictions.files,
+            report.unlabelled_documents
+        );
+        print!("{}", report.table());
+        if let Some(path) = &args.out_parquet {
+            println!("per-field outcomes: {}", path.display());
+        }
+    }
+    Ok(())
+}

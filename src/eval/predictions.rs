@@ -1,0 +1,217 @@
+//! Predictions: the Parquet files of a pixtract output (a folder, read recursively, or one file), one entry per
+//! document with each schema field's value as text and its confidence (`_confidence.<field>.min`).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use arrow::array::{Array, AsArray, RecordBatch, StructArray};
+use arrow::datatypes::{DataType, Float32Type, Float64Type};
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use super::normalise::FieldKind;
+use super::{EvalError, document_key};
+use crate::extract::values::provenance;
+
+#[derive(Debug, Clone, Default)]
+pub struct Prediction {
+    pub source_uri: String,
+    pub status: Option<String>,
+    /// Field -> value as text (None: null).
+    pub values: BTreeMap<String, Option<String>>,
+    /// Field -> the least probable token's probability behind its value.
+    pub confidence: BTreeMap<String, Option<f64>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Predictions {
+    /// Document key -> its row (the first `ok` row of the document, else its first row).
+    pub documents: BTreeMap<String, Prediction>,
+    kinds: BTreeMap<String, FieldKind>,
+    pub files: usize,
+    pub rows: usize,
+}
+
+fn kind_of_type(t: &DataType) -> Option<FieldKind> {
+    match t {
+        DataType::Date32 | DataType::Date64 => Some(FieldKind::Date),
+        DataType::Float16
+        | DataType::Float32
+        | DataType::Float64
+        | DataType::Decimal128(..)
+        | DataType::Decimal256(..)
+        | DataType::Int8
+        | DataType::Int16
+        | DataType::Int32
+        | DataType::Int64 => Some(FieldKind::Amount),
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View | DataType::Timestamp(..) => {
+            Some(FieldKind::Text)
+        }
+        DataType::Boolean => Some(FieldKind::Text),
+        _ => None,
+    }
+}
+
+fn parquet_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), EvalError> {
+    if path.is_file() {
+        out.push(path.to_path_buf());
+        return Ok(());
+    }
+    let entries = std::fs::read_dir(path).map_err(|source| EvalError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    for entry in entries {
+        let entry = entry.map_err(|source| EvalError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let p = entry.path();
+        let name = entry.file_name().to_string_lossy().to_string();
+        // Hidden files are the sink's uncommitted writes; `_manifest`/`_SUCCESS` are not data.
+        if name.starts_with('.') || name.starts_with('_') {
+            continue;
+        }
+        if p.is_dir() {
+            parquet_files(&p, out)?;
+        } else if name.ends_with(".parquet") {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+impl Predictions {
+    /// Reads every committed Parquet file under `path` (a local folder or file; `file://` accepted).
+    pub fn load(path: &str) -> Result<Predictions, EvalError> {
+        let path = PathBuf::from(path.strip_prefix("file://").unwrap_or(path));
+        let mut files = Vec::new();
+        parquet_files(&path, &mut files)?;
+        files.sort();
+        if files.is_empty() {
+            return Err(EvalError::Input(format!(
+                "{}: no Parquet files (a pixtract output folder or one .parquet file)",
+                path.display()
+            )));
+        }
+        let mut out = Predictions::default();
+        for file in &files {
+            let f = File::open(file).map_err(|source| EvalError::Read {
+                path: file.clone(),
+                source,
+            })?;
+            let reader = ParquetRecordBatchReaderBuilder::try_new(f)
+                .and_then(|b| b.build())
+                .map_err(|source| EvalError::Parquet {
+                    path: file.clone(),
+                    source,
+                })?;
+            for batch in reader {
+                let batch = batch.map_err(|source| EvalError::Arrow {
+                    path: file.clone(),
+                    source,
+                })?;
+                out.add_batch(&batch, file)?;
+            }
+            out.files += 1;
+        }
+        Ok(out)
+    }
+
+    /// Adds one record batch's rows (also used by tests building predictions in memory).
+    pub fn add_batch(&mut self, batch: &RecordBatch, file: &Path) -> Result<(), EvalError> {
+        let schema = batch.schema();
+        let text = |name: &str| -> Result<Option<Vec<Option<String>>>, EvalError> {
+            let Some(column) = batch.column_by_name(name) else {
+                return Ok(None);
+            };
+            let formatter = ArrayFormatter::try_new(column.as_ref(), &FormatOptions::default())
+                .map_err(|source| EvalError::Arrow {
+                    path: file.to_path_buf(),
+                    source,
+                })?;
+            Ok(Some(
+                (0..column.len())
+                    .map(|i| (!column.is_null(i)).then(|| formatter.value(i).to_string()))
+                    .collect(),
+            ))
+        };
+        let uris = text(provenance::SOURCE_URI)?.ok_or_else(|| {
+            EvalError::Input(format!(
+                "{}: no {} column: not a pixtract output",
+                file.display(),
+                provenance::SOURCE_URI
+            ))
+        })?;
+        let statuses = text("status")?;
+        let confidence = batch
+            .column_by_name("_confidence")
+            .and_then(|c| c.as_any().downcast_ref::<StructArray>());
+        let mut fields = Vec::new();
+        for field in schema.fields() {
+            let name = field.name();
+            if name.starts_with('_') || provenance::is_reserved(name) {
+                continue;
+            }
+            let Some(kind) = kind_of_type(field.data_type()) else {
+                continue;
+            };
+            self.kinds.insert(name.clone(), kind);
+            let conf = confidence
+                .and_then(|c| c.column_by_name(name))
+                .and_then(|c| c.as_any().downcast_ref::<StructArray>())
+                .and_then(|pair| pair.column_by_name("min"))
+                .map(|min| -> Vec<Option<f64>> {
+                    (0..min.len())
+                        .map(|i| {
+                            if min.is_null(i) {
+                                None
+                            } else if let Some(a) = min.as_primitive_opt::<Float32Type>() {
+                                Some(a.value(i) as f64)
+                            } else {
+                                min.as_primitive_opt::<Float64Type>().map(|a| a.value(i))
+                            }
+                        })
+                        .collect()
+                });
+            fields.push((name.clone(), text(name)?.unwrap_or_default(), conf));
+        }
+        for (row, uri) in uris.into_iter().enumerate() {
+            self.rows += 1;
+            let Some(uri) = uri else { continue };
+            let status = statuses.as_ref().and_then(|s| s[row].clone());
+            let key = document_key(&uri);
+            let better = match self.documents.get(&key) {
+                None => true,
+                Some(old) => old.status.as_deref() != Some("ok") && status.as_deref() == Some("ok"),
+            };
+            if !better {
+                continue;
+            }
+            let mut p = Prediction {
+                source_uri: uri,
+                status,
+                ..Default::default()
+            };
+            for (name, values, conf) in &fields {
+                p.values
+                    .insert(name.clone(), values.get(row).cloned().flatten());
+                p.confidence.insert(
+                    name.clone(),
+                    conf.as_ref().and_then(|c| c.get(row).copied().flatten()),
+                );
+            }
+            self.documents.insert(key, p);
+        }
+        Ok(())
+    }
+
+    pub fn kind_of(&self, field: &str) -> Option<FieldKind> {
+        self.kinds.get(field).copied()
+    }
+
+    pub fn field_names(&self) -> Vec<String> {
+        self.kinds.keys().cloned().collect()
+    }
+}
