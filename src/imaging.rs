@@ -155,10 +155,18 @@ pub fn cubic_resize(src: &RgbImage, dst_w: usize, dst_h: usize) -> Vec<f32> {
 
 /// The image as the model sees it, back in 8 bits (rounded, clamped): for `pixtract pages` and previews.
 pub fn model_view(img: &DynamicImage, max_side: usize, patch: usize) -> RgbImage {
-    let rgb = to_rgb_on_white(img);
+    // An RGB page is used in place: a copy of a 100-megapixel scan is 300 MB.
+    let converted;
+    let rgb = match img {
+        DynamicImage::ImageRgb8(rgb) => rgb,
+        other => {
+            converted = to_rgb_on_white(other);
+            &converted
+        }
+    };
     let grid = PatchGrid::for_image(rgb.width(), rgb.height(), max_side, patch);
     let (w, h) = (grid.width(), grid.height());
-    let data = cubic_resize(&rgb, w, h);
+    let data = cubic_resize(rgb, w, h);
     let bytes = data
         .iter()
         .map(|v| v.round().clamp(0.0, 255.0) as u8)

@@ -61,7 +61,7 @@ fn check_pixels(
 /// Memory all scan decodes in this process may hold at once: each decode reserves its image's bytes before
 /// decoding (the pixel limit bounds one image; this bounds several decoded in parallel, so a folder of
 /// decompression bombs at the pixel limit cannot take hundreds of MB each at the same time).
-pub const DECODE_BUDGET_BYTES: u64 = 768 << 20;
+pub const DECODE_BUDGET_BYTES: u64 = 512 << 20;
 
 struct DecodeBudget {
     used: std::sync::Mutex<u64>,
