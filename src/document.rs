@@ -34,15 +34,20 @@ impl DocumentInfo {
 pub enum FetchError {
     #[error("{uri}: {size} bytes is over the limit of {limit} bytes per document")]
     TooLarge { uri: String, size: u64, limit: u64 },
-    /// Listing or fetching failed (the reason says which).
+    /// Listing or fetching failed for good (the reason says which).
     #[error("{uri}: {reason}")]
     Failed { uri: String, reason: String },
+    /// The storage was unavailable after its retries (5xx, reset, throttling, timeout): worth a later attempt.
+    #[error("{uri}: {reason}")]
+    Unavailable { uri: String, reason: String },
 }
 
 impl FetchError {
     pub fn uri(&self) -> &str {
         match self {
-            FetchError::TooLarge { uri, .. } | FetchError::Failed { uri, .. } => uri,
+            FetchError::TooLarge { uri, .. }
+            | FetchError::Failed { uri, .. }
+            | FetchError::Unavailable { uri, .. } => uri,
         }
     }
 }

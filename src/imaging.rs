@@ -106,16 +106,25 @@ impl AxisTaps {
 
 /// Resizes an RGB image to `dst_w` x `dst_h` with OpenCV's float cubic; returns HWC f32 on the 0..255 scale,
 /// not clamped (cubic overshoot below 0 and above 255 is part of what the model sees).
+///
+/// The horizontal pass runs only over the source rows the vertical taps read (at most `4 * dst_h`, each once),
+/// so the intermediate holds `min(src_h, 4 * dst_h) x dst_w x 3` floats whatever the source height: a 1-pixel
+/// wide, 100-million-pixel tall image needs 64 rows, not 100 million. Same arithmetic in the same order as a full
+/// horizontal pass, so the values are identical.
 pub fn cubic_resize(src: &RgbImage, dst_w: usize, dst_h: usize) -> Vec<f32> {
     let (sw, sh) = (src.width() as usize, src.height() as usize);
     let xt = AxisTaps::new(sw, dst_w);
     let yt = AxisTaps::new(sh, dst_h);
     let raw = src.as_raw();
-    // Horizontal pass: every source row to dst_w columns (f32), then vertical pass over those rows.
-    let mut horizontal = vec![0f32; sh * dst_w * 3];
-    for y in 0..sh {
+    // Source rows the vertical taps use, ascending, and each one's slot in the intermediate.
+    let mut used: Vec<usize> = yt.index.iter().flatten().copied().collect();
+    used.sort_unstable();
+    used.dedup();
+    let stride = dst_w * 3;
+    let mut horizontal = vec![0f32; used.len() * stride];
+    for (slot, &y) in used.iter().enumerate() {
         let row = &raw[y * sw * 3..(y + 1) * sw * 3];
-        let out = &mut horizontal[y * dst_w * 3..(y + 1) * dst_w * 3];
+        let out = &mut horizontal[slot * stride..(slot + 1) * stride];
         for x in 0..dst_w {
             let idx = &xt.index[x];
             let w = &xt.weight[x];
@@ -125,17 +134,17 @@ pub fn cubic_resize(src: &RgbImage, dst_w: usize, dst_h: usize) -> Vec<f32> {
             }
         }
     }
-    let mut out = vec![0f32; dst_h * dst_w * 3];
-    let stride = dst_w * 3;
+    // `used` is sorted: a binary search finds a source row's slot.
+    let slot = |y: usize| used.binary_search(&y).unwrap_or(0);
+    let mut out = vec![0f32; dst_h * stride];
     for y in 0..dst_h {
         let idx = &yt.index[y];
         let w = &yt.weight[y];
-        let rows = [
-            &horizontal[idx[0] * stride..(idx[0] + 1) * stride],
-            &horizontal[idx[1] * stride..(idx[1] + 1) * stride],
-            &horizontal[idx[2] * stride..(idx[2] + 1) * stride],
-            &horizontal[idx[3] * stride..(idx[3] + 1) * stride],
-        ];
+        let row = |k: usize| {
+            let s = slot(idx[k]);
+            &horizontal[s * stride..(s + 1) * stride]
+        };
+        let rows = [row(0), row(1), row(2), row(3)];
         let dst = &mut out[y * stride..(y + 1) * stride];
         for (i, v) in dst.iter_mut().enumerate() {
             *v = w[0] * rows[0][i] + w[1] * rows[1][i] + w[2] * rows[2][i] + w[3] * rows[3][i];
@@ -146,10 +155,18 @@ pub fn cubic_resize(src: &RgbImage, dst_w: usize, dst_h: usize) -> Vec<f32> {
 
 /// The image as the model sees it, back in 8 bits (rounded, clamped): for `pixtract pages` and previews.
 pub fn model_view(img: &DynamicImage, max_side: usize, patch: usize) -> RgbImage {
-    let rgb = to_rgb_on_white(img);
+    // An RGB page is used in place: a copy of a 100-megapixel scan is 300 MB.
+    let converted;
+    let rgb = match img {
+        DynamicImage::ImageRgb8(rgb) => rgb,
+        other => {
+            converted = to_rgb_on_white(other);
+            &converted
+        }
+    };
     let grid = PatchGrid::for_image(rgb.width(), rgb.height(), max_side, patch);
     let (w, h) = (grid.width(), grid.height());
-    let data = cubic_resize(&rgb, w, h);
+    let data = cubic_resize(rgb, w, h);
     let bytes = data
         .iter()
         .map(|v| v.round().clamp(0.0, 255.0) as u8)

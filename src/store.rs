@@ -85,8 +85,9 @@ pub fn open(uri: &str) -> Result<StoreUrl, StoreError> {
     let (store, base): (Arc<dyn ObjectStore>, String) = match scheme(uri).as_deref() {
         Some("s3" | "s3a") => {
             let bucket = host.ok_or(StoreError::NoBucket)?;
-            let mut builder =
-                object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+            let mut builder = object_store::aws::AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .with_retry(retry_config());
             let endpoint = std::env::var("AWS_ENDPOINT_URL_S3")
                 .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
                 .or_else(|_| std::env::var("AWS_ENDPOINT"))
@@ -101,6 +102,7 @@ pub fn open(uri: &str) -> Result<StoreUrl, StoreError> {
             let bucket = host.ok_or(StoreError::NoBucket)?;
             let store = object_store::gcp::GoogleCloudStorageBuilder::from_env()
                 .with_bucket_name(bucket)
+                .with_retry(retry_config())
                 .build()
                 .map_err(configure)?;
             (Arc::new(store), format!("gs://{bucket}"))
@@ -115,6 +117,7 @@ pub fn open(uri: &str) -> Result<StoreUrl, StoreError> {
             };
             let store = object_store::azure::MicrosoftAzureBuilder::from_env()
                 .with_url(base.clone())
+                .with_retry(retry_config())
                 .build()
                 .map_err(configure)?;
             (Arc::new(store), base)
@@ -129,6 +132,36 @@ pub fn open(uri: &str) -> Result<StoreUrl, StoreError> {
         base,
         prefix,
     })
+}
+
+/// Whether a store error may pass on a later attempt (after the client's own retries): anything but a missing
+/// object, refused credentials or access, an invalid path or an unsupported operation.
+pub fn is_transient(e: &object_store::Error) -> bool {
+    use object_store::Error as E;
+    !matches!(
+        e,
+        E::NotFound { .. }
+            | E::PermissionDenied { .. }
+            | E::Unauthenticated { .. }
+            | E::InvalidPath { .. }
+            | E::NotSupported { .. }
+            | E::NotImplemented { .. }
+            | E::UnknownConfigurationKey { .. }
+    ) && !reason(e).starts_with("HTTP 4")
+}
+
+/// Retries with exponential backoff, set explicitly (not left to the library's defaults): transient errors
+/// (5xx, connection resets, throttling, timeouts) are retried up to 6 times within 3 minutes per request.
+pub fn retry_config() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: std::time::Duration::from_millis(200),
+            max_backoff: std::time::Duration::from_secs(20),
+            base: 2.0,
+        },
+        max_retries: 6,
+        retry_timeout: std::time::Duration::from_secs(180),
+    }
 }
 
 /// object_store's error in words: the S3 error code and message when the server sent them (`NoSuchBucket:

@@ -119,8 +119,14 @@ async fn run_pages(args: PagesArgs) -> ExitCode {
         exclude: args.exclude.clone(),
         max_bytes: args.max_bytes,
     };
-    let fetched = match source.fetch_all(&list_opts, args.fetch_concurrency) {
-        Ok(s) => s.map(|r| r.map_err(|e| RasterError::from(FetchError::from(e)))),
+    let (fetched, listing_failed) = match source.fetch_all(&list_opts, args.fetch_concurrency) {
+        Ok(s) => {
+            let (s, slot) = pixtract::source::stop_at_fatal(s);
+            (
+                s.map(|r| r.map_err(|e| RasterError::from(FetchError::from(e)))),
+                slot,
+            )
+        }
         Err(e) => return fatal(chain(&e)),
     };
     let (mut docs, mut pages_total, mut failed) = (0usize, 0usize, 0usize);
@@ -168,7 +174,7 @@ async fn run_pages(args: PagesArgs) -> ExitCode {
         match error {
             None => println!(
                 "ok     {}  {n} pages  {:.3} s",
-                doc.doc.uri,
+                doc.doc.uri.escape_debug(),
                 render.as_secs_f64()
             ),
             Some(e) => {
@@ -178,7 +184,7 @@ async fn run_pages(args: PagesArgs) -> ExitCode {
                 } else {
                     String::new()
                 };
-                println!("error  {e}{done}");
+                println!("error  {}{done}", e.escape_debug());
             }
         }
     }
@@ -187,6 +193,9 @@ async fn run_pages(args: PagesArgs) -> ExitCode {
         args.out.display(),
         started.elapsed().as_secs_f64()
     );
+    if let Some(e) = listing_failed.lock().ok().and_then(|mut f| f.take()) {
+        return fatal(format!("the listing stopped: {}", chain(&e)));
+    }
     if docs == 0 {
         eprintln!("note: no documents found under {}", args.uri);
     }

@@ -25,6 +25,7 @@ use chrono::Utc;
 pub use constraint::{GrammarEnv, RowReport, SchemaConstraint, StepTrace};
 pub use rows::{
     ExtractionRecord, Outcome, RunContext, SourceInfo, StageLatency, row_schema, to_record_batch,
+    to_record_batch_per_row,
 };
 pub use schema::{ExtractionSchema, FieldDef, FieldType};
 
@@ -303,6 +304,7 @@ impl Extractor {
             (None, FinishReason::Eos) => "eos",
             (None, FinishReason::Length) => "length",
             (None, FinishReason::Hook) => "grammar",
+            (_, FinishReason::Failed) => "error",
         };
         let mut rec = ExtractionRecord {
             source,
@@ -315,6 +317,17 @@ impl Extractor {
             generated_tokens: Some(generation.tokens.len() as u32),
             latency,
         };
+        if generation.finish == FinishReason::Failed {
+            // This row alone failed during generation (grammar error): its own error row.
+            rec.outcome = Outcome::Failed(format!(
+                "generation: {}",
+                generation.error.as_deref().unwrap_or("failed")
+            ));
+            if let Some(env) = &self.env {
+                rec.raw_output = Some(env.answer_text(&generation.tokens).0);
+            }
+            return rec;
+        }
         let mut probs = generation.token_probs.clone();
         if let Some(from) = closing_from {
             probs.iter_mut().skip(from).for_each(|p| *p = 0.0);

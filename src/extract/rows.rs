@@ -26,8 +26,8 @@ use super::schema::{
     ExtractionSchema, FieldDef, FieldType, confidence_field, confidence_pair_type, struct_fields,
 };
 use super::values::provenance::{
-    DOC_PAGE_COUNT, MODEL_ID, PAGE_END, PAGE_START, PROVENANCE, ProvenanceColumn, SCHEMA_SHA256,
-    SOURCE_ETAG, SOURCE_URI, SOURCE_VERSION,
+    ATTEMPT, DOC_PAGE_COUNT, MODEL_ID, PAGE_END, PAGE_START, PROVENANCE, ProvenanceColumn,
+    SCHEMA_SHA256, SOURCE_ETAG, SOURCE_URI, SOURCE_VERSION, STATUS_OK, STATUS_RETRY,
 };
 use super::values::{parse_date, parse_decimal, parse_timestamp};
 
@@ -41,6 +41,10 @@ pub struct SourceInfo {
     pub page_start: u32,
     pub page_end: u32,
     pub doc_page_count: Option<u32>,
+    /// Set on the error row of a document that failed for a transient reason (renderer crash or timeout, storage
+    /// unavailable): which attempt this was. Such a row has status `retry` and the document is not done: the next
+    /// run tries it again (up to its attempt limit, after which the failure is recorded as a permanent `error`).
+    pub attempt: Option<u32>,
 }
 
 /// Milliseconds per stage for one row. Batched stages (vision, prefill, decode) are the row's share of its batch:
@@ -109,6 +113,22 @@ impl ExtractionRecord {
         }
     }
 
+    /// `ok`, `error`, or `retry` (a transient failure left for the next run).
+    pub fn status(&self) -> &'static str {
+        if self.is_ok() {
+            STATUS_OK
+        } else if self.is_retry() {
+            STATUS_RETRY
+        } else {
+            "error"
+        }
+    }
+
+    /// A transient failure: the document is tried again by the next run.
+    pub fn is_retry(&self) -> bool {
+        matches!(self.outcome, Outcome::Failed(_)) && self.source.attempt.is_some()
+    }
+
     pub fn is_ok(&self) -> bool {
         !matches!(self.outcome, Outcome::Failed(_)) && self.warning.is_none()
     }
@@ -157,6 +177,46 @@ pub fn row_schema(schema: Option<&ExtractionSchema>) -> Schema {
 }
 
 /// Builds one record batch (row layout above) from records.
+/// Like [`to_record_batch`], but a record whose values do not convert (an integer above `i64::MAX`, a number
+/// outside its decimal's precision) becomes an error row of its own instead of failing the whole batch. Returns
+/// the batch and how many records were turned into error rows.
+pub fn to_record_batch_per_row(
+    schema: Option<&ExtractionSchema>,
+    ctx: &RunContext,
+    records: &[ExtractionRecord],
+) -> Result<(RecordBatch, usize), ExtractError> {
+    if let Ok(batch) = to_record_batch(schema, ctx, records) {
+        return Ok((batch, 0));
+    }
+    let mut replaced = 0;
+    let fixed: Vec<ExtractionRecord> = records
+        .iter()
+        .map(
+            |r| match to_record_batch(schema, ctx, std::slice::from_ref(r)) {
+                Ok(_) => r.clone(),
+                Err(e) => {
+                    replaced += 1;
+                    let mut failed = ExtractionRecord::failed(
+                        r.source.clone(),
+                        format!(
+                            "the answer does not fit the output columns: {}",
+                            crate::error::chain(&e)
+                        ),
+                    );
+                    failed.processed_at = r.processed_at;
+                    failed.finish_reason = r.finish_reason.clone();
+                    failed.raw_output = r.raw_output.clone();
+                    failed.prompt_tokens = r.prompt_tokens;
+                    failed.generated_tokens = r.generated_tokens;
+                    failed.latency = r.latency;
+                    failed
+                }
+            },
+        )
+        .collect();
+    Ok((to_record_batch(schema, ctx, &fixed)?, replaced))
+}
+
 pub fn to_record_batch(
     schema: Option<&ExtractionSchema>,
     ctx: &RunContext,
@@ -266,7 +326,8 @@ pub fn to_record_batch(
                 )
                 .with_timezone("UTC"),
             ),
-            "status" => strs(&|r| Some(if r.is_ok() { "ok" } else { "error" }.to_string())),
+            "status" => strs(&|r| Some(r.status().to_string())),
+            ATTEMPT => ints(&|r| r.source.attempt),
             "error" => strs(&|r| match &r.outcome {
                 Outcome::Failed(e) => Some(e.clone()),
                 _ => r.warning.clone(),

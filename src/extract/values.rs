@@ -48,6 +48,12 @@ pub mod provenance {
     pub const DOC_PAGE_COUNT: &str = "doc_page_count";
     pub const SCHEMA_SHA256: &str = "schema_sha256";
     pub const MODEL_ID: &str = "model_id";
+    pub const STATUS: &str = "status";
+    pub const ATTEMPT: &str = "attempt";
+    /// `status` of a usable row.
+    pub const STATUS_OK: &str = "ok";
+    /// `status` of a transient failure's row: the document is not done, the next run retries it.
+    pub const STATUS_RETRY: &str = "retry";
 
     const fn col(name: &'static str, kind: ColumnKind, nullable: bool) -> ProvenanceColumn {
         ProvenanceColumn {
@@ -73,8 +79,9 @@ pub mod provenance {
         col(MODEL_ID, Utf8, false),
         col("run_id", Utf8, false),
         col("processed_at", TimestampUtc, false),
-        col("status", Utf8, false),
+        col(STATUS, Utf8, false),
         col("error", Utf8, true),
+        col(ATTEMPT, Int32, true),
         col("finish_reason", Utf8, true),
         col("raw_output", Utf8, true),
         col("prompt_tokens", Int32, true),

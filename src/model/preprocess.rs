@@ -59,10 +59,18 @@ impl ImagePreprocessor {
                 height: img.height(),
             });
         }
-        let rgb = imaging::to_rgb_on_white(img);
+        // An RGB page (what the raster stage hands on) is used in place, not copied.
+        let converted;
+        let rgb = match img {
+            DynamicImage::ImageRgb8(rgb) => rgb,
+            other => {
+                converted = imaging::to_rgb_on_white(other);
+                &converted
+            }
+        };
         let grid = self.grid_for(rgb.width(), rgb.height());
         let (w, h) = (grid.width(), grid.height());
-        let hwc = imaging::cubic_resize(&rgb, w, h);
+        let hwc = imaging::cubic_resize(rgb, w, h);
         Ok(PreparedImage {
             grid,
             source_width: rgb.width(),

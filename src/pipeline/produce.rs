@@ -2,6 +2,7 @@
 //! those already in the output, fetches a bounded number ahead, rasterizes them, groups pages into prompts and
 //! prepares their pixels. A document that fails becomes an error input, never a gap.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -17,6 +18,10 @@ use crate::extract::{PageInput, SourceInfo};
 use crate::model::ImagePreprocessor;
 use crate::raster::{PdfMode, RasterError, RasterOptions, Rasterizer};
 use crate::source::{ListOptions, Source, SourceError};
+
+/// How many runs try a document that keeps failing for transient reasons before its failure is recorded as
+/// permanent (so a file that always crashes the renderer is not retried forever).
+pub const MAX_ATTEMPTS: u32 = 3;
 
 /// Which listed documents this run leaves alone.
 pub(super) struct SkipRules {
@@ -57,14 +62,20 @@ pub(super) async fn produce(
     };
     let mode = PdfMode::workers(r.workers, Duration::from_secs(r.timeout_s.max(1)))?;
     let rasterizer = Rasterizer::new(opts, mode)?;
+    // The size limit is applied below, where the listed document (and its ETag) is at hand: its error row then
+    // carries the ETag, and the next run recognises it as done instead of adding a new error row every night.
     let list = ListOptions {
         include: spec.source.include.clone(),
         exclude: spec.source.exclude.clone(),
-        max_bytes: r.max_bytes,
+        max_bytes: u64::MAX,
     };
+    // Listed documents whose fetch failed, by URI: their error rows carry the listing's ETag and version.
+    let failed_docs: Arc<std::sync::Mutex<HashMap<String, DocumentInfo>>> = Arc::default();
     // Listing -> shard and already-done filters (before any fetch) -> bounded concurrent fetches.
     let skipped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let listing = source.list(&list)?;
+    // A listing that cannot go on ends the document stream here; the run fails once the documents before it are
+    // done (no `_SUCCESS`). Errors of single entries flow on and become error rows.
+    let (listing, fatal) = crate::source::stop_at_fatal(source.list(&list)?);
     let (processed, schema_sha, model_id, shard) = (
         skip.processed.clone(),
         skip.schema_sha.clone(),
@@ -75,6 +86,22 @@ pub(super) async fn produce(
     let fetch_source = source.clone();
     let max_bytes = r.max_bytes;
     // Whether this run processes a listed document: in its shard and not already in the output.
+    let done_processed = processed.clone();
+    let done_keys = (schema_sha.clone(), model_id.clone());
+    // Whether an entry that failed in the listing (no ETag) is already recorded as failed for good.
+    let entry_done = move |e: &SourceError| -> bool {
+        e.uri().is_some_and(|uri| {
+            let in_shard = shard.is_none_or(|(i, n)| shard_of(uri, n) == i);
+            !in_shard
+                || done_processed.contains(&state::doc_key(
+                    uri,
+                    None,
+                    None,
+                    &done_keys.0,
+                    &done_keys.1,
+                ))
+        })
+    };
     let wanted = Arc::new(move |doc: &DocumentInfo| -> (bool, bool) {
         let in_shard = shard.is_none_or(|(i, n)| shard_of(&doc.uri, n) == i);
         let key = state::doc_key(
@@ -106,7 +133,13 @@ pub(super) async fn produce(
     let fetched = listing
         .filter(move |item| {
             let keep = match item {
-                Err(_) => true,
+                Err(e) => {
+                    let done = entry_done(e);
+                    if done {
+                        skipped_count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    !done
+                }
                 Ok(doc) => {
                     let (keep, done) = wanted(doc);
                     if done {
@@ -119,15 +152,30 @@ pub(super) async fn produce(
         })
         .map({
             let progress = progress.clone();
+            let failed_docs = failed_docs.clone();
             move |item| {
                 let source = fetch_source.clone();
                 let progress = progress.clone();
+                let failed_docs = failed_docs.clone();
                 async move {
-                    match item {
+                    let item = match item {
+                        Ok(doc) if doc.size > max_bytes => Err((
+                            doc.clone(),
+                            SourceError::TooLarge {
+                                uri: doc.uri.clone(),
+                                size: doc.size,
+                                limit: max_bytes,
+                            },
+                        )),
+                        Ok(doc) => Ok(doc),
+                        Err(e) => return Err(e),
+                    };
+                    let fetched = match item {
                         // A task of its own: the fetch runs to completion while the consumer is busy (the
                         // `buffered` window is a prefetch), and its time is the fetch's, not the wait for a poll.
                         Ok(doc) => {
                             let uri = doc.uri.clone();
+                            let doc_for_error = doc.clone();
                             tokio::spawn(async move {
                                 let t = Instant::now();
                                 let fetched = source.fetch(&doc, max_bytes).await;
@@ -141,9 +189,16 @@ pub(super) async fn produce(
                                     reason: format!("fetch task failed: {e}"),
                                 })
                             })
+                            .map_err(|e| (doc_for_error, e))
                         }
-                        Err(e) => Err(e),
-                    }
+                        Err(failed) => Err(failed),
+                    };
+                    fetched.map_err(|(doc, e)| {
+                        if let Ok(mut m) = failed_docs.lock() {
+                            m.insert(doc.uri.clone(), doc);
+                        }
+                        e
+                    })
                 }
             }
         })
@@ -161,7 +216,12 @@ pub(super) async fn produce(
         }
         documents += 1;
         progress.documents.store(documents, Ordering::Relaxed);
-        let info = doc.doc.clone();
+        // A document whose fetch failed: its listed provenance (ETag, version) rather than just its name.
+        let listed = failed_docs
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(&doc.doc.uri));
+        let info = listed.map(Arc::new).unwrap_or_else(|| doc.doc.clone());
         let source_info = |start: usize, end: usize, count: Option<usize>| SourceInfo {
             uri: info.uri.clone(),
             etag: info.etag.clone(),
@@ -169,6 +229,7 @@ pub(super) async fn produce(
             page_start: start as u32,
             page_end: end as u32,
             doc_page_count: count.map(|c| c as u32),
+            attempt: None,
         };
         let mut group = Vec::new();
         let mut group_start = 1;
@@ -221,20 +282,44 @@ pub(super) async fn produce(
                 Err(e) => {
                     failed += 1;
                     progress.failed.store(failed, Ordering::Relaxed);
-                    let error = crate::error::chain(&e);
+                    let mut error = crate::error::chain(&e);
+                    // A transient failure is left not done (status `retry`) until its attempts run out.
+                    let mut row = source_info(0, 0, None);
+                    if e.is_transient() {
+                        let key = state::doc_key(
+                            &info.uri,
+                            info.etag.as_deref(),
+                            info.version.as_deref(),
+                            &skip.schema_sha,
+                            &skip.model_id,
+                        );
+                        let attempt = skip.processed.attempts(&key) + 1;
+                        if attempt < MAX_ATTEMPTS {
+                            row.attempt = Some(attempt);
+                        } else {
+                            error = format!(
+                                "{error} (transient, but failed {attempt} attempts: recorded as failed)"
+                            );
+                        }
+                    }
                     reporter.event(
                         "warn",
                         "document_failed",
-                        || format!("document failed: {}: {error}", info.uri),
+                        // Names are printed escaped (a tab or newline in a name must not forge log lines).
+                        || format!("document failed: {}", error.escape_debug()),
                         serde_json::json!({"uri": info.uri, "error": error}),
                     );
-                    send(&model_tx, Err((source_info(0, 0, None), error))).await?;
+                    send(&model_tx, Err((row, error))).await?;
                     break;
                 }
             }
         }
     }
     counting.abort();
+    let fatal = fatal.lock().ok().and_then(|mut f| f.take());
+    if let Some(e) = fatal {
+        return Err(PipelineError::Source(e));
+    }
     Ok((documents, failed, pages, skipped.load(Ordering::SeqCst)))
 }
 

@@ -113,6 +113,8 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
     };
     let row_schema = Arc::new(crate::extract::row_schema(schema.as_ref()));
     let sink = ParquetSink::new(target.clone(), sink_config, row_schema, &run_id)?;
+    // An output that cannot be written fails now, before the model loads and the documents are read.
+    sink.check_writable().await?;
 
     // Model stage: its own thread owns the engine (ONNX Runtime sessions are driven synchronously).
     let (model_tx, model_rx) = mpsc::channel::<ModelInput>(spec.model.batch_size * 2);

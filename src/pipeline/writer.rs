@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use super::PipelineError;
 use super::report::{Progress, Reporter, Stage};
 use super::spec::LimitsSpec;
-use crate::extract::{ExtractionRecord, ExtractionSchema, RunContext, to_record_batch};
+use crate::extract::{ExtractionRecord, ExtractionSchema, RunContext, to_record_batch_per_row};
 use crate::sink::ParquetSink;
 
 /// What the model stage hands the writer: a batch's rows and the time the model spent on them.
@@ -70,8 +70,11 @@ impl Writer {
                         "row_failed",
                         || {
                             format!(
-                                "error row: {} pages {}-{}: {error}",
-                                r.source.uri, r.source.page_start, r.source.page_end
+                                "error row: {} pages {}-{}: {}",
+                                r.source.uri.escape_debug(),
+                                r.source.page_start,
+                                r.source.page_end,
+                                error.escape_debug()
                             )
                         },
                         serde_json::json!({
@@ -103,8 +106,20 @@ impl Writer {
             if let Some(last) = held.iter().rposition(completes_document) {
                 let ready: Vec<ExtractionRecord> = held.drain(..=last).collect();
                 let t = Instant::now();
-                let batch = to_record_batch(self.schema.as_ref(), &self.ctx, &ready)
-                    .map_err(PipelineError::Rows)?;
+                // A row whose values do not convert is an error row of its own, not a failed run.
+                let (batch, replaced) =
+                    to_record_batch_per_row(self.schema.as_ref(), &self.ctx, &ready)
+                        .map_err(PipelineError::Rows)?;
+                if replaced > 0 {
+                    tally.ok = tally.ok.saturating_sub(replaced);
+                    tally.failed += replaced;
+                    self.reporter.event(
+                        "warn",
+                        "rows_not_convertible",
+                        || format!("{replaced} answer(s) did not fit the output columns: written as error rows"),
+                        serde_json::json!({"rows": replaced}),
+                    );
+                }
                 self.sink.write_unit(&batch).await?;
                 self.progress.add_busy(Stage::Write, t.elapsed());
             }

@@ -100,6 +100,11 @@ impl DocumentKind {
     }
 }
 
+/// Longest side a scan may have, in pixels (a 2 m receipt at 300 DPI is ~24,000).
+pub const MAX_SCAN_SIDE: u64 = 60_000;
+/// Largest ratio of a scan's long side to its short side (a receipt is ~1:25).
+pub const MAX_SCAN_ASPECT: u64 = 100;
+
 /// How documents are rasterized. The defaults suit Pixtral (long side 1024).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RasterOptions {
@@ -158,6 +163,14 @@ pub enum RasterError {
         height: u64,
         limit: u64,
     },
+    #[error("{uri}: page {page}: image of {width}x{height} pixels has an unusable shape: {reason}")]
+    BadShape {
+        uri: String,
+        page: usize,
+        width: u64,
+        height: u64,
+        reason: String,
+    },
     #[error("{uri}: the PDF is encrypted and needs a password; none was configured")]
     PasswordRequired { uri: String },
     #[error("{uri}: the PDF is encrypted and the configured password does not open it")]
@@ -190,6 +203,18 @@ pub enum RasterError {
 }
 
 impl RasterError {
+    /// Whether a later attempt may succeed (renderer crash or timeout, renderer unavailable, storage unavailable):
+    /// such a document is left not done for the next run. Everything else is permanent: recorded once.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            RasterError::WorkerCrashed { .. }
+                | RasterError::Timeout { .. }
+                | RasterError::Renderer { .. }
+                | RasterError::Fetch(FetchError::Unavailable { .. })
+        )
+    }
+
     /// The document the error is about (None for errors of the renderer itself).
     pub fn uri(&self) -> Option<&str> {
         use RasterError::*;
@@ -199,6 +224,7 @@ impl RasterError {
             | TooLarge { uri, .. }
             | TooManyPages { uri, .. }
             | TooManyPixels { uri, .. }
+            | BadShape { uri, .. }
             | PasswordRequired { uri }
             | WrongPassword { uri }
             | PdfUnreadable { uri, .. }

@@ -11,7 +11,10 @@ use std::time::Instant;
 use image::metadata::Orientation;
 use image::{DynamicImage, ImageBuffer, ImageDecoder, ImageFormat, ImageReader};
 
-use super::{DocumentInfo, DocumentKind, PageRaster, RasterError, RasterOptions};
+use super::{
+    DocumentInfo, DocumentKind, MAX_SCAN_ASPECT, MAX_SCAN_SIDE, PageRaster, RasterError,
+    RasterOptions,
+};
 use crate::imaging::to_rgb_on_white;
 
 fn check_pixels(
@@ -21,16 +24,75 @@ fn check_pixels(
     height: u32,
     opts: &RasterOptions,
 ) -> Result<(), RasterError> {
-    if width as u64 * height as u64 > opts.max_pixels {
+    let (w, h) = (width as u64, height as u64);
+    if w * h > opts.max_pixels {
         return Err(RasterError::TooManyPixels {
             uri: doc.uri.clone(),
             page,
-            width: width as u64,
-            height: height as u64,
+            width: w,
+            height: h,
             limit: opts.max_pixels,
         });
     }
+    let shape = |reason: String| RasterError::BadShape {
+        uri: doc.uri.clone(),
+        page,
+        width: w,
+        height: h,
+        reason,
+    };
+    let (long, short) = (w.max(h), w.min(h));
+    if short == 0 {
+        return Err(shape("no pixels".into()));
+    }
+    if long > MAX_SCAN_SIDE {
+        return Err(shape(format!(
+            "its long side is over the limit of {MAX_SCAN_SIDE} pixels"
+        )));
+    }
+    if long > short.saturating_mul(MAX_SCAN_ASPECT) {
+        return Err(shape(format!(
+            "its aspect ratio is over the limit of 1:{MAX_SCAN_ASPECT}"
+        )));
+    }
     Ok(())
+}
+
+/// Memory all scan decodes in this process may hold at once: each decode reserves its image's bytes before
+/// decoding (the pixel limit bounds one image; this bounds several decoded in parallel, so a folder of
+/// decompression bombs at the pixel limit cannot take hundreds of MB each at the same time).
+pub const DECODE_BUDGET_BYTES: u64 = 512 << 20;
+
+struct DecodeBudget {
+    used: std::sync::Mutex<u64>,
+    freed: std::sync::Condvar,
+}
+
+static BUDGET: DecodeBudget = DecodeBudget {
+    used: std::sync::Mutex::new(0),
+    freed: std::sync::Condvar::new(),
+};
+
+/// A reservation of decode memory, returned when dropped.
+struct Reserved(u64);
+
+/// Waits until `bytes` fit in the budget (an image larger than the whole budget waits until it is alone).
+fn reserve(bytes: u64) -> Reserved {
+    let bytes = bytes.min(DECODE_BUDGET_BYTES);
+    let mut used = BUDGET.used.lock().unwrap_or_else(|p| p.into_inner());
+    while *used + bytes > DECODE_BUDGET_BYTES {
+        used = BUDGET.freed.wait(used).unwrap_or_else(|p| p.into_inner());
+    }
+    *used += bytes;
+    Reserved(bytes)
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        let mut used = BUDGET.used.lock().unwrap_or_else(|p| p.into_inner());
+        *used = used.saturating_sub(self.0);
+        BUDGET.freed.notify_all();
+    }
 }
 
 fn decode_err(doc: &DocumentInfo, kind: DocumentKind, e: impl std::fmt::Display) -> RasterError {
@@ -41,12 +103,16 @@ fn decode_err(doc: &DocumentInfo, kind: DocumentKind, e: impl std::fmt::Display)
     }
 }
 
-/// Memory the image crate may allocate for one image: the pixel limit at 16-bit RGBA, plus slack.
+/// Memory the image crate may allocate for one image before its header is read: the pixel limit at 16-bit
+/// RGBA, plus slack. Once the size is known, [`decode_single`] narrows it to that image's own bytes.
 fn image_limits(opts: &RasterOptions) -> image::Limits {
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(opts.max_pixels.saturating_mul(8).saturating_add(64 << 20));
     limits
 }
+
+/// Slack over an image's own decoded size that its decoder may allocate (rows, tables, zlib window).
+const DECODE_SLACK: u64 = 16 << 20;
 
 /// JPEG, PNG or WebP: one page.
 pub fn decode_single(
@@ -72,6 +138,16 @@ pub fn decode_single(
         .map_err(|e| decode_err(doc, kind, e))?;
     let (w, h) = decoder.dimensions();
     check_pixels(doc, 1, w, h, opts)?;
+    // The decoded image, then its RGB copy: what this decode holds at its peak.
+    let need = decoder
+        .total_bytes()
+        .saturating_add(w as u64 * h as u64 * 3);
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(decoder.total_bytes().saturating_add(DECODE_SLACK));
+    decoder
+        .set_limits(limits)
+        .map_err(|e| decode_err(doc, kind, e))?;
+    let _reserved = reserve(need);
     // A broken EXIF block must not cost the page: no orientation is the safe reading.
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode_err(doc, kind, e))?;
@@ -129,6 +205,8 @@ pub fn decode_tiff(
         };
         let (w, h) = dec.dimensions().map_err(|e| page_err(e.to_string()))?;
         check_pixels(doc, index + 1, w, h, opts)?;
+        // Up to 16-bit RGBA decoded, then its RGB copy.
+        let _reserved = reserve(w as u64 * h as u64 * 11);
         let color = dec.colortype().map_err(|e| page_err(e.to_string()))?;
         let orientation = dec
             .find_tag_unsigned::<u16>(tiff::tags::Tag::Orientation)

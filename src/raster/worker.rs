@@ -96,8 +96,51 @@ fn keep_page_buffers_in_the_heap() {
     }
 }
 
+/// Address space a worker may map (pdfium on a hostile file fails an allocation there and the worker dies with
+/// one document's error, instead of the machine swapping). `PIXTRACT_WORKER_MAX_MEMORY_MB` overrides it.
+pub const WORKER_ADDRESS_SPACE: u64 = 4 << 30;
+/// The variable that sets a worker's address-space limit, in MiB.
+pub const MEMORY_ENV: &str = "PIXTRACT_WORKER_MAX_MEMORY_MB";
+
+/// The variables a worker keeps from the parent's environment (everything else, cloud credentials included, is
+/// cleared): the pdfium path is set explicitly, these only help it run and log.
+const WORKER_ENV: &[&str] = &[
+    "PATH",
+    "LD_LIBRARY_PATH",
+    "TMPDIR",
+    "LANG",
+    "LC_ALL",
+    "RUST_BACKTRACE",
+    FAULT_ENV,
+    MEMORY_ENV,
+];
+
+/// A worker's own process settings: Ctrl-C in the terminal is the parent's business (the parent decides whether
+/// a document in flight finishes), and its memory is capped.
+fn harden_worker() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to SIG_IGN and lowering this process's own rlimit have no memory
+    // effects; called first thing in the worker, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        let bytes = std::env::var(MEMORY_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|mb| mb << 20)
+            .unwrap_or(WORKER_ADDRESS_SPACE);
+        let limit = libc::rlimit {
+            rlim_cur: bytes as libc::rlim_t,
+            rlim_max: bytes as libc::rlim_t,
+        };
+        if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+            eprintln!("pixtract raster-worker: cannot set the address-space limit");
+        }
+    }
+}
+
 /// The worker's main loop: requests from stdin until it closes. Returns the process exit code.
 pub fn run_worker() -> ExitCode {
+    harden_worker();
     keep_page_buffers_in_the_heap();
     let faults = std::env::var(FAULT_ENV).is_ok_and(|v| v == "1");
     let mut stdin = std::io::stdin().lock();
@@ -207,7 +250,19 @@ impl WorkerPool {
     }
 
     fn spawn(&self) -> Result<Worker, String> {
-        let mut child = Command::new(&self.exe)
+        let mut command = Command::new(&self.exe);
+        // A cleared environment: no cloud credentials or tokens in a process that parses hostile files.
+        command.env_clear();
+        for key in WORKER_ENV {
+            if let Some(value) = std::env::var_os(key) {
+                command.env(key, value);
+            }
+        }
+        // Its own process group: a Ctrl-C in the terminal (SIGINT to the foreground group) reaches the parent
+        // only, which finishes the documents in flight rather than losing them with their renderer.
+        #[cfg(unix)]
+        command.process_group(0);
+        let mut child = command
             .arg(SUBCOMMAND)
             .env(NativeLibrary::Pdfium.env_var(), &self.pdfium)
             .stdin(Stdio::piped())
@@ -308,12 +363,18 @@ impl WorkerPool {
         budget = budget.saturating_sub(started.elapsed());
         loop {
             let started = Instant::now();
-            let frame =
-                match tokio::time::timeout(budget, read_frame_async(&mut worker.stdout)).await {
-                    Ok(Ok(frame)) => frame,
-                    Ok(Err(e)) => return Err(SessionEnd::Broken(e)),
-                    Err(_) => return Err(SessionEnd::TimedOut),
-                };
+            // No page is larger than max_side x max_side RGB: a longer frame is garbage, never allocated.
+            let max_payload = (opts.max_side as u64 + 1).pow(2) * 3;
+            let frame = match tokio::time::timeout(
+                budget,
+                read_frame_async(&mut worker.stdout, max_payload),
+            )
+            .await
+            {
+                Ok(Ok(frame)) => frame,
+                Ok(Err(e)) => return Err(SessionEnd::Broken(e)),
+                Err(_) => return Err(SessionEnd::TimedOut),
+            };
             budget = budget.saturating_sub(started.elapsed());
             let (header, payload) = frame;
             let reply: Reply = serde_json::from_slice(&header)
@@ -353,6 +414,7 @@ impl WorkerPool {
 
 async fn read_frame_async(
     input: &mut BufReader<ChildStdout>,
+    max_payload: u64,
 ) -> Result<(Vec<u8>, Vec<u8>), String> {
     let eof = |e: std::io::Error| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -368,9 +430,11 @@ async fn read_frame_async(
     let mut header = vec![0u8; hlen as usize];
     input.read_exact(&mut header).await.map_err(eof)?;
     let plen = input.read_u64_le().await.map_err(eof)?;
-    // A page is at most max_side^2 RGB pixels; refuse absurd lengths rather than allocating them.
-    if plen > (1 << 32) {
-        return Err("garbled reply (payload too large)".into());
+    // A page is at most max_side^2 RGB pixels; refuse longer frames rather than allocating them.
+    if plen > max_payload {
+        return Err(format!(
+            "garbled reply (payload of {plen} bytes, over a page's {max_payload})"
+        ));
     }
     let mut payload = vec![0u8; plen as usize];
     input.read_exact(&mut payload).await.map_err(eof)?;

@@ -609,6 +609,30 @@ impl ParquetSink {
         }
     }
 
+    /// Writes and removes a small probe object (`.pixtract-write-check-<run id>`) in the output, so an output that
+    /// cannot be written (permissions, missing bucket, read-only mount) fails the run before the model starts,
+    /// not after hours of work.
+    pub async fn check_writable(&self) -> Result<(), SinkError> {
+        let rel = format!(".pixtract-write-check-{}", self.run_id);
+        self.put_small(&rel, b"probe".to_vec()).await?;
+        match &self.target {
+            SinkTarget::Local(root) => {
+                let path = root.join(&rel);
+                std::fs::remove_file(&path).map_err(|source| SinkError::Io { path, source })
+            }
+            SinkTarget::Store { store, prefix, .. } => {
+                let key = join_key(prefix, &rel);
+                store
+                    .delete(&key)
+                    .await
+                    .map_err(|source| SinkError::Object {
+                        key: key.to_string(),
+                        source,
+                    })
+            }
+        }
+    }
+
     /// Gives up the open file: local temp file removed, multipart upload aborted. Completed files stay, and no
     /// `_SUCCESS` is written.
     pub async fn abort(mut self) -> Result<(), SinkError> {

@@ -19,6 +19,9 @@ use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
 
 pub use crate::document::{DocumentInfo, FetchError};
+pub use local::escape_name;
+
+mod local;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SourceError {
@@ -38,10 +41,19 @@ pub enum SourceError {
     NotFound { uri: String },
     #[error("bad glob {pattern:?}: {reason}")]
     BadGlob { pattern: String, reason: String },
+    /// The listing cannot go on: the run fails (no `_SUCCESS`).
     #[error("{uri}: cannot list: {reason}")]
     List { uri: String, reason: String },
+    /// One listed entry is skipped (odd name, link, FIFO, unreadable folder): it gets an error row of its own
+    /// and the listing goes on.
+    #[error("{uri}: {reason}")]
+    Entry { uri: String, reason: String },
     #[error("{uri}: cannot fetch: {reason}")]
     Fetch { uri: String, reason: String },
+    /// A fetch failed for a reason that may pass (server error, reset, throttling, timeout) after the store's
+    /// own retries.
+    #[error("{uri}: cannot fetch (storage unavailable): {reason}")]
+    Unavailable { uri: String, reason: String },
     #[error("{uri}: {size} bytes is over the limit of {limit} bytes per document")]
     TooLarge { uri: String, size: u64, limit: u64 },
 }
@@ -54,17 +66,60 @@ impl SourceError {
             | SourceError::UnsupportedScheme { uri, .. }
             | SourceError::NotFound { uri }
             | SourceError::List { uri, .. }
+            | SourceError::Entry { uri, .. }
             | SourceError::Fetch { uri, .. }
+            | SourceError::Unavailable { uri, .. }
             | SourceError::TooLarge { uri, .. } => Some(uri),
             SourceError::BadGlob { .. } => None,
         }
     }
+
+    /// Whether this error ends the listing (the run fails) rather than one entry (an error row).
+    pub fn is_fatal(&self) -> bool {
+        !matches!(
+            self,
+            SourceError::Entry { .. }
+                | SourceError::Fetch { .. }
+                | SourceError::Unavailable { .. }
+                | SourceError::TooLarge { .. }
+        )
+    }
+}
+
+/// Ends a listing (or fetch) stream at its first fatal error ([`SourceError::is_fatal`]) and keeps that error in
+/// the returned slot, so the caller can fail the run once the documents before it are done.
+pub fn stop_at_fatal<S, T>(
+    stream: S,
+) -> (
+    impl Stream<Item = Result<T, SourceError>> + Send + 'static,
+    Arc<std::sync::Mutex<Option<SourceError>>>,
+)
+where
+    S: Stream<Item = Result<T, SourceError>> + Send + 'static,
+    T: Send + 'static,
+{
+    let slot = Arc::new(std::sync::Mutex::new(None));
+    let keep = slot.clone();
+    let stream = stream.take_while(move |item| {
+        let go = match item {
+            Err(e) if e.is_fatal() => {
+                if let Ok(mut s) = keep.lock() {
+                    s.get_or_insert_with(|| e.clone());
+                }
+                false
+            }
+            _ => true,
+        };
+        futures::future::ready(go)
+    });
+    (stream, slot)
 }
 
 impl From<SourceError> for FetchError {
     fn from(e: SourceError) -> FetchError {
         match e {
             SourceError::TooLarge { uri, size, limit } => FetchError::TooLarge { uri, size, limit },
+            SourceError::Unavailable { uri, reason } => FetchError::Unavailable { uri, reason },
             other => FetchError::Failed {
                 uri: other.uri().unwrap_or("?").to_string(),
                 reason: strip_uri(&other),
@@ -175,6 +230,8 @@ pub struct Source {
     base: String,
     /// The URI as given, for messages.
     uri: String,
+    /// A local source's canonical folder: walked and read with `std::fs` ([`local`]), not object_store.
+    local_root: Option<PathBuf>,
 }
 
 impl Source {
@@ -204,6 +261,7 @@ impl Source {
                     prefix: opened.prefix,
                     base: opened.base,
                     uri: uri.to_string(),
+                    local_root: None,
                 })
             }
             Some(other @ ("http" | "https")) => Err(SourceError::UnsupportedScheme {
@@ -239,6 +297,7 @@ impl Source {
             prefix,
             base: root.to_string_lossy().trim_end_matches('/').to_string(),
             uri: uri.to_string(),
+            local_root: Some(root),
         })
     }
 
@@ -257,6 +316,7 @@ impl Source {
             prefix,
             base: base.trim_end_matches('/').to_string(),
             uri: base.to_string(),
+            local_root: None,
         })
     }
 
@@ -309,9 +369,12 @@ impl Source {
     pub fn list(
         &self,
         opts: &ListOptions,
-    ) -> Result<impl Stream<Item = Result<DocumentInfo, SourceError>> + Send + 'static, SourceError>
+    ) -> Result<futures::stream::BoxStream<'static, Result<DocumentInfo, SourceError>>, SourceError>
     {
         let filter = Filter::new(&opts.include, &opts.exclude)?;
+        if let Some(root) = &self.local_root {
+            return Ok(self.list_local(root.clone(), filter, opts.max_bytes));
+        }
         let this = self.clone();
         let max_bytes = opts.max_bytes;
         let single = {
@@ -377,7 +440,74 @@ impl Source {
                     },
                 )
                 .flatten();
-        Ok(stream)
+        Ok(stream.boxed())
+    }
+
+    /// A local folder walked on a blocking thread; outcomes arrive through a small channel (the walk waits for
+    /// the consumer, so memory stays flat). The return type is the same boxed stream as an object store's.
+    fn list_local(
+        &self,
+        root: PathBuf,
+        filter: Filter,
+        max_bytes: u64,
+    ) -> futures::stream::BoxStream<'static, Result<DocumentInfo, SourceError>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let (base, prefix) = (self.base.clone(), self.prefix.as_ref().to_string());
+        let walk = move || {
+            let walk = local::Walk {
+                root: &root,
+                base: &base,
+                filter: &filter,
+                max_bytes,
+            };
+            let mut emit = |item| tx.blocking_send(item).is_ok();
+            if !prefix.is_empty() {
+                // One named document (globs do not apply to an explicit name), or a folder below the root.
+                let path = root.join(&prefix);
+                if !path.is_dir() {
+                    let uri = format!("{base}/{prefix}");
+                    let item = match std::fs::symlink_metadata(&path) {
+                        Ok(m) if m.is_file() && m.len() > max_bytes => Err(SourceError::TooLarge {
+                            uri,
+                            size: m.len(),
+                            limit: max_bytes,
+                        }),
+                        Ok(m) if m.is_file() => Ok(DocumentInfo {
+                            uri,
+                            size: m.len(),
+                            etag: Some(local::etag(&m)),
+                            version: None,
+                            last_modified: m.modified().ok(),
+                        }),
+                        Ok(_) => Err(SourceError::Entry {
+                            uri,
+                            reason: "not a regular file: skipped".into(),
+                        }),
+                        Err(_) => Err(SourceError::NotFound { uri }),
+                    };
+                    emit(item);
+                    return;
+                }
+            }
+            if let Err(e) = walk.run(&prefix, &mut emit) {
+                emit(Err(e));
+            }
+        };
+        // A thread of its own rather than the blocking pool: the walk lives as long as the listing is read.
+        let spawned = std::thread::Builder::new()
+            .name("pixtract-list".into())
+            .spawn(walk);
+        if let Err(e) = spawned {
+            return futures::stream::iter([Err(SourceError::List {
+                uri: self.uri.clone(),
+                reason: format!("cannot start the listing thread: {e}"),
+            })])
+            .boxed();
+        }
+        futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        })
+        .boxed()
     }
 
     fn checked(&self, meta: ObjectMeta, max_bytes: u64) -> Result<DocumentInfo, SourceError> {
@@ -413,11 +543,18 @@ impl Source {
         doc: &DocumentInfo,
         max_bytes: u64,
     ) -> Result<(DocumentInfo, Bytes), SourceError> {
+        if let Some(root) = &self.local_root {
+            return self.fetch_local(root.clone(), doc, max_bytes).await;
+        }
         let location = self.location(doc)?;
         let fetch_err = |e: object_store::Error| match e {
             object_store::Error::NotFound { .. } => SourceError::Fetch {
                 uri: doc.uri.clone(),
                 reason: "no such object (deleted since listing?)".into(),
+            },
+            e if crate::store::is_transient(&e) => SourceError::Unavailable {
+                uri: doc.uri.clone(),
+                reason: crate::store::reason(&e),
             },
             e => SourceError::Fetch {
                 uri: doc.uri.clone(),
@@ -438,6 +575,59 @@ impl Source {
         info.uri = doc.uri.clone();
         info.size = bytes.len() as u64;
         Ok((info, bytes))
+    }
+
+    async fn fetch_local(
+        &self,
+        root: PathBuf,
+        doc: &DocumentInfo,
+        max_bytes: u64,
+    ) -> Result<(DocumentInfo, Bytes), SourceError> {
+        let rel = doc
+            .uri
+            .strip_prefix(&self.base)
+            .map(|r| r.trim_start_matches('/').to_string())
+            .unwrap_or_default();
+        let read = tokio::task::spawn_blocking(move || local::read(&root, &rel, max_bytes)).await;
+        let fetch_err = |reason: String| SourceError::Fetch {
+            uri: doc.uri.clone(),
+            reason,
+        };
+        let (bytes, meta) = match read {
+            Ok(Ok(v)) => v,
+            Ok(Err(local::ReadError::TooLarge(size))) => {
+                return Err(SourceError::TooLarge {
+                    uri: doc.uri.clone(),
+                    size,
+                    limit: max_bytes,
+                });
+            }
+            Ok(Err(local::ReadError::Io(e))) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(fetch_err("no such file (deleted since listing?)".into()));
+            }
+            Ok(Err(local::ReadError::Io(e)))
+                if !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::InvalidInput
+                ) =>
+            {
+                // EIO, a stale network mount: worth a later attempt.
+                return Err(SourceError::Unavailable {
+                    uri: doc.uri.clone(),
+                    reason: e.to_string(),
+                });
+            }
+            Ok(Err(e)) => return Err(fetch_err(e.to_string())),
+            Err(e) => return Err(fetch_err(format!("reading task failed: {e}"))),
+        };
+        let info = DocumentInfo {
+            uri: doc.uri.clone(),
+            size: bytes.len() as u64,
+            etag: Some(local::etag(&meta)),
+            version: None,
+            last_modified: meta.modified().ok(),
+        };
+        Ok((info, Bytes::from(bytes)))
     }
 
     /// Lists and fetches, `concurrency` fetches in flight, documents in listing order.

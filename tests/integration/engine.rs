@@ -630,3 +630,48 @@ fn bench_engine_compares_with_the_python_loop() {
     assert!(row.trim_end().ends_with('x'), "{row}");
     assert!(t.contains("2 prompts"), "{t}");
 }
+
+/// One sequence's grammar (hook) error ends that sequence with its error; the other sequences of the batch
+/// generate exactly what they generate without it.
+#[test]
+fn one_rows_hook_error_fails_that_row_only() {
+    use pixtract::model::{FinishReason, StepHook};
+    struct FailRow(usize);
+    impl StepHook for FailRow {
+        fn mask_logits(&mut self, _row: usize, _logits: &mut [f32]) -> Result<(), HookError> {
+            Ok(())
+        }
+        fn accept_token(&mut self, row: usize, _token: u32) -> Result<bool, HookError> {
+            if row == self.0 {
+                Err("the grammar rejected the token".into())
+            } else {
+                Ok(false)
+            }
+        }
+    }
+    let mut engine = engine();
+    let (_, prompts) = reference_prompts(&engine);
+    let prompts = &prompts[..3];
+    let config = GenerationConfig {
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    let policy = BatchPolicy {
+        max_batch: 4,
+        token_budget: 1 << 20,
+        ..Default::default()
+    };
+    let (plain, _) = engine
+        .generate_many(prompts, &config, policy, &mut NoHook)
+        .unwrap();
+    let (gens, _) = engine
+        .generate_many(prompts, &config, policy, &mut FailRow(1))
+        .unwrap();
+    assert_eq!(gens[1].finish, FinishReason::Failed);
+    let error = gens[1].error.as_deref().unwrap_or_default();
+    assert!(error.contains("the grammar rejected the token"), "{error}");
+    for i in [0, 2] {
+        assert_ne!(gens[i].finish, FinishReason::Failed);
+        assert_eq!(gens[i].tokens, plain[i].tokens, "row {i}");
+    }
+}

@@ -385,6 +385,7 @@ pub fn run_context() -> RunContext {
 
 pub fn source(uri: &str) -> SourceInfo {
     SourceInfo {
+        attempt: None,
         uri: uri.into(),
         etag: Some("\"etag\"".into()),
         version: None,

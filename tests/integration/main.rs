@@ -10,6 +10,7 @@ mod layers;
 mod model_dir;
 mod pipeline;
 mod raster;
+mod reliability;
 mod sink;
 mod source;
 mod util;

@@ -788,21 +788,20 @@ fn raster_pages_cli_writes_the_model_view() {
     );
 }
 
-/// The shared corpus beside the checkout, if it is there.
-fn corpus(name: &str) -> Option<PathBuf> {
+/// The shared corpus beside the checkout. Its absence FAILS the test (a test that returns early when its data is
+/// missing passes without checking anything): set PIXTRACT_CORPUS to its parent, or run
+/// `cargo nextest run -E 'not test(corpus)'` where there is no corpus.
+fn corpus(name: &str) -> PathBuf {
     let dir = std::env::var_os("PIXTRACT_CORPUS")
         .map(PathBuf::from)
         .unwrap_or_else(|| util::repo_root().join("../shared/corpus"))
         .join(name);
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "SKIPPED: corpus folder {} is absent (set PIXTRACT_CORPUS to its parent)",
-            dir.display()
-        );
-        None
-    }
+    assert!(
+        dir.is_dir(),
+        "corpus folder {} is absent (set PIXTRACT_CORPUS to its parent)",
+        dir.display()
+    );
+    dir
 }
 
 fn files(dir: &Path, ext: &str) -> Vec<PathBuf> {
@@ -818,9 +817,7 @@ fn files(dir: &Path, ext: &str) -> Vec<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raster_corpus_pdf_edge_cases_render_or_fail_cleanly() {
-    let Some(dir) = corpus("pdf-edge-cases") else {
-        return;
-    };
+    let dir = corpus("pdf-edge-cases");
     let paths = files(&dir, "pdf");
     assert!(
         paths.len() > 100,
@@ -901,9 +898,7 @@ async fn raster_corpus_pdf_edge_cases_render_or_fail_cleanly() {
 
 #[test]
 fn raster_corpus_receipts_decode_and_fit_the_model() {
-    let Some(dir) = corpus("receipts-sroie") else {
-        return;
-    };
+    let dir = corpus("receipts-sroie");
     let paths = files(&dir, "jpg");
     assert_eq!(paths.len(), 40, "{}", dir.display());
     for p in paths {

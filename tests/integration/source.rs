@@ -221,7 +221,8 @@ fn source_s3_pages_cli_uses_the_aws_environment() {
     assert!(
         out_dir.join("a.pdf.p0001.png").is_file() && out_dir.join("b__c.pdf.p0001.png").is_file()
     );
-    // A bucket that does not exist: exit 2 with the reason, not a panic.
+    // A bucket that does not exist: the listing cannot go on, so the command fails (exit 1) with the reason,
+    // not a panic.
     let out = util::pixtract(
         &[
             "pages",
@@ -233,9 +234,9 @@ fn source_s3_pages_cli_uses_the_aws_environment() {
         dir.path(),
     );
     let text = util::text(&out);
-    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(
-        text.contains("error  s3://nothing-here/x: cannot list: NoSuchBucket"),
+        text.contains("s3://nothing-here/x: cannot list: NoSuchBucket"),
         "{text}"
     );
 }
@@ -362,7 +363,8 @@ fn source_gcs_and_azure_uris_use_their_environment_and_fail_clearly() {
         dir.path(),
     );
     let text = util::text(&out);
-    assert_eq!(out.status.code(), Some(2), "{text}");
+    // The listing cannot go on: the command fails (exit 1), naming the URI.
+    assert_eq!(out.status.code(), Some(1), "{text}");
     let line = text
         .lines()
         .find(|l| l.contains("az://scans/2024/: cannot list:"))

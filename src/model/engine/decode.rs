@@ -143,6 +143,7 @@ impl PixtralEngine {
                 finish: FinishReason::Length,
                 prompt_tokens: prompts[r].ids.len(),
                 first_logits: None,
+                error: None,
             })
             .collect();
         let mut widened: Vec<f32> = Vec::new(); // fp16 logits as f32, reused across steps
@@ -151,12 +152,17 @@ impl PixtralEngine {
             let mut finished = Vec::new();
             let mut chosen = Vec::with_capacity(active.len());
             let logits_data = host_logits(&mut logits, self.decoder.logits_float, &mut widened)?;
-            // 1. The hook masks each row (sequential: it owns per-row grammar state).
+            // 1. The hook masks each row (sequential: it owns per-row grammar state). A row whose hook fails
+            // finishes with that error; the others go on.
+            let mut failed = vec![false; active.len()];
             for (j, &b) in active.iter().enumerate() {
                 let row = rows[b];
                 let slice = &mut logits_data[j * vocab..(j + 1) * vocab];
-                hook.mask_logits(row, slice)
-                    .map_err(|source| ModelError::Hook { row, source })?;
+                if let Err(source) = hook.mask_logits(row, slice) {
+                    fail_row(&mut outs[b], ModelError::Hook { row, source });
+                    failed[j] = true;
+                    continue;
+                }
                 if config.keep_first_logits && outs[b].tokens.is_empty() {
                     outs[b].first_logits = Some(slice.to_vec());
                 }
@@ -167,14 +173,27 @@ impl PixtralEngine {
             // 3. The hook sees each chosen token, in row order.
             for (j, &b) in active.iter().enumerate() {
                 let row = rows[b];
-                let (token, prob) = picks[j].ok_or(ModelError::AllMasked { row })?;
+                if failed[j] {
+                    finished.push(j);
+                    continue;
+                }
+                let Some((token, prob)) = picks[j] else {
+                    fail_row(&mut outs[b], ModelError::AllMasked { row });
+                    finished.push(j);
+                    continue;
+                };
                 outs[b].tokens.push(token);
                 if config.token_probs {
                     outs[b].token_probs.push(prob);
                 }
-                let hook_done = hook
-                    .accept_token(row, token)
-                    .map_err(|source| ModelError::Hook { row, source })?;
+                let hook_done = match hook.accept_token(row, token) {
+                    Ok(done) => done,
+                    Err(source) => {
+                        fail_row(&mut outs[b], ModelError::Hook { row, source });
+                        finished.push(j);
+                        continue;
+                    }
+                };
                 match finish_after(token, hook_done, outs[b].tokens.len(), config, eos) {
                     Some(reason) => {
                         outs[b].finish = reason;
@@ -205,4 +224,10 @@ impl PixtralEngine {
             cache.step(&mut self.decoder, &embeds, &active, &mut logits)?;
         }
     }
+}
+
+/// Ends one sequence with its error (the rest of the batch goes on).
+pub(super) fn fail_row(out: &mut Generation, error: ModelError) {
+    out.finish = FinishReason::Failed;
+    out.error = Some(crate::error::chain(&error));
 }

@@ -124,6 +124,9 @@ pub enum FinishReason {
     Length,
     /// The hook declared the sequence complete.
     Hook,
+    /// This sequence alone failed (its hook erred, or masked every token): `Generation::error` says why. The
+    /// other sequences of the batch go on.
+    Failed,
 }
 
 /// One sequence's result.
@@ -136,6 +139,8 @@ pub struct Generation {
     pub finish: FinishReason,
     pub prompt_tokens: usize,
     pub first_logits: Option<Vec<f32>>,
+    /// Why the sequence failed ([`FinishReason::Failed`]).
+    pub error: Option<String>,
 }
 
 /// Time spent per phase, summed over a call.

@@ -16,7 +16,7 @@
 use std::time::Instant;
 
 use super::cache::prefill_row;
-use super::decode::{finish_after, host_logits, sampler_for};
+use super::decode::{fail_row, finish_after, host_logits, sampler_for};
 use super::decoder::GqaStep;
 use super::ort_util::{copy_rows, tensor_memory};
 use super::{
@@ -39,41 +39,45 @@ struct Running {
 }
 
 /// What is done with one row's logits: the hook masks them, the sampler picks, the hook sees the token.
-/// Returns whether the sequence finished.
+/// Returns whether the sequence finished; a hook error or a fully masked row fails that sequence alone.
 fn take_token(
     seq: &mut Running,
     logits: &mut [f32],
     config: &GenerationConfig,
     hook: &mut dyn StepHook,
     eos: u32,
-) -> Result<bool, ModelError> {
+) -> bool {
     let row = seq.row;
-    hook.mask_logits(row, logits)
-        .map_err(|source| ModelError::Hook { row, source })?;
+    if let Err(source) = hook.mask_logits(row, logits) {
+        fail_row(&mut seq.out, ModelError::Hook { row, source });
+        return true;
+    }
     if config.keep_first_logits && seq.out.tokens.is_empty() {
         seq.out.first_logits = Some(logits.to_vec());
     }
-    let (token, prob) = seq
-        .sampler
-        .choose(logits)
-        .ok_or(ModelError::AllMasked { row })?;
+    let Some((token, prob)) = seq.sampler.choose(logits) else {
+        fail_row(&mut seq.out, ModelError::AllMasked { row });
+        return true;
+    };
     seq.out.tokens.push(token);
     if config.token_probs {
         seq.out.token_probs.push(prob);
     }
-    let hook_done = hook
-        .accept_token(row, token)
-        .map_err(|source| ModelError::Hook { row, source })?;
+    let hook_done = match hook.accept_token(row, token) {
+        Ok(done) => done,
+        Err(source) => {
+            fail_row(&mut seq.out, ModelError::Hook { row, source });
+            return true;
+        }
+    };
     seq.next = token;
-    Ok(
-        match finish_after(token, hook_done, seq.out.tokens.len(), config, eos) {
-            Some(reason) => {
-                seq.out.finish = reason;
-                true
-            }
-            None => false,
-        },
-    )
+    match finish_after(token, hook_done, seq.out.tokens.len(), config, eos) {
+        Some(reason) => {
+            seq.out.finish = reason;
+            true
+        }
+        None => false,
+    }
 }
 
 impl PixtralEngine {
@@ -154,10 +158,11 @@ impl PixtralEngine {
                             finish: super::FinishReason::Length,
                             prompt_tokens: batch.width,
                             first_logits: None,
+                            error: None,
                         },
                     };
                     let logits = host_logits(&mut prompt_logits, logits_float, &mut widened)?;
-                    let done = take_token(&mut seq, &mut logits[..vocab], config, hook, eos)?;
+                    let done = take_token(&mut seq, &mut logits[..vocab], config, hook, eos);
                     stats.decode_tokens += 1;
                     stats.decode_row_capacity += 1;
                     stats.decode += t2.elapsed();
@@ -200,7 +205,7 @@ impl PixtralEngine {
                 let Some(seq) = place.as_mut() else { continue };
                 seq.length += 1;
                 let row_logits = &mut logits[slot * vocab..(slot + 1) * vocab];
-                if take_token(seq, row_logits, config, hook, eos)?
+                if take_token(seq, row_logits, config, hook, eos)
                     && let Some(seq) = place.take()
                 {
                     results[seq.row] = Some(seq.out);
