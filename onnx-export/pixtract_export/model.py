@@ -14,7 +14,9 @@ IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 TINY_SEED = 20240911
-TINY_WEIGHT_STD = 0.2  # N(0, 0.2) keeps greedy decoding of a random model away from ties (FACTS.md)
+# Weights drawn from N(0, 0.2): with transformers' default 0.02 the tiny model's top logits nearly tie and greedy
+# decoding flips on rounding noise; 0.2 keeps the top-1/top-2 gaps around 0.1-0.5.
+TINY_WEIGHT_STD = 0.2
 
 
 class ExportError(RuntimeError):
@@ -32,7 +34,8 @@ def tekken_path() -> str:
 
 
 def tiny_config():
-    """The tiny Pixtral of FACTS.md: real vocabulary and token ids, toy widths."""
+    """The tiny Pixtral: the real vocabulary, token ids, patch and image size and RoPE thetas; toy widths (text
+    hidden 32, 4 heads / 2 KV heads, head_dim 16; vision hidden 64, head_dim 16, divisible by 4 for the 2D RoPE)."""
     from transformers import LlavaConfig, MistralConfig, PixtralVisionConfig
 
     vision = PixtralVisionConfig(
@@ -98,15 +101,37 @@ def build_tiny_model(seed: int = TINY_SEED):
     return model
 
 
+def check_free_space(folder: str, need: int, what: str):
+    """One clear error line when `folder`'s file system has less than `need` bytes free."""
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise ExportError(f"{what}: {folder} has {free / 1e9:.1f} GB free, about {need / 1e9:.1f} GB is needed "
+                          "(parameters x bytes per value x 1.1); free space or choose another --out")
+
+
+def checkpoint_layout(path: str) -> str:
+    """"hf" for a Hugging Face checkpoint folder (config.json + *.safetensors); otherwise one clear error."""
+    if not os.path.isdir(path):
+        raise ExportError(f"{path}: no such checkpoint directory")
+    names = set(os.listdir(path))
+    has_weights = any(n.endswith(".safetensors") for n in names)
+    if "config.json" in names and has_weights:
+        return "hf"
+    if {"params.json", "consolidated.safetensors"} <= names:
+        raise ExportError(f"{path}: Mistral's consolidated layout (params.json, consolidated.safetensors, "
+                          "tekken.json) is not supported yet; export the Hugging Face layout "
+                          "(mistral-community/pixtral-12b)")
+    missing = [n for n, ok in (("config.json", "config.json" in names), ("*.safetensors", has_weights)) if not ok]
+    raise ExportError(f"{path}: not a Hugging Face Pixtral checkpoint, missing {' and '.join(missing)} (expected a "
+                      "local copy of mistral-community/pixtral-12b: config.json + model-*.safetensors)")
+
+
 def load_checkpoint(path: str, dtype: torch.dtype):
     """A local mistral-community/pixtral-12b style directory (config.json + safetensors). Never the network."""
     from transformers import LlavaForConditionalGeneration
 
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ExportError(
-            f"{path}: no config.json; expected a Hugging Face LlavaForConditionalGeneration checkpoint directory "
-            "(for example a local copy of mistral-community/pixtral-12b)"
-        )
+    layout = checkpoint_layout(path)
+    print(f"checkpoint {path}: Hugging Face layout ({layout})")
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
     if cfg.get("model_type") != "llava" or cfg.get("vision_config", {}).get("model_type") != "pixtral":
