@@ -89,7 +89,9 @@ def run_export(args) -> int:
     params = sum(p.numel() for p in model.parameters())
     print(f"loaded {source['model_id']}: {params / 1e6:.1f} M parameters, {args.dtype} ({time.time() - t0:.1f} s)")
     t1 = time.time()
-    graphs = export_graphs(model, out, dtype, args.attention)
+    # The model is consumed (pre-transposed, parts released as their graphs are written): only its config is used
+    # afterwards.
+    graphs = export_graphs(model, out, dtype, args.attention, release=True)
     tokenizer = write_tokenizer(out, args.checkpoint)
     source["parameters"] = params
     manifest = build_manifest(model, graphs, tokenizer, args.dtype, source)

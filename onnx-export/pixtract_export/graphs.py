@@ -399,10 +399,50 @@ def save_graph(model: onnx.ModelProto, path: str, source_dir: str | None = None,
     return True
 
 
-def export_graphs(model, out_dir: str, dtype: torch.dtype, attention: str = "eager") -> dict:
-    """Writes the three graphs into out_dir; returns the manifest's "graphs" section."""
+class _TransposedLinear(nn.Module):
+    """nn.Linear with its weight stored already transposed ([in, out]): `x @ weight_t (+ bias)`.
+
+    The TorchScript exporter writes nn.Linear on 3-D inputs as MatMul(x, Transpose(W)) and constant folding then
+    materialises W^T as a new initializer while W is still held by torch: during the export every Linear weight
+    existed twice. Transposed beforehand, the graph is the same MatMul (+ Add) on an [in, out] constant, with no
+    folding copy, and the initializer keeps the parameter's name.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x):
+        y = torch.matmul(x, self.weight_t)
+        return y if self.bias is None else y + self.bias
+
+
+def transpose_linears(root: nn.Module):
+    """Replaces every nn.Linear under root by a _TransposedLinear, one at a time (peak: one extra weight)."""
+    for name, module in list(root.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, child_name, _TransposedLinear(child))
+                del child
+
+
+def export_graphs(model, out_dir: str, dtype: torch.dtype, attention: str = "eager", release: bool = False) -> dict:
+    """Writes the three graphs into out_dir; returns the manifest's "graphs" section.
+
+    release=True consumes the model to keep peak memory near one copy of the weights: its Linear layers are
+    replaced by pre-transposed ones (same graphs; see _TransposedLinear), and the vision tower, projector and token
+    embeddings are dropped from it once their graphs are written, before the decoder (the largest) is traced.
+    Only the config stays usable afterwards.
+    """
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention {attention!r}: expected one of {ATTENTION_KINDS}")
+    import gc
+
+    if release:
+        transpose_linears(model)
+        gc.collect()
     cfg = model.config
     tcfg, vcfg = cfg.text_config, cfg.vision_config
     layers = tcfg.num_hidden_layers
@@ -422,6 +462,11 @@ def export_graphs(model, out_dir: str, dtype: torch.dtype, attention: str = "eag
             custom_opsets={"com.microsoft": 1},
         )
     graphs["vision_encoder"] = graph_entry(path, proto, ext, digest)
+    del vision, proto
+    if release:
+        model.model.vision_tower = None
+        model.model.multi_modal_projector = None
+        gc.collect()
 
     embed = EmbedTokens(model)
     ids = torch.tensor([[1, 3, 10, 12, 4]], dtype=torch.int64)
@@ -431,6 +476,10 @@ def export_graphs(model, out_dir: str, dtype: torch.dtype, attention: str = "eag
         {"input_ids": {0: "batch", 1: "sequence"}, "inputs_embeds": {0: "batch", 1: "sequence"}},
     )
     graphs["embed_tokens"] = graph_entry(path, proto, ext, digest)
+    del embed, proto
+    if release:
+        model.model.language_model.embed_tokens = None
+        gc.collect()
 
     # Decoder: traced with a non-empty past and batch 2 so no axis is specialised to 0 or 1.
     batch, seq, past_len = 2, 4, 3

@@ -133,7 +133,8 @@ def quantize_model_dir(src_dir: str, out_dir: str, bits: int, block_size: int, g
             res = quantize_graph(src, dst, bits, block_size, symmetric, accuracy_level, exclude)
             fresh = graph_entry(dst, res["proto"], res["external"])
             for key, value in entry.items():  # keep the decoder's templates and other notes
-                fresh.setdefault(key, value)
+                if key != "external_data":  # the quantized graph has its own (or none: it may fit in one file)
+                    fresh.setdefault(key, value)
             new["graphs"][name] = fresh
             records[name] = res["record"]
         else:
