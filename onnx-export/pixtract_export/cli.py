@@ -47,11 +47,26 @@ def _add_export(sub):
                         "GroupQueryAttention: rows keep their own lengths (no attention over padding) and pixtract "
                         "writes the cache in place (one buffer bound as past and present); pixtract runs gqa "
                         "exports on the CPU only (use eager, with --dtype fp16, for CUDA)")
+    p.add_argument("--external-data-threshold", type=_bytes, default=None, metavar="BYTES",
+                   help="a graph with more weight bytes than this keeps them in one `<graph>.onnx_data` file beside "
+                        "it (default 1GiB; protobuf caps a single file at 2 GB). Accepts 64MiB, 1GiB, ...: tests set "
+                        "it low to exercise external data on a small model")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="after exporting, quantize the decoder's MatMul weights with ONNX Runtime's MatMulNBits "
                         "(weight-only; with --dtype fp16 this gives q8f16 / q4f16). Same as running `quantize` "
                         "on the export")
     _add_quant_options(p)
+
+
+def _bytes(text: str) -> int:
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    low = text.strip().lower()
+    for unit, factor in units.items():
+        if low.endswith(unit) and low[: -len(unit)].strip().isdigit():
+            return int(low[: -len(unit)]) * factor
+    if low.isdigit():
+        return int(low)
+    raise argparse.ArgumentTypeError(f"{text!r}: expected bytes such as 67108864, 64MiB or 1GiB")
 
 
 def _add_quant_options(p):
@@ -151,7 +166,7 @@ only the layer counts change (the real model has 40 text and 24 vision layers). 
   --text-layers 2 --vision-layers 2    1.95 B parameters, 3.9 GB on disk, ~4 GB of RAM to build
   each further text layer              +0.273 B parameters (+0.55 GB)
 --like pixtral-ci is the CI-sized model with the real geometry (text head_dim 128 with 16 heads / 4 KV heads,
-vision head_dim 64, the real vocabulary) and narrower widths (text hidden 1024, vision hidden 256).
+vision head_dim 64, the real vocabulary) and narrower widths (text hidden 512, vision hidden 256): 0.144 B.
 
 The weights are drawn from one generator seeded with --seed, parameter by parameter in name order (matrices and
 biases N(0, 0.02), norm gains N(1, 0.1)), directly in bf16 on a meta-built model: the same seed and versions give

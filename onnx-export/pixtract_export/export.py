@@ -11,7 +11,7 @@ import torch
 from .graphs import export_graphs
 from .manifest import build_manifest, write_manifest
 from .model import (TINY_SEED, ExportError, build_tiny_model, check_free_space, checkpoint_layout, load_checkpoint,
-                    write_tokenizer)
+                    memory_note, write_tokenizer)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -87,11 +87,13 @@ def run_export(args) -> int:
     t0 = time.time()
     model, source = load_source(args.checkpoint, args.seed, dtype)
     params = sum(p.numel() for p in model.parameters())
-    print(f"loaded {source['model_id']}: {params / 1e6:.1f} M parameters, {args.dtype} ({time.time() - t0:.1f} s)")
+    print(f"loaded {source['model_id']}: {params / 1e6:.1f} M parameters, {args.dtype} ({time.time() - t0:.1f} s; "
+          f"{memory_note()})")
     t1 = time.time()
     # The model is consumed (pre-transposed, parts released as their graphs are written): only its config is used
     # afterwards.
-    graphs = export_graphs(model, out, dtype, args.attention, release=True)
+    graphs = export_graphs(model, out, dtype, args.attention, release=True,
+                           external_threshold=getattr(args, "external_data_threshold", None))
     tokenizer = write_tokenizer(out, args.checkpoint)
     source["parameters"] = params
     manifest = build_manifest(model, graphs, tokenizer, args.dtype, source)
@@ -101,6 +103,6 @@ def run_export(args) -> int:
     if os.path.isdir(final):
         os.rmdir(final)  # empty (checked above)
     os.rename(out, final)
-    print(f"exported 3 graphs ({total / 1e6:.1f} MB) in {time.time() - t1:.1f} s")
+    print(f"exported 3 graphs ({total / 1e6:.1f} MB) in {time.time() - t1:.1f} s ({memory_note()})")
     print(f"manifest {os.path.join(final, os.path.basename(path))}\nweights sha256 {manifest['weights_sha256']}")
     return 0

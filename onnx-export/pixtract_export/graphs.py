@@ -278,7 +278,8 @@ class GroupQueryDecoder(nn.Module):
 
 
 
-def _export(module, args, path, input_names, output_names, dynamic_axes, fixed_output_dims=None, custom_opsets=None):
+def _export(module, args, path, input_names, output_names, dynamic_axes, fixed_output_dims=None, custom_opsets=None,
+            threshold=None):
     """Traces module to ONNX at path; weights go to `<file>_data` beside it when they are too large for one file.
 
     Returns (graph proto, external, weights digest). With external data the returned proto's initializers point
@@ -314,10 +315,14 @@ def _export(module, args, path, input_names, output_names, dynamic_axes, fixed_o
             for out in model.graph.output:
                 if out.name == out_name:
                     out.type.tensor_type.shape.dim[axis].dim_value = size
-        external = save_graph(model, path, source_dir=scratch)
+        external = save_graph(model, path, source_dir=scratch, threshold=threshold)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return model, external, weights_digest(model, os.path.dirname(path))
+    digest = weights_digest(model, os.path.dirname(path))
+    from .model import memory_note
+
+    print(f"  {os.path.basename(path)} written ({memory_note()})", flush=True)
+    return model, external, digest
 
 
 # Initializers of at least this many bytes go to the data file (smaller ones stay inline, as onnx.save does).
@@ -428,7 +433,8 @@ def transpose_linears(root: nn.Module):
                 del child
 
 
-def export_graphs(model, out_dir: str, dtype: torch.dtype, attention: str = "eager", release: bool = False) -> dict:
+def export_graphs(model, out_dir: str, dtype: torch.dtype, attention: str = "eager", release: bool = False,
+                  external_threshold: int | None = None) -> dict:
     """Writes the three graphs into out_dir; returns the manifest's "graphs" section.
 
     release=True consumes the model to keep peak memory near one copy of the weights: its Linear layers are
@@ -459,7 +465,7 @@ def export_graphs(model, out_dir: str, dtype: torch.dtype, attention: str = "eag
         proto, ext, digest = _export(
             vision, (pixel,), path, ["pixel_values"], ["image_features"],
             {"pixel_values": {2: "height", 3: "width"}, "image_features": {0: "num_patches"}},
-            custom_opsets={"com.microsoft": 1},
+            custom_opsets={"com.microsoft": 1}, threshold=external_threshold,
         )
     graphs["vision_encoder"] = graph_entry(path, proto, ext, digest)
     del vision, proto
@@ -474,6 +480,7 @@ def export_graphs(model, out_dir: str, dtype: torch.dtype, attention: str = "eag
     proto, ext, digest = _export(
         embed, (ids,), path, ["input_ids"], ["inputs_embeds"],
         {"input_ids": {0: "batch", 1: "sequence"}, "inputs_embeds": {0: "batch", 1: "sequence"}},
+        threshold=external_threshold,
     )
     graphs["embed_tokens"] = graph_entry(path, proto, ext, digest)
     del embed, proto
@@ -527,7 +534,8 @@ def export_graphs(model, out_dir: str, dtype: torch.dtype, attention: str = "eag
     with _UseAttention(tcfg, GROUPED_ATTENTION, grouped_attention):
         proto, ext, digest = _export(decoder, (*args, *past), path, input_names, output_names, axes,
                              fixed_output_dims={("logits", 1): 1, ("logits", 2): tcfg.vocab_size},
-                             custom_opsets={"com.microsoft": 1} if attention == "gqa" else None)
+                             custom_opsets={"com.microsoft": 1} if attention == "gqa" else None,
+                             threshold=external_threshold)
     graphs["decoder"] = graph_entry(path, proto, ext, digest)
     graphs["decoder"]["logits"] = "last_position"
     # "eager": left-padded batches, attention_mask input, the cache grows by Concat. "gqa": GroupQueryAttention,
