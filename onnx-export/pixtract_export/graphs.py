@@ -433,6 +433,54 @@ def transpose_linears(root: nn.Module):
                 del child
 
 
+def write_embed_tokens(weight: torch.Tensor, path: str, threshold: int | None = None):
+    """embed_tokens.onnx written directly: one Gather(embed.weight, input_ids), the graph the TorchScript exporter
+    gives for nn.Embedding (same names, opset, IR version), without tracing.
+
+    Traced, the table (131072 x 5120: 1.3 GB in fp16) was serialized in memory and parsed back, about three copies
+    at once; here its bytes go from the torch tensor straight to the file (or inline below the threshold).
+    Returns (proto, external, weights digest) like _export.
+    """
+    from onnx import TensorProto, helper
+
+    weight = weight.detach().contiguous()
+    elem = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16}[weight.dtype]
+    vocab, hidden = weight.shape
+    table = onnx.TensorProto(name="embed.weight", data_type=elem, dims=[vocab, hidden])
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["embed.weight", "input_ids"], ["inputs_embeds"], name="/embed/Gather")],
+        "main_graph",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("inputs_embeds", elem, ["batch", "sequence", hidden])],
+        [table],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8,
+                              producer_name="pixtract-export", producer_version=__version__)
+    table = model.graph.initializer[0]
+    view = weight.view(torch.uint8) if weight.dtype == torch.float16 else weight
+    raw = memoryview(view.numpy()).cast("B")
+    threshold = EXTERNAL_DATA_THRESHOLD if threshold is None else threshold
+    if len(raw) > threshold:
+        location = os.path.basename(path) + "_data"
+        with open(os.path.join(os.path.dirname(path), location), "wb") as f:
+            f.write(raw)
+        for key, value in (("location", location), ("offset", "0"), ("length", str(len(raw)))):
+            entry = table.external_data.add()
+            entry.key, entry.value = key, value
+        table.data_location = TensorProto.EXTERNAL
+        external = True
+    else:
+        table.raw_data = raw.tobytes()
+        external = False
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    digest = weights_digest(model, os.path.dirname(path))
+    from .model import memory_note
+
+    print(f"  {os.path.basename(path)} written ({memory_note()})", flush=True)
+    return model, external, digest
+
+
 def export_graphs(model, out_dir: str, dtype: torch.dtype, attention: str = "eager", release: bool = False,
                   external_threshold: int | None = None) -> dict:
     """Writes the three graphs into out_dir; returns the manifest's "graphs" section.
@@ -474,16 +522,10 @@ def export_graphs(model, out_dir: str, dtype: torch.dtype, attention: str = "eag
         model.model.multi_modal_projector = None
         gc.collect()
 
-    embed = EmbedTokens(model)
-    ids = torch.tensor([[1, 3, 10, 12, 4]], dtype=torch.int64)
     path = os.path.join(out_dir, "embed_tokens.onnx")
-    proto, ext, digest = _export(
-        embed, (ids,), path, ["input_ids"], ["inputs_embeds"],
-        {"input_ids": {0: "batch", 1: "sequence"}, "inputs_embeds": {0: "batch", 1: "sequence"}},
-        threshold=external_threshold,
-    )
+    proto, ext, digest = write_embed_tokens(model.get_input_embeddings().weight, path, external_threshold)
     graphs["embed_tokens"] = graph_entry(path, proto, ext, digest)
-    del embed, proto
+    del proto
     if release:
         model.model.language_model.embed_tokens = None
         gc.collect()

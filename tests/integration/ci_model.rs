@@ -23,7 +23,9 @@ fn ci_model_has_the_real_head_geometry_and_external_data() {
     assert_eq!(m["source"]["kind"], "checkpoint");
     for graph in ["embed_tokens", "decoder"] {
         let ext = &m["graphs"][graph]["external_data"];
-        let file = ext["file"].as_str().unwrap_or_else(|| panic!("{graph} has no external data: {m}"));
+        let file = ext["file"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{graph} has no external data: {m}"));
         let len = std::fs::metadata(model.join(file)).unwrap().len();
         assert_eq!(ext["bytes"].as_u64().unwrap(), len, "{graph}");
         assert!(len > 64 << 20, "{graph}: {len} bytes");
@@ -37,7 +39,11 @@ fn ci_model_has_the_real_head_geometry_and_external_data() {
         model.to_str().unwrap(),
     ]);
     let t = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{t}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{t}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(t.matches("(ok)").count(), 6, "{t}");
     assert!(!t.contains("MISMATCH"), "{t}");
 }
@@ -80,7 +86,10 @@ fn ci_model_exporter_verify_passes() {
     );
     assert!(stdout.contains("[ok] prefill logits"), "{stdout}");
     assert!(stdout.contains("[ok] decode steps"), "{stdout}");
-    assert!(stdout.contains("[ok] greedy tokens: 20/20 identical"), "{stdout}");
+    assert!(
+        stdout.contains("[ok] greedy tokens: 20/20 identical"),
+        "{stdout}"
+    );
     assert!(!stdout.contains("FAIL"), "{stdout}");
 }
 
@@ -89,7 +98,12 @@ fn ci_model_exporter_verify_passes() {
 fn doctor_verifies_external_data_hashes() {
     let src = ci_model();
     let ok = pixtract(
-        &["doctor", "--model", src.to_str().unwrap(), "--verify-hashes"],
+        &[
+            "doctor",
+            "--model",
+            src.to_str().unwrap(),
+            "--verify-hashes",
+        ],
         &[],
         &repo_root(),
     );
