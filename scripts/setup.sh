@@ -109,7 +109,7 @@ if ! current "$ckpt"; then
   echo "setup: writing the CI-sized random checkpoint to $ckpt"
   rm -rf "$ckpt" "$ckpt.partial"
   .venv/bin/python onnx-export/export.py random-checkpoint --like pixtral-ci --text-layers 2 --vision-layers 2 \
-    --seed 20241203 --out "$ckpt.partial" >/dev/null
+    --seed 20241203 --weight-std 0.06 --out "$ckpt.partial" >/dev/null
   publish "$ckpt"
   rm -rf "$dir"
 fi

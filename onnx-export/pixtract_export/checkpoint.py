@@ -64,7 +64,7 @@ def random_config(like: str, text_layers: int, vision_layers: int):
     )
 
 
-def build_random_model(config, seed: int, dtype=torch.bfloat16):
+def build_random_model(config, seed: int, dtype=torch.bfloat16, weight_std: float = WEIGHT_STD):
     """Meta-device model materialised in `dtype`, every parameter drawn in place (name order, one generator)."""
     from transformers import LlavaForConditionalGeneration
 
@@ -76,7 +76,7 @@ def build_random_model(config, seed: int, dtype=torch.bfloat16):
     with torch.no_grad():
         for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             if param.dim() >= 2 or name.endswith("bias"):
-                param.normal_(0.0, WEIGHT_STD, generator=gen)
+                param.normal_(0.0, weight_std, generator=gen)
             else:
                 param.normal_(1.0, NORM_STD, generator=gen)
     _rebuild_buffers(model)
@@ -130,7 +130,7 @@ def run_random_checkpoint(args) -> int:
     os.makedirs(partial)
     t0 = time.time()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    model = build_random_model(config, args.seed)
+    model = build_random_model(config, args.seed, weight_std=args.weight_std)
     print(f"built {args.like} widths, {args.text_layers} text + {args.vision_layers} vision layers: "
           f"{params / 1e9:.3f} B parameters, bf16, seed {args.seed} ({time.time() - t0:.1f} s)")
     t1 = time.time()
@@ -139,7 +139,7 @@ def run_random_checkpoint(args) -> int:
     write_tokenizer_files(partial)
     with open(os.path.join(partial, "pixtract-random.json"), "w") as f:
         json.dump({"like": args.like, "text_layers": args.text_layers, "vision_layers": args.vision_layers,
-                   "seed": args.seed, "parameters": params, "dtype": "bfloat16", "weight_std": WEIGHT_STD,
+                   "seed": args.seed, "parameters": params, "dtype": "bfloat16", "weight_std": args.weight_std,
                    "norm_std": NORM_STD, "torch": torch.__version__}, f, indent=2)
         f.write("\n")
     shutil.rmtree(out, ignore_errors=True)

@@ -169,7 +169,7 @@ only the layer counts change (the real model has 40 text and 24 vision layers). 
 vision head_dim 64, the real vocabulary) and narrower widths (text hidden 512, vision hidden 256): 0.144 B.
 
 The weights are drawn from one generator seeded with --seed, parameter by parameter in name order (matrices and
-biases N(0, 0.02), norm gains N(1, 0.1)), directly in bf16 on a meta-built model: the same seed and versions give
+biases N(0, --weight-std), norm gains N(1, 0.1)), directly in bf16 on a meta-built model: the same seed and versions give
 the same bytes. The checkpoint is written to OUT.partial and renamed when complete.
 
 Example (then export it like a downloaded checkpoint):
@@ -183,6 +183,10 @@ Example (then export it like a downloaded checkpoint):
     p.add_argument("--layout", choices=["hf"], default="hf",
                    help="hf: the Hugging Face LlavaForConditionalGeneration layout of mistral-community/pixtral-12b")
     p.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    p.add_argument("--weight-std", type=float, default=0.02,
+                   help="std of the matrices and biases (default 0.02, transformers' initializer_range). At 0.02 a "
+                        "random model's greedy output is one token repeated; tests use a larger std (models/ci: 0.06) "
+                        "so tokens vary and top-1/top-2 logit gaps stay clear of rounding noise")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB, as the real repo)")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory (created; must be empty)")
 
