@@ -485,16 +485,23 @@ def export_graphs(model, out_dir: str, dtype: torch.dtype, attention: str = "eag
                   external_threshold: int | None = None) -> dict:
     """Writes the three graphs into out_dir; returns the manifest's "graphs" section.
 
-    release=True consumes the model to keep peak memory near one copy of the weights: its Linear layers are
-    replaced by pre-transposed ones (same graphs; see _TransposedLinear), and the vision tower, projector and token
-    embeddings are dropped from it once their graphs are written, before the decoder (the largest) is traced.
-    Only the config stays usable afterwards.
+    release=True consumes the model to keep peak memory near one copy of the weights: the token embeddings are
+    written first and dropped (before the LM head's transposition needs its transient copy), the Linear layers are
+    replaced by pre-transposed ones (same graphs; see _TransposedLinear), and the vision tower and projector are
+    dropped once their graph is written, before the decoder (the largest) is traced. Only the config stays usable
+    afterwards.
     """
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention {attention!r}: expected one of {ATTENTION_KINDS}")
     import gc
 
+    path = os.path.join(out_dir, "embed_tokens.onnx")
+    proto, ext, digest = write_embed_tokens(model.get_input_embeddings().weight, path, external_threshold)
+    embed_entry = graph_entry(path, proto, ext, digest)
+    del proto
     if release:
+        model.model.language_model.embed_tokens = None
+        gc.collect()
         transpose_linears(model)
         gc.collect()
     cfg = model.config
@@ -522,13 +529,7 @@ def export_graphs(model, out_dir: str, dtype: torch.dtype, attention: str = "eag
         model.model.multi_modal_projector = None
         gc.collect()
 
-    path = os.path.join(out_dir, "embed_tokens.onnx")
-    proto, ext, digest = write_embed_tokens(model.get_input_embeddings().weight, path, external_threshold)
-    graphs["embed_tokens"] = graph_entry(path, proto, ext, digest)
-    del proto
-    if release:
-        model.model.language_model.embed_tokens = None
-        gc.collect()
+    graphs["embed_tokens"] = embed_entry
 
     # Decoder: traced with a non-empty past and batch 2 so no axis is specialised to 0 or 1.
     batch, seq, past_len = 2, 4, 3
