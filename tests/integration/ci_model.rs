@@ -4,6 +4,8 @@
 //! model cannot show: heads x head_dim != hidden, several query heads per KV head in the engine's cache handling,
 //! and graphs whose weights live beside them.
 
+use pixtract::model::manifest::sha256_file;
+
 use crate::util::{ci_checkpoint, ci_model, export_tool, pixtract, read_json, repo_root, text};
 
 #[test]
@@ -138,4 +140,82 @@ fn doctor_verifies_external_data_hashes() {
         t.contains("decoder_model_merged.onnx_data has sha256"),
         "{t}"
     );
+}
+
+/// Quantizing a model whose float graphs keep external data: the int4 decoder fits in one file, and the manifest must
+/// not keep listing the float decoder's `.onnx_data` (it once did: doctor then failed on a file that is not there).
+#[test]
+fn quantized_ci_model_lists_only_its_own_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("ci-int4");
+    let out = export_tool(&[
+        "quantize",
+        "--model",
+        ci_model().to_str().unwrap(),
+        "--bits",
+        "4",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = read_json(&out_dir.join("pixtract-model.json"));
+    assert_eq!(m["variant"], "int4");
+    assert!(m["graphs"]["decoder"].get("external_data").is_none(), "{m}");
+    assert!(m["graphs"]["embed_tokens"]["external_data"]["file"].is_string());
+    let ok = pixtract(
+        &[
+            "doctor",
+            "--model",
+            out_dir.to_str().unwrap(),
+            "--verify-hashes",
+        ],
+        &[],
+        &repo_root(),
+    );
+    let t = text(&ok);
+    assert!(ok.status.success(), "{t}");
+    assert!(t.contains("sha256 verified"), "{t}");
+}
+
+/// The same seed and arguments write the same checkpoint bytes (the CI checkpoint is rebuilt and compared).
+#[test]
+fn random_checkpoint_is_deterministic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let again = tmp.path().join("ci-checkpoint");
+    let out = export_tool(&[
+        "random-checkpoint",
+        "--like",
+        "pixtral-ci",
+        "--text-layers",
+        "2",
+        "--vision-layers",
+        "2",
+        "--seed",
+        "20241203",
+        "--weight-std",
+        "0.06",
+        "--out",
+        again.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "pixtract-random.json",
+    ] {
+        assert_eq!(
+            sha256_file(&again.join(file)).unwrap(),
+            sha256_file(&ci_checkpoint().join(file)).unwrap(),
+            "{file} differs between two runs with the same seed"
+        );
+    }
 }
