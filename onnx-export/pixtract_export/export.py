@@ -88,7 +88,7 @@ def run_export(args) -> int:
     model, source = load_source(args.checkpoint, args.seed, dtype)
     params = sum(p.numel() for p in model.parameters())
     print(f"loaded {source['model_id']}: {params / 1e6:.1f} M parameters, {args.dtype} ({time.time() - t0:.1f} s; "
-          f"{memory_note()})")
+          f"{memory_note(reset_peak=True)})")
     t1 = time.time()
     # The model is consumed (pre-transposed, parts released as their graphs are written): only its config is used
     # afterwards.

@@ -321,7 +321,7 @@ def _export(module, args, path, input_names, output_names, dynamic_axes, fixed_o
     digest = weights_digest(model, os.path.dirname(path))
     from .model import memory_note
 
-    print(f"  {os.path.basename(path)} written ({memory_note()})", flush=True)
+    print(f"  {os.path.basename(path)} written ({memory_note(reset_peak=True)})", flush=True)
     return model, external, digest
 
 
@@ -477,7 +477,7 @@ def write_embed_tokens(weight: torch.Tensor, path: str, threshold: int | None = 
     digest = weights_digest(model, os.path.dirname(path))
     from .model import memory_note
 
-    print(f"  {os.path.basename(path)} written ({memory_note()})", flush=True)
+    print(f"  {os.path.basename(path)} written ({memory_note(reset_peak=True)})", flush=True)
     return model, external, digest
 
 

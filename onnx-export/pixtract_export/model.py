@@ -101,14 +101,24 @@ def build_tiny_model(seed: int = TINY_SEED):
     return model
 
 
-def memory_note() -> str:
-    """This process's memory now (Linux): resident anonymous + file-backed (mapped safetensors) and the peak so far."""
+def memory_note(reset_peak: bool = False) -> str:
+    """This process's memory now (Linux): resident anonymous + file-backed (mapped safetensors) and the peak since the
+    last reset. reset_peak=True then restarts the peak (writing 5 to /proc/self/clear_refs), so each phase of an
+    export reports its own peak; /usr/bin/time -v still gives the whole run's."""
     try:
         with open("/proc/self/status") as f:
             status = {k: v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
         gb = lambda key: int(status[key].split()[0]) / 1e6  # kB -> GB
-        return (f"RSS {gb('VmRSS'):.2f} GB (anon {gb('RssAnon'):.2f}, file {gb('RssFile'):.2f}), "
+        note = (f"RSS {gb('VmRSS'):.2f} GB (anon {gb('RssAnon'):.2f}, file {gb('RssFile'):.2f}), "
                 f"peak {gb('VmHWM'):.2f} GB")
+        if reset_peak:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                note += " (peak reset)"
+            except OSError:
+                pass
+        return note
     except (OSError, KeyError, ValueError):
         return "memory n/a"
 
