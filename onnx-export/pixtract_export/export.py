@@ -11,7 +11,7 @@ import torch
 from .graphs import export_graphs
 from .manifest import build_manifest, write_manifest
 from .model import (TINY_SEED, ExportError, build_tiny_model, check_free_space, checkpoint_layout, load_checkpoint,
-                    memory_note, write_tokenizer)
+                    memory_note, run_peak_gb, write_tokenizer)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -103,6 +103,8 @@ def run_export(args) -> int:
     if os.path.isdir(final):
         os.rmdir(final)  # empty (checked above)
     os.rename(out, final)
-    print(f"exported 3 graphs ({total / 1e6:.1f} MB) in {time.time() - t1:.1f} s ({memory_note()})")
+    note = memory_note()
+    print(f"exported 3 graphs ({total / 1e6:.1f} MB) in {time.time() - t1:.1f} s ({note}; peak over the whole "
+          f"export {run_peak_gb():.2f} GB)")
     print(f"manifest {os.path.join(final, os.path.basename(path))}\nweights sha256 {manifest['weights_sha256']}")
     return 0
