@@ -163,7 +163,7 @@ def _add_random_checkpoint(sub):
 --like pixtral-12b keeps every width of Pixtral 12B (text hidden 5120, 32 heads / 8 KV heads, head_dim 128, ffn
 14336, vocab 131072, rope_theta 1e9; vision hidden 1024, 16 heads, head_dim 64, ffn 4096, patch 16, image 1024);
 only the layer counts change (the real model has 40 text and 24 vision layers). Sizes at bf16:
-  --text-layers 2 --vision-layers 2    1.95 B parameters, 3.9 GB on disk, ~4 GB of RAM to build
+  --text-layers 2 --vision-layers 2    1.95 B parameters, 3.9 GB on disk, 4.6 GB peak RSS, ~1 min to build
   each further text layer              +0.273 B parameters (+0.55 GB)
 --like pixtral-ci is the CI-sized model with the real geometry (text head_dim 128 with 16 heads / 4 KV heads,
 vision head_dim 64, the real vocabulary) and narrower widths (text hidden 512, vision hidden 256): 0.144 B.
