@@ -99,6 +99,29 @@ if ! current "$dir"; then
   publish "$dir"
 fi
 
+# A CI-sized Pixtral with the real geometry (text head_dim 128, 16 query heads on 4 KV heads as 12B's 32 on 8, vision
+# head_dim 64, the real vocabulary; 0.144 B parameters), exported from a seeded random checkpoint written in the
+# mistral-community/pixtral-12b layout, fp32, with a 64 MiB external-data threshold so embed_tokens and the decoder
+# keep their weights in `<graph>.onnx_data` like the real model's. Reference fixtures from transformers, as the tiny's.
+ckpt=models/ci-checkpoint
+dir=models/ci
+if ! current "$ckpt"; then
+  echo "setup: writing the CI-sized random checkpoint to $ckpt"
+  rm -rf "$ckpt" "$ckpt.partial"
+  .venv/bin/python onnx-export/export.py random-checkpoint --like pixtral-ci --text-layers 2 --vision-layers 2 \
+    --seed 20241203 --weight-std 0.06 --out "$ckpt.partial" >/dev/null
+  publish "$ckpt"
+  rm -rf "$dir"
+fi
+if ! current "$dir"; then
+  echo "setup: exporting the CI-sized model (real head geometry, external data) and its reference fixtures to $dir"
+  rm -rf "$dir.partial"
+  .venv/bin/python onnx-export/export.py export --checkpoint "$ckpt" --external-data-threshold 64MiB \
+    --out "$dir.partial" >/dev/null
+  .venv/bin/python onnx-export/export.py reference --model "$dir.partial" --checkpoint "$ckpt" >/dev/null
+  publish "$dir"
+fi
+
 # fp16 and weight-only quantized variants of the tiny model, each with its fidelity report against models/tiny
 # (fidelity.json; the engine tests compare the Rust engine's tokens with the ones recorded there). fp16 comes
 # before q4f16, which is quantized from it.

@@ -6,6 +6,7 @@ Prints one JSON object; `pixtract bench engine` runs this in the same run and re
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -123,24 +124,15 @@ def hf_batch(model, batch, new_tokens: int):
     return first, max(total - first, 1e-9)
 
 
-def main(argv=None) -> int:
-    import argparse
-
-    if argv and argv[0] == "encode-cases":
-        q = argparse.ArgumentParser(prog="pixtract-export bench encode-cases",
-                                    description="Write reference cases, encoded with mistral-common, to one .npz")
-        q.add_argument("--cases-from", metavar="DIR", required=True)
-        q.add_argument("--cases", required=True, help="comma-separated case names")
-        q.add_argument("--out", metavar="FILE.npz", required=True)
-        a = q.parse_args(argv[1:])
-        save_encoded(a.out, a.cases_from, a.cases.split(","))
-        return 0
-    p = argparse.ArgumentParser(prog="pixtract-export bench", description=__doc__)
-    p.add_argument("--model", required=True)
-    p.add_argument("--cases", required=True, help="comma-separated reference case names, in prompt order")
+def add_parser(sub):
+    """`bench` and `bench encode-cases`: the command lines `pixtract bench engine` runs (src/bench/engine.rs)."""
+    p = sub.add_parser("bench", help="Python references for `pixtract bench engine` (ORT loop, transformers)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model directory (required unless encode-cases)")
+    p.add_argument("--cases", help="comma-separated reference case names, in prompt order")
     p.add_argument("--cases-from", metavar="DIR", help="folder of the reference cases (default: <model>/reference)")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--batch", type=int, action="append", required=True)
+    p.add_argument("--batch", type=int, action="append", help="batch size (repeatable; at least one)")
     p.add_argument("--repeat", type=int, default=2, help="runs per measurement; the fastest is kept")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--spin", type=int, choices=(0, 1), default=1,
@@ -150,7 +142,24 @@ def main(argv=None) -> int:
     p.add_argument("--encoded", metavar="FILE.npz",
                    help="prompts already encoded by `encode-cases` (ids and pixel arrays), instead of encoding the "
                         "reference cases with mistral-common here (for a machine without it)")
-    args = p.parse_args(argv)
+    nested = p.add_subparsers(dest="bench_command", metavar="encode-cases")
+    q = nested.add_parser("encode-cases", help="write reference cases, encoded with mistral-common, to one .npz",
+                          description="Write reference cases, encoded with mistral-common, to one .npz")
+    q.add_argument("--cases-from", metavar="DIR", required=True)
+    q.add_argument("--cases", required=True, help="comma-separated case names")
+    q.add_argument("--out", metavar="FILE.npz", required=True)
+    p.set_defaults(bench_parser=p)
+    return p
+
+
+def run(args) -> int:
+    if args.bench_command == "encode-cases":
+        save_encoded(args.out, args.cases_from, args.cases.split(","))
+        return 0
+    missing = [flag for flag, value in (("--model", args.model), ("--cases", args.cases), ("--batch", args.batch))
+               if not value]
+    if missing:
+        args.bench_parser.error(f"the following arguments are required: {', '.join(missing)}")
     torch.set_num_threads(os.cpu_count() or 1)
     if args.encoded:
         cases = load_encoded(args.encoded, args.cases.split(","))

@@ -1,4 +1,5 @@
-"""Command line of pixtract-export: `export`, `verify`, `reference`."""
+"""Command line of pixtract-export: export, verify, reference, quantize, fidelity, sizes, random-checkpoint, and
+the two Python references pixtract's benchmarks run (bench, pipeline-reference)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ runtime needs. Never touches the network: the checkpoint must already be on disk
   sizes [--checkpoint DIR]                           weight bytes per variant (default: Pixtral 12B's config)
   verify --model DIR                                 ONNX Runtime vs torch parity + greedy vs generate()
   reference --model DIR                              fixtures the Rust tests compare against
+  random-checkpoint --like pixtral-12b --text-layers N --vision-layers M --out DIR
+                                                     seeded random checkpoint with the real widths (HF layout)
 """
 
 
@@ -34,8 +37,9 @@ def _add_export(sub):
     src.add_argument("--tiny", action="store_true", help="build the tiny seeded random Pixtral instead (8.6 M params)")
     p.add_argument("--out", required=True, metavar="DIR", help="output model directory (created; must be empty)")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
-                   help="weights and activations; logits are always fp32 (default: fp32). fp16 is for the CUDA "
-                        "provider: ONNX Runtime's CPU provider lacks fp16 kernels for parts of these graphs")
+                   help="weights and activations; logits are always fp32 (default: fp32). fp16 halves the weights "
+                        "and runs on ONNX Runtime's CPU provider as well as on CUDA (the tiny fp16 model's fidelity "
+                        "and engine tests run on the CPU); the dtype for GPUs")
     p.add_argument("--seed", type=int, default=None, help="seed of the tiny model's weights (default: 20240911)")
     p.add_argument("--attention", choices=list(ATTENTION_KINDS), default="eager",
                    help="decoder attention. eager (default): transformers' attention, left-padded batches, the KV "
@@ -43,11 +47,26 @@ def _add_export(sub):
                         "GroupQueryAttention: rows keep their own lengths (no attention over padding) and pixtract "
                         "writes the cache in place (one buffer bound as past and present); pixtract runs gqa "
                         "exports on the CPU only (use eager, with --dtype fp16, for CUDA)")
+    p.add_argument("--external-data-threshold", type=_bytes, default=None, metavar="BYTES",
+                   help="a graph with more weight bytes than this keeps them in one `<graph>.onnx_data` file beside "
+                        "it (default 1GiB; protobuf caps a single file at 2 GB). Accepts 64MiB, 1GiB, ...: tests set "
+                        "it low to exercise external data on a small model")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="after exporting, quantize the decoder's MatMul weights with ONNX Runtime's MatMulNBits "
                         "(weight-only; with --dtype fp16 this gives q8f16 / q4f16). Same as running `quantize` "
                         "on the export")
     _add_quant_options(p)
+
+
+def _bytes(text: str) -> int:
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    low = text.strip().lower()
+    for unit, factor in units.items():
+        if low.endswith(unit) and low[: -len(unit)].strip().isdigit():
+            return int(low[: -len(unit)]) * factor
+    if low.isdigit():
+        return int(low)
+    raise argparse.ArgumentTypeError(f"{text!r}: expected bytes such as 67108864, 64MiB or 1GiB")
 
 
 def _add_quant_options(p):
@@ -133,6 +152,45 @@ def _add_reference(sub):
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per case (default 32)")
 
 
+def _add_random_checkpoint(sub):
+    p = sub.add_parser(
+        "random-checkpoint", help="seeded random Pixtral checkpoint with real widths and few layers",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write a seeded random Pixtral checkpoint on disk, laid out like mistral-community/pixtral-12b "
+                    "(config.json, sharded bf16 safetensors + index, tokenizer.json), to exercise `export` at the "
+                    "real model's widths without downloading it.",
+        epilog="""\
+--like pixtral-12b keeps every width of Pixtral 12B (text hidden 5120, 32 heads / 8 KV heads, head_dim 128, ffn
+14336, vocab 131072, rope_theta 1e9; vision hidden 1024, 16 heads, head_dim 64, ffn 4096, patch 16, image 1024);
+only the layer counts change (the real model has 40 text and 24 vision layers). Sizes at bf16:
+  --text-layers 2 --vision-layers 2    1.95 B parameters, 3.9 GB on disk, 4.6 GB peak RSS, ~1 min to build
+  each further text layer              +0.273 B parameters (+0.55 GB)
+--like pixtral-ci is the CI-sized model with the real geometry (text head_dim 128 with 16 heads / 4 KV heads,
+vision head_dim 64, the real vocabulary) and narrower widths (text hidden 512, vision hidden 256): 0.144 B.
+
+The weights are drawn from one generator seeded with --seed, parameter by parameter in name order (matrices and
+biases N(0, --weight-std), norm gains N(1, 0.1)), directly in bf16 on a meta-built model: the same seed and versions give
+the same bytes. The checkpoint is written to OUT.partial and renamed when complete.
+
+Example (then export it like a downloaded checkpoint):
+  export.py random-checkpoint --like pixtral-12b --text-layers 2 --vision-layers 2 --seed 1 --out ckpt/wide
+  export.py export --checkpoint ckpt/wide --dtype fp16 --out models/wide-fp16
+""")
+    p.add_argument("--like", default="pixtral-12b", choices=["pixtral-12b", "pixtral-ci"],
+                   help="whose widths to copy (default: pixtral-12b)")
+    p.add_argument("--text-layers", type=int, required=True, metavar="N", help="decoder layers (12B has 40)")
+    p.add_argument("--vision-layers", type=int, required=True, metavar="M", help="vision layers (12B has 24)")
+    p.add_argument("--layout", choices=["hf"], default="hf",
+                   help="hf: the Hugging Face LlavaForConditionalGeneration layout of mistral-community/pixtral-12b")
+    p.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    p.add_argument("--weight-std", type=float, default=0.02,
+                   help="std of the matrices and biases (default 0.02, transformers' initializer_range). At 0.02 a "
+                        "random model's greedy output is one token repeated; tests use a larger std (models/ci: 0.06) "
+                        "so tokens vary and top-1/top-2 logit gaps stay clear of rounding noise")
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB, as the real repo)")
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory (created; must be empty)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pixtract-export", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,22 +201,17 @@ def main(argv=None) -> int:
     _add_quantize(sub)
     _add_fidelity(sub)
     _add_sizes(sub)
-    sub.add_parser("bench", help="Python references for `pixtract bench engine` (ORT loop, transformers)",
-                   add_help=False)
-    sub.add_parser("pipeline-reference", help="Python reference pipeline for `pixtract bench pipeline` "
-                   "(pypdfium2, transformers generate, pyarrow)", add_help=False)
-    if argv is None:
-        argv = sys.argv[1:]
-    if argv[:1] == ["bench"]:
-        from .bench import main as bench_main
+    _add_random_checkpoint(sub)
+    from . import bench, refpipe
 
-        return bench_main(argv[1:])
-    if argv[:1] == ["pipeline-reference"]:
-        from .refpipe import main as refpipe_main
-
-        return refpipe_main(argv[1:])
-    args = parser.parse_args(argv)
+    bench.add_parser(sub)
+    refpipe.add_parser(sub)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        if args.command == "bench":
+            return bench.run(args)
+        if args.command == "pipeline-reference":
+            return refpipe.run(args)
         if args.command == "export":
             from .export import run_export
 
@@ -175,6 +228,10 @@ def main(argv=None) -> int:
             from .fidelity import run_fidelity
 
             return run_fidelity(args)
+        if args.command == "random-checkpoint":
+            from .checkpoint import run_random_checkpoint
+
+            return run_random_checkpoint(args)
         if args.command == "sizes":
             from .sizes import run_sizes
 

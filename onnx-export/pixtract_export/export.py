@@ -8,8 +8,10 @@ import time
 
 import torch
 
-from .graphs import build_manifest, export_graphs, write_manifest
-from .model import TINY_SEED, ExportError, build_tiny_model, load_checkpoint, write_tokenizer
+from .graphs import export_graphs
+from .manifest import build_manifest, write_manifest
+from .model import (TINY_SEED, ExportError, build_tiny_model, check_free_space, checkpoint_layout, load_checkpoint,
+                    memory_note, run_peak_gb, write_tokenizer)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -37,8 +39,19 @@ def model_from_manifest(manifest: dict, checkpoint: str | None, dtype=torch.floa
     raise ExportError(f"the manifest's checkpoint {src.get('path')!r} is not here: pass --checkpoint DIR")
 
 
+def _parameter_count(checkpoint: str | None) -> int:
+    """Parameters of the model about to be exported, from its config alone (meta device, no weights read)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from .sizes import _config
+
+    config, _ = _config(checkpoint, tiny=not checkpoint)
+    with torch.device("meta"):
+        return sum(p.numel() for p in LlavaForConditionalGeneration(config).parameters())
+
+
 def run_export(args) -> int:
-    out = args.out
+    out = os.path.normpath(args.out)
     if os.path.isdir(out) and os.listdir(out):
         raise ExportError(f"{out} exists and is not empty; choose a new --out (nothing was overwritten)")
     if args.quantize:
@@ -56,20 +69,42 @@ def run_export(args) -> int:
             return run_quantize(args)
         finally:
             shutil.rmtree(float_dir, ignore_errors=True)
-    os.makedirs(out, exist_ok=True)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.checkpoint:
+        checkpoint_layout(args.checkpoint)  # one clear line when the folder is not a checkpoint
     dtype = DTYPES[args.dtype]
+    # The graphs hold every parameter once in the export dtype; 10% for the graph structure and alignment.
+    need = int(_parameter_count(args.checkpoint) * torch.finfo(dtype).bits // 8 * 1.1)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    check_free_space(parent, need, "export")
+    # Written under OUT.partial and renamed when complete: an interrupted export never leaves a model under OUT.
+    final, out = out, out + ".partial"
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
     model, source = load_source(args.checkpoint, args.seed, dtype)
     params = sum(p.numel() for p in model.parameters())
-    print(f"loaded {source['model_id']}: {params / 1e6:.1f} M parameters, {args.dtype} ({time.time() - t0:.1f} s)")
+    print(f"loaded {source['model_id']}: {params / 1e6:.1f} M parameters, {args.dtype} ({time.time() - t0:.1f} s; "
+          f"{memory_note(reset_peak=True)})")
     t1 = time.time()
-    graphs = export_graphs(model, out, dtype, args.attention)
+    # The model is consumed (pre-transposed, parts released as their graphs are written): only its config is used
+    # afterwards.
+    graphs = export_graphs(model, out, dtype, args.attention, release=True,
+                           external_threshold=getattr(args, "external_data_threshold", None))
     tokenizer = write_tokenizer(out, args.checkpoint)
     source["parameters"] = params
     manifest = build_manifest(model, graphs, tokenizer, args.dtype, source)
     path = write_manifest(out, manifest)
     total = sum(g["bytes"] + g.get("external_data", {}).get("bytes", 0) for g in graphs.values())
-    print(f"exported 3 graphs ({total / 1e6:.1f} MB) in {time.time() - t1:.1f} s")
-    print(f"manifest {path}\nweights sha256 {manifest['weights_sha256']}")
+    del model
+    if os.path.isdir(final):
+        os.rmdir(final)  # empty (checked above)
+    os.rename(out, final)
+    note = memory_note()
+    print(f"exported 3 graphs ({total / 1e6:.1f} MB) in {time.time() - t1:.1f} s ({note}; peak over the whole "
+          f"export {run_peak_gb():.2f} GB)")
+    print(f"manifest {os.path.join(final, os.path.basename(path))}\nweights sha256 {manifest['weights_sha256']}")
     return 0

@@ -1,4 +1,4 @@
-"""The three ONNX graphs pixtract runs, and the manifest that describes them.
+"""The three ONNX graphs pixtract runs (the manifest describing them is manifest.py).
 
 Names follow transformers.js / onnx-community exports so other tools recognise them:
   vision_encoder.onnx        pixel_values [1,3,H,W] (H, W multiples of the patch size) -> image_features [N, text_hidden]
@@ -9,8 +9,6 @@ Names follow transformers.js / onnx-community exports so other tools recognise t
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 
 import onnx
@@ -18,7 +16,7 @@ import torch
 from torch import nn
 
 from . import ATTENTION_KINDS, __version__
-from .model import IMAGE_MEAN, IMAGE_STD, sha256_file
+from .manifest import graph_entry, tensor_nbytes, weights_digest
 
 OPSET = 17
 # Above this many bytes of weights a graph keeps its tensors in a side file (protobuf caps a file at 2 GB).
@@ -280,8 +278,14 @@ class GroupQueryDecoder(nn.Module):
 
 
 
-def _export(module, args, path, input_names, output_names, dynamic_axes, fixed_output_dims=None, custom_opsets=None):
-    """Traces module to ONNX at path; weights go to `<file>_data` beside it when they are too large for one file."""
+def _export(module, args, path, input_names, output_names, dynamic_axes, fixed_output_dims=None, custom_opsets=None,
+            threshold=None):
+    """Traces module to ONNX at path; weights go to `<file>_data` beside it when they are too large for one file.
+
+    Returns (graph proto, external, weights digest). With external data the returned proto's initializers point
+    into `<file>_data` (no weight bytes held in memory): the weights are moved tensor by tensor from the
+    exporter's scratch files into the one data file, so a graph of several GB is never held twice.
+    """
     import shutil
     import tempfile
 
@@ -302,60 +306,208 @@ def _export(module, args, path, input_names, output_names, dynamic_axes, fixed_o
                 dynamo=False,
                 custom_opsets=custom_opsets,
             )
-        model = onnx.load(raw, load_external_data=True)
+        model = onnx.load(raw, load_external_data=False)
+        model.producer_name = "pixtract-export"
+        model.producer_version = __version__
+        # Shape inference loses static sizes through some slices (e.g. logits[:, -1:] becomes "Castlogits_dim_1"):
+        # restate what the wrapper guarantees so the manifest and ONNX Runtime report it.
+        for (out_name, axis), size in (fixed_output_dims or {}).items():
+            for out in model.graph.output:
+                if out.name == out_name:
+                    out.type.tensor_type.shape.dim[axis].dim_value = size
+        external = save_graph(model, path, source_dir=scratch, threshold=threshold)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    model.producer_name = "pixtract-export"
-    model.producer_version = __version__
-    # Shape inference loses static sizes through some slices (e.g. logits[:, -1:] becomes "Castlogits_dim_1"):
-    # restate what the wrapper guarantees so the manifest and ONNX Runtime report it.
-    for (out_name, axis), size in (fixed_output_dims or {}).items():
-        for out in model.graph.output:
-            if out.name == out_name:
-                out.type.tensor_type.shape.dim[axis].dim_value = size
-    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-    external = weight_bytes > EXTERNAL_DATA_THRESHOLD
-    if external:
-        onnx.save_model(
-            model,
-            path,
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=os.path.basename(path) + "_data",
-            size_threshold=1024,
-        )
-    else:
-        onnx.save_model(model, path)
-    return model, external
+    digest = weights_digest(model, os.path.dirname(path))
+    from .model import memory_note
+
+    print(f"  {os.path.basename(path)} written ({memory_note(reset_peak=True)})", flush=True)
+    return model, external, digest
 
 
-def weights_digest(model: onnx.ModelProto) -> str:
-    """sha256 over the graph's initializers (name, type, dims, bytes) in name order: equal weights, equal digest."""
+# Initializers of at least this many bytes go to the data file (smaller ones stay inline, as onnx.save does).
+EXTERNAL_MIN_TENSOR_BYTES = 1024
+# Offsets of tensors of at least 1 MiB in the data file are multiples of this, so ONNX Runtime can map them.
+EXTERNAL_ALIGN = 64 * 1024
+
+
+def _is_external(t: onnx.TensorProto) -> bool:
+    return t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _tensor_bytes(t: onnx.TensorProto, base_dir: str) -> bytes:
+    """The raw little-endian bytes of one initializer, read from its external file when it has one."""
+    if _is_external(t):
+        info = {e.key: e.value for e in t.external_data}
+        with open(os.path.join(base_dir, info["location"]), "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            length = int(info["length"]) if "length" in info else -1
+            return f.read(length)
+    if t.HasField("raw_data"):
+        return t.raw_data
     from onnx import numpy_helper
 
-    h = hashlib.sha256()
-    for init in sorted(model.graph.initializer, key=lambda t: t.name):
-        arr = numpy_helper.to_array(init)
-        h.update(init.name.encode())
-        h.update(str(arr.dtype).encode())
-        h.update(str(list(arr.shape)).encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
+    return numpy_helper.to_array(t).tobytes()
 
 
-def _io(values):
-    out = []
-    for v in values:
-        t = v.type.tensor_type
-        dims = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
-        out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims})
-    return out
+def save_graph(model: onnx.ModelProto, path: str, source_dir: str | None = None,
+               threshold: int | None = None) -> bool:
+    """Writes model to path; returns whether its weights went to `<file>_data`.
+
+    Initializers may still live in files under source_dir (an exporter's scratch output, or the model directory
+    a graph was loaded from with load_external_data=False). Above `threshold` bytes of weights (default
+    EXTERNAL_DATA_THRESHOLD) every initializer of >= 1 KiB is copied, one at a time, into a single data file and
+    the proto keeps only references: the proto written stays far below protobuf's 2 GB limit and the weights are
+    never all in memory. Below it, the weights are read back inline and the graph is one file.
+    """
+    threshold = EXTERNAL_DATA_THRESHOLD if threshold is None else threshold
+    inits = model.graph.initializer
+    weight_bytes = sum(tensor_nbytes(t) for t in inits)
+    external = weight_bytes > threshold
+    if not external:
+        for t in inits:
+            if _is_external(t):
+                t.raw_data = _tensor_bytes(t, source_dir or "")
+                del t.external_data[:]
+                t.data_location = onnx.TensorProto.DEFAULT
+        onnx.save_model(model, path)
+        return False
+    location = os.path.basename(path) + "_data"
+    data_path = os.path.join(os.path.dirname(path), location)
+    if source_dir and os.path.abspath(os.path.join(source_dir, location)) == os.path.abspath(data_path):
+        raise ValueError(f"save_graph: {data_path} would overwrite the data it is read from")
+    with open(data_path, "wb") as data:
+        for t in inits:
+            if tensor_nbytes(t) < EXTERNAL_MIN_TENSOR_BYTES:
+                if _is_external(t):
+                    t.raw_data = _tensor_bytes(t, source_dir or "")
+                    del t.external_data[:]
+                    t.data_location = onnx.TensorProto.DEFAULT
+                continue
+            blob = _tensor_bytes(t, source_dir or "")
+            if len(blob) >= (1 << 20):
+                pad = (-data.tell()) % EXTERNAL_ALIGN
+                data.write(b"\0" * pad)
+            offset = data.tell()
+            data.write(blob)
+            del blob
+            t.ClearField("raw_data")
+            for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+                t.ClearField(field)
+            del t.external_data[:]
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(tensor_nbytes(t)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            t.data_location = onnx.TensorProto.EXTERNAL
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    return True
 
 
-def export_graphs(model, out_dir: str, dtype: torch.dtype, attention: str = "eager") -> dict:
-    """Writes the three graphs into out_dir; returns the manifest's "graphs" section."""
+class _TransposedLinear(nn.Module):
+    """nn.Linear with its weight stored already transposed ([in, out]): `x @ weight_t (+ bias)`.
+
+    The TorchScript exporter writes nn.Linear on 3-D inputs as MatMul(x, Transpose(W)) and constant folding then
+    materialises W^T as a new initializer while W is still held by torch: during the export every Linear weight
+    existed twice. Transposed beforehand, the graph is the same MatMul (+ Add) on an [in, out] constant, with no
+    folding copy, and the initializer keeps the parameter's name.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x):
+        y = torch.matmul(x, self.weight_t)
+        return y if self.bias is None else y + self.bias
+
+
+def transpose_linears(root: nn.Module):
+    """Replaces every nn.Linear under root by a _TransposedLinear, one at a time (peak: one extra weight).
+
+    Works from the Linear modules' names: a list of the modules themselves would keep every replaced weight alive
+    until the end (a second copy of all of them: +3.5 GB for the 4-layer wide decoder).
+    """
+    names = [name for name, module in root.named_modules() if isinstance(module, nn.Linear)]
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, attr, _TransposedLinear(getattr(parent, attr)))
+
+
+def write_embed_tokens(weight: torch.Tensor, path: str, threshold: int | None = None):
+    """embed_tokens.onnx written directly: one Gather(embed.weight, input_ids), the graph the TorchScript exporter
+    gives for nn.Embedding (same names, opset, IR version), without tracing.
+
+    Traced, the table (131072 x 5120: 1.3 GB in fp16) was serialized in memory and parsed back, about three copies
+    at once; here its bytes go from the torch tensor straight to the file (or inline below the threshold).
+    Returns (proto, external, weights digest) like _export.
+    """
+    from onnx import TensorProto, helper
+
+    weight = weight.detach().contiguous()
+    elem = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16}[weight.dtype]
+    vocab, hidden = weight.shape
+    table = onnx.TensorProto(name="embed.weight", data_type=elem, dims=[vocab, hidden])
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["embed.weight", "input_ids"], ["inputs_embeds"], name="/embed/Gather")],
+        "main_graph",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("inputs_embeds", elem, ["batch", "sequence", hidden])],
+        [table],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8,
+                              producer_name="pixtract-export", producer_version=__version__)
+    table = model.graph.initializer[0]
+    view = weight.view(torch.uint8) if weight.dtype == torch.float16 else weight
+    raw = memoryview(view.numpy()).cast("B")
+    threshold = EXTERNAL_DATA_THRESHOLD if threshold is None else threshold
+    if len(raw) > threshold:
+        location = os.path.basename(path) + "_data"
+        with open(os.path.join(os.path.dirname(path), location), "wb") as f:
+            f.write(raw)
+        for key, value in (("location", location), ("offset", "0"), ("length", str(len(raw)))):
+            entry = table.external_data.add()
+            entry.key, entry.value = key, value
+        table.data_location = TensorProto.EXTERNAL
+        external = True
+    else:
+        table.raw_data = raw.tobytes()
+        external = False
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    digest = weights_digest(model, os.path.dirname(path))
+    from .model import memory_note
+
+    print(f"  {os.path.basename(path)} written ({memory_note(reset_peak=True)})", flush=True)
+    return model, external, digest
+
+
+def export_graphs(model, out_dir: str, dtype: torch.dtype, attention: str = "eager", release: bool = False,
+                  external_threshold: int | None = None) -> dict:
+    """Writes the three graphs into out_dir; returns the manifest's "graphs" section.
+
+    release=True consumes the model to keep peak memory near one copy of the weights: the token embeddings are
+    written first and dropped (before the LM head's transposition needs its transient copy), the Linear layers are
+    replaced by pre-transposed ones (same graphs; see _TransposedLinear), and the vision tower and projector are
+    dropped once their graph is written, before the decoder (the largest) is traced. Only the config stays usable
+    afterwards.
+    """
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention {attention!r}: expected one of {ATTENTION_KINDS}")
+    import gc
+
+    path = os.path.join(out_dir, "embed_tokens.onnx")
+    proto, ext, digest = write_embed_tokens(model.get_input_embeddings().weight, path, external_threshold)
+    embed_entry = graph_entry(path, proto, ext, digest)
+    del proto
+    if release:
+        model.model.language_model.embed_tokens = None
+        gc.collect()
+        transpose_linears(model)
+        gc.collect()
     cfg = model.config
     tcfg, vcfg = cfg.text_config, cfg.vision_config
     layers = tcfg.num_hidden_layers
@@ -369,21 +521,19 @@ def export_graphs(model, out_dir: str, dtype: torch.dtype, attention: str = "eag
     pixel = torch.randn(1, 3, 3 * patch, 5 * patch, dtype=dtype)
     path = os.path.join(out_dir, "vision_encoder.onnx")
     with _UseAttention(model.model.vision_tower.config, VISION_ATTENTION, vision_attention):
-        proto, ext = _export(
+        proto, ext, digest = _export(
             vision, (pixel,), path, ["pixel_values"], ["image_features"],
             {"pixel_values": {2: "height", 3: "width"}, "image_features": {0: "num_patches"}},
-            custom_opsets={"com.microsoft": 1},
+            custom_opsets={"com.microsoft": 1}, threshold=external_threshold,
         )
-    graphs["vision_encoder"] = _graph_entry(path, proto, ext)
+    graphs["vision_encoder"] = graph_entry(path, proto, ext, digest)
+    del vision, proto
+    if release:
+        model.model.vision_tower = None
+        model.model.multi_modal_projector = None
+        gc.collect()
 
-    embed = EmbedTokens(model)
-    ids = torch.tensor([[1, 3, 10, 12, 4]], dtype=torch.int64)
-    path = os.path.join(out_dir, "embed_tokens.onnx")
-    proto, ext = _export(
-        embed, (ids,), path, ["input_ids"], ["inputs_embeds"],
-        {"input_ids": {0: "batch", 1: "sequence"}, "inputs_embeds": {0: "batch", 1: "sequence"}},
-    )
-    graphs["embed_tokens"] = _graph_entry(path, proto, ext)
+    graphs["embed_tokens"] = embed_entry
 
     # Decoder: traced with a non-empty past and batch 2 so no axis is specialised to 0 or 1.
     batch, seq, past_len = 2, 4, 3
@@ -429,10 +579,11 @@ def export_graphs(model, out_dir: str, dtype: torch.dtype, attention: str = "eag
             axes[oname] = {0: "batch", 2: present_axis}
     path = os.path.join(out_dir, "decoder_model_merged.onnx")
     with _UseAttention(tcfg, GROUPED_ATTENTION, grouped_attention):
-        proto, ext = _export(decoder, (*args, *past), path, input_names, output_names, axes,
+        proto, ext, digest = _export(decoder, (*args, *past), path, input_names, output_names, axes,
                              fixed_output_dims={("logits", 1): 1, ("logits", 2): tcfg.vocab_size},
-                             custom_opsets={"com.microsoft": 1} if attention == "gqa" else None)
-    graphs["decoder"] = _graph_entry(path, proto, ext)
+                             custom_opsets={"com.microsoft": 1} if attention == "gqa" else None,
+                             threshold=external_threshold)
+    graphs["decoder"] = graph_entry(path, proto, ext, digest)
     graphs["decoder"]["logits"] = "last_position"
     # "eager": left-padded batches, attention_mask input, the cache grows by Concat. "gqa": GroupQueryAttention,
     # right-padded rows described by seqlens_k, the cache may be one buffer bound as both past and present.
@@ -442,98 +593,3 @@ def export_graphs(model, out_dir: str, dtype: torch.dtype, attention: str = "eag
     graphs["decoder"]["present_key_template"] = "present.{layer}.key"
     graphs["decoder"]["present_value_template"] = "present.{layer}.value"
     return graphs
-
-
-def _graph_entry(path: str, proto: onnx.ModelProto, external: bool) -> dict:
-    entry = {
-        "file": os.path.basename(path),
-        "bytes": os.path.getsize(path),
-        "sha256": sha256_file(path),
-        "weights_sha256": weights_digest(proto),
-        "inputs": _io(proto.graph.input),
-        "outputs": _io(proto.graph.output),
-    }
-    if external:
-        data = path + "_data"
-        entry["external_data"] = {"file": os.path.basename(data), "bytes": os.path.getsize(data),
-                                  "sha256": sha256_file(data)}
-    return entry
-
-
-def build_manifest(model, graphs: dict, tokenizer_path: str, dtype_name: str, source: dict) -> dict:
-    import mistral_common
-    import onnxruntime
-    import transformers
-
-    cfg = model.config
-    t, v = cfg.text_config, cfg.vision_config
-    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
-    weights = hashlib.sha256("".join(graphs[k]["weights_sha256"] for k in sorted(graphs)).encode()).hexdigest()
-    return {
-        "format": "pixtract-model",
-        "format_version": 1,
-        "model_id": source["model_id"],
-        "source": source,
-        "dtype": dtype_name,
-        # What the weights hold: fp32/fp16 here; `quantize` writes int8/int4/q8f16/q4f16 and a "quantization" record.
-        "variant": dtype_name,
-        "quantization": None,
-        "weights_sha256": weights,
-        "text": {
-            "hidden_size": t.hidden_size,
-            "num_layers": t.num_hidden_layers,
-            "num_attention_heads": t.num_attention_heads,
-            "num_key_value_heads": t.num_key_value_heads,
-            "head_dim": head_dim,
-            "intermediate_size": t.intermediate_size,
-            "vocab_size": t.vocab_size,
-            "rope_theta": float(t.rope_parameters["rope_theta"]) if getattr(t, "rope_parameters", None)
-            else float(t.rope_theta),
-            "rms_norm_eps": t.rms_norm_eps,
-            "max_position_embeddings": t.max_position_embeddings,
-        },
-        "vision": {
-            "hidden_size": v.hidden_size,
-            "num_layers": v.num_hidden_layers,
-            "num_attention_heads": v.num_attention_heads,
-            "head_dim": getattr(v, "head_dim", None) or v.hidden_size // v.num_attention_heads,
-            "intermediate_size": v.intermediate_size,
-            "patch_size": v.patch_size,
-            "image_size": v.image_size,
-        },
-        "image": {
-            "patch_size": v.patch_size,
-            "max_image_size": v.image_size,
-            "rescale": 1.0 / 255.0,
-            "mean": list(IMAGE_MEAN),
-            "std": list(IMAGE_STD),
-            "resize": "mistral-common: long side <= max_image_size (round half to even), "
-                      "4-tap cubic a=-0.75 on f32 (OpenCV INTER_CUBIC)",
-            "background": [255, 255, 255],
-        },
-        "tokens": {
-            "unk": 0, "bos": 1, "eos": 2, "inst": 3, "inst_end": 4, "img": cfg.image_token_index, "pad": 11,
-            "img_break": 12, "img_end": 13, "system_prompt": 17, "system_prompt_end": 18,
-        },
-        "tokenizer": {"file": os.path.basename(tokenizer_path), "sha256": sha256_file(tokenizer_path)},
-        "graphs": graphs,
-        "exporter": {
-            "name": "pixtract-export",
-            "version": __version__,
-            "onnx_exporter": "torchscript",
-            "opset": OPSET,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "mistral_common": mistral_common.__version__,
-        },
-    }
-
-
-def write_manifest(out_dir: str, manifest: dict) -> str:
-    path = os.path.join(out_dir, "pixtract-model.json")
-    with open(path, "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-    return path

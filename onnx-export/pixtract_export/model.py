@@ -14,7 +14,9 @@ IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 TINY_SEED = 20240911
-TINY_WEIGHT_STD = 0.2  # N(0, 0.2) keeps greedy decoding of a random model away from ties (FACTS.md)
+# Weights drawn from N(0, 0.2): with transformers' default 0.02 the tiny model's top logits nearly tie and greedy
+# decoding flips on rounding noise; 0.2 keeps the top-1/top-2 gaps around 0.1-0.5.
+TINY_WEIGHT_STD = 0.2
 
 
 class ExportError(RuntimeError):
@@ -32,7 +34,8 @@ def tekken_path() -> str:
 
 
 def tiny_config():
-    """The tiny Pixtral of FACTS.md: real vocabulary and token ids, toy widths."""
+    """The tiny Pixtral: the real vocabulary, token ids, patch and image size and RoPE thetas; toy widths (text
+    hidden 32, 4 heads / 2 KV heads, head_dim 16; vision hidden 64, head_dim 16, divisible by 4 for the 2D RoPE)."""
     from transformers import LlavaConfig, MistralConfig, PixtralVisionConfig
 
     vision = PixtralVisionConfig(
@@ -98,15 +101,71 @@ def build_tiny_model(seed: int = TINY_SEED):
     return model
 
 
+_RUN_PEAK_GB = 0.0
+
+
+def run_peak_gb() -> float:
+    """The largest peak RSS any memory_note saw (the kernel's own peak, and so /usr/bin/time -v's maximum resident
+    set size, only covers the time since the last reset)."""
+    return _RUN_PEAK_GB
+
+
+def memory_note(reset_peak: bool = False) -> str:
+    """This process's memory now (Linux): resident anonymous + file-backed (mapped safetensors) and the peak since the
+    last reset. reset_peak=True then restarts the peak (writing 5 to /proc/self/clear_refs), so each phase of an
+    export reports its own peak. The reset also restarts the peak that getrusage and /usr/bin/time -v report: the
+    run's peak is the largest phase peak (run_peak_gb)."""
+    global _RUN_PEAK_GB
+    try:
+        with open("/proc/self/status") as f:
+            status = {k: v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
+        gb = lambda key: int(status[key].split()[0]) / 1e6  # kB -> GB
+        _RUN_PEAK_GB = max(_RUN_PEAK_GB, gb("VmHWM"))
+        note = (f"RSS {gb('VmRSS'):.2f} GB (anon {gb('RssAnon'):.2f}, file {gb('RssFile'):.2f}), "
+                f"peak {gb('VmHWM'):.2f} GB")
+        if reset_peak:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                note += " (peak reset)"
+            except OSError:
+                pass
+        return note
+    except (OSError, KeyError, ValueError):
+        return "memory n/a"
+
+
+def check_free_space(folder: str, need: int, what: str):
+    """One clear error line when `folder`'s file system has less than `need` bytes free."""
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise ExportError(f"{what}: {folder} has {free / 1e9:.1f} GB free, about {need / 1e9:.1f} GB is needed "
+                          "(parameters x bytes per value x 1.1); free space or choose another --out")
+
+
+def checkpoint_layout(path: str) -> str:
+    """"hf" for a Hugging Face checkpoint folder (config.json + *.safetensors); otherwise one clear error."""
+    if not os.path.isdir(path):
+        raise ExportError(f"{path}: no such checkpoint directory")
+    names = set(os.listdir(path))
+    has_weights = any(n.endswith(".safetensors") for n in names)
+    if "config.json" in names and has_weights:
+        return "hf"
+    if {"params.json", "consolidated.safetensors"} <= names:
+        raise ExportError(f"{path}: Mistral's consolidated layout (params.json, consolidated.safetensors, "
+                          "tekken.json) is not supported yet; export the Hugging Face layout "
+                          "(mistral-community/pixtral-12b)")
+    missing = [n for n, ok in (("config.json", "config.json" in names), ("*.safetensors", has_weights)) if not ok]
+    raise ExportError(f"{path}: no {' and no '.join(missing)}; expected a Hugging Face LlavaForConditionalGeneration "
+                      "checkpoint (a local copy of mistral-community/pixtral-12b: config.json + model-*.safetensors)")
+
+
 def load_checkpoint(path: str, dtype: torch.dtype):
     """A local mistral-community/pixtral-12b style directory (config.json + safetensors). Never the network."""
     from transformers import LlavaForConditionalGeneration
 
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ExportError(
-            f"{path}: no config.json; expected a Hugging Face LlavaForConditionalGeneration checkpoint directory "
-            "(for example a local copy of mistral-community/pixtral-12b)"
-        )
+    layout = checkpoint_layout(path)
+    print(f"checkpoint {path}: Hugging Face layout ({layout})")
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
     if cfg.get("model_type") != "llava" or cfg.get("vision_config", {}).get("model_type") != "pixtral":
@@ -115,9 +174,22 @@ def load_checkpoint(path: str, dtype: torch.dtype):
             f"{cfg.get('vision_config', {}).get('model_type')!r}; pixtract exports Llava + Pixtral vision only"
         )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Loaded in the dtype the weights are stored in, then cast module by module: asking from_pretrained for another
+    # dtype held the stored copy and the cast copy at once (bf16 -> fp16 of 2.5 B parameters: 10.5 GB peak for 5 GB
+    # of weights). Only parameters are cast, one at a time; buffers (RoPE inverse frequencies, fp32) stay as
+    # from_pretrained(dtype=...) leaves them.
+    stored = cfg.get("dtype") or cfg.get("torch_dtype") or cfg.get("text_config", {}).get("dtype")
+    stored = getattr(torch, stored, None) if isinstance(stored, str) else None
+    if not isinstance(stored, torch.dtype) or not stored.is_floating_point:
+        stored = dtype
     model = LlavaForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, local_files_only=True, attn_implementation="eager"
+        path, dtype=stored, local_files_only=True, attn_implementation="eager"
     )
+    if stored != dtype:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.data = param.data.to(dtype)
+        model.config.dtype = dtype
     model.eval()
     return model
 

@@ -18,13 +18,14 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 
 import onnx
-from onnx import numpy_helper
 
-from .graphs import _graph_entry
+from .graphs import save_graph
+from .manifest import graph_entry
 from .model import ExportError
 
 GRAPH_NAMES = ("vision_encoder", "embed_tokens", "decoder")
@@ -54,28 +55,29 @@ def quantize_graph(src: str, dst: str, bits: int, block_size: int, symmetric: bo
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    # The external data (if any) is read from the source graph's folder. The quantizer works on this proto in place
+    # (no copy): a graph of N GB costs about N GB + the quantized weights, not twice N.
     model = onnx.load(src, load_external_data=True)
     candidates = _constant_matmuls(model)
+    producer = (model.producer_name, model.producer_version)
     quantizer = MatMulNBitsQuantizer(
-        copy.deepcopy(model), bits=bits, block_size=block_size, is_symmetric=symmetric,
+        model, bits=bits, block_size=block_size, is_symmetric=symmetric,
         accuracy_level=accuracy_level, nodes_to_exclude=sorted(exclude),
     )
+    del model
     quantizer.process()
     out = quantizer.model.model
+    del quantizer
     done = {n.name for n in out.graph.node if n.op_type == "MatMulNBits"}
     quantized = [(name, dims) for name, dims in candidates if name not in exclude]
     if len(done) != len(quantized):
         raise ExportError(f"{os.path.basename(src)}: expected {len(quantized)} MatMulNBits nodes, the quantizer "
                           f"produced {len(done)}; refusing to write a half-quantized graph")
-    out.producer_name = model.producer_name
-    out.producer_version = model.producer_version
-    weight_bytes = sum(len(t.raw_data) for t in out.graph.initializer)
-    external = weight_bytes > (1 << 30)
-    if external:
-        onnx.save_model(out, dst, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=os.path.basename(dst) + "_data", size_threshold=1024)
-    else:
-        onnx.save_model(out, dst)
+    out.producer_name, out.producer_version = producer
+    float_parameters = sum(math.prod(t.dims) for t in out.graph.initializer
+                           if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16))
+    # Same rule as the export: above 1 GiB of weights they go to `<file>_data` (protobuf caps a file at 2 GB).
+    external = save_graph(out, dst)
     kept = [name for name, _ in candidates if name in exclude]
     return {
         "proto": out,
@@ -84,8 +86,7 @@ def quantize_graph(src: str, dst: str, bits: int, block_size: int, symmetric: bo
             "quantized_matmuls": len(quantized),
             "quantized_parameters": sum(k * n for _, (k, n) in quantized),
             "kept_matmuls": kept,
-            "float_parameters": sum(int(numpy_helper.to_array(t).size) for t in out.graph.initializer
-                                    if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)),
+            "float_parameters": float_parameters,
         },
     }
 
@@ -130,9 +131,10 @@ def quantize_model_dir(src_dir: str, out_dir: str, bits: int, block_size: int, g
         if name in graphs:
             exclude = {LM_HEAD_NODE} if (keep_lm_head and name == "decoder") else set()
             res = quantize_graph(src, dst, bits, block_size, symmetric, accuracy_level, exclude)
-            fresh = _graph_entry(dst, res["proto"], res["external"])
+            fresh = graph_entry(dst, res["proto"], res["external"])
             for key, value in entry.items():  # keep the decoder's templates and other notes
-                fresh.setdefault(key, value)
+                if key != "external_data":  # the quantized graph has its own (or none: it may fit in one file)
+                    fresh.setdefault(key, value)
             new["graphs"][name] = fresh
             records[name] = res["record"]
         else:

@@ -53,8 +53,10 @@ def _pages(path: str, max_side: int, max_dpi: float | None):
             yield frame.convert("RGB")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="pixtract-export pipeline-reference", description=__doc__)
+def add_parser(sub):
+    """`pipeline-reference`: the command line `pixtract bench pipeline` runs (src/bench/pipeline.rs)."""
+    p = sub.add_parser("pipeline-reference", help="Python reference pipeline for `pixtract bench pipeline` "
+                       "(pypdfium2, transformers generate, pyarrow)", description=__doc__)
     p.add_argument("--source", required=True, help="folder of documents")
     p.add_argument("--model", required=True, help="model directory (its torch model is rebuilt from the manifest)")
     p.add_argument("--out", required=True, help="output folder for the Parquet file")
@@ -63,7 +65,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-side", type=int, default=1024)
     p.add_argument("--max-dpi", type=float, default=None)
     p.add_argument("--suffixes", default=".pdf,.jpg,.jpeg,.png,.tif,.tiff,.webp")
-    args = p.parse_args(argv)
+    return p
+
+
+def run(args) -> int:
 
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -18,11 +18,11 @@ import os
 import sys
 
 import onnx
-from onnx import numpy_helper
 
+from .manifest import tensor_nbytes
 from .model import ExportError
 
-# mistral-community/pixtral-12b config.json (the values FACTS.md lists), used when no checkpoint is given.
+# mistral-community/pixtral-12b config.json, used when no checkpoint is given.
 PIXTRAL_12B = {
     "text": dict(hidden_size=5120, intermediate_size=14336, num_hidden_layers=40, num_attention_heads=32,
                  num_key_value_heads=8, head_dim=128, vocab_size=131072, rope_theta=1e9, rms_norm_eps=1e-5,
@@ -121,9 +121,23 @@ def measured_bytes(model_dir: str) -> dict:
         manifest = json.load(f)
     out = {}
     for graph, entry in manifest["graphs"].items():
-        proto = onnx.load(os.path.join(model_dir, entry["file"]), load_external_data=True)
-        out[graph] = sum(numpy_helper.to_array(t).nbytes for t in proto.graph.initializer)
+        # Sizes from the initializers' dims and types: external data is never read (a 12B decoder is 24 GB).
+        proto = onnx.load(os.path.join(model_dir, entry["file"]), load_external_data=False)
+        out[graph] = sum(tensor_nbytes(t) for t in proto.graph.initializer)
     return manifest, out
+
+
+def files_on_disk(model_dir: str, manifest: dict) -> list[dict]:
+    """Per graph: the bytes the manifest records (graph + external data) against the files' sizes on disk."""
+    rows = []
+    for graph, entry in manifest["graphs"].items():
+        files = [entry["file"]] + ([entry["external_data"]["file"]] if "external_data" in entry else [])
+        recorded = entry["bytes"] + entry.get("external_data", {}).get("bytes", 0)
+        on_disk = sum(os.path.getsize(os.path.join(model_dir, f)) for f in files
+                      if os.path.isfile(os.path.join(model_dir, f)))
+        rows.append({"graph": graph, "files": files, "recorded": recorded, "on_disk": on_disk,
+                     "ok": recorded == on_disk})
+    return rows
 
 
 def run_sizes(args) -> int:
@@ -139,9 +153,13 @@ def run_sizes(args) -> int:
         rows.append({"variant": name, "graphs": per_graph, "weights": weights, "kv_cache": kv,
                      "attention_scores": scores, "min_gpu": weights + kv + scores + RUNTIME_ALLOWANCE})
     checks = []
+    disk = []
     failed = False
     for model_dir in args.model:
         manifest, actual = measured_bytes(model_dir)
+        for row in files_on_disk(model_dir, manifest):
+            failed |= not row["ok"]
+            disk.append({"model": model_dir, "initializers": actual[row["graph"]], **row})
         q = manifest.get("quantization") or {}
         act = 2 if manifest["dtype"] == "fp16" else 4
         computed = graph_bytes(inv, act, q.get("bits"), q.get("block_size", args.block_size),
@@ -154,7 +172,8 @@ def run_sizes(args) -> int:
                            "graph": graph, "computed": computed[graph], "actual": actual[graph], "ok": ok})
     if args.json:
         json.dump({"model": label, "parameters": params, "block_size": args.block_size, "context": args.context,
-                   "runtime_allowance": RUNTIME_ALLOWANCE, "variants": rows, "checks": checks}, sys.stdout, indent=1)
+                   "runtime_allowance": RUNTIME_ALLOWANCE, "variants": rows, "checks": checks,
+                   "files": disk}, sys.stdout, indent=1)
         print()
     else:
         gb, unit = (1e9, "GB") if rows[0]["weights"] >= 1e9 else (1e6, "MB")
@@ -174,7 +193,11 @@ def run_sizes(args) -> int:
         for c in checks:
             print(f"check {c['model']} ({c['variant']}) {c['graph']}: computed {c['computed']:,} bytes, actual "
                   f"initializers {c['actual']:,} ({'ok' if c['ok'] else 'MISMATCH'})")
+        for d in disk:
+            print(f"files {d['model']} {d['graph']}: {' + '.join(d['files'])} = {d['on_disk']:,} bytes on disk, "
+                  f"manifest {d['recorded']:,}, initializers {d['initializers']:,} "
+                  f"({'ok' if d['ok'] else 'MISMATCH'})")
     if failed:
-        print("sizes: the computed bytes do not match an exported model (see MISMATCH above)", file=sys.stderr)
+        print("sizes: the computed bytes or the files on disk do not match an exported model (see MISMATCH above)", file=sys.stderr)
         return 1
     return 0

@@ -20,6 +20,24 @@ pub fn tiny_gqa_model() -> PathBuf {
     setup_model("tiny-gqa")
 }
 
+/// The CI-sized model with Pixtral 12B's head geometry (text head_dim 128, 16 query heads on 4 KV heads; vision
+/// head_dim 64) whose embed_tokens and decoder keep their weights in external data files, exported by
+/// `scripts/setup.sh` from the seeded random checkpoint `models/ci-checkpoint`, with its own reference fixtures.
+pub fn ci_model() -> PathBuf {
+    setup_model("ci")
+}
+
+/// The seeded random checkpoint (mistral-community/pixtral-12b layout) `ci_model()` was exported from.
+pub fn ci_checkpoint() -> PathBuf {
+    let dir = repo_root().join("models").join("ci-checkpoint");
+    assert!(
+        dir.join("config.json").is_file(),
+        "{} has no checkpoint: run `scripts/setup.sh` (or `make test`, which runs it)",
+        dir.display()
+    );
+    dir
+}
+
 /// `models/<name>`, exported by `scripts/setup.sh`; missing is a failure that says how to make it.
 fn setup_model(name: &str) -> PathBuf {
     let dir = repo_root().join("models").join(name);

@@ -115,12 +115,17 @@ fn computed_weight_bytes_match_every_exported_variant() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // 5 models x 3 graphs, each computed == actual.
-    assert_eq!(
-        stdout.lines().filter(|l| l.ends_with("(ok)")).count(),
-        15,
-        "{stdout}"
-    );
+    // 5 models x 3 graphs, each computed == actual, and each graph's files on disk == the manifest's bytes.
+    for kind in ["check ", "files "] {
+        assert_eq!(
+            stdout
+                .lines()
+                .filter(|l| l.starts_with(kind) && l.ends_with("(ok)"))
+                .count(),
+            15,
+            "{stdout}"
+        );
+    }
     assert!(!stdout.contains("MISMATCH"), "{stdout}");
 }
 

@@ -1,0 +1,149 @@
+"""`random-checkpoint`: a seeded random Pixtral with real widths, written like mistral-community/pixtral-12b.
+
+The exporter's behaviour at Pixtral 12B's real widths (external data, memory, the 2 GB protobuf limit, real
+head_dim and query:KV ratio) can be tested without the 25 GB download: keep every width of the published config
+and only cut the number of layers. The model is built on torch's meta device and materialised directly in bf16
+(the checkpoint's dtype), then every parameter is drawn in place from one generator seeded once, in name order:
+no fp32 copy is ever made, so peak memory is about the bf16 weights themselves (2 bytes per parameter).
+
+Layout written (Hugging Face, LlavaForConditionalGeneration):
+  config.json, generation_config.json, model-0000N-of-0000M.safetensors + model.safetensors.index.json (bf16,
+  shards of at most --max-shard-size), tokenizer.json (Tekken converted by transformers' MistralConverter from
+  mistral-common's tekken_240911.json, Pixtral's tokenizer) and tokenizer_config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import torch
+
+from .model import ExportError, check_free_space, tekken_path
+
+# mistral-community/pixtral-12b config.json; layer counts are chosen by the caller.
+PIXTRAL_12B_TEXT = dict(hidden_size=5120, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                        head_dim=128, vocab_size=131072, rope_theta=1e9, rms_norm_eps=1e-5,
+                        max_position_embeddings=1024000, hidden_act="silu", sliding_window=None, bos_token_id=1,
+                        eos_token_id=2, tie_word_embeddings=False)
+PIXTRAL_12B_VISION = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, head_dim=64,
+                          num_channels=3, patch_size=16, image_size=1024, hidden_act="silu", rope_theta=10000.0)
+PIXTRAL_12B_LAYERS = (40, 24)  # text, vision
+
+# A CI-sized Pixtral with the real geometry where it matters to the runtime: text head_dim 128 with 4 query heads per
+# KV head (16:4, as 32:8 in 12B; heads x head_dim = 2048 != hidden 512, as 4096 != 5120 in 12B), vision head_dim 64,
+# the real vocabulary, patch and image size; narrower widths. 144 M parameters, ~0.58 GB in fp32; setup.sh exports
+# it with a lowered --external-data-threshold so its embed_tokens and decoder keep their weights in external data.
+CI_TEXT = dict(PIXTRAL_12B_TEXT, hidden_size=512, intermediate_size=1024, num_attention_heads=16,
+               num_key_value_heads=4, head_dim=128, max_position_embeddings=32768)
+CI_VISION = dict(PIXTRAL_12B_VISION, hidden_size=256, intermediate_size=512, num_attention_heads=4, head_dim=64)
+
+LIKE = {
+    "pixtral-12b": (PIXTRAL_12B_TEXT, PIXTRAL_12B_VISION),
+    "pixtral-ci": (CI_TEXT, CI_VISION),
+}
+WEIGHT_STD = 0.02  # transformers' initializer_range for Mistral/Pixtral
+NORM_STD = 0.1  # RMSNorm / LayerNorm gains drawn around 1
+
+
+def random_config(like: str, text_layers: int, vision_layers: int):
+    from transformers import LlavaConfig, MistralConfig, PixtralVisionConfig
+
+    if like not in LIKE:
+        raise ExportError(f"--like {like!r}: expected one of {', '.join(LIKE)}")
+    if text_layers < 1 or vision_layers < 1:
+        raise ExportError("--text-layers and --vision-layers must be >= 1")
+    text, vision = LIKE[like]
+    return LlavaConfig(
+        vision_config=PixtralVisionConfig(**vision, num_hidden_layers=vision_layers),
+        text_config=MistralConfig(**text, num_hidden_layers=text_layers),
+        image_token_index=10, projector_hidden_act="gelu", vision_feature_layer=-1,
+        vision_feature_select_strategy="full", multimodal_projector_bias=True, tie_word_embeddings=False,
+    )
+
+
+def build_random_model(config, seed: int, dtype=torch.bfloat16, weight_std: float = WEIGHT_STD):
+    """Meta-device model materialised in `dtype`, every parameter drawn in place (name order, one generator)."""
+    from transformers import LlavaForConditionalGeneration
+
+    config._attn_implementation = "eager"
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model = model.to(dtype).to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if param.dim() >= 2 or name.endswith("bias"):
+                param.normal_(0.0, weight_std, generator=gen)
+            else:
+                param.normal_(1.0, NORM_STD, generator=gen)
+    _rebuild_buffers(model)
+    model.eval()
+    return model
+
+
+def _rebuild_buffers(model):
+    """Buffers (the RoPE inverse frequencies, text and 2D vision) were never computed on the meta device, and the
+    bf16 cast would have rounded them: each module holding buffers is rebuilt from its config on the CPU, in the
+    module's own default dtype (fp32), and its buffers are taken over."""
+    for module in model.modules():
+        own = dict(module.named_buffers(recurse=False))
+        if not own:
+            continue
+        config = getattr(module, "config", None)
+        if config is None:
+            raise ExportError(f"random-checkpoint: cannot rebuild the buffers of {type(module).__name__}")
+        fresh = type(module)(config)
+        for name, buf in fresh.named_buffers(recurse=False):
+            setattr(module, name, buf)
+
+
+def write_tokenizer_files(out: str):
+    """tokenizer.json (+ tokenizer_config.json) as the mistral-community repo ships them."""
+    from transformers.integrations.mistral.tokenizer import MistralConverter
+
+    MistralConverter(vocab_file=tekken_path()).converted().save(os.path.join(out, "tokenizer.json"))
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+                   "unk_token": "<unk>", "pad_token": "<pad>", "add_bos_token": False, "add_eos_token": False,
+                   "model_max_length": 1000000000000000019884624838656}, f, indent=2)
+        f.write("\n")
+
+
+def run_random_checkpoint(args) -> int:
+    out = os.path.normpath(args.out)
+    if os.path.isdir(out) and os.listdir(out):
+        raise ExportError(f"{out} exists and is not empty; choose a new --out (nothing was overwritten)")
+    if args.layout != "hf":
+        raise ExportError(f"--layout {args.layout}: only the Hugging Face layout is written")
+    config = random_config(args.like, args.text_layers, args.vision_layers)
+    with torch.device("meta"):
+        from transformers import LlavaForConditionalGeneration
+
+        params = sum(p.numel() for p in LlavaForConditionalGeneration(config).parameters())
+    need = int(params * 2 * 1.1)
+    check_free_space(os.path.dirname(os.path.abspath(out)) or ".", need, "random-checkpoint")
+    partial = out + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    t0 = time.time()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    model = build_random_model(config, args.seed, weight_std=args.weight_std)
+    print(f"built {args.like} widths, {args.text_layers} text + {args.vision_layers} vision layers: "
+          f"{params / 1e9:.3f} B parameters, bf16, seed {args.seed} ({time.time() - t0:.1f} s)")
+    t1 = time.time()
+    model.save_pretrained(partial, max_shard_size=args.max_shard_size, safe_serialization=True)
+    del model
+    write_tokenizer_files(partial)
+    with open(os.path.join(partial, "pixtract-random.json"), "w") as f:
+        json.dump({"like": args.like, "text_layers": args.text_layers, "vision_layers": args.vision_layers,
+                   "seed": args.seed, "parameters": params, "dtype": "bfloat16", "weight_std": args.weight_std,
+                   "norm_std": NORM_STD, "torch": torch.__version__}, f, indent=2)
+        f.write("\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(partial, out)
+    size = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out))
+    print(f"wrote {out}: {size / 1e9:.2f} GB ({time.time() - t1:.1f} s)")
+    return 0

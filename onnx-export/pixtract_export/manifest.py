@@ -1,0 +1,180 @@
+"""pixtract-model.json: the manifest, the contract between the exporter and the Rust runtime.
+
+pixtract reads it (src/model/manifest.rs) to find the graphs and their external data files, check their sha256
+(`pixtract doctor --verify-hashes`), and take every number it needs (widths, token ids, image normalisation)
+without looking at a checkpoint. `format_version` changes when a field pixtract reads changes meaning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .model import IMAGE_MEAN, IMAGE_STD, sha256_file
+
+MANIFEST_FILE = "pixtract-model.json"
+
+
+def tensor_nbytes(t: onnx.TensorProto) -> int:
+    """Bytes of an initializer's values from its dims and type (no data is read; sub-byte types rounded up)."""
+    count = 1
+    for d in t.dims:
+        count *= d
+    bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(t.data_type)
+    if bits:
+        return (count * bits + 7) // 8
+    return count * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def weights_digest(model: onnx.ModelProto, base_dir: str = "") -> str:
+    """sha256 over the graph's initializers (name, type, dims, bytes) in name order: equal weights, equal digest.
+
+    Initializers stored as external data are hashed straight from their file under base_dir (the graph file's
+    folder) in 16 MiB reads: a 1.3 GB LM head is never materialised (numpy_helper.to_array + tobytes held it twice).
+    """
+    from onnx import numpy_helper
+
+    h = hashlib.sha256()
+    for init in sorted(model.graph.initializer, key=lambda t: t.name):
+        external = init.HasField("data_location") and init.data_location == onnx.TensorProto.EXTERNAL
+        if external and init.data_type not in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            info = {e.key: e.value for e in init.external_data}
+            h.update(init.name.encode())
+            h.update(str(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).encode())
+            h.update(str(list(init.dims)).encode())
+            remaining = tensor_nbytes(init)
+            with open(os.path.join(base_dir, info["location"]), "rb") as f:
+                f.seek(int(info.get("offset", 0)))
+                while remaining:
+                    chunk = f.read(min(remaining, 16 << 20))
+                    if not chunk:
+                        raise ValueError(f"{info['location']}: ends inside initializer {init.name}")
+                    h.update(chunk)
+                    remaining -= len(chunk)
+            continue
+        arr = numpy_helper.to_array(init, base_dir)
+        h.update(init.name.encode())
+        h.update(str(arr.dtype).encode())
+        h.update(str(list(arr.shape)).encode())
+        h.update(memoryview(arr.reshape(-1).view(np.uint8)) if arr.flags.c_contiguous and arr.dtype != object
+                 else arr.tobytes())
+        del arr
+    return h.hexdigest()
+
+
+def _io(values):
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        dims = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+        out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims})
+    return out
+
+
+def graph_entry(path: str, proto: onnx.ModelProto, external: bool, digest: str | None = None) -> dict:
+    """The manifest's record of one written graph: its file, its external data file (when it has one), hashes."""
+    entry = {
+        "file": os.path.basename(path),
+        "bytes": os.path.getsize(path),
+        "sha256": sha256_file(path),
+        "weights_sha256": digest or weights_digest(proto, os.path.dirname(path)),
+        "inputs": _io(proto.graph.input),
+        "outputs": _io(proto.graph.output),
+    }
+    if external:
+        data = path + "_data"
+        entry["external_data"] = {"file": os.path.basename(data), "bytes": os.path.getsize(data),
+                                  "sha256": sha256_file(data)}
+    return entry
+
+
+def build_manifest(model, graphs: dict, tokenizer_path: str, dtype_name: str, source: dict) -> dict:
+    import mistral_common
+    import onnxruntime
+    import torch
+    import transformers
+
+    from .graphs import OPSET
+
+    cfg = model.config
+    t, v = cfg.text_config, cfg.vision_config
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    weights = hashlib.sha256("".join(graphs[k]["weights_sha256"] for k in sorted(graphs)).encode()).hexdigest()
+    return {
+        "format": "pixtract-model",
+        "format_version": 1,
+        "model_id": source["model_id"],
+        "source": source,
+        "dtype": dtype_name,
+        # What the weights hold: fp32/fp16 here; `quantize` writes int8/int4/q8f16/q4f16 and a "quantization" record.
+        "variant": dtype_name,
+        "quantization": None,
+        "weights_sha256": weights,
+        "text": {
+            "hidden_size": t.hidden_size,
+            "num_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads,
+            "head_dim": head_dim,
+            "intermediate_size": t.intermediate_size,
+            "vocab_size": t.vocab_size,
+            "rope_theta": float(t.rope_parameters["rope_theta"]) if getattr(t, "rope_parameters", None)
+            else float(t.rope_theta),
+            "rms_norm_eps": t.rms_norm_eps,
+            "max_position_embeddings": t.max_position_embeddings,
+        },
+        "vision": {
+            "hidden_size": v.hidden_size,
+            "num_layers": v.num_hidden_layers,
+            "num_attention_heads": v.num_attention_heads,
+            "head_dim": getattr(v, "head_dim", None) or v.hidden_size // v.num_attention_heads,
+            "intermediate_size": v.intermediate_size,
+            "patch_size": v.patch_size,
+            "image_size": v.image_size,
+        },
+        "image": {
+            "patch_size": v.patch_size,
+            "max_image_size": v.image_size,
+            "rescale": 1.0 / 255.0,
+            "mean": list(IMAGE_MEAN),
+            "std": list(IMAGE_STD),
+            "resize": "mistral-common: long side <= max_image_size (round half to even), "
+                      "4-tap cubic a=-0.75 on f32 (OpenCV INTER_CUBIC)",
+            "background": [255, 255, 255],
+        },
+        "tokens": {
+            "unk": 0, "bos": 1, "eos": 2, "inst": 3, "inst_end": 4, "img": cfg.image_token_index, "pad": 11,
+            "img_break": 12, "img_end": 13, "system_prompt": 17, "system_prompt_end": 18,
+        },
+        "tokenizer": {"file": os.path.basename(tokenizer_path), "sha256": sha256_file(tokenizer_path)},
+        "graphs": graphs,
+        "exporter": {
+            "name": "pixtract-export",
+            "version": __version__,
+            "onnx_exporter": "torchscript",
+            "opset": OPSET,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "mistral_common": mistral_common.__version__,
+        },
+    }
+
+
+def write_manifest(out_dir: str, manifest: dict) -> str:
+    path = os.path.join(out_dir, MANIFEST_FILE)
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+    return path
+
+
+def read_manifest(model_dir: str) -> dict:
+    with open(os.path.join(model_dir, MANIFEST_FILE)) as f:
+        return json.load(f)
