@@ -82,7 +82,7 @@ with_peak_memory() {
 step limits "$python" - "$device" "$out/limits.json" <<'PY'
 import json, sys, time
 import torch
-dev = sys.argv[1].replace("cuda", "cuda") if sys.argv[1].startswith("cuda") else "cpu"
+dev = sys.argv[1] if sys.argv[1].startswith("cuda") else "cpu"
 sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
 n = (4 << 30) // 2 if dev.startswith("cuda") else (512 << 20) // 2
 a = torch.empty(n, dtype=torch.float16, device=dev); b = torch.empty_like(a)

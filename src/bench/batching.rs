@@ -14,6 +14,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 
 use pixtract::model::runtime::Threads;
+use pixtract::model::sampling::splitmix64;
 use pixtract::model::{
     AnswerLengths, BatchPolicy, Batching, Device, EncodedPrompt, EngineOptions, GenerationConfig,
     GenerationStats, OrtRuntime, PixtralEngine,
@@ -38,18 +39,11 @@ pub struct BatchingBench {
     pub spin: bool,
 }
 
-/// A splitmix64 stream: answer lengths reproducible from the seed alone.
+/// Answer lengths in `min..=max`, reproducible from the seed alone (the sampler's SplitMix64 stream).
 fn lengths(n: usize, min: usize, max: usize, seed: u64) -> Vec<usize> {
     let mut state = seed;
     (0..n)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            min + (z % (max - min + 1) as u64) as usize
-        })
+        .map(|_| min + (splitmix64(&mut state) % (max - min + 1) as u64) as usize)
         .collect()
 }
 

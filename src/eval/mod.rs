@@ -13,7 +13,6 @@ mod normalise;
 mod predictions;
 mod report;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 pub use labels::{LabelSet, Labels};
@@ -186,6 +185,3 @@ pub fn document_key(uri: &str) -> String {
         _ => last.to_string(),
     }
 }
-
-/// Per-field counts kept in order of the mapping.
-pub(crate) type Counts = BTreeMap<String, FieldScore>;

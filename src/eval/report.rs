@@ -8,7 +8,10 @@ use arrow::datatypes::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
 use serde::Serialize;
 
-use super::{Counts, EvalError};
+use super::EvalError;
+
+/// Per-field counts, by field name.
+type Counts = std::collections::BTreeMap<String, FieldScore>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -151,7 +154,7 @@ impl Report {
             micro.add(o.outcome);
         }
         micro.finish();
-        let mut fields: Vec<FieldScore> = order
+        let fields: Vec<FieldScore> = order
             .iter()
             .filter_map(|f| counts.remove(f))
             .map(|mut s| {
@@ -159,7 +162,6 @@ impl Report {
                 s
             })
             .collect();
-        fields.dedup_by(|a, b| a.field == b.field);
         let mean = |f: fn(&FieldScore) -> f64| {
             if fields.is_empty() {
                 0.0

@@ -22,6 +22,15 @@ pub struct Sampler {
     probabilities: bool,
 }
 
+/// SplitMix64: tiny, fast, reproducible across platforms. Advances `state` and returns the next value.
+pub fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 impl Sampler {
     pub fn new(mode: &Sampling, stream: u64) -> Sampler {
         let seed = match mode {
@@ -46,14 +55,8 @@ impl Sampler {
         self
     }
 
-    /// SplitMix64: tiny, fast, reproducible across platforms.
     fn next_f64(&mut self) -> f64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
+        (splitmix64(&mut self.state) >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// The chosen token and its probability under the distribution it came from; None when every logit is -inf.

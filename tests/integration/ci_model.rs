@@ -95,20 +95,25 @@ fn ci_model_exporter_verify_passes() {
     assert!(!stdout.contains("FAIL"), "{stdout}");
 }
 
-/// `doctor --verify-hashes` hashes the external data files too: one changed byte in the decoder's data is named.
-#[test]
-fn doctor_verifies_external_data_hashes() {
-    let src = ci_model();
-    let ok = pixtract(
+/// `pixtract doctor --model DIR --verify-hashes`.
+fn doctor_verify_hashes(model: &std::path::Path) -> std::process::Output {
+    pixtract(
         &[
             "doctor",
             "--model",
-            src.to_str().unwrap(),
+            model.to_str().unwrap(),
             "--verify-hashes",
         ],
         &[],
         &repo_root(),
-    );
+    )
+}
+
+/// `doctor --verify-hashes` hashes the external data files too: one changed byte in the decoder's data is named.
+#[test]
+fn doctor_verifies_external_data_hashes() {
+    let src = ci_model();
+    let ok = doctor_verify_hashes(&src);
     let t = text(&ok);
     assert!(ok.status.success(), "{t}");
     assert!(t.contains("sha256 verified"), "{t}");
@@ -124,16 +129,7 @@ fn doctor_verifies_external_data_hashes() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;
     std::fs::write(&data, &bytes).unwrap();
-    let out = pixtract(
-        &[
-            "doctor",
-            "--model",
-            dir.path().to_str().unwrap(),
-            "--verify-hashes",
-        ],
-        &[],
-        &repo_root(),
-    );
+    let out = doctor_verify_hashes(dir.path());
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(
@@ -166,16 +162,7 @@ fn quantized_ci_model_lists_only_its_own_files() {
     assert_eq!(m["variant"], "int4");
     assert!(m["graphs"]["decoder"].get("external_data").is_none(), "{m}");
     assert!(m["graphs"]["embed_tokens"]["external_data"]["file"].is_string());
-    let ok = pixtract(
-        &[
-            "doctor",
-            "--model",
-            out_dir.to_str().unwrap(),
-            "--verify-hashes",
-        ],
-        &[],
-        &repo_root(),
-    );
+    let ok = doctor_verify_hashes(&out_dir);
     let t = text(&ok);
     assert!(ok.status.success(), "{t}");
     assert!(t.contains("sha256 verified"), "{t}");

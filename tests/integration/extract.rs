@@ -553,6 +553,21 @@ fn reference_pages(engine: &pixtract::model::PixtralEngine) -> Vec<(String, Prep
     out
 }
 
+/// One extraction input per reference page.
+fn page_inputs(pages: &[(String, PreparedImage)]) -> Vec<Result<PageInput, (SourceInfo, String)>> {
+    pages
+        .iter()
+        .map(|(uri, img)| {
+            Ok(PageInput {
+                source: source(uri),
+                images: vec![img.clone()],
+                fetch_ms: None,
+                raster_ms: None,
+            })
+        })
+        .collect()
+}
+
 #[test]
 fn continuous_batching_under_the_grammar_equals_one_by_one() {
     // Rows end when the grammar accepts, at different steps; their slots take the next pages at once.
@@ -575,17 +590,7 @@ fn continuous_batching_under_the_grammar_equals_one_by_one() {
             policy,
         )
         .expect("extractor");
-        let inputs = pages
-            .iter()
-            .map(|(uri, img)| {
-                Ok(PageInput {
-                    source: source(uri),
-                    images: vec![img.clone()],
-                    fetch_ms: None,
-                    raster_ms: None,
-                })
-            })
-            .collect();
+        let inputs = page_inputs(&pages);
         let out = ex.run(engine, inputs).expect("run");
         out.records
             .iter()
@@ -635,17 +640,7 @@ fn constrained_decoding_on_tiny_model_always_gives_valid_json() {
         )
         .expect("extractor");
         ex.trace = true;
-        let inputs = pages
-            .iter()
-            .map(|(uri, img)| {
-                Ok(PageInput {
-                    source: source(uri),
-                    images: vec![img.clone()],
-                    fetch_ms: None,
-                    raster_ms: None,
-                })
-            })
-            .collect();
+        let inputs = page_inputs(&pages);
         let out = ex.run(&mut engine, inputs).expect("run");
         assert_eq!(out.records.len(), pages.len());
         let mut budget_closed = 0;
@@ -735,18 +730,7 @@ fn constrained_tokens_match_unconstrained_run_until_the_mask_intervenes() {
             &mut NoHook,
         )
         .unwrap();
-    let inputs = pages
-        .iter()
-        .take(4)
-        .map(|(uri, img)| {
-            Ok(PageInput {
-                source: source(uri),
-                images: vec![img.clone()],
-                fetch_ms: None,
-                raster_ms: None,
-            })
-        })
-        .collect();
+    let inputs = page_inputs(&pages[..4]);
     let out = ex.run(&mut engine, inputs).unwrap();
     for (i, free) in free.iter().enumerate() {
         let report = out.reports[i].as_ref().unwrap();

@@ -220,16 +220,3 @@ impl Batching {
         }
     }
 }
-
-impl std::str::FromStr for Batching {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "continuous" => Ok(Batching::Continuous),
-            "static" => Ok(Batching::Static),
-            other => Err(format!(
-                "unknown batching '{other}': expected 'continuous' or 'static'"
-            )),
-        }
-    }
-}
