@@ -198,6 +198,12 @@ pub fn run(args: RunArgs) -> ExitCode {
                 s.output,
                 s.files.len()
             );
+            if s.rows_for_review > 0 {
+                println!(
+                    "review: {} row(s) have values withheld by min_confidence (null, named in _review)",
+                    s.rows_for_review
+                );
+            }
             println!(
                 "stages (busy seconds, share of wall time): {}",
                 s.stages

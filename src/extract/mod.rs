@@ -5,6 +5,7 @@
 //! - [`prompt`]: the instruction built from titles and descriptions.
 //! - [`constraint`]: [`GrammarEnv`] (once per process) and [`SchemaConstraint`], the engine's step hook.
 //! - [`answer`]: the answer's JSON with byte spans, for per-field confidence.
+//! - [`review`]: confidence thresholds (a value below its field's is written as null and named in `_review`).
 //! - [`rows`]: results -> Arrow record batches with provenance and operations columns.
 //! - [`Extractor`]: pages -> prompts -> constrained generation -> [`ExtractionRecord`]s, one per input, failures
 //!   included.
@@ -12,6 +13,7 @@
 pub mod answer;
 pub mod constraint;
 pub mod prompt;
+pub mod review;
 pub mod rows;
 pub mod schema;
 pub mod values;
@@ -23,6 +25,7 @@ use std::time::Instant;
 use chrono::Utc;
 
 pub use constraint::{GrammarEnv, RowReport, SchemaConstraint, StepTrace};
+pub use review::ReviewPolicy;
 pub use rows::{
     ExtractionRecord, Outcome, RunContext, SourceInfo, StageLatency, row_schema, to_record_batch,
     to_record_batch_per_row,
@@ -74,6 +77,9 @@ pub enum ExtractError {
     Shape { path: String, reason: String },
     #[error("model")]
     Model(#[from] crate::model::ModelError),
+    /// A setting that cannot apply to this schema (a threshold out of range, a field that does not exist).
+    #[error("{0}")]
+    Config(String),
     /// A broken promise inside pixtract, not a property of the input.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -115,6 +121,8 @@ pub struct Extractor {
     pub policy: BatchPolicy,
     /// Keep per-step traces in the reports (tests, debugging).
     pub trace: bool,
+    /// Confidence thresholds (none by default): values below theirs are nulled and named in `_review`.
+    pub review: ReviewPolicy,
 }
 
 impl Extractor {
@@ -140,6 +148,7 @@ impl Extractor {
             config,
             policy,
             trace: false,
+            review: ReviewPolicy::default(),
         })
     }
 
@@ -316,6 +325,7 @@ impl Extractor {
             prompt_tokens: Some(generation.prompt_tokens as u32),
             generated_tokens: Some(generation.tokens.len() as u32),
             latency,
+            review: Vec::new(),
         };
         if generation.finish == FinishReason::Failed {
             // This row alone failed during generation (grammar error): its own error row.
@@ -346,6 +356,7 @@ impl Extractor {
                         )),
                         Ok(()) => {
                             node.attach_confidence(&ends, &probs);
+                            rec.review = self.review.apply(&mut node, &schema.fields);
                             Outcome::Extracted(node)
                         }
                     },
@@ -375,9 +386,17 @@ impl Extractor {
                             &probs,
                         );
                         rec.raw_output = Some(text.clone());
-                        rec.outcome = Outcome::Text {
-                            text,
-                            confidence: conf,
+                        rec.outcome = if self.review.review_text(conf) {
+                            rec.review = vec!["text".to_string()];
+                            Outcome::Text {
+                                text: None,
+                                confidence: conf,
+                            }
+                        } else {
+                            Outcome::Text {
+                                text: Some(text),
+                                confidence: conf,
+                            }
                         };
                         if generation.finish == FinishReason::Length {
                             rec.warning = Some(format!(

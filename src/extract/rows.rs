@@ -26,7 +26,7 @@ use super::schema::{
     ExtractionSchema, FieldDef, FieldType, confidence_field, confidence_pair_type, struct_fields,
 };
 use super::values::provenance::{
-    ATTEMPT, DOC_PAGE_COUNT, MODEL_ID, PAGE_END, PAGE_START, PROVENANCE, ProvenanceColumn,
+    ATTEMPT, DOC_PAGE_COUNT, MODEL_ID, PAGE_END, PAGE_START, PROVENANCE, ProvenanceColumn, REVIEW,
     SCHEMA_SHA256, SOURCE_ETAG, SOURCE_URI, SOURCE_VERSION, STATUS_OK, STATUS_RETRY,
 };
 use super::values::{parse_date, parse_decimal, parse_timestamp};
@@ -75,7 +75,8 @@ pub enum Outcome {
     Extracted(Node),
     /// Free-text mode.
     Text {
-        text: String,
+        /// None when a confidence threshold withheld the transcription (`_review` says `text`).
+        text: Option<String>,
         confidence: Option<(f32, f32)>,
     },
     /// Nothing usable; the message goes to `error`.
@@ -95,6 +96,8 @@ pub struct ExtractionRecord {
     pub prompt_tokens: Option<u32>,
     pub generated_tokens: Option<u32>,
     pub latency: StageLatency,
+    /// Paths of the values withheld by a confidence threshold (`_review`); see [`super::review`].
+    pub review: Vec<String>,
 }
 
 impl ExtractionRecord {
@@ -110,6 +113,7 @@ impl ExtractionRecord {
             prompt_tokens: None,
             generated_tokens: None,
             latency: StageLatency::default(),
+            review: Vec::new(),
         }
     }
 
@@ -145,7 +149,7 @@ impl ExtractionRecord {
 /// Name used in `schema_name` for free-text rows.
 pub const FREE_TEXT: &str = "free_text";
 
-fn text_fields() -> Vec<FieldDef> {
+pub(crate) fn text_fields() -> Vec<FieldDef> {
     vec![FieldDef {
         name: "text".into(),
         title: None,
@@ -254,7 +258,7 @@ pub fn to_record_batch(
             let texts: Vec<Option<&str>> = records
                 .iter()
                 .map(|r| match &r.outcome {
-                    Outcome::Text { text, .. } => Some(text.as_str()),
+                    Outcome::Text { text, .. } => text.as_deref(),
                     _ => None,
                 })
                 .collect();
@@ -328,6 +332,7 @@ pub fn to_record_batch(
             ),
             "status" => strs(&|r| Some(r.status().to_string())),
             ATTEMPT => ints(&|r| r.source.attempt),
+            REVIEW => review_array(records)?,
             "error" => strs(&|r| match &r.outcome {
                 Outcome::Failed(e) => Some(e.clone()),
                 _ => r.warning.clone(),
@@ -347,6 +352,36 @@ pub fn to_record_batch(
         });
     }
     RecordBatch::try_new(arrow_schema, columns).map_err(ExtractError::Arrow)
+}
+
+/// `_review`: the withheld fields of each answered row (empty when none), null for failed rows.
+fn review_array(records: &[ExtractionRecord]) -> Result<ArrayRef, ExtractError> {
+    let mut offsets = vec![0i32];
+    let mut names: Vec<&str> = Vec::new();
+    for r in records {
+        if !matches!(r.outcome, Outcome::Failed(_)) {
+            names.extend(r.review.iter().map(String::as_str));
+        }
+        offsets.push(i32::try_from(names.len()).map_err(|_| ExtractError::Shape {
+            path: REVIEW.to_string(),
+            reason: "too many withheld fields in one batch".into(),
+        })?);
+    }
+    let valid = NullBuffer::from(
+        records
+            .iter()
+            .map(|r| !matches!(r.outcome, Outcome::Failed(_)))
+            .collect::<Vec<_>>(),
+    );
+    Ok(Arc::new(
+        ListArray::try_new(
+            Arc::new(Field::new("item", DataType::Utf8, false)),
+            OffsetBuffer::new(offsets.into()),
+            Arc::new(StringArray::from(names)),
+            Some(valid),
+        )
+        .map_err(ExtractError::Arrow)?,
+    ))
 }
 
 fn mismatch(path: &str, want: &str, node: &Node) -> ExtractError {

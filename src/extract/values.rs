@@ -16,6 +16,8 @@ pub mod provenance {
         Int32,
         Float64,
         TimestampUtc,
+        /// `List<Utf8>` (items non-null).
+        Utf8List,
     }
 
     #[derive(Debug, Clone, Copy)]
@@ -34,6 +36,11 @@ pub mod provenance {
                 ColumnKind::TimestampUtc => {
                     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
                 }
+                ColumnKind::Utf8List => DataType::List(std::sync::Arc::new(Field::new(
+                    "item",
+                    DataType::Utf8,
+                    false,
+                ))),
             };
             Field::new(self.name, ty, self.nullable)
         }
@@ -50,6 +57,8 @@ pub mod provenance {
     pub const MODEL_ID: &str = "model_id";
     pub const STATUS: &str = "status";
     pub const ATTEMPT: &str = "attempt";
+    /// The fields whose values a confidence threshold withheld (written as null): what a person should check.
+    pub const REVIEW: &str = "_review";
     /// `status` of a usable row.
     pub const STATUS_OK: &str = "ok";
     /// `status` of a transient failure's row: the document is not done, the next run retries it.
@@ -63,7 +72,7 @@ pub mod provenance {
         }
     }
 
-    use ColumnKind::{Float64, Int32, TimestampUtc, Utf8};
+    use ColumnKind::{Float64, Int32, TimestampUtc, Utf8, Utf8List};
 
     /// In output order. Schema properties may not use these names.
     pub const PROVENANCE: &[ProvenanceColumn] = &[
@@ -82,6 +91,7 @@ pub mod provenance {
         col(STATUS, Utf8, false),
         col("error", Utf8, true),
         col(ATTEMPT, Int32, true),
+        col(REVIEW, Utf8List, true),
         col("finish_reason", Utf8, true),
         col("raw_output", Utf8, true),
         col("prompt_tokens", Int32, true),

@@ -92,6 +92,8 @@ pub struct RunSummary {
     pub rows: usize,
     pub rows_ok: usize,
     pub rows_failed: usize,
+    /// Rows with values withheld by `[extract] min_confidence` (named in their `_review` column).
+    pub rows_for_review: usize,
     pub prompt_tokens: u64,
     pub generated_tokens: u64,
     pub seconds: f64,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::{ModelInput, PipelineError, spec};
-use crate::extract::{ExtractionRecord, Extractor, Mode};
+use crate::extract::{ExtractionRecord, Extractor, Mode, ReviewPolicy};
 use crate::model::runtime::Threads;
 use crate::model::{
     BatchPolicy, Device, EngineOptions, GenerationConfig, OrtRuntime, PixtralEngine,
@@ -17,6 +17,7 @@ pub(super) fn model_stage(
     spec: spec::ModelSpec,
     device: Device,
     mode: Mode,
+    review: ReviewPolicy,
     mut inputs: mpsc::Receiver<ModelInput>,
     rows: mpsc::Sender<(Vec<ExtractionRecord>, Duration)>,
     ready: std::sync::mpsc::Sender<bool>,
@@ -38,8 +39,9 @@ pub(super) fn model_stage(
             token_budget: spec.token_budget,
             batching: spec.batching,
         };
-        let extractor =
+        let mut extractor =
             Extractor::new(&engine, mode, config, policy).map_err(PipelineError::Extract)?;
+        extractor.review = review;
         Ok((rt, engine, extractor))
     };
     let (_rt, mut engine, extractor) = match start() {

@@ -12,7 +12,7 @@ use super::produce::{SkipRules, produce};
 use super::report::{Progress, Reporter};
 use super::writer::{ModelOutput, Writer, Written};
 use super::{ModelInput, PipelineError, PipelineSpec, RunOptions, RunSummary, state};
-use crate::extract::{ExtractionSchema, Mode, RunContext};
+use crate::extract::{ExtractionSchema, Mode, ReviewPolicy, RunContext};
 use crate::model::{Device, ModelDir};
 use crate::sink::{ParquetSink, SinkConfig, SinkTarget};
 
@@ -83,6 +83,14 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
         Mode::Schema(s) => Some((**s).clone()),
         Mode::FreeText => None,
     };
+    let review = ReviewPolicy::for_schema(
+        spec.extract.min_confidence,
+        spec.extract.min_confidence_fields.clone(),
+        schema.as_ref(),
+    )
+    .map_err(PipelineError::Extract)?;
+    // The columns: fields a threshold can withhold are nullable there (the grammar keeps the schema as written).
+    let schema = schema.map(|s| review.output_schema(&s));
     let ctx = RunContext {
         pipeline: spec.name.clone(),
         model_id: manifest.weights_sha256.clone(),
@@ -123,7 +131,11 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
     let model_spec = spec.model.clone();
     let model_thread = std::thread::Builder::new()
         .name("pixtract-model".into())
-        .spawn(move || model_stage(model_spec, device, mode, model_rx, rows_tx, ready_tx))
+        .spawn(move || {
+            model_stage(
+                model_spec, device, mode, review, model_rx, rows_tx, ready_tx,
+            )
+        })
         .map_err(|source| PipelineError::Io {
             what: "cannot start the model thread",
             source,
@@ -202,6 +214,7 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
         rows: tally.rows,
         rows_ok: tally.ok,
         rows_failed: tally.failed,
+        rows_for_review: tally.for_review,
         prompt_tokens: tally.prompt_tokens,
         generated_tokens: tally.generated_tokens,
         seconds,

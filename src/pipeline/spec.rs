@@ -127,6 +127,13 @@ pub struct ExtractSpec {
     /// Pages of one document sent together as one prompt (1: page by page).
     #[serde(default = "default_pages_per_prompt")]
     pub pages_per_prompt: usize,
+    /// Confidence threshold for every field (0-1, the `min` of its `_confidence`): a value below it is written as
+    /// null and its field named in the row's `_review` list. Unset: values are written as they are.
+    #[serde(default)]
+    pub min_confidence: Option<f32>,
+    /// Per-field thresholds by path (`total`, `items.total_price`), overriding `min_confidence`.
+    #[serde(default)]
+    pub min_confidence_fields: std::collections::BTreeMap<String, f32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

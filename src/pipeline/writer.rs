@@ -9,7 +9,9 @@ use tokio::sync::mpsc;
 use super::PipelineError;
 use super::report::{Progress, Reporter, Stage};
 use super::spec::LimitsSpec;
-use crate::extract::{ExtractionRecord, ExtractionSchema, RunContext, to_record_batch_per_row};
+use crate::extract::{
+    ExtractionRecord, ExtractionSchema, Outcome, RunContext, to_record_batch_per_row,
+};
 use crate::sink::ParquetSink;
 
 /// What the model stage hands the writer: a batch's rows and the time the model spent on them.
@@ -39,6 +41,8 @@ pub(super) struct RowTally {
     pub rows: usize,
     pub ok: usize,
     pub failed: usize,
+    /// Rows with at least one value withheld by a confidence threshold (`_review` not empty).
+    pub for_review: usize,
     pub prompt_tokens: u64,
     pub generated_tokens: u64,
     pub busy: Duration,
@@ -57,6 +61,9 @@ impl Writer {
             self.progress.add_busy(Stage::Model, busy);
             for r in &records {
                 tally.rows += 1;
+                if !r.review.is_empty() && !matches!(r.outcome, Outcome::Failed(_)) {
+                    tally.for_review += 1;
+                }
                 if r.is_ok() {
                     tally.ok += 1;
                 } else {

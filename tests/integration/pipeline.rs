@@ -805,3 +805,178 @@ fn multi_page_documents_never_straddle_a_commit() {
         "each exactly once: {pages}\nafter kill: {after_kill}"
     );
 }
+
+/// Values as `pixtract run` wrote them: per document (file name), per top-level scalar field of the receipt schema,
+/// whether the value is null and its `_confidence.<field>.min`; plus the document's `_review` list. Rows with an
+/// answer only (budget-closed ones included: their forced values have confidence 0).
+struct FieldView {
+    null: bool,
+    confidence: Option<f64>,
+}
+
+const RECEIPT_SCALARS: &[&str] = &[
+    "merchant_name",
+    "merchant_address",
+    "merchant_phone",
+    "transaction_date",
+    "transaction_time",
+    "currency",
+    "subtotal",
+    "total_tax",
+    "tip",
+    "total",
+    "payment_method",
+];
+
+fn field_views(output: &Path) -> std::collections::BTreeMap<String, (Vec<FieldView>, Vec<String>)> {
+    let glob = format!("{}/**/*.parquet", output.display());
+    let cols: Vec<String> = RECEIPT_SCALARS
+        .iter()
+        .map(|f| format!("{f} IS NULL, _confidence.{f}.min"))
+        .collect();
+    let sql = format!(
+        "SELECT regexp_replace(source_uri, '.*/', ''), {}, array_to_string(_review, ';') \
+         FROM read_parquet('{glob}', hive_partitioning = true) WHERE _confidence IS NOT NULL ORDER BY 1",
+        cols.join(", ")
+    );
+    duckdb(&sql)
+        .lines()
+        .map(|line| {
+            let parts: Vec<&str> = line.split('|').collect();
+            assert_eq!(parts.len(), 2 + 2 * RECEIPT_SCALARS.len(), "{line}");
+            let views = (0..RECEIPT_SCALARS.len())
+                .map(|i| FieldView {
+                    null: parts[1 + 2 * i] == "True",
+                    confidence: parts[2 + 2 * i].parse().ok(),
+                })
+                .collect();
+            let review = parts[parts.len() - 1]
+                .split(';')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect();
+            (parts[0].to_string(), (views, review))
+        })
+        .collect()
+}
+
+#[test]
+fn confidence_thresholds_write_weak_values_as_null_and_name_them_in_review() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = tmp.path().join("in");
+    small_inputs_n(&inputs, 6);
+    // The same documents without and with thresholds: greedy decoding gives the same answers both times.
+    let plain = tmp.path().join("plain");
+    let spec = write_spec(tmp.path(), &inputs, &plain);
+    // Room for whole answers, so rows have values to judge (48 tokens closes them all by budget).
+    let room = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("max_new_tokens = 48", "max_new_tokens = 400");
+    std::fs::write(&spec, room).unwrap();
+    let out = pixtract(&["run", spec.to_str().unwrap()], &[], &repo_root());
+    assert!(matches!(out.status.code(), Some(0 | 2)), "{}", text(&out));
+    let before = field_views(&plain);
+    assert!(!before.is_empty(), "no ok rows to compare");
+
+    // A threshold that splits the values actually seen: the median confidence of the non-null ones.
+    let mut seen: Vec<f64> = before
+        .values()
+        .flat_map(|(v, _)| v.iter().filter(|f| !f.null).filter_map(|f| f.confidence))
+        .collect();
+    seen.sort_by(f64::total_cmp);
+    assert!(seen.len() >= 4, "too few values to split: {seen:?}");
+    let threshold = seen[seen.len() / 2];
+    let reviewed = tmp.path().join("reviewed");
+    let base = std::fs::read_to_string(&spec).unwrap().replace(
+        &plain.display().to_string(),
+        &reviewed.display().to_string(),
+    );
+    // `total` is exempt by its own threshold of 0: a per-field value overrides the default.
+    let with_thresholds = base.replace(
+        "[extract]\n",
+        &format!(
+            "[extract]\nmin_confidence = {threshold}\nmin_confidence_fields = {{ total = 0.0 }}\n"
+        ),
+    );
+    let spec2 = tmp.path().join("reviewed.toml");
+    std::fs::write(&spec2, with_thresholds).unwrap();
+    let out = pixtract(&["run", spec2.to_str().unwrap()], &[], &repo_root());
+    assert!(matches!(out.status.code(), Some(0 | 2)), "{}", text(&out));
+    let summary = text(&out);
+    let after = field_views(&reviewed);
+    let rows_for_review = after.values().filter(|(_, r)| !r.is_empty()).count();
+    assert!(
+        summary.contains(&format!(
+            "review: {rows_for_review} row(s) have values withheld"
+        )),
+        "{summary}"
+    );
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
+
+    let (mut withheld, mut kept) = (0, 0);
+    for (doc, (fields_before, review_before)) in &before {
+        assert!(
+            review_before.is_empty(),
+            "{doc}: no threshold, no review: {review_before:?}"
+        );
+        let (fields_after, review_after) = &after[doc];
+        let mut expected_review = Vec::new();
+        for (i, name) in RECEIPT_SCALARS.iter().enumerate() {
+            let (b, a) = (&fields_before[i], &fields_after[i]);
+            // The confidence column is written either way: it says why a value was withheld.
+            assert_eq!(b.confidence, a.confidence, "{doc}.{name}");
+            let weak = !b.null && *name != "total" && b.confidence.is_none_or(|c| c < threshold);
+            if weak {
+                expected_review.push(name.to_string());
+                assert!(
+                    a.null,
+                    "{doc}.{name}: confidence {:?} < {threshold} but kept",
+                    b.confidence
+                );
+                withheld += 1;
+            } else {
+                assert_eq!(
+                    a.null, b.null,
+                    "{doc}.{name}: changed though not below the threshold"
+                );
+                kept += usize::from(!b.null);
+            }
+        }
+        // Line items' members are listed with their index (`items[0].description`), after the top-level fields.
+        let top: Vec<String> = review_after
+            .iter()
+            .filter(|r| !r.starts_with("items["))
+            .cloned()
+            .collect();
+        assert_eq!(top, expected_review, "{doc}");
+        for r in review_after.iter().filter(|r| r.starts_with("items[")) {
+            let member = r.split_once("].").map(|(_, m)| m).unwrap_or("");
+            assert!(
+                ["description", "quantity", "unit_price", "total_price"].contains(&member),
+                "{doc}: {r}"
+            );
+        }
+    }
+    assert!(
+        withheld > 0 && kept > 0,
+        "the threshold split nothing: withheld {withheld}, kept {kept}"
+    );
+
+    // A threshold for a field the schema does not have is refused before any work, naming the fields there are.
+    let bad = base.replace(
+        "[extract]\n",
+        "[extract]\nmin_confidence_fields = { totl = 0.9 }\n",
+    );
+    let spec3 = tmp.path().join("bad.toml");
+    std::fs::write(&spec3, bad).unwrap();
+    let out = pixtract(&["run", spec3.to_str().unwrap()], &[], &repo_root());
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("\"totl\"") && t.contains("items.total_price"),
+        "{t}"
+    );
+}
