@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the built-in demo: synthetic receipts and invoices (plus the SROIE receipt scans when
 # ../shared/corpus is there) -> pages -> tiny seeded Pixtral, constrained by schemas/receipt.json -> Parquet in
-# out/demo/parquet, then a table of the rows read back with DuckDB.
+# out/demo/parquet, then a table of the rows read back with DuckDB and the accuracy against the samples' ground
+# truth (`pixtract eval`).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -43,3 +44,8 @@ rows = duckdb.sql("""
 rows.show(max_width=200)
 PY
 echo "(the tiny model has random weights: values are noise, but typed, schema-valid and traceable to their pages)"
+echo
+echo "== pixtract eval: the output against the samples' ground truth (out/demo/inputs/ground_truth.json)"
+$px eval --predictions out/demo/parquet --labels out/demo/inputs/ground_truth.json
+echo "(random weights, so accuracy near 0 is the expected result: the same command on a real model's output is"
+echo " how you measure it; see docs/eval.md)"

@@ -13,15 +13,21 @@ pub struct EvalArgs {
     #[arg(long, value_name = "PATH")]
     predictions: String,
     /// The labels: a folder of one JSON object per document, named like the document (SROIE's 000.json beside
-    /// 000.jpg, or key/*.json; invoice2data's tests/compare/*.json), or a labels.jsonl whose lines carry
-    /// "document" (file name or URI) and the fields.
+    /// 000.jpg, or key/*.json; invoice2data's tests/compare/*.json), a labels.jsonl whose lines carry
+    /// "document" (file name or URI) and the fields, or one .json object of document name -> labels (the demo's
+    /// ground_truth.json).
     #[arg(long, value_name = "PATH")]
     labels: PathBuf,
-    /// Which label key is scored against which output column, LABEL_KEY=FIELD; repeatable. Default: SROIE's
-    /// keys against schemas/receipt.json (company=merchant_name, date=transaction_date,
-    /// address=merchant_address, total=total).
+    /// Which label key is scored against which output column, LABEL_KEY=FIELD; repeatable. A label's array of
+    /// objects mapped to a list column (items=items) is scored as line items. Default: SROIE's keys against
+    /// schemas/receipt.json when the labels have them (company=merchant_name, date=transaction_date,
+    /// address=merchant_address, total=total), else every label key that names an output column.
     #[arg(long = "map", value_name = "KEY=FIELD")]
-    mapping: Vec<FieldMap>,
+    map: Vec<FieldMap>,
+    /// A mapping file instead of --map: TOML with `[fields]` of label_key = "column", e.g.
+    /// schemas/mappings/invoice2data.toml (invoice2data's tests/compare/*.json against schemas/invoice.json).
+    #[arg(long, value_name = "FILE.toml", conflicts_with = "map")]
+    mapping: Option<PathBuf>,
     /// Compare text exactly (default: case and runs of whitespace folded). Amounts and dates are always compared
     /// as values.
     #[arg(long)]
@@ -48,10 +54,10 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let labels = LabelSet::load(&args.labels)
         .with_context(|| format!("reading labels {}", args.labels.display()))?;
     let opts = EvalOptions {
-        mapping: if args.mapping.is_empty() {
-            eval::sroie_mapping()
-        } else {
-            args.mapping
+        mapping: match (&args.mapping, args.map.is_empty()) {
+            (Some(file), _) => eval::mapping_from_file(file)?,
+            (None, false) => args.map,
+            (None, true) => eval::default_mapping(&labels, &predictions),
         },
         exact: args.exact,
         target_precision: args.target_precision,

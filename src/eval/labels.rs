@@ -1,6 +1,7 @@
 //! Label files: a folder of one JSON object per document (SROIE: `000.json` next to `000.jpg`, or in a `key/`
-//! subfolder; invoice2data's `tests/compare/*.json`), or one `labels.jsonl` whose lines carry a `document` (or
-//! `source_uri`) key and the fields.
+//! subfolder; invoice2data's `tests/compare/*.json`, which hold an array of one object), one `labels.jsonl`
+//! whose lines carry a `document` (or `source_uri`) key and the fields, or one JSON object keyed by document
+//! (`ground_truth.json` as `scripts/make_samples.py` writes it). Arrays of objects are line items.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -16,6 +17,8 @@ pub type Labels = BTreeMap<String, String>;
 pub struct LabelSet {
     /// Document key (file stem) -> labels.
     pub documents: BTreeMap<String, Labels>,
+    /// Document key -> list key -> its items (arrays of objects in the label).
+    pub lists: BTreeMap<String, BTreeMap<String, Vec<Labels>>>,
 }
 
 fn text_of(value: &Value) -> Option<String> {
@@ -34,11 +37,45 @@ fn labels_of(object: &serde_json::Map<String, Value>) -> Labels {
         .collect()
 }
 
+/// A label file's object; invoice2data writes an array of one object per document.
+fn single_object(value: Value) -> Option<serde_json::Map<String, Value>> {
+    match value {
+        Value::Object(o) => Some(o),
+        Value::Array(a) if a.len() == 1 => match a.into_iter().next() {
+            Some(Value::Object(o)) => Some(o),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The arrays of objects in a label: line items.
+fn lists_of(object: &serde_json::Map<String, Value>) -> BTreeMap<String, Vec<Labels>> {
+    object
+        .iter()
+        .filter_map(|(k, v)| match v {
+            Value::Array(items) if items.iter().all(Value::is_object) => Some((
+                k.clone(),
+                items
+                    .iter()
+                    .filter_map(Value::as_object)
+                    .map(labels_of)
+                    .collect(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
 impl LabelSet {
     /// Reads a folder of per-document JSON files or a `.jsonl` file.
     pub fn load(path: &Path) -> Result<LabelSet, EvalError> {
         if path.is_file() {
-            return Self::load_jsonl(path);
+            return if path.extension().is_some_and(|e| e == "json") {
+                Self::load_document_map(path)
+            } else {
+                Self::load_jsonl(path)
+            };
         }
         let dir = if path.join("key").is_dir() {
             path.join("key")
@@ -71,14 +108,13 @@ impl LabelSet {
                 path: file.clone(),
                 source,
             })?;
-            let Value::Object(object) = value else {
+            let Some(object) = single_object(value) else {
                 return Err(EvalError::Input(format!(
-                    "{}: a label file holds one JSON object",
+                    "{}: a label file holds one JSON object (or an array of one)",
                     file.display()
                 )));
             };
-            let key = document_key(&file.to_string_lossy());
-            set.documents.insert(key, labels_of(&object));
+            set.insert(&document_key(&file.to_string_lossy()), &object);
         }
         if set.documents.is_empty() {
             return Err(EvalError::Input(format!(
@@ -121,11 +157,64 @@ impl LabelSet {
                         i + 1
                     ))
                 })?;
-            let mut labels = labels_of(object);
-            labels.remove("document");
-            labels.remove("source_uri");
-            set.documents.insert(document_key(doc), labels);
+            let mut object = object.clone();
+            object.remove("document");
+            object.remove("source_uri");
+            set.insert(&document_key(doc), &object);
         }
         Ok(set)
+    }
+
+    /// One JSON object: document (file name or URI) -> its labels.
+    fn load_document_map(path: &Path) -> Result<LabelSet, EvalError> {
+        let text = std::fs::read_to_string(path).map_err(|source| EvalError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let value: Value = serde_json::from_str(&text).map_err(|source| EvalError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let not_a_map = || {
+            EvalError::Input(format!(
+                "{}: expected one JSON object of document name -> object of labels \
+                 (or give a folder of per-document files, or a labels.jsonl)",
+                path.display()
+            ))
+        };
+        let documents = value.as_object().ok_or_else(not_a_map)?;
+        let mut set = LabelSet::default();
+        for (doc, labels) in documents {
+            set.insert(
+                &document_key(doc),
+                labels.as_object().ok_or_else(not_a_map)?,
+            );
+        }
+        if set.documents.is_empty() {
+            return Err(EvalError::Input(format!(
+                "{}: no documents",
+                path.display()
+            )));
+        }
+        Ok(set)
+    }
+
+    fn insert(&mut self, key: &str, object: &serde_json::Map<String, Value>) {
+        self.documents.insert(key.to_string(), labels_of(object));
+        let lists = lists_of(object);
+        if !lists.is_empty() {
+            self.lists.insert(key.to_string(), lists);
+        }
+    }
+
+    /// Every label key seen (scalars and lists), sorted.
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys: std::collections::BTreeSet<String> = self
+            .documents
+            .values()
+            .flat_map(|l| l.keys().cloned())
+            .collect();
+        keys.extend(self.lists.values().flat_map(|l| l.keys().cloned()));
+        keys.into_iter().collect()
     }
 }

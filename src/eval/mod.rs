@@ -6,8 +6,10 @@
 //! Scoring follows SROIE's key information extraction task: a field is right when its normalised value equals
 //! the label's. Per field and document the outcome is one of: `correct` (TP), `wrong` (a value that differs: FP
 //! and FN), `missed` (labelled, predicted null or no row: FN), `spurious` (predicted where the label is empty: FP),
-//! `absent` (neither: not counted).
+//! `absent` (neither: not counted). Line items (a label's array of objects against a `List<Struct>` column) are
+//! scored as sets of leaves with Donut's field F1 and tree-edit-distance accuracy ([`items`]).
 
+mod items;
 mod labels;
 mod normalise;
 mod predictions;
@@ -15,6 +17,7 @@ mod report;
 
 use std::path::PathBuf;
 
+pub use items::{Item, ItemScore, ted_accuracy};
 pub use labels::{LabelSet, Labels};
 pub use normalise::{FieldKind, normalise};
 pub use predictions::{Prediction, Predictions};
@@ -80,6 +83,55 @@ impl std::str::FromStr for FieldMap {
     }
 }
 
+/// Reads a mapping file: TOML with one table `[fields]` of `label_key = "output_column"` (see
+/// `schemas/mappings/`).
+pub fn mapping_from_file(path: &std::path::Path) -> Result<Vec<FieldMap>, EvalError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct MappingFile {
+        fields: std::collections::BTreeMap<String, String>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| EvalError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let file: MappingFile = toml::from_str(&text).map_err(|e| {
+        EvalError::Input(format!(
+            "{}: not a mapping file ([fields] with label_key = \"column\"): {e}",
+            path.display()
+        ))
+    })?;
+    if file.fields.is_empty() {
+        return Err(EvalError::Input(format!(
+            "{}: [fields] maps nothing",
+            path.display()
+        )));
+    }
+    Ok(file
+        .fields
+        .into_iter()
+        .map(|(label, field)| FieldMap { label, field })
+        .collect())
+}
+
+/// The mapping when none is given: SROIE's when the labels have SROIE's keys, else every label key that names an
+/// output column, scored against that column.
+pub fn default_mapping(labels: &LabelSet, predictions: &Predictions) -> Vec<FieldMap> {
+    let keys = labels.keys();
+    let sroie = sroie_mapping();
+    if sroie.iter().all(|m| keys.contains(&m.label)) {
+        return sroie;
+    }
+    let columns = predictions.field_names();
+    keys.into_iter()
+        .filter(|k| columns.contains(k))
+        .map(|k| FieldMap {
+            label: k.clone(),
+            field: k,
+        })
+        .collect()
+}
+
 /// SROIE's four keys against `schemas/receipt.json`.
 pub fn sroie_mapping() -> Vec<FieldMap> {
     [
@@ -114,7 +166,23 @@ pub fn evaluate(
     opts: &EvalOptions,
 ) -> Result<Report, EvalError> {
     let mut outcomes = Vec::new();
+    let mut item_scores = Vec::new();
     for map in &opts.mapping {
+        if let Some(kinds) = predictions.list_kinds_of(&map.field) {
+            let mut scorer = items::ItemScorer::new(&map.field);
+            for (doc, lists) in &labels.lists {
+                let Some(label) = lists.get(&map.label) else {
+                    continue;
+                };
+                let predicted = predictions
+                    .documents
+                    .get(doc)
+                    .and_then(|p| p.lists.get(&map.field).cloned().flatten());
+                scorer.add(predicted.as_deref(), label, kinds, opts.exact);
+            }
+            item_scores.push(scorer.finish());
+            continue;
+        }
         let kind = predictions.kind_of(&map.field).ok_or_else(|| {
             EvalError::Input(format!(
                 "the predictions have no column '{}' (mapped from label key '{}'); columns: {}",
@@ -166,15 +234,30 @@ pub fn evaluate(
         .keys()
         .filter(|d| !labels.documents.contains_key(*d))
         .count();
-    let order: Vec<String> = opts.mapping.iter().map(|m| m.field.clone()).collect();
-    Ok(Report::build(
+    if opts.mapping.is_empty() {
+        return Err(EvalError::Input(format!(
+            "no label key names an output column (label keys: {}; columns: {}): give --map or --mapping",
+            labels.keys().join(", "),
+            predictions.field_names().join(", ")
+        )));
+    }
+    // Scalar fields only: list fields have their own scores in `items`.
+    let order: Vec<String> = opts
+        .mapping
+        .iter()
+        .filter(|m| predictions.list_kinds_of(&m.field).is_none())
+        .map(|m| m.field.clone())
+        .collect();
+    let mut report = Report::build(
         outcomes,
         &order,
         unmatched,
         unlabelled,
         opts.target_precision,
         opts.bins,
-    ))
+    );
+    report.items = item_scores;
+    Ok(report)
 }
 
 /// A document's key for joining: the file stem of its URI's last segment (`s3://b/x/000.jpg` -> `000`).

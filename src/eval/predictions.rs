@@ -10,6 +10,7 @@ use arrow::datatypes::{DataType, Float32Type, Float64Type};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
+use super::items::Item;
 use super::normalise::FieldKind;
 use super::{EvalError, document_key};
 use crate::extract::values::provenance;
@@ -22,6 +23,8 @@ pub struct Prediction {
     pub values: BTreeMap<String, Option<String>>,
     /// Field -> the least probable token's probability behind its value.
     pub confidence: BTreeMap<String, Option<f64>>,
+    /// List-of-struct field (line items) -> its items, member -> value as text (None: null list).
+    pub lists: BTreeMap<String, Option<Vec<Item>>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -29,6 +32,8 @@ pub struct Predictions {
     /// Document key -> its row (the first `ok` row of the document, else its first row).
     pub documents: BTreeMap<String, Prediction>,
     kinds: BTreeMap<String, FieldKind>,
+    /// List-of-struct field -> its members' kinds.
+    list_kinds: BTreeMap<String, BTreeMap<String, FieldKind>>,
     pub files: usize,
     pub rows: usize,
 }
@@ -149,9 +154,24 @@ impl Predictions {
             .column_by_name("_confidence")
             .and_then(|c| c.as_any().downcast_ref::<StructArray>());
         let mut fields = Vec::new();
+        let mut lists = Vec::new();
         for field in schema.fields() {
             let name = field.name();
             if name.starts_with('_') || provenance::is_reserved(name) {
+                continue;
+            }
+            if let DataType::List(item) = field.data_type()
+                && let DataType::Struct(members) = item.data_type()
+                && let Some(column) = batch.column_by_name(name)
+            {
+                let kinds: BTreeMap<String, FieldKind> = members
+                    .iter()
+                    .filter(|m| !m.name().starts_with('_'))
+                    .filter_map(|m| kind_of_type(m.data_type()).map(|k| (m.name().clone(), k)))
+                    .collect();
+                let items = list_items(column.as_ref(), &kinds, file)?;
+                self.list_kinds.insert(name.clone(), kinds);
+                lists.push((name.clone(), items));
                 continue;
             }
             let Some(kind) = kind_of_type(field.data_type()) else {
@@ -194,6 +214,10 @@ impl Predictions {
                 status,
                 ..Default::default()
             };
+            for (name, items) in &lists {
+                p.lists
+                    .insert(name.clone(), items.get(row).cloned().flatten());
+            }
             for (name, values, conf) in &fields {
                 p.values
                     .insert(name.clone(), values.get(row).cloned().flatten());
@@ -207,11 +231,66 @@ impl Predictions {
         Ok(())
     }
 
+    /// The member kinds of a list-of-struct field, if `field` is one.
+    pub fn list_kinds_of(&self, field: &str) -> Option<&BTreeMap<String, FieldKind>> {
+        self.list_kinds.get(field)
+    }
+
     pub fn kind_of(&self, field: &str) -> Option<FieldKind> {
         self.kinds.get(field).copied()
     }
 
     pub fn field_names(&self) -> Vec<String> {
-        self.kinds.keys().cloned().collect()
+        self.kinds
+            .keys()
+            .chain(self.list_kinds.keys())
+            .cloned()
+            .collect()
     }
+}
+
+/// Per row of a `List<Struct>` column: its items with the members of `kinds` as text.
+fn list_items(
+    column: &dyn Array,
+    kinds: &BTreeMap<String, FieldKind>,
+    file: &Path,
+) -> Result<Vec<Option<Vec<Item>>>, EvalError> {
+    let arrow_err = |source| EvalError::Arrow {
+        path: file.to_path_buf(),
+        source,
+    };
+    let Some(list) = column.as_list_opt::<i32>() else {
+        return Ok(vec![None; column.len()]);
+    };
+    let Some(structs) = list.values().as_struct_opt() else {
+        return Ok(vec![None; column.len()]);
+    };
+    let mut members = Vec::new();
+    for name in kinds.keys() {
+        if let Some(child) = structs.column_by_name(name) {
+            let formatter = ArrayFormatter::try_new(child.as_ref(), &FormatOptions::default())
+                .map_err(arrow_err)?;
+            members.push((name.clone(), child, formatter));
+        }
+    }
+    let offsets = list.value_offsets();
+    Ok((0..list.len())
+        .map(|row| {
+            if list.is_null(row) {
+                return None;
+            }
+            let (start, end) = (offsets[row] as usize, offsets[row + 1] as usize);
+            Some(
+                (start..end)
+                    .map(|i| {
+                        members
+                            .iter()
+                            .filter(|(_, child, _)| !child.is_null(i))
+                            .map(|(name, _, f)| (name.clone(), f.value(i).to_string()))
+                            .collect()
+                    })
+                    .collect(),
+            )
+        })
+        .collect())
 }

@@ -125,6 +125,8 @@ pub struct Report {
     pub unmatched_documents: Vec<String>,
     /// Predicted documents without labels (not scored).
     pub unlabelled_documents: usize,
+    /// Line items scored as sets (Donut's field F1 and tree-edit-distance accuracy), one per list field.
+    pub items: Vec<super::items::ItemScore>,
     #[serde(skip)]
     pub outcomes: Vec<FieldOutcome>,
 }
@@ -185,6 +187,7 @@ impl Report {
             thresholds,
             unmatched_documents,
             unlabelled_documents,
+            items: Vec::new(),
             outcomes,
         }
     }
@@ -257,6 +260,23 @@ impl Report {
                 ),
                 None => format!("  {:<20} no threshold reaches it\n", t.field),
             };
+        }
+        for i in &self.items {
+            s += &format!(
+                "\nline items '{}' as sets over {} documents: {} labelled / {} predicted items; leaves {} labelled, \
+                 {} predicted, {} matched: precision {:.3}, recall {:.3}, F1 {:.3}; tree-edit accuracy {:.3}\n",
+                i.field,
+                i.documents,
+                i.labelled_items,
+                i.predicted_items,
+                i.labelled_leaves,
+                i.predicted_leaves,
+                i.matched_leaves,
+                i.precision,
+                i.recall,
+                i.f1,
+                i.ted_accuracy
+            );
         }
         if !self.unmatched_documents.is_empty() {
             s += &format!(

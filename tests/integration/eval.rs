@@ -378,3 +378,274 @@ fn eval_cli_prints_the_table_and_writes_outcomes_duckdb_reads() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("reading labels"), "{}", text(&out));
 }
+
+/// The demo's `ground_truth.json` (written by scripts/make_samples.py) as labels, its receipts as predictions with
+/// known faults: one line item's `total_price` off by a digit, one item dropped, one `total` off by a digit, and
+/// in the labels one date rewritten day-first (`07/03/2024`), which still counts as right. Line items are scored
+/// as sets of leaves (Donut's field F1) and by tree edit distance; the expected figures are counted here from the
+/// ground truth itself.
+#[test]
+fn demo_ground_truth_scores_line_items_as_sets_and_scalars_by_outcome() {
+    use serde_json::{Value, json};
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("samples");
+    let made = std::process::Command::new(repo_root().join(".venv/bin/python"))
+        .arg(repo_root().join("scripts/make_samples.py"))
+        .arg(&samples)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let truth: serde_json::Map<String, Value> =
+        serde_json::from_str(&std::fs::read_to_string(samples.join("ground_truth.json")).unwrap())
+            .unwrap();
+    let receipts: Vec<(&String, &Value)> = truth
+        .iter()
+        .filter(|(_, t)| t.get("items").is_some())
+        .collect();
+    let invoices = truth.len() - receipts.len();
+    assert!(receipts.len() >= 3 && invoices >= 1, "{truth:?}");
+
+    // Predictions: every receipt's truth, then the faults.
+    let (off_item, dropped, off_total, day_first) = (0, 1, 2, 0);
+    let mut preds: Vec<Value> = receipts
+        .iter()
+        .map(|(name, t)| {
+            let mut p = (*t).clone();
+            p["source_uri"] = json!(format!("file:///in/{name}"));
+            p["status"] = json!("ok");
+            p
+        })
+        .collect();
+    let bump = |v: &Value| json!(v.as_f64().unwrap() + 1.0);
+    let old = preds[off_item]["items"][0]["total_price"].clone();
+    preds[off_item]["items"][0]["total_price"] = bump(&old);
+    let items_of_dropped = preds[dropped]["items"].as_array().unwrap().len();
+    preds[dropped]["items"].as_array_mut().unwrap().pop();
+    let old_total = preds[off_total]["total"].clone();
+    preds[off_total]["total"] = bump(&old_total);
+    let jsonl = dir.path().join("predictions.jsonl");
+    std::fs::write(
+        &jsonl,
+        preds
+            .iter()
+            .map(|p| p.to_string() + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+    let parquet = dir.path().join("predictions.parquet");
+    python_stdout(
+        &format!(
+            "import duckdb\nduckdb.sql(\"COPY (SELECT * FROM read_json('{}')) TO '{}' (FORMAT parquet)\")",
+            jsonl.display(),
+            parquet.display()
+        ),
+        &[] as &[&str],
+    );
+    // Labels: the file as written, but one receipt's date day-first.
+    let mut labels = truth.clone();
+    let iso = labels[receipts[day_first].0]["transaction_date"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (y, m, d) = (&iso[0..4], &iso[5..7], &iso[8..10]);
+    labels[receipts[day_first].0]["transaction_date"] = json!(format!("{d}/{m}/{y}"));
+    let labels_file = dir.path().join("ground_truth.json");
+    std::fs::write(&labels_file, Value::Object(labels).to_string()).unwrap();
+
+    let out = pixtract(
+        &[
+            "eval",
+            "--predictions",
+            &parquet.to_string_lossy(),
+            "--labels",
+            &labels_file.to_string_lossy(),
+            "--json",
+        ],
+        &[],
+        &repo_root(),
+    );
+    let printed = text(&out);
+    assert!(out.status.success(), "{printed}");
+    let report: Value = serde_json::from_str(printed.lines().last().unwrap()).unwrap();
+
+    // Line items: 4 leaves per item (description, quantity, unit_price, total_price).
+    let label_items: Vec<usize> = receipts
+        .iter()
+        .map(|(_, t)| t["items"].as_array().unwrap().len())
+        .collect();
+    let labelled_leaves = 4 * label_items.iter().sum::<usize>();
+    let predicted_leaves = labelled_leaves - 4;
+    let matched = predicted_leaves - 1;
+    let items = &report["items"][0];
+    assert_eq!(items["field"], "items");
+    assert_eq!(items["documents"], receipts.len());
+    assert_eq!(items["labelled_leaves"], labelled_leaves);
+    assert_eq!(items["predicted_leaves"], predicted_leaves);
+    assert_eq!(items["matched_leaves"], matched);
+    let close = |v: &Value, want: f64| (v.as_f64().unwrap() - want).abs() < 1e-9;
+    assert!(
+        close(
+            &items["precision"],
+            matched as f64 / predicted_leaves as f64
+        ),
+        "{items}"
+    );
+    assert!(
+        close(&items["recall"], matched as f64 / labelled_leaves as f64),
+        "{items}"
+    );
+    // Tree edit distance: the empty list costs (items + leaves) inserts; one wrong leaf is one relabel; a
+    // dropped item is its node and its 4 leaves.
+    let worst = |n: usize| (5 * n) as f64;
+    let ted: f64 = label_items
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| match i {
+            _ if i == off_item => 1.0 - 1.0 / worst(n),
+            _ if i == dropped => 1.0 - 5.0 / worst(items_of_dropped),
+            _ => 1.0,
+        })
+        .sum::<f64>()
+        / receipts.len() as f64;
+    assert!(close(&items["ted_accuracy"], ted), "{items} vs {ted}");
+
+    // Scalars: the label keys that name output columns; the invoices have no row, so their labelled currency is
+    // missed; one total is wrong; the day-first date is right.
+    let field = |name: &str| {
+        report["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["field"] == name)
+            .unwrap_or_else(|| panic!("no field {name} in {report}"))
+            .clone()
+    };
+    let total = field("total");
+    assert_eq!(total["wrong"], 1);
+    assert_eq!(total["correct"], receipts.len() - 1);
+    let date = field("transaction_date");
+    assert_eq!(date["correct"], receipts.len());
+    let currency = field("currency");
+    assert_eq!(currency["missed"], invoices);
+    assert_eq!(
+        report["unmatched_documents"].as_array().unwrap().len(),
+        invoices
+    );
+}
+
+/// invoice2data's label files (an array of one object per document, its own key names) through the shipped
+/// mapping file; labels written here in invoice2data's format, predictions in schemas/invoice.json's columns.
+#[test]
+fn invoice2data_labels_score_through_the_mapping_file() {
+    use serde_json::{Value, json};
+    let dir = tempfile::tempdir().unwrap();
+    let compare = dir.path().join("compare");
+    std::fs::create_dir(&compare).unwrap();
+    let invoices = [
+        (
+            "AmazonWebServices",
+            "Amazon Web Services, Inc.",
+            "335128327",
+            "2014-05-07",
+            2.78,
+        ),
+        ("FlipkartTest", "Flipkart", "FIN00412", "2016-03-21", 1420.0),
+        ("oyo", "OYO", "IBZY2087", "2017-12-31", 1939.0),
+    ];
+    let mut preds = Vec::new();
+    for (i, (name, issuer, number, date, amount)) in invoices.iter().enumerate() {
+        let label = json!([{"issuer": issuer, "invoice_number": number, "date": date, "amount": amount,
+                            "currency": "EUR", "desc": format!("Invoice from {issuer}")}]);
+        std::fs::write(compare.join(format!("{name}.json")), label.to_string()).unwrap();
+        // The second invoice's number is misread.
+        let read_number = if i == 1 { "FIN00413" } else { number };
+        preds.push(
+            json!({"source_uri": format!("s3://in/{name}.pdf"), "status": "ok",
+            "vendor_name": issuer, "invoice_id": read_number, "invoice_date": date,
+            "invoice_total": amount, "currency": "EUR"}),
+        );
+    }
+    let jsonl = dir.path().join("p.jsonl");
+    std::fs::write(
+        &jsonl,
+        preds
+            .iter()
+            .map(|p| p.to_string() + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+    let parquet = dir.path().join("p.parquet");
+    python_stdout(
+        &format!(
+            // The invoice schema's other mapped columns, null as a run writes what it did not find.
+            "import duckdb\nduckdb.sql(\"COPY (SELECT *, NULL::DATE AS due_date, NULL::DOUBLE AS subtotal, \
+             NULL::DOUBLE AS total_tax, NULL::VARCHAR AS vendor_tax_id FROM read_json('{}')) TO '{}' (FORMAT parquet)\")",
+            jsonl.display(),
+            parquet.display()
+        ),
+        &[] as &[&str],
+    );
+    let out = pixtract(
+        &[
+            "eval",
+            "--predictions",
+            &parquet.to_string_lossy(),
+            "--labels",
+            &compare.to_string_lossy(),
+            "--mapping",
+            &repo_root()
+                .join("schemas/mappings/invoice2data.toml")
+                .to_string_lossy(),
+            "--json",
+        ],
+        &[],
+        &repo_root(),
+    );
+    let printed = text(&out);
+    assert!(out.status.success(), "{printed}");
+    let report: Value = serde_json::from_str(printed.lines().last().unwrap()).unwrap();
+    let scores: std::collections::BTreeMap<String, (u64, u64, u64)> = report["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let n = |k: &str| f[k].as_u64().unwrap();
+            (
+                f["field"].as_str().unwrap().to_string(),
+                (n("correct"), n("wrong"), n("missed")),
+            )
+        })
+        .collect();
+    let n = invoices.len() as u64;
+    assert_eq!(scores["vendor_name"], (n, 0, 0), "{scores:?}");
+    assert_eq!(scores["invoice_id"], (n - 1, 1, 0), "{scores:?}");
+    assert_eq!(scores["invoice_date"], (n, 0, 0), "{scores:?}");
+    assert_eq!(scores["invoice_total"], (n, 0, 0), "{scores:?}");
+    assert_eq!(scores["currency"], (n, 0, 0), "{scores:?}");
+    // Keys the labels do not have (due dates, untaxed amounts) are absent, not missed.
+    assert_eq!(scores["due_date"], (0, 0, 0), "{scores:?}");
+
+    // A mapping to a column the predictions lack is refused, naming it and the columns there are.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[fields]\nissuer = \"vendor\"\n").unwrap();
+    let out = pixtract(
+        &[
+            "eval",
+            "--predictions",
+            &parquet.to_string_lossy(),
+            "--labels",
+            &compare.to_string_lossy(),
+            "--mapping",
+            &bad.to_string_lossy(),
+        ],
+        &[],
+        &repo_root(),
+    );
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains("'vendor'") && t.contains("vendor_name"), "{t}");
+}
