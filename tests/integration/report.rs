@@ -1,0 +1,394 @@
+//! The run report in a real headless browser: a small real run (tiny model, good and broken documents) with
+//! `--report`, then `pixtract report` with `pixtract eval --json` figures; the page is opened in chromium over the
+//! DevTools protocol, and what its tables and charts say is compared with the Parquet rows read back by DuckDB,
+//! the manifest and the eval JSON.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::browser::Browser;
+use crate::pipeline::duckdb;
+use crate::util::{
+    PdfPage, invoice_content, make_pdf, pixtract, read_json, repo_root, text, tiny_gqa_model,
+};
+
+/// The rows of a table in the page, as cell texts.
+fn table_cells(browser: &mut Browser, selector: &str) -> Vec<Vec<String>> {
+    let value = browser.eval(&format!(
+        "[...document.querySelectorAll('{selector} tbody tr')].map(tr => [...tr.children].map(c => c.innerText.trim()))"
+    ));
+    serde_json::from_value(value).unwrap()
+}
+
+/// The `<text>` elements of the SVG charts in a section.
+fn chart_texts(browser: &mut Browser, section: &str) -> Vec<String> {
+    let value = browser.eval(&format!(
+        "[...document.querySelectorAll('#{section} svg text')].map(t => t.textContent.trim())"
+    ));
+    serde_json::from_value(value).unwrap()
+}
+
+fn number(cell: &str) -> usize {
+    cell.parse()
+        .unwrap_or_else(|e| panic!("{cell:?} is not a count: {e}"))
+}
+
+fn percent(part: usize, whole: usize) -> String {
+    if whole == 0 {
+        "n/a".into()
+    } else {
+        format!("{:.1}%", part as f64 / whole as f64 * 100.0)
+    }
+}
+
+/// The SQL condition under which a field of DuckDB type `ty` holds a value, as the report defines it.
+fn filled_sql(field: &str, ty: &str) -> String {
+    if ty.ends_with("[]") {
+        format!("({field} IS NOT NULL AND len({field}) > 0)")
+    } else if ty == "VARCHAR" {
+        format!("({field} IS NOT NULL AND trim({field}) <> '')")
+    } else {
+        format!("({field} IS NOT NULL)")
+    }
+}
+
+fn write_inputs(inputs: &Path) {
+    std::fs::create_dir_all(inputs).unwrap();
+    let pages = vec![
+        PdfPage::new(612.0, 792.0, invoice_content("INVOICE 7", 4)),
+        PdfPage::new(612.0, 792.0, invoice_content("INVOICE 7 page 2", 2)),
+    ];
+    std::fs::write(inputs.join("invoice.pdf"), make_pdf(&pages)).unwrap();
+    std::fs::copy(
+        repo_root().join("models/tiny/reference/rgba/image0.png"),
+        inputs.join("logo.png"),
+    )
+    .unwrap();
+    let good = make_pdf(&pages[..1]);
+    std::fs::write(inputs.join("truncated.pdf"), &good[..good.len() / 3]).unwrap();
+    std::fs::write(inputs.join("empty.jpg"), b"").unwrap();
+    std::fs::write(
+        inputs.join("notes.pdf"),
+        b"these are not the bytes of a PDF",
+    )
+    .unwrap();
+}
+
+#[test]
+fn run_report_in_headless_chromium_holds_the_runs_numbers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = tmp.path().join("in");
+    write_inputs(&inputs);
+    let output = tmp.path().join("out");
+    let spec = tmp.path().join("report.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"report-test\"\n[source]\nuri = \"{}\"\n[raster]\nworkers = 1\n[model]\ndir = \"{}\"\n\
+             batch_size = 4\nmax_new_tokens = 160\n[extract]\nschema = \"{}\"\n[output]\nuri = \"{}\"\n",
+            inputs.display(),
+            tiny_gqa_model().display(),
+            repo_root().join("schemas/receipt.json").display(),
+            output.display()
+        ),
+    )
+    .unwrap();
+    let run = pixtract(
+        &["run", spec.to_str().unwrap(), "--report"],
+        &[],
+        &repo_root(),
+    );
+    // Broken documents make it a finished run with failures (2), not a crash.
+    assert_eq!(run.status.code(), Some(2), "{}", text(&run));
+
+    // The run wrote its report beside its manifest.
+    let partition = std::fs::read_dir(&output)
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().is_dir())
+        .expect("partition directory")
+        .path();
+    let manifest_path = std::fs::read_dir(&partition)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("_manifest-")
+        })
+        .expect("manifest");
+    let manifest = read_json(&manifest_path);
+    let run_id = manifest["run_id"].as_str().unwrap().to_string();
+    let run_report = partition.join(format!("_report-{run_id}.html"));
+    assert!(run_report.is_file(), "{}", text(&run));
+    assert!(
+        text(&run).contains(&format!("_report-{run_id}.html")),
+        "{}",
+        text(&run)
+    );
+
+    // Accuracy figures: labels for two documents, scored by `pixtract eval --json`.
+    let labels = tmp.path().join("labels.jsonl");
+    std::fs::write(
+        &labels,
+        "{\"document\": \"invoice.pdf\", \"company\": \"ACME\", \"total\": \"9.99\", \"date\": \"2024-03-07\"}\n\
+         {\"document\": \"logo.png\", \"company\": \"Logo Shop\", \"total\": \"1.00\"}\n",
+    )
+    .unwrap();
+    let eval = pixtract(
+        &[
+            "eval",
+            "--predictions",
+            output.to_str().unwrap(),
+            "--labels",
+            labels.to_str().unwrap(),
+            "--json",
+        ],
+        &[],
+        &repo_root(),
+    );
+    assert!(eval.status.success(), "{}", text(&eval));
+    let eval_json = tmp.path().join("eval.json");
+    std::fs::write(&eval_json, &eval.stdout).unwrap();
+    let eval: Value = serde_json::from_slice(&eval.stdout).unwrap();
+
+    let page = tmp.path().join("report.html");
+    let out = pixtract(
+        &[
+            "report",
+            output.to_str().unwrap(),
+            "--out",
+            page.to_str().unwrap(),
+            "--eval",
+            eval_json.to_str().unwrap(),
+        ],
+        &[],
+        &repo_root(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(&run_id), "{}", text(&out));
+
+    let mut browser = Browser::start();
+    let url = browser.open(&page);
+
+    // What the run committed, read back by DuckDB.
+    let glob = format!("{}/**/*.parquet", output.display());
+    let from = format!("read_parquet('{glob}', hive_partitioning = true)");
+    let totals = duckdb(&format!(
+        "SELECT count(*), count(*) FILTER (WHERE status = 'ok'), count(*) FILTER (WHERE status = 'error'), \
+         count(DISTINCT source_uri), coalesce(sum(page_end - page_start + 1) FILTER (WHERE page_start > 0), 0) \
+         FROM {from}"
+    ));
+    let totals: Vec<usize> = totals.trim().split('|').map(number).collect();
+    let summary: std::collections::HashMap<String, String> = serde_json::from_value(browser.eval(
+        "Object.fromEntries([...document.querySelectorAll('#summary-table td')].map(td => [td.dataset.key, td.textContent]))",
+    ))
+    .unwrap();
+    assert_eq!(
+        browser.eval("document.getElementById('run-id').textContent"),
+        Value::from(run_id.clone())
+    );
+    for (key, expected) in ["rows", "rows_ok", "rows_error", "documents", "pages"]
+        .iter()
+        .zip(&totals)
+    {
+        assert_eq!(
+            number(&summary[*key]),
+            *expected,
+            "summary {key}: {summary:?}"
+        );
+    }
+    // The run's own summary agrees with its rows.
+    assert_eq!(manifest["summary"]["rows"].as_u64(), Some(totals[0] as u64));
+    assert_eq!(
+        manifest["summary"]["pages"].as_u64(),
+        Some(totals[4] as u64)
+    );
+
+    // Throughput: every row and page falls in some bin.
+    let bins = table_cells(&mut browser, "#throughput-table");
+    assert!(!bins.is_empty());
+    assert_eq!(bins.iter().map(|b| number(&b[1])).sum::<usize>(), totals[0]);
+    assert_eq!(bins.iter().map(|b| number(&b[2])).sum::<usize>(), totals[4]);
+    assert!(
+        browser
+            .eval("document.querySelectorAll('#throughput svg rect').length")
+            .as_u64()
+            > Some(bins.len() as u64),
+        "a bar per bin"
+    );
+
+    // Stage busy shares: the manifest's figures, in the table and as the chart's bar labels.
+    let stages = table_cells(&mut browser, "#stages-table");
+    let recorded = manifest["summary"]["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), recorded.len());
+    let stage_labels = chart_texts(&mut browser, "stages");
+    for (row, stage) in stages.iter().zip(recorded) {
+        assert_eq!(row[0], stage["stage"].as_str().unwrap());
+        assert_eq!(
+            row[1],
+            format!("{:.3}", stage["busy_seconds"].as_f64().unwrap())
+        );
+        let share = format!("{:.1}%", stage["share"].as_f64().unwrap() * 100.0);
+        assert_eq!(row[2], share);
+        assert!(
+            stage_labels.contains(&row[0]) && stage_labels.contains(&share),
+            "{stage_labels:?}"
+        );
+    }
+
+    // Errors by cause: every failed row is in exactly one group with its document, and the cause is part of its
+    // message.
+    let failed = duckdb(&format!(
+        "SELECT status, source_uri, error FROM {from} WHERE status <> 'ok' ORDER BY source_uri, page_start"
+    ));
+    let failed: Vec<Vec<&str>> = failed.lines().map(|l| l.splitn(3, '|').collect()).collect();
+    let groups = table_cells(&mut browser, "#error-table");
+    let documents_of =
+        |g: &Vec<String>| -> Vec<String> { g[3].split_whitespace().map(str::to_string).collect() };
+    assert_eq!(
+        groups.iter().map(|g| number(&g[2])).sum::<usize>(),
+        failed.len()
+    );
+    for row in &failed {
+        let matching: Vec<&Vec<String>> = groups
+            .iter()
+            .filter(|g| {
+                g[0] == row[0]
+                    && row[2].contains(g[1].as_str())
+                    && documents_of(g).iter().any(|d| d == row[1])
+            })
+            .collect();
+        assert_eq!(matching.len(), 1, "{row:?} in {groups:?}");
+    }
+    for g in &groups {
+        let rows = failed
+            .iter()
+            .filter(|r| {
+                r[0] == g[0]
+                    && r[2].contains(g[1].as_str())
+                    && documents_of(g).iter().any(|d| d == r[1])
+            })
+            .count();
+        assert_eq!(number(&g[2]), rows, "{g:?}");
+    }
+    for name in ["empty.jpg", "truncated.pdf", "notes.pdf"] {
+        assert!(
+            groups.iter().any(|g| g[3].contains(name)),
+            "{name} in the error table: {groups:?}"
+        );
+    }
+
+    // Fill rates and confidence histograms, per schema field, against DuckDB.
+    let types = duckdb(&format!(
+        "SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM {from})"
+    ));
+    let types: std::collections::HashMap<&str, &str> =
+        types.lines().filter_map(|l| l.split_once('|')).collect();
+    let schema = read_json(&repo_root().join("schemas/receipt.json"));
+    let fields: Vec<String> = schema["properties"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    let fill = table_cells(&mut browser, "#fill-table");
+    let confidence = table_cells(&mut browser, "#confidence-table");
+    let fill_labels = chart_texts(&mut browser, "fill");
+    let histogram_labels = chart_texts(&mut browser, "confidence");
+    assert_eq!(fill.len(), fields.len(), "{fill:?}");
+    for ((field, row), bins) in fields.iter().zip(&fill).zip(&confidence) {
+        let filled = filled_sql(field, types[field.as_str()]);
+        let counts = duckdb(&format!(
+            "SELECT count(*), count(*) FILTER (WHERE {filled}), count(*) FILTER (WHERE status = 'ok'), \
+             count(*) FILTER (WHERE status = 'ok' AND {filled}) FROM {from} WHERE finish_reason IS NOT NULL"
+        ));
+        let counts: Vec<usize> = counts.trim().split('|').map(number).collect();
+        let expected = vec![
+            field.clone(),
+            counts[0].to_string(),
+            counts[1].to_string(),
+            percent(counts[1], counts[0]),
+            counts[2].to_string(),
+            counts[3].to_string(),
+            percent(counts[3], counts[2]),
+        ];
+        assert_eq!(row, &expected, "fill rate of {field}");
+        // The chart: the field's name and both of its rates as bar labels.
+        for label in [field, &expected[3], &expected[6]] {
+            assert!(
+                fill_labels.contains(label),
+                "{label} in the fill chart: {fill_labels:?}"
+            );
+        }
+        let histogram = duckdb(&format!(
+            "SELECT least(floor(_confidence.{field}.min * 10), 9)::INTEGER AS bin, count(*) FROM {from} \
+             WHERE finish_reason IS NOT NULL AND {filled} AND _confidence.{field}.min IS NOT NULL GROUP BY bin"
+        ));
+        let mut expected_bins = vec![0usize; 10];
+        for line in histogram.lines() {
+            let (bin, n) = line.split_once('|').unwrap();
+            expected_bins[number(bin)] = number(n);
+        }
+        assert_eq!(bins[0], *field);
+        let shown: Vec<usize> = bins[1..11].iter().map(|c| number(c)).collect();
+        assert_eq!(shown, expected_bins, "confidence histogram of {field}");
+        let caption = format!("{field} ({} values)", expected_bins.iter().sum::<usize>());
+        assert!(
+            histogram_labels.contains(&caption),
+            "{caption} in {histogram_labels:?}"
+        );
+    }
+
+    // Accuracy: the eval JSON's figures, per field and micro.
+    let scores = table_cells(&mut browser, "#eval-table");
+    let eval_fields = eval["fields"].as_array().unwrap();
+    assert_eq!(scores.len(), eval_fields.len());
+    for (row, f) in scores.iter().zip(eval_fields) {
+        assert_eq!(row[0], f["field"].as_str().unwrap());
+        assert_eq!(number(&row[1]), f["labelled"].as_u64().unwrap() as usize);
+        for (cell, key) in row[6..9].iter().zip(["precision", "recall", "f1"]) {
+            assert_eq!(
+                *cell,
+                format!("{:.3}", f[key].as_f64().unwrap()),
+                "{key} of {row:?}"
+            );
+        }
+    }
+    assert_eq!(
+        browser.eval("document.getElementById('micro-f1').textContent"),
+        Value::from(format!("{:.3}", eval["micro"]["f1"].as_f64().unwrap()))
+    );
+
+    // The report the run wrote holds the same tables (only the time it was made differs).
+    let written = std::fs::read_to_string(&run_report).unwrap();
+    let cli = std::fs::read_to_string(&page).unwrap();
+    let section = |html: &str, id: &str| -> String {
+        let start = html
+            .find(&format!("<table id=\"{id}\""))
+            .unwrap_or_else(|| panic!("{id}"));
+        let end = start + html[start..].find("</table>").unwrap();
+        html[start..end].to_string()
+    };
+    for id in [
+        "error-table",
+        "fill-table",
+        "confidence-table",
+        "stages-table",
+    ] {
+        assert_eq!(section(&written, id), section(&cli, id), "{id}");
+    }
+
+    // A static page: nothing but the file itself was requested, and nothing went to the console as an error.
+    let screenshot = browser.screenshot(1000);
+    assert!(browser.log.errors.is_empty(), "{:?}", browser.log.errors);
+    assert_eq!(browser.log.requests, vec![url], "requests");
+    let shot = repo_root().join("target/report-test/report.png");
+    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
+    std::fs::write(&shot, &screenshot).unwrap();
+    assert_eq!(&screenshot[1..4], b"PNG");
+    eprintln!("screenshot: {}", shot.display());
+}
