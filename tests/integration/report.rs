@@ -13,10 +13,10 @@ use crate::util::{
     PdfPage, invoice_content, make_pdf, pixtract, read_json, repo_root, text, tiny_gqa_model,
 };
 
-/// The rows of a table in the page, as cell texts.
+/// The rows of a table in the page, as cell texts (a list's items one per line).
 fn table_cells(browser: &mut Browser, selector: &str) -> Vec<Vec<String>> {
     let value = browser.eval(&format!(
-        "[...document.querySelectorAll('{selector} tbody tr')].map(tr => [...tr.children].map(c => c.innerText.trim()))"
+        "[...document.querySelectorAll('{selector} tbody tr')].map(tr => [...tr.children].map(c => c.querySelector('li') ? [...c.querySelectorAll('li')].map(li => li.textContent).join('\\n') : c.textContent.trim()))"
     ));
     serde_json::from_value(value).unwrap()
 }
@@ -86,7 +86,7 @@ fn run_report_in_headless_chromium_holds_the_runs_numbers() {
         &spec,
         format!(
             "name = \"report-test\"\n[source]\nuri = \"{}\"\n[raster]\nworkers = 1\n[model]\ndir = \"{}\"\n\
-             batch_size = 4\nmax_new_tokens = 160\n[extract]\nschema = \"{}\"\n[output]\nuri = \"{}\"\n",
+             batch_size = 4\nmax_new_tokens = 512\n[extract]\nschema = \"{}\"\n[output]\nuri = \"{}\"\n",
             inputs.display(),
             tiny_gqa_model().display(),
             repo_root().join("schemas/receipt.json").display(),
