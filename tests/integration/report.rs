@@ -392,3 +392,155 @@ fn run_report_in_headless_chromium_holds_the_runs_numbers() {
     assert_eq!(&screenshot[1..4], b"PNG");
     eprintln!("screenshot: {}", shot.display());
 }
+
+/// The `<td data-key=KEY>` value of the page's summary table.
+fn summary_value(html: &str, key: &str) -> String {
+    let marker = format!("data-key=\"{key}\">");
+    let start = html
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no summary {key}"))
+        + marker.len();
+    html[start..start + html[start..].find('<').unwrap()].to_string()
+}
+
+fn summary_table(html: &str) -> &str {
+    let start = html
+        .find("<table id=\"summary-table\"")
+        .expect("summary table");
+    &html[start..start + html[start..].find("</table>").unwrap()]
+}
+
+#[test]
+fn report_reads_an_s3_output_and_picks_the_run() {
+    use futures::TryStreamExt;
+    use object_store::ObjectStoreExt;
+    let moto = crate::util::Moto::start();
+    moto.create_bucket("lake");
+    let store = moto.store("lake");
+    let env = moto.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = tmp.path().join("in");
+    std::fs::create_dir_all(&inputs).unwrap();
+    std::fs::copy(
+        repo_root().join("models/tiny/reference/rgba/image0.png"),
+        inputs.join("logo.png"),
+    )
+    .unwrap();
+    std::fs::write(inputs.join("empty.jpg"), b"").unwrap();
+    let spec = crate::pipeline::write_spec(tmp.path(), &inputs, Path::new("s3://lake/out/"));
+    let first = pixtract(
+        &["run", spec.to_str().unwrap(), "--report"],
+        &env,
+        &repo_root(),
+    );
+    assert_eq!(first.status.code(), Some(2), "{}", text(&first));
+    // The second run finds both documents done: a run with a manifest and no rows.
+    let second = pixtract(&["run", spec.to_str().unwrap()], &env, &repo_root());
+    assert_eq!(second.status.code(), Some(0), "{}", text(&second));
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let keys: Vec<String> = rt.block_on(async {
+        store
+            .list(Some(&object_store::path::Path::from("out")))
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .unwrap()
+    });
+    let get = |key: &str| -> Vec<u8> {
+        rt.block_on(async {
+            let path = object_store::path::Path::from(key);
+            store
+                .get(&path)
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap()
+                .to_vec()
+        })
+    };
+    let mut manifests: Vec<serde_json::Value> = keys
+        .iter()
+        .filter(|k| k.contains("/_manifest-"))
+        .map(|k| serde_json::from_slice(&get(k)).unwrap())
+        .collect();
+    manifests.sort_by_key(|m| m["run_id"].as_str().unwrap().to_string());
+    assert_eq!(manifests.len(), 2, "{keys:?}");
+    let (run1, run2) = (
+        manifests[0]["run_id"].as_str().unwrap(),
+        manifests[1]["run_id"].as_str().unwrap(),
+    );
+    let stored_key = keys
+        .iter()
+        .find(|k| k.ends_with(&format!("/_report-{run1}.html")))
+        .unwrap_or_else(|| panic!("the first run's report beside its manifest: {keys:?}"));
+    let stored = String::from_utf8(get(stored_key)).unwrap();
+    assert!(
+        !keys.iter().any(|k| k.contains(&format!("_report-{run2}"))),
+        "no report unless asked: {keys:?}"
+    );
+
+    // Default: the latest run, here the one that skipped everything.
+    let latest = tmp.path().join("latest.html");
+    let out = pixtract(
+        &["report", "s3://lake/out", "--out", latest.to_str().unwrap()],
+        &env,
+        &repo_root(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let latest = std::fs::read_to_string(&latest).unwrap();
+    assert!(latest.contains(&format!("<span id=\"run-id\">{run2}</span>")));
+    assert_eq!(summary_value(&latest, "rows"), "0");
+    assert_eq!(
+        summary_value(&latest, "documents_skipped"),
+        manifests[1]["summary"]["documents_skipped"].to_string()
+    );
+
+    // --run: the first run, read from S3, says what the report the run wrote says.
+    let earlier = tmp.path().join("earlier.html");
+    let out = pixtract(
+        &[
+            "report",
+            "s3://lake/out",
+            "--run",
+            run1,
+            "--out",
+            earlier.to_str().unwrap(),
+        ],
+        &env,
+        &repo_root(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let earlier = std::fs::read_to_string(&earlier).unwrap();
+    assert_eq!(summary_table(&earlier), summary_table(&stored));
+    assert_eq!(
+        summary_value(&earlier, "rows"),
+        manifests[0]["summary"]["rows"].to_string()
+    );
+    assert!(
+        earlier.contains("empty.jpg"),
+        "the failed document is named"
+    );
+
+    // A run that is not there: exit 1, naming the runs that are.
+    let out = pixtract(
+        &[
+            "report",
+            "s3://lake/out",
+            "--run",
+            "nope",
+            "--out",
+            tmp.path().join("x.html").to_str().unwrap(),
+        ],
+        &env,
+        &repo_root(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("no run nope") && text(&out).contains(run1),
+        "{}",
+        text(&out)
+    );
+}
