@@ -67,6 +67,18 @@ ln -sfn "$venv" .venv
 
 [ "$venv_only" = 1 ] && exit 0
 
+# Debian's chromium: the run report's test opens the report in a real headless browser. Installed when missing,
+# as root (CI runs `make test` as root on a fresh machine); silent and instant once there.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's chromium for the report's browser test (about a minute)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+  else
+    echo "setup: chromium is missing and this is not root: 'sudo apt-get install chromium' (the report's browser test needs it)" >&2
+  fi
+fi
+
 # Tiny seeded Pixtral + reference fixtures, rebuilt when the exporter or the environment changes.
 model=models/tiny
 stamp=$( { cat onnx-export/pixtract_export/*.py; echo "$key"; } | sha256sum | cut -c1-16)

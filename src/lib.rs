@@ -12,6 +12,7 @@
 //! - [`store`]: object-store URLs (s3://, gs://, az://) shared by the source and the sink
 //! - [`doctor`]: what this machine can run
 //! - [`eval`]: accuracy of an output against labelled documents (per-field scores, calibration)
+//! - [`report`]: one run read back from its output as a static HTML page (throughput, stages, errors, fill rates)
 //! - [`verify`]: the engine against a model's reference cases (typed results)
 //! - [`testkit`]: generated documents for tests and benchmarks
 
@@ -25,6 +26,7 @@ pub mod model;
 pub mod native;
 pub mod pipeline;
 pub mod raster;
+pub mod report;
 pub mod sink;
 pub mod source;
 pub mod store;

@@ -6,6 +6,7 @@ mod doctor;
 mod eval;
 mod generate;
 mod pages;
+mod report;
 mod run;
 mod verify;
 
@@ -96,6 +97,18 @@ enum Command {
     ///
     ///   pixtract eval --predictions out/inv --labels labels.jsonl --map amount=total --map date=invoice_date --json
     Eval(eval::EvalArgs),
+    /// Write one run's report as a static HTML file: throughput over time, stage busy shares, errors by cause
+    /// with their documents, per-field fill rates and confidence histograms, and accuracy from `pixtract eval`.
+    ///
+    /// Reads the run's committed Parquet files and manifest from its output (folder or object store). The page
+    /// is self-contained: no script, nothing fetched. Exit code 0 when written, 1 when it could not be.
+    ///
+    /// Examples:
+    ///
+    ///   pixtract report out/demo/parquet --out report.html
+    ///
+    ///   pixtract eval --predictions out/r --labels labels/ --json > eval.json; pixtract report out/r --eval eval.json
+    Report(report::ReportArgs),
     /// Benchmarks, each against its reference in the same run, reported as ratios.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -112,6 +125,7 @@ pub fn main() -> ExitCode {
         Command::Generate(args) => report("generate", generate::generate(args)),
         Command::Verify(args) => verify::verify(args),
         Command::Eval(args) => report("eval", eval::eval(args)),
+        Command::Report(args) => report("report", report::report(args)),
         Command::Bench(command) => bench::bench(command),
         Command::RasterWorker => pixtract::raster::worker::run_worker(),
     }

@@ -63,6 +63,10 @@ pub struct RunArgs {
     /// summary on stdout is then JSON too).
     #[arg(long, value_enum, default_value = "auto", env = "PIXTRACT_LOG_FORMAT")]
     log_format: LogFormatArg,
+    /// Also write the run report (one HTML file, as `pixtract report` makes) beside the manifest; same as
+    /// `[output] report = true`.
+    #[arg(long)]
+    report: bool,
 }
 
 /// `--shard i/n`, else a scheduler's index variable with PIXTRACT_SHARDS.
@@ -119,6 +123,9 @@ fn spec_with_overrides(args: RunArgs) -> anyhow::Result<(PipelineSpec, Option<(u
     }
     if let Some(v) = args.max_documents {
         spec.limits.max_documents = v;
+    }
+    if args.report {
+        spec.output.report = true;
     }
     let shard = shard_from(args.shard.as_deref()).map_err(anyhow::Error::msg)?;
     spec.validate().map_err(anyhow::Error::msg)?;
@@ -217,6 +224,9 @@ pub fn run(args: RunArgs) -> ExitCode {
                     .collect::<Vec<_>>()
                     .join(" | ")
             );
+            if let Some(report) = &s.report {
+                println!("report: {}/{report}", s.output.trim_end_matches('/'));
+            }
             if let Some(reason) = &s.aborted {
                 eprintln!("pixtract run: aborted: {reason}");
             }

@@ -104,6 +104,9 @@ pub struct RunSummary {
     pub aborted: Option<String>,
     pub output: String,
     pub files: Vec<String>,
+    /// Where the run report went (`[output] report`), relative to the output; set after the manifest is written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report: Option<String>,
 }
 
 /// Inputs for the model stage: one prompt's pages, or a document that failed before the model.

@@ -224,11 +224,53 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
         aborted: failure,
         output: target.url(),
         files: Vec::new(),
+        report: None,
     };
     let manifest_value = serde_json::to_value(&summary).map_err(PipelineError::Summary)?;
+    let partition = sink.partition_dir();
     let written = sink.finish(manifest_value).await?;
     summary.files = written.files.iter().map(|f| f.path.clone()).collect();
+    if spec.output.report {
+        summary.report = write_report(&target, &partition, &run_id, reporter).await;
+    }
     Ok(summary)
+}
+
+/// Writes the run's report beside its manifest. The run's rows are committed by then: a report that cannot be
+/// written is a warning event, not a failed run. Returns the report's path relative to the output.
+async fn write_report(
+    target: &SinkTarget,
+    partition: &str,
+    run_id: &str,
+    reporter: Reporter,
+) -> Option<String> {
+    let name = crate::report::file_name(run_id);
+    let rel = if partition.is_empty() {
+        name
+    } else {
+        format!("{partition}/{name}")
+    };
+    let written = async {
+        let page = crate::report::build(target, Some(run_id), None).await?;
+        target
+            .put_whole(&rel, page.into_bytes(), run_id)
+            .await
+            .map_err(crate::report::ReportError::Write)
+    }
+    .await;
+    match written {
+        Ok(()) => Some(rel),
+        Err(e) => {
+            let error = crate::error::chain(&e);
+            reporter.event(
+                "warn",
+                "report_failed",
+                || format!("the run report could not be written: {error}"),
+                serde_json::json!({"error": error}),
+            );
+            None
+        }
+    }
 }
 
 /// The text of a panic's payload (a `&str` or `String` for `panic!` with a message).

@@ -147,6 +147,9 @@ pub struct OutputSpec {
     pub partition: String,
     #[serde(default = "default_rows_per_file")]
     pub max_rows_per_file: usize,
+    /// Also write the run report (`_report-<run id>.html`, see `pixtract report`) beside the manifest.
+    #[serde(default)]
+    pub report: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -176,6 +176,49 @@ impl SinkTarget {
             SinkTarget::Store { url, .. } => url.clone(),
         }
     }
+
+    /// Writes a small object at `rel` (relative to the target) so that it appears whole or not at all: local via a
+    /// hidden temporary file (named with `writer`, e.g. the run id, so concurrent writers of the same name never
+    /// rename each other's file away), fsynced and renamed; object store via one PUT.
+    pub async fn put_whole(
+        &self,
+        rel: &str,
+        bytes: Vec<u8>,
+        writer: &str,
+    ) -> Result<(), SinkError> {
+        match self {
+            SinkTarget::Local(root) => {
+                let path = root.join(rel);
+                let io = |p: &Path| {
+                    let p = p.to_path_buf();
+                    move |source| SinkError::Io { path: p, source }
+                };
+                if let Some(d) = path.parent() {
+                    std::fs::create_dir_all(d).map_err(io(d))?;
+                }
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                // Per run: concurrent shards all write the partition's `_SUCCESS`, and a shared temporary name
+                // would let one writer rename another's file away (seen as ENOENT under 4 concurrent shards).
+                let tmp = path.with_file_name(format!(".{name}.{writer}.inprogress"));
+                std::fs::write(&tmp, &bytes).map_err(io(&tmp))?;
+                publish_local(&tmp, &path).map(|_| ())
+            }
+            SinkTarget::Store { store, prefix, .. } => {
+                let key = join_key(prefix, rel);
+                store
+                    .put(&key, PutPayload::from(bytes))
+                    .await
+                    .map(|_| ())
+                    .map_err(|source| SinkError::Object {
+                        key: key.to_string(),
+                        source,
+                    })
+            }
+        }
+    }
 }
 
 /// How files are laid out and encoded.
@@ -575,38 +618,7 @@ impl ParquetSink {
 
     /// Whole-object write: local via temp + rename, object store via one PUT.
     async fn put_small(&self, rel: &str, bytes: Vec<u8>) -> Result<(), SinkError> {
-        match &self.target {
-            SinkTarget::Local(root) => {
-                let path = root.join(rel);
-                let io = |p: &Path| {
-                    let p = p.to_path_buf();
-                    move |source| SinkError::Io { path: p, source }
-                };
-                if let Some(d) = path.parent() {
-                    std::fs::create_dir_all(d).map_err(io(d))?;
-                }
-                let name = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                // Per run: concurrent shards all write the partition's `_SUCCESS`, and a shared temporary name
-                // would let one writer rename another's file away (seen as ENOENT under 4 concurrent shards).
-                let tmp = path.with_file_name(format!(".{name}.{}.inprogress", self.run_id));
-                std::fs::write(&tmp, &bytes).map_err(io(&tmp))?;
-                publish_local(&tmp, &path).map(|_| ())
-            }
-            SinkTarget::Store { store, prefix, .. } => {
-                let key = join_key(prefix, rel);
-                store
-                    .put(&key, PutPayload::from(bytes))
-                    .await
-                    .map(|_| ())
-                    .map_err(|source| SinkError::Object {
-                        key: key.to_string(),
-                        source,
-                    })
-            }
-        }
+        self.target.put_whole(rel, bytes, &self.run_id).await
     }
 
     /// Writes and removes a small probe object (`.pixtract-write-check-<run id>`) in the output, so an output that

@@ -1,6 +1,7 @@
 //! One integration-test crate (as ripgrep does): every test drives real parts: the pixtract binary, ONNX Runtime
 //! and pdfium from the project's virtualenv, the exported tiny model and the Python exporter.
 
+mod browser;
 mod ci_model;
 mod doctor;
 mod engine;
@@ -12,6 +13,7 @@ mod model_dir;
 mod pipeline;
 mod raster;
 mod reliability;
+mod report;
 mod sink;
 mod source;
 mod util;

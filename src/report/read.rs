@@ -1,0 +1,386 @@
+//! Reading one run back from its output: the run's manifest (when it finished) and its Parquet rows, reduced to
+//! what the report shows (where each row came from, its status and error, when it was processed, and per schema
+//! field whether it holds a value and how sure the model was).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StructArray};
+use arrow::datatypes::{DataType, Float32Type, Int32Type, TimestampMicrosecondType};
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use object_store::buffered::BufReader;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
+use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
+use serde::Deserialize;
+
+use super::ReportError;
+use crate::extract::values::provenance::{PAGE_END, PAGE_START, SOURCE_URI, STATUS, is_reserved};
+use crate::sink::{SinkManifest, SinkTarget};
+
+/// The confidence struct column: per field `{min, mean}`.
+const CONFIDENCE: &str = "_confidence";
+
+/// One stage's busy time as the run summary in the manifest records it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct StageShare {
+    pub stage: String,
+    pub busy_seconds: f64,
+    /// Busy seconds / wall seconds (above 1 when the stage has parallel workers).
+    pub share: f64,
+}
+
+/// The part of the run summary (`summary` in the manifest) the report shows.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SummaryFigures {
+    #[serde(default)]
+    pub pipeline: String,
+    #[serde(default)]
+    pub documents: usize,
+    #[serde(default)]
+    pub documents_failed: usize,
+    #[serde(default)]
+    pub documents_skipped: usize,
+    #[serde(default)]
+    pub pages: usize,
+    #[serde(default)]
+    pub rows: usize,
+    #[serde(default)]
+    pub rows_ok: usize,
+    #[serde(default)]
+    pub rows_failed: usize,
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub generated_tokens: u64,
+    #[serde(default)]
+    pub seconds: f64,
+    #[serde(default)]
+    pub pages_per_second: f64,
+    #[serde(default)]
+    pub stages: Vec<StageShare>,
+    #[serde(default)]
+    pub aborted: Option<String>,
+}
+
+/// One output row, reduced.
+#[derive(Debug, Clone)]
+pub struct RowFacts {
+    pub source_uri: String,
+    /// 0 for a document-level error row (the document never reached the model).
+    pub page_start: i32,
+    pub page_end: i32,
+    pub status: String,
+    pub error: Option<String>,
+    pub processed_at: Option<DateTime<Utc>>,
+    /// The model answered this row (its values were written, complete or budget-closed).
+    pub answered: bool,
+    /// Per schema field, in column order: whether it holds a value, and the least probable token's probability.
+    pub fields: Vec<FieldFacts>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FieldFacts {
+    pub filled: bool,
+    pub confidence: Option<f32>,
+}
+
+/// One run, read back from its output.
+#[derive(Debug, Clone)]
+pub struct RunOutput {
+    pub run_id: String,
+    pub target: String,
+    /// Every run found in the output (sorted; run ids start with their UTC start time).
+    pub runs: Vec<String>,
+    /// None when the run did not finish (killed): its committed files are still read.
+    pub manifest: Option<SinkManifest>,
+    pub summary: Option<SummaryFigures>,
+    /// The schema's top-level fields, in column order.
+    pub field_names: Vec<String>,
+    pub rows: Vec<RowFacts>,
+    /// The run's Parquet files read.
+    pub files: Vec<String>,
+}
+
+/// The run id in a data file name `<prefix>-<run id>-<NNNNN>.parquet` (the sink's naming).
+fn run_of_file(name: &str) -> Option<&str> {
+    let stem = name.strip_suffix(".parquet")?;
+    let (rest, seq) = stem.rsplit_once('-')?;
+    if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (_prefix, run) = rest.split_once('-')?;
+    (!run.is_empty()).then_some(run)
+}
+
+/// The run id in `_manifest-<run id>.json`.
+fn run_of_manifest(name: &str) -> Option<&str> {
+    name.strip_prefix("_manifest-")?.strip_suffix(".json")
+}
+
+/// The store and the prefix under which the output lives.
+fn store_of(
+    target: &SinkTarget,
+) -> Result<(Arc<dyn ObjectStore>, Option<ObjectPath>), ReportError> {
+    match target {
+        SinkTarget::Local(dir) => {
+            if !dir.is_dir() {
+                return Err(ReportError::NoOutput(dir.display().to_string()));
+            }
+            let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
+                .map_err(ReportError::List)?;
+            Ok((Arc::new(fs), None))
+        }
+        SinkTarget::Store { store, prefix, .. } => Ok((
+            store.clone(),
+            (!prefix.as_ref().is_empty()).then(|| prefix.clone()),
+        )),
+    }
+}
+
+/// Reads run `run_id` (or the latest run in the output) from `target`.
+pub async fn read_run(target: &SinkTarget, run_id: Option<&str>) -> Result<RunOutput, ReportError> {
+    let (store, prefix) = store_of(target)?;
+    let listing: Vec<ObjectMeta> = store
+        .list(prefix.as_ref())
+        .try_collect()
+        .await
+        .map_err(ReportError::List)?;
+    let mut runs = BTreeSet::new();
+    for meta in &listing {
+        let name = meta.location.filename().unwrap_or_default();
+        // Dot-files are uncommitted writes; they are never read.
+        if name.starts_with('.') {
+            continue;
+        }
+        if let Some(run) = run_of_file(name).or_else(|| run_of_manifest(name)) {
+            runs.insert(run.to_string());
+        }
+    }
+    let run_id = match run_id {
+        Some(r) if runs.contains(r) => r.to_string(),
+        Some(r) => {
+            return Err(ReportError::RunNotFound {
+                run: r.to_string(),
+                runs: runs.into_iter().collect(),
+            });
+        }
+        // Run ids begin with their start time (`20261203T092957Z-...`): the greatest is the latest.
+        None => runs
+            .iter()
+            .next_back()
+            .cloned()
+            .ok_or_else(|| ReportError::NoOutput(target.url()))?,
+    };
+    let mut manifest = None;
+    let mut data_files = Vec::new();
+    for meta in &listing {
+        let name = meta.location.filename().unwrap_or_default();
+        if name.starts_with('.') {
+            continue;
+        }
+        if run_of_manifest(name) == Some(run_id.as_str()) {
+            let object_error = |source| ReportError::Object {
+                key: meta.location.to_string(),
+                source,
+            };
+            let bytes = store
+                .get(&meta.location)
+                .await
+                .map_err(object_error)?
+                .bytes()
+                .await
+                .map_err(object_error)?;
+            let parsed: SinkManifest =
+                serde_json::from_slice(&bytes).map_err(|source| ReportError::Manifest {
+                    key: meta.location.to_string(),
+                    source,
+                })?;
+            manifest = Some(parsed);
+        } else if run_of_file(name) == Some(run_id.as_str()) {
+            data_files.push(meta.clone());
+        }
+    }
+    data_files.sort_by(|a, b| a.location.cmp(&b.location));
+    let summary = manifest
+        .as_ref()
+        .map(|m| {
+            serde_json::from_value::<SummaryFigures>(m.summary.clone()).map_err(|source| {
+                ReportError::Manifest {
+                    key: format!("_manifest-{run_id}.json (summary)"),
+                    source,
+                }
+            })
+        })
+        .transpose()?;
+    let mut field_names = Vec::new();
+    let mut rows = Vec::new();
+    for meta in &data_files {
+        read_file(&store, meta, &mut field_names, &mut rows).await?;
+    }
+    Ok(RunOutput {
+        run_id,
+        target: target.url(),
+        runs: runs.into_iter().collect(),
+        manifest,
+        summary,
+        field_names,
+        rows,
+        files: data_files.iter().map(|m| m.location.to_string()).collect(),
+    })
+}
+
+/// Whether the schema field's value in `column` at `i` counts as filled: not null, a string not blank, a list not
+/// empty.
+fn is_filled(column: &ArrayRef, i: usize) -> bool {
+    if column.is_null(i) {
+        return false;
+    }
+    match column.data_type() {
+        DataType::Utf8 => !column.as_string::<i32>().value(i).trim().is_empty(),
+        DataType::LargeUtf8 => !column.as_string::<i64>().value(i).trim().is_empty(),
+        DataType::List(_) => !column.as_list::<i32>().value(i).is_empty(),
+        DataType::LargeList(_) => !column.as_list::<i64>().value(i).is_empty(),
+        _ => true,
+    }
+}
+
+/// `_confidence.<field>.min` at row `i`.
+fn confidence(conf: Option<&StructArray>, field: &str, i: usize) -> Option<f32> {
+    let per_field = conf?.column_by_name(field)?.as_struct_opt()?;
+    if per_field.is_null(i) {
+        return None;
+    }
+    let min = per_field
+        .column_by_name("min")?
+        .as_primitive_opt::<Float32Type>()?;
+    (!min.is_null(i)).then(|| min.value(i))
+}
+
+async fn read_file(
+    store: &Arc<dyn ObjectStore>,
+    meta: &ObjectMeta,
+    field_names: &mut Vec<String>,
+    rows: &mut Vec<RowFacts>,
+) -> Result<(), ReportError> {
+    let file = meta.location.to_string();
+    let perr = |source| ReportError::Parquet {
+        file: file.clone(),
+        source,
+    };
+    let reader = BufReader::new(store.clone(), meta);
+    let builder = ParquetRecordBatchStreamBuilder::new(reader)
+        .await
+        .map_err(perr)?;
+    let schema = builder.schema().clone();
+    // Everything but the raw answer, the largest column and one the report never shows.
+    let keep: Vec<usize> = (0..schema.fields().len())
+        .filter(|&i| schema.field(i).name() != "raw_output")
+        .collect();
+    let fields: Vec<String> = schema
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .filter(|n| !n.starts_with('_') && !is_reserved(n))
+        .collect();
+    for f in &fields {
+        if !field_names.contains(f) {
+            field_names.push(f.clone());
+        }
+    }
+    let mask = ProjectionMask::roots(builder.parquet_schema(), keep);
+    let mut stream = builder.with_projection(mask).build().map_err(perr)?;
+    while let Some(batch) = stream.try_next().await.map_err(perr)? {
+        rows_of(&batch, field_names, &file, rows)?;
+    }
+    Ok(())
+}
+
+fn rows_of(
+    batch: &RecordBatch,
+    field_names: &[String],
+    file: &str,
+    rows: &mut Vec<RowFacts>,
+) -> Result<(), ReportError> {
+    let missing = |column: &str| ReportError::NotOurs {
+        file: file.to_string(),
+        column: column.to_string(),
+    };
+    let text = |name: &'static str| {
+        batch
+            .column_by_name(name)
+            .and_then(|c| c.as_string_opt::<i32>().cloned())
+            .ok_or_else(|| missing(name))
+    };
+    let int = |name: &'static str| {
+        batch
+            .column_by_name(name)
+            .and_then(|c| c.as_primitive_opt::<Int32Type>().cloned())
+            .ok_or_else(|| missing(name))
+    };
+    let uri = text(SOURCE_URI)?;
+    let status = text(STATUS)?;
+    let error = text("error")?;
+    let finish = text("finish_reason")?;
+    let (start, end) = (int(PAGE_START)?, int(PAGE_END)?);
+    let processed = batch
+        .column_by_name("processed_at")
+        .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>().cloned())
+        .ok_or_else(|| missing("processed_at"))?;
+    let conf = batch
+        .column_by_name(CONFIDENCE)
+        .and_then(|c| c.as_struct_opt());
+    let columns: Vec<Option<&ArrayRef>> = field_names
+        .iter()
+        .map(|f| batch.column_by_name(f))
+        .collect();
+    for i in 0..batch.num_rows() {
+        let opt = |a: &arrow::array::StringArray| (!a.is_null(i)).then(|| a.value(i).to_string());
+        let answered = !finish.is_null(i);
+        let fields = field_names
+            .iter()
+            .zip(&columns)
+            .map(|(name, column)| match column {
+                Some(c) if answered => FieldFacts {
+                    filled: is_filled(c, i),
+                    confidence: is_filled(c, i).then(|| confidence(conf, name, i)).flatten(),
+                },
+                _ => FieldFacts::default(),
+            })
+            .collect();
+        rows.push(RowFacts {
+            source_uri: opt(&uri).unwrap_or_default(),
+            page_start: if start.is_null(i) { 0 } else { start.value(i) },
+            page_end: if end.is_null(i) { 0 } else { end.value(i) },
+            status: opt(&status).unwrap_or_default(),
+            error: opt(&error),
+            processed_at: (!processed.is_null(i))
+                .then(|| DateTime::<Utc>::from_timestamp_micros(processed.value(i)))
+                .flatten(),
+            answered,
+            fields,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids_come_from_the_sinks_file_names() {
+        assert_eq!(
+            run_of_file("part-20261203T092957Z-f09403-00000.parquet"),
+            Some("20261203T092957Z-f09403")
+        );
+        assert_eq!(run_of_file("part-x.parquet"), None);
+        assert_eq!(run_of_file("notes.txt"), None);
+        assert_eq!(
+            run_of_manifest("_manifest-20261203T092957Z-f09403.json"),
+            Some("20261203T092957Z-f09403")
+        );
+        assert_eq!(run_of_manifest("_SUCCESS"), None);
+    }
+}
