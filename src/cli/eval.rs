@@ -8,8 +8,8 @@ use pixtract::eval::{self, EvalOptions, FieldMap, LabelSet, Predictions};
 
 #[derive(Debug, clap::Args)]
 pub struct EvalArgs {
-    /// The predictions: a pixtract output folder (its committed Parquet files, read recursively) or one
-    /// .parquet file.
+    /// The predictions: a pixtract output (its committed Parquet files, read recursively): a folder, one
+    /// .parquet file, or an object-store prefix (s3://, gs://, az://; credentials from the usual environment).
     #[arg(long, value_name = "PATH")]
     predictions: String,
     /// The labels: a folder of one JSON object per document, named like the document (SROIE's 000.json beside

@@ -57,6 +57,18 @@ pub enum EvalError {
         #[source]
         source: parquet::errors::ParquetError,
     },
+    #[error("cannot open {uri}")]
+    Store {
+        uri: String,
+        #[source]
+        source: crate::store::StoreError,
+    },
+    #[error("object store: {key}")]
+    Object {
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
     #[error("{0}")]
     Input(String),
 }

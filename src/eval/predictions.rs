@@ -88,8 +88,12 @@ fn parquet_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), EvalError> {
 }
 
 impl Predictions {
-    /// Reads every committed Parquet file under `path` (a local folder or file; `file://` accepted).
+    /// Reads every committed Parquet file under `path`: a local folder or file (`file://` accepted), or an
+    /// object-store prefix or object (`s3://`, `gs://`, `az://`; credentials from the store's environment).
     pub fn load(path: &str) -> Result<Predictions, EvalError> {
+        if crate::store::is_object_store(path) {
+            return Self::load_store(path);
+        }
         let path = PathBuf::from(path.strip_prefix("file://").unwrap_or(path));
         let mut files = Vec::new();
         parquet_files(&path, &mut files)?;
@@ -122,6 +126,77 @@ impl Predictions {
             out.files += 1;
         }
         Ok(out)
+    }
+
+    fn load_store(uri: &str) -> Result<Predictions, EvalError> {
+        use futures::TryStreamExt;
+        use object_store::ObjectStoreExt;
+        let opened = crate::store::open(uri).map_err(|source| EvalError::Store {
+            uri: uri.to_string(),
+            source,
+        })?;
+        let object_error = |key: &str, source| EvalError::Object {
+            key: format!("{}/{key}", opened.base),
+            source,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| EvalError::Read {
+                path: PathBuf::from(uri),
+                source,
+            })?;
+        runtime.block_on(async {
+            let prefix = (!opened.prefix.as_ref().is_empty()).then_some(&opened.prefix);
+            let listed: Vec<object_store::ObjectMeta> = opened
+                .store
+                .list(prefix)
+                .try_collect()
+                .await
+                .map_err(|e| object_error(opened.prefix.as_ref(), e))?;
+            // Committed data only: a `.`-file is an uncommitted write; `_manifest`/`_SUCCESS` are not data.
+            let mut files: Vec<object_store::path::Path> = listed
+                .into_iter()
+                .map(|m| m.location)
+                .filter(|l| {
+                    let name = l.filename().unwrap_or_default();
+                    name.ends_with(".parquet") && !name.starts_with('.') && !name.starts_with('_')
+                })
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                return Err(EvalError::Input(format!(
+                    "{uri}: no Parquet files under this prefix (a pixtract output)"
+                )));
+            }
+            let mut out = Predictions::default();
+            for location in &files {
+                let bytes = opened
+                    .store
+                    .get(location)
+                    .await
+                    .map_err(|e| object_error(location.as_ref(), e))?
+                    .bytes()
+                    .await
+                    .map_err(|e| object_error(location.as_ref(), e))?;
+                let name = PathBuf::from(format!("{}/{location}", opened.base));
+                let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+                    .and_then(|b| b.build())
+                    .map_err(|source| EvalError::Parquet {
+                        path: name.clone(),
+                        source,
+                    })?;
+                for batch in reader {
+                    let batch = batch.map_err(|source| EvalError::Arrow {
+                        path: name.clone(),
+                        source,
+                    })?;
+                    out.add_batch(&batch, &name)?;
+                }
+                out.files += 1;
+            }
+            Ok(out)
+        })
     }
 
     /// Adds one record batch's rows (also used by tests building predictions in memory).

@@ -649,3 +649,69 @@ fn invoice2data_labels_score_through_the_mapping_file() {
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(t.contains("'vendor'") && t.contains("vendor_name"), "{t}");
 }
+
+/// Predictions read from an S3 prefix (moto on loopback), as a nightly job's output lives: the same scores as the
+/// same files read locally, and an uncommitted `.`-file beside them is not read.
+#[test]
+fn eval_reads_predictions_from_an_s3_prefix() {
+    use object_store::ObjectStoreExt;
+    let labels = LabelSet::load(&sroie()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut rows = rows_from_labels(&labels);
+    let with_total = rows.iter().position(|r| r.total.is_some()).unwrap();
+    rows[with_total].total = rows[with_total].total.map(|t| t + 1.0);
+    let local = dir.path().join("out");
+    write_predictions(&local, &rows);
+    let moto = crate::util::Moto::start();
+    moto.create_bucket("lake");
+    let store = moto.store("lake");
+    let part = std::fs::read(local.join("dt=2026-12-03/part-1-00000.parquet")).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        store
+            .put(
+                &"eval/dt=2026-12-03/part-1-00000.parquet".into(),
+                part.into(),
+            )
+            .await
+            .unwrap();
+        // Half-written garbage under a dot name: a reader that took it would fail.
+        store
+            .put(
+                &"eval/dt=2026-12-03/.part-2-00000.parquet.tmp".into(),
+                b"not parquet".to_vec().into(),
+            )
+            .await
+            .unwrap();
+    });
+    let env = moto.env();
+    let envs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let run = |predictions: &str| {
+        let out = pixtract(
+            &[
+                "eval",
+                "--predictions",
+                predictions,
+                "--labels",
+                &sroie().to_string_lossy(),
+                "--json",
+            ],
+            &envs,
+            &repo_root(),
+        );
+        let printed = text(&out);
+        assert!(out.status.success(), "{printed}");
+        let mut report: serde_json::Value =
+            serde_json::from_str(printed.lines().last().unwrap()).unwrap();
+        report["fields"].take()
+    };
+    let from_s3 = run("s3://lake/eval");
+    assert_eq!(from_s3, run(&local.to_string_lossy()));
+    let total = from_s3
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["field"] == "total")
+        .unwrap();
+    assert_eq!(total["wrong"], 1, "{total}");
+}
