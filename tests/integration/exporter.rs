@@ -360,7 +360,10 @@ fn consolidated_layout_exports_the_same_graphs_as_the_hf_layout() {
     for part in ["text", "vision"] {
         let diff = rope[part].as_f64().unwrap();
         let control = rope[format!("{part}_unpermuted")].as_f64().unwrap();
-        assert!(diff < 1e-6, "{part} q/k not in Mistral's RoPE order: {rope}");
+        assert!(
+            diff < 1e-6,
+            "{part} q/k not in Mistral's RoPE order: {rope}"
+        );
         assert!(control > 0.1, "{part}: the control cannot fail: {rope}");
     }
 
@@ -406,7 +409,10 @@ fn consolidated_layout_exports_the_same_graphs_as_the_hf_layout() {
         read_json(&exported[0].join("pixtract-model.json")),
         read_json(&exported[1].join("pixtract-model.json")),
     ];
-    assert_eq!(manifests[0]["weights_sha256"], manifests[1]["weights_sha256"]);
+    assert_eq!(
+        manifests[0]["weights_sha256"],
+        manifests[1]["weights_sha256"]
+    );
     assert_eq!(manifests[0]["text"], manifests[1]["text"]);
     assert_eq!(manifests[0]["vision"], manifests[1]["vision"]);
     assert_eq!(manifests[0]["source"]["layout"], "hf");
