@@ -156,7 +156,7 @@ def run_random_checkpoint(args) -> int:
         write_tokenizer_files(partial)
     del model
     with open(os.path.join(partial, "pixtract-random.json"), "w") as f:
-        json.dump({"like": args.like, "layout": args.layout, "text_layers": args.text_layers, "vision_layers": args.vision_layers,
+        json.dump({"like": args.like, "text_layers": args.text_layers, "vision_layers": args.vision_layers,
                    "seed": args.seed, "parameters": params, "dtype": "bfloat16", "weight_std": args.weight_std,
                    "norm_std": NORM_STD, "torch": torch.__version__}, f, indent=2)
         f.write("\n")
