@@ -6,10 +6,14 @@ and only cut the number of layers. The model is built on torch's meta device and
 (the checkpoint's dtype), then every parameter is drawn in place from one generator seeded once, in name order:
 no fp32 copy is ever made, so peak memory is about the bf16 weights themselves (2 bytes per parameter).
 
-Layout written (Hugging Face, LlavaForConditionalGeneration):
-  config.json, generation_config.json, model-0000N-of-0000M.safetensors + model.safetensors.index.json (bf16,
-  shards of at most --max-shard-size), tokenizer.json (Tekken converted by transformers' MistralConverter from
-  mistral-common's tekken_240911.json, Pixtral's tokenizer) and tokenizer_config.json.
+Layouts written:
+  hf (Hugging Face, LlavaForConditionalGeneration, as mistral-community/pixtral-12b): config.json,
+  generation_config.json, model-0000N-of-0000M.safetensors + model.safetensors.index.json (bf16, shards of at most
+  --max-shard-size), tokenizer.json (Tekken converted by transformers' MistralConverter from mistral-common's
+  tekken_240911.json, Pixtral's tokenizer) and tokenizer_config.json.
+  consolidated (Mistral's, as mistralai/Pixtral-12B-2409): params.json, one consolidated.safetensors (bf16, Mistral
+  names, q/k rows in Mistral's interleaved RoPE order; see consolidated.py) and tekken.json. Same seed, same
+  weights as the hf layout.
 """
 
 from __future__ import annotations
@@ -40,10 +44,17 @@ CI_TEXT = dict(PIXTRAL_12B_TEXT, hidden_size=512, intermediate_size=1024, num_at
                num_key_value_heads=4, head_dim=128, max_position_embeddings=32768)
 CI_VISION = dict(PIXTRAL_12B_VISION, hidden_size=256, intermediate_size=512, num_attention_heads=4, head_dim=64)
 
+# The tiny test model's widths (model.tiny_config): for layout tests that need seconds, not minutes.
+TINY_TEXT = dict(PIXTRAL_12B_TEXT, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, max_position_embeddings=32768)
+TINY_VISION = dict(PIXTRAL_12B_VISION, hidden_size=64, intermediate_size=128, num_attention_heads=4, head_dim=16)
+
 LIKE = {
     "pixtral-12b": (PIXTRAL_12B_TEXT, PIXTRAL_12B_VISION),
     "pixtral-ci": (CI_TEXT, CI_VISION),
+    "pixtral-tiny": (TINY_TEXT, TINY_VISION),
 }
+LAYOUTS = ("hf", "consolidated")
 WEIGHT_STD = 0.02  # transformers' initializer_range for Mistral/Pixtral
 NORM_STD = 0.1  # RMSNorm / LayerNorm gains drawn around 1
 
@@ -79,12 +90,12 @@ def build_random_model(config, seed: int, dtype=torch.bfloat16, weight_std: floa
                 param.normal_(0.0, weight_std, generator=gen)
             else:
                 param.normal_(1.0, NORM_STD, generator=gen)
-    _rebuild_buffers(model)
+    rebuild_buffers(model)
     model.eval()
     return model
 
 
-def _rebuild_buffers(model):
+def rebuild_buffers(model):
     """Buffers (the RoPE inverse frequencies, text and 2D vision) were never computed on the meta device, and the
     bf16 cast would have rounded them: each module holding buffers is rebuilt from its config on the CPU, in the
     module's own default dtype (fp32), and its buffers are taken over."""
@@ -116,8 +127,8 @@ def run_random_checkpoint(args) -> int:
     out = os.path.normpath(args.out)
     if os.path.isdir(out) and os.listdir(out):
         raise ExportError(f"{out} exists and is not empty; choose a new --out (nothing was overwritten)")
-    if args.layout != "hf":
-        raise ExportError(f"--layout {args.layout}: only the Hugging Face layout is written")
+    if args.layout not in LAYOUTS:
+        raise ExportError(f"--layout {args.layout}: expected one of {', '.join(LAYOUTS)}")
     config = random_config(args.like, args.text_layers, args.vision_layers)
     with torch.device("meta"):
         from transformers import LlavaForConditionalGeneration
@@ -134,9 +145,16 @@ def run_random_checkpoint(args) -> int:
     print(f"built {args.like} widths, {args.text_layers} text + {args.vision_layers} vision layers: "
           f"{params / 1e9:.3f} B parameters, bf16, seed {args.seed} ({time.time() - t0:.1f} s)")
     t1 = time.time()
-    model.save_pretrained(partial, max_shard_size=args.max_shard_size, safe_serialization=True)
+    if args.layout == "consolidated":
+        # The same seeded weights, written under Mistral's names with q/k rows in Mistral's RoPE order.
+        from .consolidated import write_consolidated
+
+        write_consolidated(model, partial)
+        shutil.copyfile(tekken_path(), os.path.join(partial, "tekken.json"))
+    else:
+        model.save_pretrained(partial, max_shard_size=args.max_shard_size, safe_serialization=True)
+        write_tokenizer_files(partial)
     del model
-    write_tokenizer_files(partial)
     with open(os.path.join(partial, "pixtract-random.json"), "w") as f:
         json.dump({"like": args.like, "text_layers": args.text_layers, "vision_layers": args.vision_layers,
                    "seed": args.seed, "parameters": params, "dtype": "bfloat16", "weight_std": args.weight_std,

@@ -11,7 +11,8 @@ from . import ATTENTION_KINDS
 from .model import ExportError
 
 DESCRIPTION = """\
-Turn Pixtral (Hugging Face LlavaForConditionalGeneration, the mistral-community/pixtral-12b layout) into the
+Turn Pixtral (the Hugging Face layout of mistral-community/pixtral-12b, or Mistral's consolidated layout of
+mistralai/Pixtral-12B-2409, converted in memory to the Hugging Face names) into the
 three ONNX graphs pixtract runs, plus tokenizer.json and a manifest (pixtract-model.json) holding every number the
 runtime needs. Never touches the network: the checkpoint must already be on disk.
 
@@ -24,7 +25,8 @@ runtime needs. Never touches the network: the checkpoint must already be on disk
   verify --model DIR                                 ONNX Runtime vs torch parity + greedy vs generate()
   reference --model DIR                              fixtures the Rust tests compare against
   random-checkpoint --like pixtral-12b --text-layers N --vision-layers M --out DIR
-                                                     seeded random checkpoint with the real widths (HF layout)
+                                                     seeded random checkpoint with the real widths
+                                                     (--layout hf or consolidated)
 """
 
 
@@ -32,8 +34,10 @@ def _add_export(sub):
     p = sub.add_parser("export", help="export ONNX graphs + tokenizer + manifest",
                        description="Export Pixtral to ONNX. Exactly one of --checkpoint or --tiny.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="DIR", help="local Hugging Face checkpoint directory (config.json + "
-                     "*.safetensors), e.g. a download of mistral-community/pixtral-12b")
+    src.add_argument("--checkpoint", metavar="DIR", help="local checkpoint directory in either layout: Hugging Face "
+                     "(config.json + *.safetensors, a download of mistral-community/pixtral-12b) or Mistral's "
+                     "consolidated one (params.json + consolidated.safetensors + tekken.json, a download of "
+                     "mistralai/Pixtral-12B-2409); the exporter says which it found")
     src.add_argument("--tiny", action="store_true", help="build the tiny seeded random Pixtral instead (8.6 M params)")
     p.add_argument("--out", required=True, metavar="DIR", help="output model directory (created; must be empty)")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
@@ -120,7 +124,8 @@ def _add_sizes(sub):
                                    "bytes each variant stores: float weights, MatMulNBits packed weights, scales and "
                                    "zero points. With --model, also checks the formula against an exported "
                                    "directory's actual initializers.")
-    p.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory whose config.json to use")
+    p.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory whose config.json (or params.json, "
+                   "consolidated layout) to use")
     p.add_argument("--tiny", action="store_true", help="the tiny test model's config")
     p.add_argument("--model", metavar="DIR", action="append", default=[],
                    help="exported model directory to check the computed bytes against (repeatable)")
@@ -167,6 +172,7 @@ only the layer counts change (the real model has 40 text and 24 vision layers). 
   each further text layer              +0.273 B parameters (+0.55 GB)
 --like pixtral-ci is the CI-sized model with the real geometry (text head_dim 128 with 16 heads / 4 KV heads,
 vision head_dim 64, the real vocabulary) and narrower widths (text hidden 512, vision hidden 256): 0.144 B.
+--like pixtral-tiny has the tiny test model's widths (text hidden 32, vision hidden 64, real vocabulary): 8.6 M.
 
 The weights are drawn from one generator seeded with --seed, parameter by parameter in name order (matrices and
 biases N(0, --weight-std), norm gains N(1, 0.1)), directly in bf16 on a meta-built model: the same seed and versions give
@@ -176,12 +182,14 @@ Example (then export it like a downloaded checkpoint):
   export.py random-checkpoint --like pixtral-12b --text-layers 2 --vision-layers 2 --seed 1 --out ckpt/wide
   export.py export --checkpoint ckpt/wide --dtype fp16 --out models/wide-fp16
 """)
-    p.add_argument("--like", default="pixtral-12b", choices=["pixtral-12b", "pixtral-ci"],
+    p.add_argument("--like", default="pixtral-12b", choices=["pixtral-12b", "pixtral-ci", "pixtral-tiny"],
                    help="whose widths to copy (default: pixtral-12b)")
     p.add_argument("--text-layers", type=int, required=True, metavar="N", help="decoder layers (12B has 40)")
     p.add_argument("--vision-layers", type=int, required=True, metavar="M", help="vision layers (12B has 24)")
-    p.add_argument("--layout", choices=["hf"], default="hf",
-                   help="hf: the Hugging Face LlavaForConditionalGeneration layout of mistral-community/pixtral-12b")
+    p.add_argument("--layout", choices=["hf", "consolidated"], default="hf",
+                   help="hf (default): the Hugging Face LlavaForConditionalGeneration layout of "
+                        "mistral-community/pixtral-12b. consolidated: Mistral's layout of mistralai/Pixtral-12B-2409 "
+                        "(params.json, consolidated.safetensors, tekken.json), same weights for the same seed")
     p.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
     p.add_argument("--weight-std", type=float, default=0.02,
                    help="std of the matrices and biases (default 0.02, transformers' initializer_range). At 0.02 a "

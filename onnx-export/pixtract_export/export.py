@@ -21,7 +21,8 @@ def load_source(args_checkpoint, tiny_seed, dtype):
     if args_checkpoint:
         model = load_checkpoint(os.path.abspath(args_checkpoint), dtype)
         name = os.path.basename(os.path.normpath(args_checkpoint))
-        return model, {"kind": "checkpoint", "model_id": name, "path": os.path.abspath(args_checkpoint)}
+        return model, {"kind": "checkpoint", "model_id": name, "path": os.path.abspath(args_checkpoint),
+                       "layout": checkpoint_layout(args_checkpoint)}
     seed = TINY_SEED if tiny_seed is None else tiny_seed
     model = build_tiny_model(seed).to(dtype)
     return model, {"kind": "tiny", "model_id": f"pixtral-tiny-random-{seed}", "seed": seed}

@@ -143,29 +143,44 @@ def check_free_space(folder: str, need: int, what: str):
                           "(parameters x bytes per value x 1.1); free space or choose another --out")
 
 
+HF_FILES = ("config.json", "*.safetensors")
+LAYOUT_NAMES = {"hf": "Hugging Face layout (config.json + safetensors, as mistral-community/pixtral-12b)",
+                "consolidated": "Mistral consolidated layout (params.json + consolidated.safetensors + tekken.json, "
+                                "as mistralai/Pixtral-12B-2409), converted in memory to the Hugging Face names"}
+
+
 def checkpoint_layout(path: str) -> str:
-    """"hf" for a Hugging Face checkpoint folder (config.json + *.safetensors); otherwise one clear error."""
+    """"hf" (config.json + *.safetensors) or "consolidated" (params.json + consolidated.safetensors + tekken.json);
+    otherwise one line naming what each layout lacks."""
+    from .consolidated import FILES as CONSOLIDATED_FILES
+
     if not os.path.isdir(path):
         raise ExportError(f"{path}: no such checkpoint directory")
     names = set(os.listdir(path))
-    has_weights = any(n.endswith(".safetensors") for n in names)
-    if "config.json" in names and has_weights:
+    has = lambda want: any(n.endswith(".safetensors") for n in names) if want == "*.safetensors" else want in names
+    hf_missing = [n for n in HF_FILES if not has(n)]
+    consolidated_missing = [n for n in CONSOLIDATED_FILES if not has(n)]
+    # config.json decides for the HF layout: the mistralai repo ships no config.json, and a folder holding both
+    # is read as the Hugging Face one.
+    if not hf_missing:
         return "hf"
-    if {"params.json", "consolidated.safetensors"} <= names:
-        raise ExportError(f"{path}: Mistral's consolidated layout (params.json, consolidated.safetensors, "
-                          "tekken.json) is not supported yet; export the Hugging Face layout "
-                          "(mistral-community/pixtral-12b)")
-    missing = [n for n, ok in (("config.json", "config.json" in names), ("*.safetensors", has_weights)) if not ok]
-    raise ExportError(f"{path}: no {' and no '.join(missing)}; expected a Hugging Face LlavaForConditionalGeneration "
-                      "checkpoint (a local copy of mistral-community/pixtral-12b: config.json + model-*.safetensors)")
+    if not consolidated_missing:
+        return "consolidated"
+    raise ExportError(f"{path}: not a Pixtral checkpoint: the Hugging Face layout (mistral-community/pixtral-12b) "
+                      f"lacks {' and '.join(hf_missing)}; Mistral's consolidated layout (mistralai/Pixtral-12B-2409) "
+                      f"lacks {' and '.join(consolidated_missing)}")
 
 
 def load_checkpoint(path: str, dtype: torch.dtype):
-    """A local mistral-community/pixtral-12b style directory (config.json + safetensors). Never the network."""
+    """A local checkpoint directory in either layout (checkpoint_layout). Never the network."""
     from transformers import LlavaForConditionalGeneration
 
     layout = checkpoint_layout(path)
-    print(f"checkpoint {path}: Hugging Face layout ({layout})")
+    print(f"checkpoint {path}: {LAYOUT_NAMES[layout]}")
+    if layout == "consolidated":
+        from .consolidated import load_consolidated
+
+        return load_consolidated(path, dtype)
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
     if cfg.get("model_type") != "llava" or cfg.get("vision_config", {}).get("model_type") != "pixtral":
@@ -197,8 +212,8 @@ def load_checkpoint(path: str, dtype: torch.dtype):
 def write_tokenizer(out_dir: str, checkpoint: str | None) -> str:
     """tokenizer.json for the Rust `tokenizers` crate.
 
-    The checkpoint's own tokenizer.json when it has one; otherwise Pixtral's Tekken file from mistral-common,
-    converted the way transformers converts it.
+    The checkpoint's own tokenizer.json when it has one; otherwise its tekken.json (Mistral's consolidated layout),
+    or else Pixtral's Tekken file from mistral-common, converted the way transformers converts it.
     """
     dst = os.path.join(out_dir, "tokenizer.json")
     if checkpoint and os.path.isfile(os.path.join(checkpoint, "tokenizer.json")):
@@ -206,7 +221,8 @@ def write_tokenizer(out_dir: str, checkpoint: str | None) -> str:
         return dst
     from transformers.integrations.mistral.tokenizer import MistralConverter
 
-    MistralConverter(vocab_file=tekken_path()).converted().save(dst)
+    tekken = os.path.join(checkpoint, "tekken.json") if checkpoint else ""
+    MistralConverter(vocab_file=tekken if os.path.isfile(tekken) else tekken_path()).converted().save(dst)
     return dst
 
 

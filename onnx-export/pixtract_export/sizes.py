@@ -47,9 +47,12 @@ def _config(checkpoint: str | None, tiny: bool):
     if tiny:
         return tiny_config(), "tiny test model"
     if checkpoint:
-        path = os.path.join(checkpoint, "config.json")
-        if not os.path.isfile(path):
-            raise ExportError(f"{checkpoint}: no config.json")
+        from .model import checkpoint_layout
+
+        if checkpoint_layout(checkpoint) == "consolidated":
+            from .consolidated import read_config
+
+            return read_config(checkpoint), f"params.json of {checkpoint}"
         return LlavaConfig.from_pretrained(checkpoint), f"config of {checkpoint}"
     return LlavaConfig(
         vision_config=PixtralVisionConfig(**PIXTRAL_12B["vision"]),

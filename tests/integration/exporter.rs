@@ -130,7 +130,9 @@ fn exporter_refuses_bad_input_clearly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("no config.json") && err.contains("pixtral-12b"),
+        err.contains("lacks config.json and *.safetensors")
+            && err.contains("lacks params.json and consolidated.safetensors and tekken.json")
+            && err.contains("pixtral-12b"),
         "{err}"
     );
     assert!(!err.contains("Traceback"), "{err}");
@@ -235,4 +237,200 @@ print(json.dumps({
         assert_eq!(facts["mha_nodes"], layers, "{}: {facts}", model.display());
         assert_eq!(facts["softmax_nodes"], 0, "{}: {facts}", model.display());
     }
+}
+
+/// Mistral's consolidated layout against Mistral's own RoPE convention, not against our own inverse: layer 0's q/k
+/// projections of the consolidated file, rotated as Mistral's reference code does (dims 2i, 2i+1 as one complex
+/// number; the vision encoder's even frequencies on the patch row, odd ones on the column), must give the attention
+/// scores that the Hugging Face checkpoint's q/k give under transformers' own rotary embeddings and
+/// `apply_rotary_pos_emb`. The same scores from the consolidated weights fed unpermuted to transformers are the
+/// control: they must differ, or the check could not fail.
+const ROPE_CONVENTION_CHECK: &str = r#"
+import glob, json, sys, torch
+from safetensors import safe_open
+from transformers import LlavaConfig
+from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding, apply_rotary_pos_emb
+from transformers.models.pixtral.modeling_pixtral import PixtralVisionRotaryEmbedding
+
+hf_dir, mistral_dir = sys.argv[1], sys.argv[2]
+cfg = LlavaConfig.from_pretrained(hf_dir)
+t, v = cfg.text_config, cfg.vision_config
+hf = {}
+for path in glob.glob(hf_dir + "/*.safetensors"):
+    with safe_open(path, "pt") as f:
+        # save_pretrained writes the names mistral-community's files have (language_model.model.*, vision_tower.*)
+        hf.update({k.replace("language_model.model.", "text.").replace("vision_tower.", "vision."): f.get_tensor(k).double()
+                   for k in f.keys() if ".layers.0." in k and ("q_proj" in k or "k_proj" in k)})
+with safe_open(mistral_dir + "/consolidated.safetensors", "pt") as f:
+    mi = {k: f.get_tensor(k).double() for k in f.keys() if "layers.0.attention.w" in k}
+gen = torch.Generator().manual_seed(0)
+rope_theta = lambda c: c.rope_parameters["rope_theta"] if getattr(c, "rope_parameters", None) else c.rope_theta
+
+def complex_rope(x, angles):
+    # fp32 angles, as in Mistral's reference code and in transformers, so both sides round them alike
+    rot = torch.polar(torch.ones_like(angles), angles).to(torch.complex128)
+    return torch.view_as_real(torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous()) * rot).flatten(-2)
+
+def scores(q, k, group):  # q [H, N, d], k [KV, N, d] -> [H, N, N]
+    return torch.stack([q[h] @ k[h // group].T for h in range(q.shape[0])])
+
+n, d, H, KV = 6, t.head_dim, t.num_attention_heads, t.num_key_value_heads
+pos = torch.tensor([0, 1, 7, 100, 4000, 123456])
+x = torch.randn(n, t.hidden_size, generator=gen, dtype=torch.float64)
+cos, sin = MistralRotaryEmbedding(t)(x[None].float(), pos[None])
+def hf_text(wq, wk):
+    q = (x @ wq.T).view(n, H, d).transpose(0, 1)[None]
+    k = (x @ wk.T).view(n, KV, d).transpose(0, 1)[None]
+    q, k = apply_rotary_pos_emb(q, k, cos.double(), sin.double())
+    return scores(q[0], k[0], H // KV)
+ang = torch.outer(pos.float(), 1.0 / (rope_theta(t) ** (torch.arange(0, d, 2).float() / d)))[:, None, :]
+ref = scores(complex_rope((x @ mi["layers.0.attention.wq.weight"].T).view(n, H, d), ang).transpose(0, 1),
+             complex_rope((x @ mi["layers.0.attention.wk.weight"].T).view(n, KV, d), ang).transpose(0, 1), H // KV)
+got = hf_text(hf["text.layers.0.self_attn.q_proj.weight"], hf["text.layers.0.self_attn.k_proj.weight"])
+unpermuted = hf_text(mi["layers.0.attention.wq.weight"], mi["layers.0.attention.wk.weight"])
+
+hh, ww = torch.meshgrid(torch.arange(3), torch.arange(5), indexing="ij")
+grid = torch.stack([hh.flatten(), ww.flatten()], -1)
+vn, VH = grid.shape[0], v.num_attention_heads
+vd = v.hidden_size // VH
+y = torch.randn(vn, v.hidden_size, generator=gen, dtype=torch.float64)
+vcos, vsin = PixtralVisionRotaryEmbedding(v)(y.float(), grid)
+def hf_vision(wq, wk):
+    q = (y @ wq.T).view(vn, VH, vd).transpose(0, 1)[None]
+    k = (y @ wk.T).view(vn, VH, vd).transpose(0, 1)[None]
+    q, k = apply_rotary_pos_emb(q, k, vcos.double(), vsin.double(), unsqueeze_dim=0)
+    return scores(q[0], k[0], 1)
+vinv = 1.0 / (rope_theta(v) ** (torch.arange(0, vd, 2).float() / vd))
+vang = torch.cat([torch.outer(grid[:, 0].float(), vinv[0::2]), torch.outer(grid[:, 1].float(), vinv[1::2])], -1)[:, None, :]
+p, hp = "vision_encoder.transformer.layers.0.attention.", "vision.transformer.layers.0.attention."
+vref = scores(complex_rope((y @ mi[p + "wq.weight"].T).view(vn, VH, vd), vang).transpose(0, 1),
+              complex_rope((y @ mi[p + "wk.weight"].T).view(vn, VH, vd), vang).transpose(0, 1), 1)
+vgot = hf_vision(hf[hp + "q_proj.weight"], hf[hp + "k_proj.weight"])
+vunpermuted = hf_vision(mi[p + "wq.weight"], mi[p + "wk.weight"])
+rel = lambda a, b: float((a - b).abs().max() / b.abs().max())
+print(json.dumps({"text": rel(got, ref), "text_unpermuted": rel(unpermuted, ref),
+                  "vision": rel(vgot, vref), "vision_unpermuted": rel(vunpermuted, vref)}))
+"#;
+
+fn random_checkpoint(layout: &str, out: &Path) {
+    let out_s = out.to_str().unwrap();
+    let run = export_tool(&[
+        "random-checkpoint",
+        "--like",
+        "pixtral-tiny",
+        "--text-layers",
+        "2",
+        "--vision-layers",
+        "2",
+        "--seed",
+        "7",
+        "--weight-std",
+        "0.2",
+        "--layout",
+        layout,
+        "--out",
+        out_s,
+    ]);
+    assert!(
+        run.status.success(),
+        "random-checkpoint --layout {layout}: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+/// Issue 15: the same seeded weights written in Mistral's consolidated layout (params.json,
+/// consolidated.safetensors, tekken.json; the mistralai/Pixtral-12B-2409 download) and in the Hugging Face layout
+/// (mistral-community/pixtral-12b) export to byte-identical graphs and tokenizer; the exporter says which layout it
+/// found; a folder with only part of a layout gets one line naming what is missing.
+#[test]
+fn consolidated_layout_exports_the_same_graphs_as_the_hf_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (hf_ckpt, mistral_ckpt) = (tmp.path().join("ck-hf"), tmp.path().join("ck-mistral"));
+    random_checkpoint("hf", &hf_ckpt);
+    random_checkpoint("consolidated", &mistral_ckpt);
+    for file in ["params.json", "consolidated.safetensors", "tekken.json"] {
+        assert!(mistral_ckpt.join(file).is_file(), "{file} not written");
+    }
+    assert!(!mistral_ckpt.join("config.json").exists());
+
+    let rope = python_json(
+        ROPE_CONVENTION_CHECK,
+        &[hf_ckpt.to_str().unwrap(), mistral_ckpt.to_str().unwrap()],
+    );
+    for part in ["text", "vision"] {
+        let diff = rope[part].as_f64().unwrap();
+        let control = rope[format!("{part}_unpermuted")].as_f64().unwrap();
+        assert!(
+            diff < 1e-6,
+            "{part} q/k not in Mistral's RoPE order: {rope}"
+        );
+        assert!(control > 0.1, "{part}: the control cannot fail: {rope}");
+    }
+
+    let mut exported = Vec::new();
+    for (ckpt, layout_line) in [
+        (&hf_ckpt, "Hugging Face layout"),
+        (&mistral_ckpt, "Mistral consolidated layout"),
+    ] {
+        let out = tmp.path().join(format!(
+            "model-{}",
+            ckpt.file_name().unwrap().to_string_lossy()
+        ));
+        let run = export_tool(&[
+            "export",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        assert!(
+            run.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        assert!(stdout.contains(layout_line), "{stdout}");
+        exported.push(out);
+    }
+    let (from_hf, from_mistral) = (tree_hashes(&exported[0]), tree_hashes(&exported[1]));
+    assert_eq!(
+        from_hf.keys().collect::<Vec<_>>(),
+        from_mistral.keys().collect::<Vec<_>>()
+    );
+    for file in [
+        "vision_encoder.onnx",
+        "embed_tokens.onnx",
+        "decoder_model_merged.onnx",
+        "tokenizer.json",
+    ] {
+        assert_eq!(from_hf[file], from_mistral[file], "{file} differs");
+    }
+    let manifests = [
+        read_json(&exported[0].join("pixtract-model.json")),
+        read_json(&exported[1].join("pixtract-model.json")),
+    ];
+    assert_eq!(
+        manifests[0]["weights_sha256"],
+        manifests[1]["weights_sha256"]
+    );
+    assert_eq!(manifests[0]["text"], manifests[1]["text"]);
+    assert_eq!(manifests[0]["vision"], manifests[1]["vision"]);
+    assert_eq!(manifests[0]["source"]["layout"], "hf");
+    assert_eq!(manifests[1]["source"]["layout"], "consolidated");
+
+    // Part of a layout: one line that names what is missing, no traceback.
+    std::fs::remove_file(mistral_ckpt.join("tekken.json")).unwrap();
+    let run = export_tool(&[
+        "export",
+        "--checkpoint",
+        mistral_ckpt.to_str().unwrap(),
+        "--out",
+        tmp.path().join("never").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{err}");
+    assert!(err.contains("lacks tekken.json"), "{err}");
+    assert!(err.contains("lacks config.json"), "{err}");
+    assert!(!err.contains("Traceback"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
