@@ -132,7 +132,7 @@ impl PixtralEngine {
         if policy.batching == Batching::Continuous
             && self.decoder.attention == DecoderAttention::Gqa
         {
-            return self.generate_continuous(prompts, config, policy.max_batch, hook);
+            return self.generate_continuous(prompts, config, policy, hook);
         }
         let lengths: Vec<usize> = prompts.iter().map(|p| p.ids.len()).collect();
         let mut results: Vec<Option<Generation>> = vec![None; prompts.len()];
