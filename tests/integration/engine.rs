@@ -394,9 +394,9 @@ fn gqa_prefill_interleaved_with_decode_bounds_the_stall_and_keeps_the_tokens() {
 }
 
 #[test]
-fn gqa_models_refuse_cuda_with_the_reason() {
+fn fp32_gqa_models_refuse_cuda_with_the_reason() {
     // Checked before any session opens, so it holds on machines without CUDA too: an fp32 GroupQueryAttention node
-    // would otherwise run on the CPU provider behind the user's back.
+    // would otherwise run on the CPU provider behind the user's back (fp16 gqa exports do run on CUDA).
     let opts = EngineOptions {
         device: Device::Cuda(0),
     };
@@ -405,7 +405,9 @@ fn gqa_models_refuse_cuda_with_the_reason() {
         Err(e) => e.to_string(),
     };
     assert!(
-        err.contains("GroupQueryAttention") && err.contains("--attention eager"),
+        err.contains("GroupQueryAttention in fp32")
+            && err.contains("--attention gqa --dtype fp16")
+            && err.contains("--attention eager"),
         "{err}"
     );
 }

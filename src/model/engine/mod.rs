@@ -53,7 +53,10 @@ impl PixtralEngine {
         let model = ModelDir::open(dir)?;
         let m = &model.manifest;
         // Checked before any session opens.
-        m.graphs.decoder.attention.check_device(opts.device)?;
+        m.graphs
+            .decoder
+            .attention
+            .check_device(opts.device, &m.dtype)?;
         let open = |file: &str| rt.open_session(&model.path_of(file), opts.device);
         let vision = open(&m.graphs.vision_encoder.file)?;
         let embed = open(&m.graphs.embed_tokens.file)?;
