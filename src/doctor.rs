@@ -289,7 +289,7 @@ fn check_model(
     m.graphs
         .decoder
         .attention
-        .check_device(opts.device)
+        .check_device(opts.device, &m.dtype)
         .map_err(|err| format!("{}\n{err}", lines[0]))?;
     let Some(rt) = runtime else {
         return Err(format!(

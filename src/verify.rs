@@ -519,6 +519,7 @@ fn batched_rerun(
         max_batch: max_rows,
         token_budget: usize::MAX,
         batching,
+        ..BatchPolicy::default()
     };
     let (batched, stats) = engine.generate_many(prompts, &config, policy, &mut NoHook)?;
     let differing = cases

@@ -5,8 +5,10 @@
 //! with two items, an invoice with forty lines). Answer lengths are drawn from a seeded generator and enforced by
 //! a step hook that ends each sequence after its length (as the grammar ends an answer), so both modes generate
 //! exactly the same tokens. Reported: generated tokens/s end to end (vision, prefill and decode), decode tokens/s,
-//! the share of decode row slots that idled, and the ratio; and whether every sequence's tokens equal its
-//! prompt's one-by-one run.
+//! the share of decode row slots that idled, the longest stall of running rows between two decode steps (prompt
+//! tokens prefilled, and time), and the ratio; and whether every sequence's tokens equal its prompt's one-by-one
+//! run. Continuous batching runs twice: joining prompts prefilled whole (running rows wait for each page), and
+//! prefill interleaved with decode steps.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -34,6 +36,8 @@ pub struct BatchingBench {
     pub batch: usize,
     pub repeat: usize,
     pub seed: u64,
+    pub prefill_chunks_per_step: usize,
+    pub prefill_chunk: Option<usize>,
     pub threads: usize,
     pub device: Device,
     pub spin: bool,
@@ -126,11 +130,22 @@ pub fn run(args: BatchingBench) -> anyhow::Result<()> {
         max_new_tokens: args.max_tokens,
         stop_on_eos: false,
         token_probs: false,
+        prefill_chunk: args.prefill_chunk,
         ..Default::default()
     };
-    let policy = |batching| BatchPolicy {
+    let modes = [
+        ("static", Batching::Static, 0),
+        ("cont-whole", Batching::Continuous, 0),
+        (
+            "cont-inter",
+            Batching::Continuous,
+            args.prefill_chunks_per_step.max(1),
+        ),
+    ];
+    let policy = |batching, prefill_chunks_per_step| BatchPolicy {
         max_batch: args.batch,
         batching,
+        prefill_chunks_per_step,
         ..BatchPolicy::default()
     };
 
@@ -162,39 +177,61 @@ pub fn run(args: BatchingBench) -> anyhow::Result<()> {
         engine.attention().name(),
     );
     println!(
-        "{:>5}  {:<10}  {:>8}  {:>12}  {:>12}  {:>10}",
-        "round", "batching", "wall s", "tok/s", "decode tok/s", "idle rows"
+        "modes: static; cont-whole: continuous, joining prompts prefilled whole; cont-inter: continuous, {} prefill \
+         chunk(s) of {} tokens between decode steps",
+        args.prefill_chunks_per_step.max(1),
+        config
+            .prefill_chunk
+            .unwrap_or_else(|| pixtract::model::default_prefill_chunk(args.device)),
     );
-    let mut best: [Option<f64>; 2] = [None, None];
+    println!(
+        "{:>5}  {:<10}  {:>8}  {:>10}  {:>12}  {:>9}  {:>14}  {:>12}",
+        "round",
+        "batching",
+        "wall s",
+        "tok/s",
+        "decode tok/s",
+        "idle rows",
+        "max stall tok",
+        "max stall ms"
+    );
+    let mut best: [Option<f64>; 3] = [None; 3];
     for round in 1..=args.repeat.max(1) {
-        // Alternating within the round, so drift on a shared machine hits both modes alike.
-        let mut round_tok_s = [0.0; 2];
-        for (i, batching) in [Batching::Static, Batching::Continuous]
-            .into_iter()
-            .enumerate()
-        {
-            let p = pass(&mut engine, &prompts, &answer, &config, policy(batching))?;
-            check_tokens(&p, &alone, &answer, pool_prompts.len(), batching)?;
+        // Alternating within the round, so drift on a shared machine hits every mode alike.
+        let mut round_tok_s = [0.0; 3];
+        for (i, &(name, batching, chunks)) in modes.iter().enumerate() {
+            let p = pass(
+                &mut engine,
+                &prompts,
+                &answer,
+                &config,
+                policy(batching, chunks),
+            )?;
+            check_tokens(&p, &alone, &answer, pool_prompts.len(), name)?;
             println!(
-                "{round:>5}  {:<10}  {:>8.2}  {:>12.1}  {:>12.1}  {:>9.1}%",
-                batching.name(),
+                "{round:>5}  {name:<10}  {:>8.2}  {:>10.1}  {:>12.1}  {:>8.1}%  {:>14}  {:>12.1}",
                 p.seconds,
                 p.tok_s(),
                 p.decode_tok_s(),
-                100.0 * p.idle_share()
+                100.0 * p.idle_share(),
+                p.stats.max_stall_tokens,
+                p.stats.max_stall.as_secs_f64() * 1e3,
             );
             round_tok_s[i] = p.tok_s();
             best[i] = Some(best[i].map_or(p.tok_s(), |b: f64| b.max(p.tok_s())));
         }
         println!(
-            "{round:>5}  continuous / static: {:.2}x",
-            round_tok_s[1] / round_tok_s[0]
+            "{round:>5}  cont-whole / static: {:.2}x, cont-inter / static: {:.2}x",
+            round_tok_s[1] / round_tok_s[0],
+            round_tok_s[2] / round_tok_s[0]
         );
     }
-    if let [Some(s), Some(c)] = best {
+    if let [Some(s), Some(w), Some(c)] = best {
         println!(
-            "fastest rounds: static {s:.1} tok/s, continuous {c:.1} tok/s: {:.2}x; every sequence's tokens equal \
-             its prompt's one-by-one run in both modes",
+            "fastest rounds: static {s:.1} tok/s, continuous with whole prefills {w:.1} tok/s ({:.2}x), continuous \
+             interleaved {c:.1} tok/s: {:.2}x; every sequence's tokens equal its prompt's one-by-one run in every \
+             mode",
+            w / s,
             c / s
         );
     }
@@ -207,15 +244,14 @@ fn check_tokens(
     alone: &Pass,
     answer: &[usize],
     pool: usize,
-    batching: Batching,
+    mode: &str,
 ) -> anyhow::Result<()> {
     for (i, tokens) in pass.tokens.iter().enumerate() {
         let want = &alone.tokens[i % pool];
         let n = answer[i].min(want.len());
         if tokens.len() != answer[i] || tokens[..] != want[..n] {
             bail!(
-                "{} batching: sequence {i} generated {:?}, its prompt alone {:?}",
-                batching.name(),
+                "{mode} batching: sequence {i} generated {:?}, its prompt alone {:?}",
                 &tokens[..tokens.len().min(16)],
                 &want[..n.min(16)]
             );

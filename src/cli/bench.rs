@@ -30,7 +30,9 @@ pub enum BenchCommand {
     Pipeline(PipelineBenchArgs),
     /// Continuous vs static batching in the same run: many prompts whose answers differ in length (drawn from a
     /// seeded generator, each ended by a step hook as a grammar ends an answer), same batch size; tokens/s, the
-    /// share of decode rows idle, the ratio. Fails unless every sequence equals its prompt's one-by-one run.
+    /// share of decode rows idle, the longest stall of running rows for joining prompts, the ratio. Continuous
+    /// runs twice: prompts prefilled whole, and prefill interleaved with decode steps. Fails unless every
+    /// sequence equals its prompt's one-by-one run.
     ///
     /// Example: pixtract bench batching --prompts 64 --min-tokens 8 --max-tokens 256 --batch 8
     Batching(BatchingBenchArgs),
@@ -225,12 +227,18 @@ pub struct BatchingBenchArgs {
     /// Rows decoded together: the static batch size and the continuous slot count.
     #[arg(long, default_value_t = 8)]
     batch: usize,
-    /// Rounds, each running static then continuous.
+    /// Rounds, each running static, continuous with whole prefills, and continuous with prefill interleaved.
     #[arg(long, default_value_t = 2)]
     repeat: usize,
     /// Seed of the answer lengths.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Prefill chunks of a joining prompt between two decode steps in the interleaved continuous pass.
+    #[arg(long, default_value_t = 1)]
+    prefill_chunks_per_step: usize,
+    /// Prompt tokens per prefill pass (unset: 256 on cpu, 1024 on cuda).
+    #[arg(long)]
+    prefill_chunk: Option<usize>,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -246,6 +254,8 @@ impl From<BatchingBenchArgs> for BatchingBench {
             batch: a.batch,
             repeat: a.repeat,
             seed: a.seed,
+            prefill_chunks_per_step: a.prefill_chunks_per_step,
+            prefill_chunk: a.prefill_chunk,
             threads: a.runtime.threads,
             device: a.runtime.device,
             spin: a.runtime.spin,

@@ -197,12 +197,16 @@ pub enum DecoderAttention {
 }
 
 impl DecoderAttention {
-    /// Whether pixtract can run this decoder on `device`: gqa only on the CPU. Its in-place cache is host memory
-    /// (zeroed, prefilled rows gathered and finished rows compacted by host copies), and ONNX Runtime's CUDA
-    /// GroupQueryAttention has no fp32 kernel (an fp32 node would quietly fall back to the CPU provider).
-    pub fn check_device(self, device: Device) -> Result<(), ModelError> {
-        if self == DecoderAttention::Gqa && device != Device::Cpu {
-            return Err(ModelError::AttentionDevice { device });
+    /// Whether pixtract can run this decoder, whose activations are `dtype` ("fp32" or "fp16"), on `device`:
+    /// eager everywhere; gqa on the CPU, and on CUDA in fp16 only: ONNX Runtime's CUDA GroupQueryAttention has
+    /// fp16/bf16 kernels and no fp32 one (an fp32 node would quietly fall back to the CPU provider, the cache
+    /// crossing to the host every step).
+    pub fn check_device(self, device: Device, dtype: &str) -> Result<(), ModelError> {
+        if self == DecoderAttention::Gqa && device != Device::Cpu && dtype != "fp16" {
+            return Err(ModelError::AttentionDevice {
+                device,
+                dtype: dtype.to_string(),
+            });
         }
         Ok(())
     }
@@ -399,4 +403,27 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gqa_runs_on_cuda_in_fp16_only() {
+        let cuda = Device::Cuda(0);
+        assert!(DecoderAttention::Gqa.check_device(cuda, "fp16").is_ok());
+        let err = DecoderAttention::Gqa
+            .check_device(cuda, "fp32")
+            .expect_err("fp32 gqa on cuda");
+        assert!(err.to_string().contains("--dtype fp16"), "{err}");
+        for dtype in ["fp32", "fp16"] {
+            assert!(
+                DecoderAttention::Gqa
+                    .check_device(Device::Cpu, dtype)
+                    .is_ok()
+            );
+            assert!(DecoderAttention::Eager.check_device(cuda, dtype).is_ok());
+        }
+    }
 }

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 pub use engine::{
     AnswerLengths, BatchPolicy, Batching, EngineOptions, FinishReason, Generation,
     GenerationConfig, GenerationStats, HookError, NoHook, PixtralEngine, StepHook,
+    default_prefill_chunk,
 };
 pub use manifest::{ModelDir, ModelManifest};
 pub use preprocess::{ImagePreprocessor, PreparedImage};
@@ -98,10 +99,11 @@ pub enum ModelError {
     #[error("model graph does not match its manifest: {0}")]
     Graph(String),
     #[error(
-        "this model's decoder uses GroupQueryAttention (exported with --attention gqa), which pixtract runs on the \
-         CPU only; for {device} export with --attention eager (and --dtype fp16)"
+        "this model's decoder uses GroupQueryAttention in {dtype}, and ONNX Runtime's CUDA GroupQueryAttention has \
+         fp16/bf16 kernels only; for {device} export with --attention gqa --dtype fp16 (the CUDA default) or \
+         --attention eager"
     )]
-    AttentionDevice { device: Device },
+    AttentionDevice { device: Device, dtype: String },
     #[error(
         "prompt of {prompt} tokens plus {new_tokens} new tokens exceeds the model's context of {limit} tokens"
     )]

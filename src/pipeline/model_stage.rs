@@ -38,6 +38,7 @@ pub(super) fn model_stage(
             max_batch: spec.batch_size,
             token_budget: spec.token_budget,
             batching: spec.batching,
+            prefill_chunks_per_step: spec.prefill_chunks_per_step,
         };
         let mut extractor =
             Extractor::new(&engine, mode, config, policy).map_err(PipelineError::Extract)?;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::PipelineError;
-use crate::model::Batching;
+use crate::model::{BatchPolicy, Batching};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -111,6 +111,10 @@ pub struct ModelSpec {
     /// scores a prefill holds.
     #[serde(default)]
     pub prefill_chunk: Option<usize>,
+    /// Continuous batching: prefill chunks of a joining prompt between two decode steps (0: whole prompts at
+    /// once, running rows waiting for them).
+    #[serde(default = "default_prefill_chunks_per_step")]
+    pub prefill_chunks_per_step: usize,
     #[serde(default = "default_max_new_tokens")]
     pub max_new_tokens: usize,
 }
@@ -204,6 +208,9 @@ fn default_device() -> String {
 }
 fn default_batch() -> usize {
     8
+}
+fn default_prefill_chunks_per_step() -> usize {
+    BatchPolicy::default().prefill_chunks_per_step
 }
 fn default_token_budget() -> usize {
     16_384

@@ -333,9 +333,70 @@ fn gqa_continuous_batching_equals_one_by_one_in_any_arrival_order() {
 }
 
 #[test]
-fn gqa_models_refuse_cuda_with_the_reason() {
+fn gqa_prefill_interleaved_with_decode_bounds_the_stall_and_keeps_the_tokens() {
+    let mut engine = gqa_engine();
+    let (cases, prompts) = reference_prompts(&engine);
+    let chunk = 64;
+    let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap();
+    assert!(longest > 2 * chunk, "a prompt of several chunks is needed");
+    let lengths: Vec<usize> = (0..prompts.len()).map(|i| 3 + (i * 5) % 17).collect();
+    let config = GenerationConfig {
+        max_new_tokens: *lengths.iter().max().unwrap(),
+        stop_on_eos: false,
+        prefill_chunk: Some(chunk),
+        ..Default::default()
+    };
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            let one = BatchPolicy {
+                max_batch: 1,
+                batching: Batching::Static,
+                ..Default::default()
+            };
+            let (g, _) = engine
+                .generate_many(std::slice::from_ref(p), &config, one, &mut NoHook)
+                .unwrap();
+            g[0].tokens.clone()
+        })
+        .collect();
+    let mut stalls = Vec::new();
+    for chunks_per_step in [0, 1, 2] {
+        let policy = BatchPolicy {
+            max_batch: 3,
+            batching: Batching::Continuous,
+            prefill_chunks_per_step: chunks_per_step,
+            ..Default::default()
+        };
+        let (gens, stats) = engine
+            .generate_many(
+                &prompts,
+                &config,
+                policy,
+                &mut AnswerLengths::new(lengths.clone()),
+            )
+            .unwrap();
+        for (i, g) in gens.iter().enumerate() {
+            assert_eq!(
+                g.tokens[..],
+                alone[i][..lengths[i]],
+                "{}, {chunks_per_step} prefill chunks per step",
+                cases[i].name
+            );
+        }
+        stalls.push(stats.max_stall_tokens);
+    }
+    // Whole prefills make running rows wait for a whole prompt (prompts join while others run); interleaved, for
+    // at most the chunks a gap allows.
+    assert!(stalls[0] > 2 * chunk, "stalls {stalls:?}");
+    assert!((1..=chunk).contains(&stalls[1]), "stalls {stalls:?}");
+    assert!((1..=2 * chunk).contains(&stalls[2]), "stalls {stalls:?}");
+}
+
+#[test]
+fn fp32_gqa_models_refuse_cuda_with_the_reason() {
     // Checked before any session opens, so it holds on machines without CUDA too: an fp32 GroupQueryAttention node
-    // would otherwise run on the CPU provider behind the user's back.
+    // would otherwise run on the CPU provider behind the user's back (fp16 gqa exports do run on CUDA).
     let opts = EngineOptions {
         device: Device::Cuda(0),
     };
@@ -344,7 +405,9 @@ fn gqa_models_refuse_cuda_with_the_reason() {
         Err(e) => e.to_string(),
     };
     assert!(
-        err.contains("GroupQueryAttention") && err.contains("--attention eager"),
+        err.contains("GroupQueryAttention in fp32")
+            && err.contains("--attention gqa --dtype fp16")
+            && err.contains("--attention eager"),
         "{err}"
     );
 }

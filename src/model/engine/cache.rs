@@ -258,10 +258,28 @@ pub(super) fn prefill_row(
     logits: &mut DynTensor,
     stats: &mut GenerationStats,
 ) -> Result<(), ModelError> {
+    let (_, passes) = prefill_row_chunks(decoder, embeds, 0, chunk, usize::MAX, buffers, logits)?;
+    stats.prefill_passes += passes;
+    Ok(())
+}
+
+/// Continues [`prefill_row`] from token `start` for at most `passes` chunks; returns the tokens now in the row
+/// and the passes run.
+/// The chunk boundaries are the same however the passes are spread (multiples of `chunk` from 0), so a prompt
+/// prefilled a chunk at a time between decode steps gets the very cache and logits of one prefilled at once.
+pub(super) fn prefill_row_chunks(
+    decoder: &mut Decoder,
+    embeds: &[f32],
+    mut start: usize,
+    chunk: usize,
+    passes: usize,
+    buffers: &mut [DynTensor],
+    logits: &mut DynTensor,
+) -> Result<(usize, usize), ModelError> {
     let hidden = decoder.hidden();
     let len = embeds.len() / hidden.max(1);
-    let mut start = 0;
-    while start < len {
+    let mut done = 0;
+    while start < len && done < passes {
         let end = (start + chunk.max(1)).min(len);
         let positions: Vec<i64> = (start as i64..end as i64).collect();
         let step = GqaStep {
@@ -273,8 +291,8 @@ pub(super) fn prefill_row(
             logits_index: &[(end - start) as i64 - 1],
         };
         decoder.gqa_pass(step, buffers, logits)?;
-        stats.prefill_passes += 1;
+        done += 1;
         start = end;
     }
-    Ok(())
+    Ok((start, done))
 }

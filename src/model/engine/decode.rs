@@ -1,5 +1,5 @@
-//! The decode loop: per step, the hook masks each row's logits, each row's sampler picks a token, the hook sees
-//! it, finished rows leave the batch, and the others' next tokens go through the decoder.
+//! The decode loop of a static batch, and the per-row step both batchings share: the hook masks each row's
+//! logits, each row's sampler picks a token, the hook sees it, and a row that failed or finished leaves.
 
 use half::f16;
 use ort::value::DynTensor;
@@ -11,48 +11,141 @@ use crate::model::ModelError;
 use crate::model::prompt::EncodedPrompt;
 use crate::model::sampling::Sampler;
 
-/// Rows at or above which `choose_rows` uses a second thread when it computes token probabilities (a softmax
-/// scan costs ~60-90 us per row; a scoped thread ~20-40 us to start). An argmax-only scan runs at memory speed
-/// and stays on the calling thread: a second thread there only fights ONNX Runtime's spinning pool.
+/// Rows at or above which `take_tokens` chooses on a second thread when it computes token probabilities (a
+/// softmax scan costs ~60-90 us per row; a scoped thread ~20-40 us to start). An argmax-only scan runs at memory
+/// speed and stays on the calling thread: a second thread there only fights ONNX Runtime's spinning pool.
 const PARALLEL_CHOOSE_ROWS: usize = 4;
 
-/// `samplers[b].choose(row j's logits)` for every active row `j` (sequence `b = active[j]`).
-pub(super) fn choose_rows(
-    samplers: &mut [Sampler],
-    active: &[usize],
-    logits: &[f32],
-    vocab: usize,
-) -> Vec<Option<(u32, f32)>> {
-    // Each active row's sampler, in active order (active is ascending, so a single pass hands them out).
-    let mut mine: Vec<&mut Sampler> = Vec::with_capacity(active.len());
-    let mut wanted = active.iter().peekable();
-    for (b, sampler) in samplers.iter_mut().enumerate() {
-        if wanted.peek() == Some(&&b) {
-            mine.push(sampler);
-            wanted.next();
+/// One sequence being generated: which prompt it is (`row` names it to the hook), its sampler (seeded by the
+/// row, so a sequence draws the same tokens in any batch) and what it has produced so far.
+pub(super) struct Sequence {
+    pub row: usize,
+    sampler: Sampler,
+    pub out: Generation,
+}
+
+impl Sequence {
+    pub fn new(row: usize, prompt_tokens: usize, config: &GenerationConfig) -> Self {
+        let sampler = Sampler::new(&config.sampling, row as u64);
+        let sampler = if config.token_probs {
+            sampler
+        } else {
+            sampler.without_probabilities()
+        };
+        Sequence {
+            row,
+            sampler,
+            out: Generation {
+                tokens: Vec::new(),
+                token_probs: Vec::new(),
+                finish: FinishReason::Length,
+                prompt_tokens,
+                first_logits: None,
+                error: None,
+            },
         }
     }
-    let rows: Vec<&[f32]> = logits.chunks(vocab).take(active.len()).collect();
-    let run = |samplers: &mut [&mut Sampler], rows: &[&[f32]]| -> Vec<Option<(u32, f32)>> {
-        samplers
-            .iter_mut()
-            .zip(rows)
-            .map(|(s, r)| s.choose(r))
-            .collect()
-    };
-    if active.len() < PARALLEL_CHOOSE_ROWS || !mine.iter().all(|s| s.computes_probabilities()) {
-        return run(&mut mine, &rows);
+
+    /// Ends this sequence with its error (the rest of the batch goes on).
+    fn fail(&mut self, error: ModelError) {
+        self.out.finish = FinishReason::Failed;
+        self.out.error = Some(crate::error::chain(&error));
     }
-    let half = active.len() / 2;
-    let (s_front, s_back) = mine.split_at_mut(half);
-    let (r_front, r_back) = rows.split_at(half);
-    std::thread::scope(|scope| {
-        let back = scope.spawn(|| run(s_back, r_back));
-        let mut out = run(s_front, r_front);
-        // A panic in the helper thread is a bug in `choose`; propagate it rather than invent a result.
-        out.extend(back.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
-        out
-    })
+}
+
+/// One step's token for each of `rows` (a sequence and its row of the pass's logits), for the static and the
+/// continuous loop alike: 1. the hook masks each row (in row order: it owns per-row grammar state); 2. each
+/// row's sampler chooses (rows are independent: split over two threads where the scans cost more than a
+/// thread); 3. the hook sees each chosen token, in row order, and the sequence finishes on EOS, the hook's
+/// say-so or its budget. A failing hook or a fully masked row ends that sequence alone with its error.
+///
+/// Returns, per row, the token to feed next, or `None` when the sequence finished (its `out.finish` says why).
+pub(super) fn take_tokens(
+    rows: &mut [(&mut Sequence, &mut [f32])],
+    config: &GenerationConfig,
+    hook: &mut dyn StepHook,
+    eos: u32,
+) -> Vec<Option<u32>> {
+    let mut failed = vec![false; rows.len()];
+    for ((seq, logits), failed) in rows.iter_mut().zip(&mut failed) {
+        if let Err(source) = hook.mask_logits(seq.row, logits) {
+            let row = seq.row;
+            seq.fail(ModelError::Hook { row, source });
+            *failed = true;
+        } else if config.keep_first_logits && seq.out.tokens.is_empty() {
+            seq.out.first_logits = Some(logits.to_vec());
+        }
+    }
+    let picks = choose_all(rows, &failed);
+    let mut next = Vec::with_capacity(rows.len());
+    for (((seq, _), pick), failed) in rows.iter_mut().zip(picks).zip(failed) {
+        if failed {
+            next.push(None);
+            continue;
+        }
+        let row = seq.row;
+        let Some((token, prob)) = pick else {
+            seq.fail(ModelError::AllMasked { row });
+            next.push(None);
+            continue;
+        };
+        seq.out.tokens.push(token);
+        if config.token_probs {
+            seq.out.token_probs.push(prob);
+        }
+        let hook_done = match hook.accept_token(row, token) {
+            Ok(done) => done,
+            Err(source) => {
+                seq.fail(ModelError::Hook { row, source });
+                next.push(None);
+                continue;
+            }
+        };
+        match finish_after(token, hook_done, seq.out.tokens.len(), config, eos) {
+            Some(reason) => {
+                seq.out.finish = reason;
+                next.push(None);
+            }
+            None => next.push(Some(token)),
+        }
+    }
+    next
+}
+
+/// Each row's sampler's choice over its (masked) logits; `None` for failed rows and fully masked ones.
+fn choose_all(
+    rows: &mut [(&mut Sequence, &mut [f32])],
+    failed: &[bool],
+) -> Vec<Option<(u32, f32)>> {
+    let mut jobs: Vec<(&mut Sampler, &[f32])> = rows
+        .iter_mut()
+        .zip(failed)
+        .filter(|(_, failed)| !**failed)
+        .map(|((seq, logits), _)| (&mut seq.sampler, &**logits))
+        .collect();
+    let run = |jobs: &mut [(&mut Sampler, &[f32])]| -> Vec<Option<(u32, f32)>> {
+        jobs.iter_mut().map(|(s, l)| s.choose(l)).collect()
+    };
+    let chosen = if jobs.len() < PARALLEL_CHOOSE_ROWS
+        || !jobs.iter().all(|(s, _)| s.computes_probabilities())
+    {
+        run(&mut jobs)
+    } else {
+        let half = jobs.len() / 2;
+        let (front, back) = jobs.split_at_mut(half);
+        std::thread::scope(|scope| {
+            let back = scope.spawn(|| run(back));
+            let mut out = run(front);
+            // A panic in the helper thread is a bug in `choose`; propagate it rather than invent a result.
+            out.extend(back.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+            out
+        })
+    };
+    let mut chosen = chosen.into_iter();
+    failed
+        .iter()
+        .map(|&f| if f { None } else { chosen.next().flatten() })
+        .collect()
 }
 
 /// What a static batch's decode gives back: its sequences, the tokens decoded (rows x steps) and the row slots
@@ -89,8 +182,8 @@ pub(super) fn host_logits<'a>(
 }
 
 /// Why a sequence that just produced `token` stops, if it does: EOS (when configured), the hook's say-so, or its
-/// token budget. One rule for the static and the continuous decode loops.
-pub(super) fn finish_after(
+/// token budget.
+fn finish_after(
     token: u32,
     hook_done: bool,
     generated: usize,
@@ -105,16 +198,6 @@ pub(super) fn finish_after(
         Some(FinishReason::Length)
     } else {
         None
-    }
-}
-
-/// A sampler for sequence `row`: seeded by the row, so a sequence draws the same tokens in any batch.
-pub(super) fn sampler_for(row: usize, config: &GenerationConfig) -> Sampler {
-    let sampler = Sampler::new(&config.sampling, row as u64);
-    if config.token_probs {
-        sampler
-    } else {
-        sampler.without_probabilities()
     }
 }
 
@@ -134,88 +217,37 @@ impl PixtralEngine {
         let mut row_capacity = 0;
         let eos = self.model.manifest.tokens.eos;
         let vocab = self.model.manifest.text.vocab_size;
-        let mut active: Vec<usize> = (0..rows.len()).collect(); // positions in `rows` still generating
-        let mut outs: Vec<Generation> = rows
+        let mut seqs: Vec<Sequence> = rows
             .iter()
-            .map(|&r| Generation {
-                tokens: Vec::new(),
-                token_probs: Vec::new(),
-                finish: FinishReason::Length,
-                prompt_tokens: prompts[r].ids.len(),
-                first_logits: None,
-                error: None,
-            })
+            .map(|&r| Sequence::new(r, prompts[r].ids.len(), config))
             .collect();
+        // Positions in `seqs` still generating, ascending; row j of the logits is sequence active[j].
+        let mut active: Vec<usize> = (0..rows.len()).collect();
         let mut widened: Vec<f32> = Vec::new(); // fp16 logits as f32, reused across steps
-        let mut samplers: Vec<Sampler> = rows.iter().map(|&r| sampler_for(r, config)).collect();
         loop {
-            let mut finished = Vec::new();
-            let mut chosen = Vec::with_capacity(active.len());
             let logits_data = host_logits(&mut logits, self.decoder.logits_float, &mut widened)?;
-            // 1. The hook masks each row (sequential: it owns per-row grammar state). A row whose hook fails
-            // finishes with that error; the others go on.
-            let mut failed = vec![false; active.len()];
-            for (j, &b) in active.iter().enumerate() {
-                let row = rows[b];
-                let slice = &mut logits_data[j * vocab..(j + 1) * vocab];
-                if let Err(source) = hook.mask_logits(row, slice) {
-                    fail_row(&mut outs[b], ModelError::Hook { row, source });
-                    failed[j] = true;
-                    continue;
-                }
-                if config.keep_first_logits && outs[b].tokens.is_empty() {
-                    outs[b].first_logits = Some(slice.to_vec());
-                }
-            }
-            // 2. Each row's token and probability: independent rows, so split over two threads at batch sizes
-            // where the scans (131k logits each) cost more than a thread.
-            let picks = choose_rows(&mut samplers, &active, logits_data, vocab);
-            // 3. The hook sees each chosen token, in row order.
-            for (j, &b) in active.iter().enumerate() {
-                let row = rows[b];
-                if failed[j] {
-                    finished.push(j);
-                    continue;
-                }
-                let Some((token, prob)) = picks[j] else {
-                    fail_row(&mut outs[b], ModelError::AllMasked { row });
-                    finished.push(j);
-                    continue;
-                };
-                outs[b].tokens.push(token);
-                if config.token_probs {
-                    outs[b].token_probs.push(prob);
-                }
-                let hook_done = match hook.accept_token(row, token) {
-                    Ok(done) => done,
-                    Err(source) => {
-                        fail_row(&mut outs[b], ModelError::Hook { row, source });
-                        finished.push(j);
-                        continue;
-                    }
-                };
-                match finish_after(token, hook_done, outs[b].tokens.len(), config, eos) {
-                    Some(reason) => {
-                        outs[b].finish = reason;
-                        finished.push(j);
-                    }
-                    None => chosen.push(token as i64),
-                }
-            }
+            let mut wanted = active.iter().peekable();
+            let mut step: Vec<(&mut Sequence, &mut [f32])> = seqs
+                .iter_mut()
+                .enumerate()
+                .filter(|(b, _)| wanted.next_if_eq(&b).is_some())
+                .map(|(_, seq)| seq)
+                .zip(logits_data.chunks_mut(vocab))
+                .collect();
+            let next = take_tokens(&mut step, config, hook, eos);
             decode_tokens += active.len();
             row_capacity += rows.len();
-            if finished.len() == active.len() {
+            // Finished sequences leave the batch: keep only the others' cache rows.
+            let keep: Vec<usize> = (0..active.len()).filter(|&j| next[j].is_some()).collect();
+            if keep.is_empty() {
                 return Ok(DecodeOutcome {
-                    generations: outs,
+                    generations: seqs.into_iter().map(|s| s.out).collect(),
                     decode_tokens,
                     row_capacity,
                 });
             }
-            if !finished.is_empty() {
-                // Finished sequences leave the batch: keep only the others' cache rows.
-                let keep: Vec<usize> = (0..active.len())
-                    .filter(|j| !finished.contains(j))
-                    .collect();
+            let chosen: Vec<i64> = next.iter().flatten().map(|&t| t as i64).collect();
+            if keep.len() < active.len() {
                 cache.keep_rows(&self.decoder, &keep)?;
                 active = keep.iter().map(|&j| active[j]).collect();
                 logits = self.decoder.logits_buffer(active.len())?;
@@ -224,10 +256,4 @@ impl PixtralEngine {
             cache.step(&mut self.decoder, &embeds, &active, &mut logits)?;
         }
     }
-}
-
-/// Ends one sequence with its error (the rest of the batch goes on).
-pub(super) fn fail_row(out: &mut Generation, error: ModelError) {
-    out.finish = FinishReason::Failed;
-    out.error = Some(crate::error::chain(&error));
 }

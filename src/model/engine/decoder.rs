@@ -23,6 +23,9 @@ pub(super) struct Decoder {
     past_names: Vec<String>,
     present_names: Vec<String>,
     kv_memory: MemoryInfo<'static>,
+    /// Where GroupQueryAttention cache buffers are allocated: host memory on the CPU, the session's device memory
+    /// on CUDA (the cache then never crosses to the host; only logits do).
+    cache_allocator: Allocator,
     hidden: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -88,8 +91,23 @@ impl Decoder {
             ),
         }
         .map_err(ort_err("memory info"))?;
+        let cache_allocator = match device {
+            Device::Cpu => Allocator::default(),
+            Device::Cuda(id) => Allocator::new(
+                &session,
+                MemoryInfo::new(
+                    AllocationDevice::CUDA,
+                    id,
+                    AllocatorType::Device,
+                    MemoryType::Default,
+                )
+                .map_err(ort_err("memory info"))?,
+            )
+            .map_err(ort_err("cache allocator"))?,
+        };
         Ok(Decoder {
             session,
+            cache_allocator,
             attention,
             device,
             embeds_float,
@@ -128,9 +146,10 @@ impl Decoder {
         .map_err(ort_err("logits buffer"))
     }
 
-    /// Zeroed host cache buffers `[rows, kv_heads, capacity, head_dim]`, one per layer and key/value. Made with
-    /// ONNX Runtime's allocator: only such tensors can be bound as outputs, which is what lets the decoder write
-    /// into them in place.
+    /// Zeroed cache buffers `[rows, kv_heads, capacity, head_dim]`, one per layer and key/value, in the session's
+    /// device memory (host memory on the CPU). Made with ONNX Runtime's allocator: only such tensors can be bound
+    /// as outputs, which is what lets the decoder write into them in place. Zeroed although nothing past a row's
+    /// length is read: a kernel that multiplies masked positions by zero would turn stale NaN bits into NaN.
     pub fn cache_buffers(
         &self,
         rows: usize,
@@ -143,13 +162,26 @@ impl Decoder {
             capacity as i64,
             self.head_dim as i64,
         ];
+        let zeroed_host = || -> Result<DynTensor, ModelError> {
+            let mut buffer = DynTensor::new(&Allocator::default(), ty, shape.clone())
+                .map_err(ort_err("cache buffer"))?;
+            let bytes = host_tensor_bytes(&buffer)?;
+            // SAFETY: a host tensor just allocated for `bytes` bytes (shape x element size, checked host).
+            unsafe { std::ptr::write_bytes(buffer.data_ptr_mut().cast::<u8>(), 0, bytes) };
+            Ok(buffer)
+        };
+        if self.device == Device::Cpu {
+            return (0..self.past_names.len()).map(|_| zeroed_host()).collect();
+        }
+        // Device memory cannot be written from here: one zeroed host buffer is copied into each.
+        let zeros = zeroed_host()?;
         (0..self.past_names.len())
             .map(|_| {
-                let mut buffer = DynTensor::new(&Allocator::default(), ty, shape.clone())
-                    .map_err(ort_err("cache buffer"))?;
-                let bytes = host_tensor_bytes(&buffer)?;
-                // SAFETY: a host tensor just allocated for `bytes` bytes (shape x element size, checked host).
-                unsafe { std::ptr::write_bytes(buffer.data_ptr_mut().cast::<u8>(), 0, bytes) };
+                let mut buffer = DynTensor::new(&self.cache_allocator, ty, shape.clone())
+                    .map_err(ort_err("device cache buffer"))?;
+                zeros
+                    .copy_into(&mut buffer)
+                    .map_err(ort_err("zero device cache buffer"))?;
                 Ok(buffer)
             })
             .collect()

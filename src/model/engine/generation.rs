@@ -161,6 +161,12 @@ pub struct GenerationStats {
     /// Where ONNX Runtime actually put the KV cache (read back from the decoder's `present.*` outputs, e.g.
     /// "Cuda:0"): evidence that the cache stays on the device, not a setting echoed back.
     pub kv_cache_memory: Option<String>,
+    /// Continuous batching: the most prompt tokens prefilled between two decode steps while rows were running
+    /// (what a running row waited for, in tokens).
+    pub max_stall_tokens: usize,
+    /// Continuous batching: the longest wait of running rows between two decode steps (joining prompts' vision,
+    /// prefill and first tokens).
+    pub max_stall: Duration,
 }
 
 impl GenerationStats {
@@ -174,6 +180,8 @@ impl GenerationStats {
         self.batches += other.batches;
         self.prefill_passes += other.prefill_passes;
         self.decode_row_capacity += other.decode_row_capacity;
+        self.max_stall_tokens = self.max_stall_tokens.max(other.max_stall_tokens);
+        self.max_stall = self.max_stall.max(other.max_stall);
         if self.kv_cache_memory.is_none() {
             self.kv_cache_memory.clone_from(&other.kv_cache_memory);
         }
@@ -187,6 +195,9 @@ pub struct BatchPolicy {
     /// Upper bound on padded prompt tokens in one prefill (rows x longest prompt).
     pub token_budget: usize,
     pub batching: Batching,
+    /// Continuous batching: prefill chunks of a joining prompt run between two decode steps while rows are
+    /// running (0: the whole prompt at once). Bounds how long a running row waits for a page's prefill.
+    pub prefill_chunks_per_step: usize,
 }
 
 impl Default for BatchPolicy {
@@ -195,6 +206,7 @@ impl Default for BatchPolicy {
             max_batch: 8,
             token_budget: 16_384,
             batching: Batching::default(),
+            prefill_chunks_per_step: 1,
         }
     }
 }

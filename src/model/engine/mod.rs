@@ -53,7 +53,10 @@ impl PixtralEngine {
         let model = ModelDir::open(dir)?;
         let m = &model.manifest;
         // Checked before any session opens.
-        m.graphs.decoder.attention.check_device(opts.device)?;
+        m.graphs
+            .decoder
+            .attention
+            .check_device(opts.device, &m.dtype)?;
         let open = |file: &str| rt.open_session(&model.path_of(file), opts.device);
         let vision = open(&m.graphs.vision_encoder.file)?;
         let embed = open(&m.graphs.embed_tokens.file)?;
@@ -132,7 +135,7 @@ impl PixtralEngine {
         if policy.batching == Batching::Continuous
             && self.decoder.attention == DecoderAttention::Gqa
         {
-            return self.generate_continuous(prompts, config, policy.max_batch, hook);
+            return self.generate_continuous(prompts, config, policy, hook);
         }
         let lengths: Vec<usize> = prompts.iter().map(|p| p.ids.len()).collect();
         let mut results: Vec<Option<Generation>> = vec![None; prompts.len()];

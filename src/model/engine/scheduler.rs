@@ -34,6 +34,7 @@ mod tests {
             max_batch: 2,
             token_budget: 100,
             batching: crate::model::Batching::Static,
+            ..BatchPolicy::default()
         };
         // 60 with 50 would pad to 2 x 60 = 120 > 100: alone; 50 with 30 pads to exactly 100.
         assert_eq!(
