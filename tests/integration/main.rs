@@ -7,7 +7,6 @@ mod engine;
 mod eval;
 mod exporter;
 mod extract;
-mod faults;
 mod layers;
 mod model_dir;
 mod pipeline;
