@@ -329,10 +329,7 @@ impl Source {
 
     /// Lists through `pager` (the same store's raw listing, e.g. an `AmazonS3`), so that a key object_store
     /// refuses is one skipped entry rather than a failed page.
-    pub fn with_pager(
-        mut self,
-        pager: Arc<dyn object_store::list::PaginatedListStore>,
-    ) -> Source {
+    pub fn with_pager(mut self, pager: Arc<dyn object_store::list::PaginatedListStore>) -> Source {
         self.pager = Some(crate::store::Pager(pager));
         self
     }

@@ -27,7 +27,10 @@ const FULL_PAGE: usize = 1000;
 pub(super) enum PagedEntry {
     Object(ObjectMeta),
     /// A key object_store cannot hold: the raw key and why.
-    Refused { key: String, reason: String },
+    Refused {
+        key: String,
+        reason: String,
+    },
 }
 
 struct Walk {
@@ -89,7 +92,11 @@ impl Walk {
                 max_keys: Some(self.max_keys),
                 ..Default::default()
             };
-            match self.pager.list_paginated(self.prefix.as_deref(), opts).await {
+            match self
+                .pager
+                .list_paginated(self.prefix.as_deref(), opts)
+                .await
+            {
                 Ok(page) => {
                     self.ready.extend(
                         page.result
@@ -110,7 +117,9 @@ impl Walk {
                         self.finished = true;
                         return Some(Err(SourceError::List {
                             uri: self.uri.clone(),
-                            reason: format!("the listing holds a key it cannot step past: {source}"),
+                            reason: format!(
+                                "the listing holds a key it cannot step past: {source}"
+                            ),
                         }));
                     };
                     if self.max_keys > 1 {

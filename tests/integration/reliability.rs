@@ -272,7 +272,11 @@ async fn s3_listing_steps_past_keys_object_store_refuses() {
     }
     assert_eq!(listed.values().filter(|ok| **ok).count(), 25, "{listed:#?}");
     for k in odd {
-        assert_eq!(listed.get(&format!("s3://oddlist/{k}")), Some(&false), "{listed:#?}");
+        assert_eq!(
+            listed.get(&format!("s3://oddlist/{k}")),
+            Some(&false),
+            "{listed:#?}"
+        );
     }
     assert_eq!(listed.len(), 27);
     // Globs apply to refused keys as to any other.
@@ -314,7 +318,10 @@ fn run_over_s3_keys_object_store_refuses_gives_each_its_own_row() {
     ));
     let lines: Vec<&str> = rows.lines().collect();
     assert_eq!(lines.len(), 27, "one row per key: {rows}");
-    assert!(lines.iter().all(|l| l.split('|').nth(1) == Some("1")), "{rows}");
+    assert!(
+        lines.iter().all(|l| l.split('|').nth(1) == Some("1")),
+        "{rows}"
+    );
     for k in odd {
         let line = lines
             .iter()
@@ -329,7 +336,11 @@ fn run_over_s3_keys_object_store_refuses_gives_each_its_own_row() {
 
     let missing = tmp.path().join("missing");
     std::fs::create_dir(&missing).unwrap();
-    let spec = write_spec(&missing, Path::new("s3://no-such-bucket/in/"), &missing.join("out"));
+    let spec = write_spec(
+        &missing,
+        Path::new("s3://no-such-bucket/in/"),
+        &missing.join("out"),
+    );
     let out = pixtract(&["run", spec.to_str().unwrap()], &env, &repo_root());
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
