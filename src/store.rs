@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use object_store::ObjectStore;
+use object_store::list::PaginatedListStore;
 use object_store::path::Path;
 
 /// An opened object-store URL.
@@ -20,6 +21,19 @@ pub struct StoreUrl {
     pub base: String,
     /// The URL's path inside the bucket or container.
     pub prefix: Path,
+    /// The same store's raw, page-by-page listing (S3): lets a listing step past a key that object_store's
+    /// `Path` cannot hold (`a//b.pdf`) instead of failing the whole page ([`crate::source`]).
+    pub pager: Option<Pager>,
+}
+
+/// A store's page-by-page listing (object_store's [`PaginatedListStore`]), which has no `Debug` of its own.
+#[derive(Clone)]
+pub struct Pager(pub Arc<dyn PaginatedListStore>);
+
+impl std::fmt::Debug for Pager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pager")
+    }
 }
 
 impl StoreUrl {
@@ -82,6 +96,7 @@ fn configure(e: object_store::Error) -> StoreError {
 pub fn open(uri: &str) -> Result<StoreUrl, StoreError> {
     let url = url::Url::parse(uri)?;
     let host = url.host_str().filter(|h| !h.is_empty());
+    let mut pager: Option<Pager> = None;
     let (store, base): (Arc<dyn ObjectStore>, String) = match scheme(uri).as_deref() {
         Some("s3" | "s3a") => {
             let bucket = host.ok_or(StoreError::NoBucket)?;
@@ -95,8 +110,9 @@ pub fn open(uri: &str) -> Result<StoreUrl, StoreError> {
             if let Some(endpoint) = endpoint.filter(|e| is_loopback(e)) {
                 builder = builder.with_allow_http(true).with_endpoint(endpoint);
             }
-            let store = builder.build().map_err(configure)?;
-            (Arc::new(store), format!("s3://{bucket}"))
+            let store = Arc::new(builder.build().map_err(configure)?);
+            pager = Some(Pager(store.clone()));
+            (store, format!("s3://{bucket}"))
         }
         Some("gs") => {
             let bucket = host.ok_or(StoreError::NoBucket)?;
@@ -131,6 +147,7 @@ pub fn open(uri: &str) -> Result<StoreUrl, StoreError> {
         store,
         base,
         prefix,
+        pager,
     })
 }
 

@@ -22,6 +22,7 @@ pub use crate::document::{DocumentInfo, FetchError};
 pub use local::escape_name;
 
 mod local;
+mod paged;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SourceError {
@@ -232,6 +233,9 @@ pub struct Source {
     uri: String,
     /// A local source's canonical folder: walked and read with `std::fs` ([`local`]), not object_store.
     local_root: Option<PathBuf>,
+    /// The store's raw page-by-page listing, where it has one (S3): one key object_store refuses then costs
+    /// only that key ([`paged`]), not its whole page.
+    pager: Option<crate::store::Pager>,
 }
 
 impl Source {
@@ -262,6 +266,7 @@ impl Source {
                     base: opened.base,
                     uri: uri.to_string(),
                     local_root: None,
+                    pager: opened.pager,
                 })
             }
             Some(other @ ("http" | "https")) => Err(SourceError::UnsupportedScheme {
@@ -298,6 +303,7 @@ impl Source {
             base: root.to_string_lossy().trim_end_matches('/').to_string(),
             uri: uri.to_string(),
             local_root: Some(root),
+            pager: None,
         })
     }
 
@@ -317,7 +323,15 @@ impl Source {
             base: base.trim_end_matches('/').to_string(),
             uri: base.to_string(),
             local_root: None,
+            pager: None,
         })
+    }
+
+    /// Lists through `pager` (the same store's raw listing, e.g. an `AmazonS3`), so that a key object_store
+    /// refuses is one skipped entry rather than a failed page.
+    pub fn with_pager(mut self, pager: Arc<dyn object_store::list::PaginatedListStore>) -> Source {
+        self.pager = Some(crate::store::Pager(pager));
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -413,6 +427,9 @@ impl Source {
                             Ok(None) => {
                                 let prefix =
                                     (!this.prefix.as_ref().is_empty()).then(|| this.prefix.clone());
+                                if let Some(pager) = &this.pager {
+                                    return this.list_paged(pager.0.clone(), filter, max_bytes);
+                                }
                                 let uri = this.uri.clone();
                                 let listing = this.store.list(prefix.as_ref());
                                 let this2 = this.clone();
@@ -441,6 +458,35 @@ impl Source {
                 )
                 .flatten();
         Ok(stream.boxed())
+    }
+
+    /// The raw page-by-page listing ([`paged`]): a key object_store refuses is one [`SourceError::Entry`].
+    fn list_paged(
+        &self,
+        pager: Arc<dyn object_store::list::PaginatedListStore>,
+        filter: Filter,
+        max_bytes: u64,
+    ) -> futures::stream::BoxStream<'static, Result<DocumentInfo, SourceError>> {
+        let this = self.clone();
+        paged::list(pager, Some(self.prefix.as_ref()), &self.uri)
+            .filter_map(move |item| {
+                let item = match item {
+                    Err(e) => Some(Err(e)),
+                    Ok(paged::PagedEntry::Object(meta)) => filter
+                        .matches(this.relative(meta.location.as_ref()))
+                        .then(|| this.checked(meta, max_bytes)),
+                    Ok(paged::PagedEntry::Refused { key, reason }) => {
+                        filter.matches(this.relative(&key)).then(|| {
+                            Err(SourceError::Entry {
+                                uri: format!("{}/{}", this.base, key),
+                                reason,
+                            })
+                        })
+                    }
+                };
+                futures::future::ready(item)
+            })
+            .boxed()
     }
 
     /// A local folder walked on a blocking thread; outcomes arrive through a small channel (the walk waits for

@@ -228,25 +228,124 @@ fn put_raw(moto: &crate::util::Moto, bucket: &str, key: &str, body: &[u8]) {
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
 }
 
-/// On S3 a key object_store refuses (`a//b.pdf`) fails the listing page: the run must fail (exit 1, no
-/// `_SUCCESS`) and say so, never finish as if the listing were complete.
-#[test]
-fn run_fails_when_the_s3_listing_cannot_continue() {
-    let moto = crate::util::Moto::start();
-    moto.create_bucket("odd");
+/// Puts `good` PNG keys `in/doc00.png`.. plus keys object_store's `Path` refuses; returns those odd keys.
+fn bucket_with_odd_keys(moto: &crate::util::Moto, bucket: &str, good: usize) -> Vec<&'static str> {
+    moto.create_bucket(bucket);
     let png = std::fs::read(tiny_model().join("reference/tiny_image/image0.png")).unwrap();
-    put_raw(&moto, "odd", "in/a.png", &png);
-    put_raw(&moto, "odd", "in/x//b.png", &png);
+    for i in 0..good {
+        put_raw(moto, bucket, &format!("in/doc{i:02}.png"), &png);
+    }
+    // Between good keys in listing order, so the walk has to step past each one.
+    let odd = vec!["in/doc03//b.png", "in/m//n.png"];
+    for k in &odd {
+        put_raw(moto, bucket, k, &png);
+    }
+    odd
+}
+
+/// On S3 a key object_store refuses (`a//b.png`) used to fail its whole listing page (25 good keys + one `//`
+/// key -> 0 documents). Now the raw listing narrows the failing page down to the key: it is one skipped entry
+/// with its reason, every other key is listed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_listing_steps_past_keys_object_store_refuses() {
+    let moto = crate::util::Moto::start();
+    let odd = bucket_with_odd_keys(&moto, "oddlist", 25);
+    let source = Source::from_store(moto.store("oddlist"), "s3://oddlist", "in")
+        .unwrap()
+        .with_pager(std::sync::Arc::new(moto.s3("oddlist")));
+    let items: Vec<_> = source
+        .list(&ListOptions::default())
+        .unwrap()
+        .collect()
+        .await;
+    let mut listed = BTreeMap::new();
+    for item in &items {
+        let (uri, ok) = match item {
+            Ok(d) => (d.uri.clone(), true),
+            Err(SourceError::Entry { uri, reason }) => {
+                assert!(reason.contains("empty path segment"), "{reason}");
+                (uri.clone(), false)
+            }
+            Err(e) => panic!("only per-entry errors expected: {e:?}"),
+        };
+        assert!(listed.insert(uri.clone(), ok).is_none(), "{uri} twice");
+    }
+    assert_eq!(listed.values().filter(|ok| **ok).count(), 25, "{listed:#?}");
+    for k in odd {
+        assert_eq!(
+            listed.get(&format!("s3://oddlist/{k}")),
+            Some(&false),
+            "{listed:#?}"
+        );
+    }
+    assert_eq!(listed.len(), 27);
+    // Globs apply to refused keys as to any other.
+    let only_m = ListOptions {
+        include: vec!["m/*".into()],
+        ..Default::default()
+    };
+    let items: Vec<_> = source.list(&only_m).unwrap().collect().await;
+    assert!(
+        matches!(&items[..], [Err(SourceError::Entry { uri, .. })] if uri == "s3://oddlist/in/m//n.png"),
+        "{items:?}"
+    );
+}
+
+/// The same through `pixtract run`: a row per key (the odd ones as error rows naming the cause), `_SUCCESS`, and
+/// a second run redoes nothing. A listing that really cannot go on (no such bucket) fails the run: exit 1, no
+/// `_SUCCESS`.
+#[test]
+fn run_over_s3_keys_object_store_refuses_gives_each_its_own_row() {
+    let moto = crate::util::Moto::start();
+    let odd = bucket_with_odd_keys(&moto, "odd", 25);
     let tmp = tempfile::tempdir().unwrap();
     let output = tmp.path().join("out");
     let spec = write_spec(tmp.path(), Path::new("s3://odd/in/"), &output);
+    let mut s = std::fs::read_to_string(&spec).unwrap();
+    s.push_str("[limits]\nmax_failed_share = 1.0\n");
+    std::fs::write(&spec, s).unwrap();
     let env = moto.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let out = pixtract(&["run", spec.to_str().unwrap()], &env, &repo_root());
     let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    assert!(t.contains("27 documents"), "{t}");
+    assert!(has_success(&output), "{t}");
+    let glob = format!("{}/**/*.parquet", output.display());
+    let rows = duckdb(&format!(
+        "SELECT source_uri, count(*), max(coalesce(error, '')) FROM read_parquet('{glob}', hive_partitioning = true) \
+         GROUP BY ALL ORDER BY ALL"
+    ));
+    let lines: Vec<&str> = rows.lines().collect();
+    assert_eq!(lines.len(), 27, "one row per key: {rows}");
+    assert!(
+        lines.iter().all(|l| l.split('|').nth(1) == Some("1")),
+        "{rows}"
+    );
+    for k in odd {
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with(&format!("s3://odd/{k}|")))
+            .unwrap_or_else(|| panic!("{k}: {rows}"));
+        assert!(line.contains("empty path segment"), "{line}");
+    }
+    let again = pixtract(&["run", spec.to_str().unwrap()], &env, &repo_root());
+    let t2 = text(&again);
+    assert_eq!(again.status.code(), Some(0), "{t2}");
+    assert!(t2.contains("0 documents (0 failed, 27 skipped"), "{t2}");
+
+    let missing = tmp.path().join("missing");
+    std::fs::create_dir(&missing).unwrap();
+    let spec = write_spec(
+        &missing,
+        Path::new("s3://no-such-bucket/in/"),
+        &missing.join("out"),
+    );
+    let out = pixtract(&["run", spec.to_str().unwrap()], &env, &repo_root());
+    let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
-    assert!(t.contains("cannot list"), "{t}");
-    assert!(!has_success(&output), "{t}");
+    assert!(t.contains("no-such-bucket"), "{t}");
+    assert!(!has_success(&missing.join("out")), "{t}");
 }
 
 /// A renderer crash is transient: the row says `retry` with its attempt, the next run tries again, and after the

@@ -464,18 +464,21 @@ impl Moto {
     }
 
     pub fn store(&self, bucket: &str) -> std::sync::Arc<dyn object_store::ObjectStore> {
-        std::sync::Arc::new(
-            object_store::aws::AmazonS3Builder::new()
-                .with_endpoint(self.endpoint())
-                .with_allow_http(true)
-                .with_access_key_id("test")
-                .with_secret_access_key("test")
-                .with_region("us-east-1")
-                .with_bucket_name(bucket)
-                .with_virtual_hosted_style_request(false)
-                .build()
-                .expect("s3 store"),
-        )
+        std::sync::Arc::new(self.s3(bucket))
+    }
+
+    /// The concrete S3 client (it also lists page by page: `PaginatedListStore`).
+    pub fn s3(&self, bucket: &str) -> object_store::aws::AmazonS3 {
+        object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(self.endpoint())
+            .with_allow_http(true)
+            .with_access_key_id("test")
+            .with_secret_access_key("test")
+            .with_region("us-east-1")
+            .with_bucket_name(bucket)
+            .with_virtual_hosted_style_request(false)
+            .build()
+            .expect("s3 store")
     }
 
     /// Environment for a pixtract process talking to this server.
