@@ -1,6 +1,6 @@
 //! Label files: a folder of one JSON object per document (SROIE: `000.json` next to `000.jpg`, or in a `key/`
 //! subfolder; invoice2data's `tests/compare/*.json`, which hold an array of one object), one `labels.jsonl`
-//! whose lines carry a `document` (or `source_uri`) key and the fields, or one JSON object keyed by document
+//! whose lines carry a `document` (or `source_uri`) key, optionally a `page` (page-level labels), and the fields, or one JSON object keyed by document
 //! (`ground_truth.json` as `scripts/make_samples.py` writes it). Arrays of objects are line items.
 
 use std::collections::BTreeMap;
@@ -160,7 +160,25 @@ impl LabelSet {
             let mut object = object.clone();
             object.remove("document");
             object.remove("source_uri");
-            set.insert(&document_key(doc), &object);
+            // A `page` (1-based) makes the line a page-level label, joined to the row that covers that page.
+            let key = match object.remove("page") {
+                None => document_key(doc),
+                Some(page) => {
+                    let page = page
+                        .as_u64()
+                        .and_then(|p| u32::try_from(p).ok())
+                        .filter(|p| *p >= 1);
+                    let page = page.ok_or_else(|| {
+                        EvalError::Input(format!(
+                            "{} line {}: \"page\" is a page number from 1",
+                            path.display(),
+                            i + 1
+                        ))
+                    })?;
+                    super::page_key(&document_key(doc), page)
+                }
+            };
+            set.insert(&key, &object);
         }
         Ok(set)
     }

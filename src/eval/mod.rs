@@ -20,7 +20,7 @@ use std::path::PathBuf;
 pub use items::{Item, ItemScore, ted_accuracy};
 pub use labels::{LabelSet, Labels};
 pub use normalise::{FieldKind, normalise};
-pub use predictions::{Prediction, Predictions};
+pub use predictions::{Prediction, Predictions, page_key};
 pub use report::{
     Calibration, FieldOutcome, FieldScore, Outcome, Report, Threshold, write_outcomes,
 };
@@ -187,7 +187,6 @@ pub fn evaluate(
                     continue;
                 };
                 let predicted = predictions
-                    .documents
                     .get(doc)
                     .and_then(|p| p.lists.get(&map.field).cloned().flatten());
                 scorer.add(predicted.as_deref(), label, kinds, opts.exact);
@@ -207,7 +206,7 @@ pub fn evaluate(
             let expected = label
                 .get(&map.label)
                 .and_then(|v| normalise(v, kind, opts.exact));
-            let prediction = predictions.documents.get(doc);
+            let prediction = predictions.get(doc);
             let predicted_raw =
                 prediction.and_then(|p| p.values.get(&map.field).cloned().flatten());
             let predicted = predicted_raw
@@ -238,13 +237,22 @@ pub fn evaluate(
     let unmatched: Vec<String> = labels
         .documents
         .keys()
-        .filter(|d| !predictions.documents.contains_key(*d))
+        .filter(|d| predictions.get(d).is_none())
         .cloned()
         .collect();
     let unlabelled = predictions
         .documents
         .keys()
-        .filter(|d| !labels.documents.contains_key(*d))
+        .filter(|d| {
+            // Labelled as a document, or page by page (`<document>#p<page>` keys).
+            let pages = format!("{d}#p");
+            !labels.documents.contains_key(*d)
+                && !labels
+                    .documents
+                    .range(pages.clone()..)
+                    .next()
+                    .is_some_and(|(k, _)| k.starts_with(&pages))
+        })
         .count();
     if opts.mapping.is_empty() {
         return Err(EvalError::Input(format!(

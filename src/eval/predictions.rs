@@ -31,6 +31,8 @@ pub struct Prediction {
 pub struct Predictions {
     /// Document key -> its row (the first `ok` row of the document, else its first row).
     pub documents: BTreeMap<String, Prediction>,
+    /// Page key (`<document key>#p<page>`, 1-based) -> the row that covers the page, for page-level labels.
+    pub pages: BTreeMap<String, Prediction>,
     kinds: BTreeMap<String, FieldKind>,
     /// List-of-struct field -> its members' kinds.
     list_kinds: BTreeMap<String, BTreeMap<String, FieldKind>>,
@@ -225,6 +227,17 @@ impl Predictions {
             ))
         })?;
         let statuses = text("status")?;
+        let page_number = |name: &str| -> Result<Vec<Option<u32>>, EvalError> {
+            Ok(text(name)?
+                .unwrap_or_default()
+                .into_iter()
+                .map(|v| v.and_then(|t| t.parse().ok()))
+                .collect())
+        };
+        let (page_starts, page_ends) = (
+            page_number(provenance::PAGE_START)?,
+            page_number(provenance::PAGE_END)?,
+        );
         let confidence = batch
             .column_by_name("_confidence")
             .and_then(|c| c.as_any().downcast_ref::<StructArray>());
@@ -277,11 +290,27 @@ impl Predictions {
             let Some(uri) = uri else { continue };
             let status = statuses.as_ref().and_then(|s| s[row].clone());
             let key = document_key(&uri);
-            let better = match self.documents.get(&key) {
+            let better = |old: Option<&Prediction>| match old {
                 None => true,
                 Some(old) => old.status.as_deref() != Some("ok") && status.as_deref() == Some("ok"),
             };
-            if !better {
+            let pages: Vec<String> = match (
+                page_starts.get(row).copied().flatten(),
+                page_ends.get(row).copied().flatten(),
+            ) {
+                // Page 0 is a document-level failure's row: it covers no page.
+                (Some(first), Some(last)) if first >= 1 && last >= first => (first
+                    ..=last.min(first.saturating_add(10_000)))
+                    .map(|p| page_key(&key, p))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let for_document = better(self.documents.get(&key));
+            let for_pages: Vec<String> = pages
+                .into_iter()
+                .filter(|k| better(self.pages.get(k)))
+                .collect();
+            if !for_document && for_pages.is_empty() {
                 continue;
             }
             let mut p = Prediction {
@@ -301,9 +330,19 @@ impl Predictions {
                     conf.as_ref().and_then(|c| c.get(row).copied().flatten()),
                 );
             }
-            self.documents.insert(key, p);
+            for k in for_pages {
+                self.pages.insert(k, p.clone());
+            }
+            if for_document {
+                self.documents.insert(key, p);
+            }
         }
         Ok(())
+    }
+
+    /// The row for a label's key: a document key, or a page key (`<document>#p<page>`) for page-level labels.
+    pub fn get(&self, key: &str) -> Option<&Prediction> {
+        self.documents.get(key).or_else(|| self.pages.get(key))
     }
 
     /// The member kinds of a list-of-struct field, if `field` is one.
@@ -322,6 +361,11 @@ impl Predictions {
             .cloned()
             .collect()
     }
+}
+
+/// The key of page `page` (1-based) of the document keyed `document`.
+pub fn page_key(document: &str, page: u32) -> String {
+    format!("{document}#p{page}")
 }
 
 /// Per row of a `List<Struct>` column: its items with the members of `kinds` as text.

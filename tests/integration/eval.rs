@@ -715,3 +715,100 @@ fn eval_reads_predictions_from_an_s3_prefix() {
         .unwrap();
     assert_eq!(total["wrong"], 1, "{total}");
 }
+
+/// Page-level labels (`labels.jsonl` lines with a `page`) join the row that covers that page: a two-page invoice
+/// extracted page by page is scored per page, and a row covering pages 1-2 (pages_per_prompt = 2) answers for both.
+#[test]
+fn page_level_labels_join_the_row_that_covers_the_page() {
+    use serde_json::json;
+    let dir = tempfile::tempdir().unwrap();
+    let preds = [
+        json!({"source_uri": "s3://in/inv.pdf", "page_start": 1, "page_end": 1, "status": "ok", "total": 10.0}),
+        json!({"source_uri": "s3://in/inv.pdf", "page_start": 2, "page_end": 2, "status": "ok", "total": 21.0}),
+        json!({"source_uri": "s3://in/two.pdf", "page_start": 1, "page_end": 2, "status": "ok", "total": 7.5}),
+    ];
+    let jsonl = dir.path().join("p.jsonl");
+    std::fs::write(
+        &jsonl,
+        preds
+            .iter()
+            .map(|p| p.to_string() + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+    let parquet = dir.path().join("p.parquet");
+    python_stdout(
+        &format!(
+            "import duckdb\nduckdb.sql(\"COPY (SELECT * FROM read_json('{}')) TO '{}' (FORMAT parquet)\")",
+            jsonl.display(),
+            parquet.display()
+        ),
+        &[] as &[&str],
+    );
+    let labels = dir.path().join("labels.jsonl");
+    let lines = [
+        json!({"document": "inv.pdf", "page": 1, "total": "10.00"}),
+        json!({"document": "inv.pdf", "page": 2, "total": "20.00"}),
+        json!({"document": "two.pdf", "page": 2, "total": "7.50"}),
+    ];
+    std::fs::write(
+        &labels,
+        lines
+            .iter()
+            .map(|l| l.to_string() + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+    let out = pixtract(
+        &[
+            "eval",
+            "--predictions",
+            &parquet.to_string_lossy(),
+            "--labels",
+            &labels.to_string_lossy(),
+            "--map",
+            "total=total",
+            "--out-parquet",
+            &dir.path().join("o.parquet").to_string_lossy(),
+        ],
+        &[],
+        &repo_root(),
+    );
+    let printed = text(&out);
+    assert!(out.status.success(), "{printed}");
+    // Every labelled document has predictions: none unlabelled.
+    assert!(printed.contains(", 0 without labels"), "{printed}");
+    let outcomes = python_stdout(
+        &format!(
+            "import duckdb\nfor r in duckdb.sql(\"SELECT document, outcome FROM '{}' ORDER BY 1\").fetchall(): print(*r)",
+            dir.path().join("o.parquet").display()
+        ),
+        &[] as &[&str],
+    );
+    assert_eq!(
+        outcomes.trim(),
+        "inv#p1 correct\ninv#p2 wrong\ntwo#p2 correct"
+    );
+    // A page number that is not one is refused with the line.
+    std::fs::write(
+        &labels,
+        "{\"document\": \"inv.pdf\", \"page\": 0, \"total\": 1}\n",
+    )
+    .unwrap();
+    let out = pixtract(
+        &[
+            "eval",
+            "--predictions",
+            &parquet.to_string_lossy(),
+            "--labels",
+            &labels.to_string_lossy(),
+            "--map",
+            "total=total",
+        ],
+        &[],
+        &repo_root(),
+    );
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains("line 1") && t.contains("\"page\""), "{t}");
+}
