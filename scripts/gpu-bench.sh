@@ -9,8 +9,10 @@
 #     (bytes read + written / s) and dense fp16 matmul FLOP/s (8192^3 GEMMs; fp32 on the CPU).
 #  2. Models: unless GPU_BENCH_MODELS names existing exports, a seeded random checkpoint with Pixtral 12B's exact
 #     configuration at each depth in GPU_BENCH_DEPTHS (text layers; vision keeps 2) is written by
-#     `export.py random-checkpoint` and exported fp16 (GPU_BENCH_ATTENTION, default eager: the CUDA path pixtract
-#     runs today) on this machine: the weights never cross the network or the 64 MiB carry limit.
+#     `export.py random-checkpoint` and exported fp16 (GPU_BENCH_ATTENTION, default gqa: GroupQueryAttention with
+#     the KV-cache slots in device memory and continuous batching, the pipeline's CUDA default; `eager` is the path
+#     already run on an H200 with the tiny model) on this machine: the weights never cross the network or the
+#     64 MiB carry limit.
 #  3. Per model, with pixtract: `doctor`; decode tokens/s at batch 1, 8 and 32 (`bench engine --no-reference`,
 #     reference prompts repeated); prefill tokens/s on a 1024x1024 page (`generate`, 4,160 image tokens);
 #     continuous vs static batching on a receipt/invoice-like workload of ~300 answer tokens (`bench batching`);
@@ -22,7 +24,7 @@
 #
 # Environment: PIXTRACT (binary, default target/release/pixtract, else target/debug/pixtract), PYTHON (default
 # .venv/bin/python; on the device image PIXTRACT_VENV=/opt/torch/.venv), GPU_BENCH_DEVICE (cuda), GPU_BENCH_DEPTHS
-# ("2 4"), GPU_BENCH_ATTENTION (eager), GPU_BENCH_MODELS (existing exports; skips step 2), GPU_BENCH_WORK (where
+# ("2 4"), GPU_BENCH_ATTENTION (gqa), GPU_BENCH_MODELS (existing exports; skips step 2), GPU_BENCH_WORK (where
 # checkpoints and exports go, default OUT_DIR/work), GPU_BENCH_PROMPTS (64), GPU_BENCH_NEW_TOKENS (32 for the
 # batch sweep).
 set -u
@@ -32,7 +34,7 @@ out=${1:-out/gpu-bench}
 mkdir -p "$out"
 device=${GPU_BENCH_DEVICE:-cuda}
 depths=${GPU_BENCH_DEPTHS:-2 4}
-attention=${GPU_BENCH_ATTENTION:-eager}
+attention=${GPU_BENCH_ATTENTION:-gqa}
 work=${GPU_BENCH_WORK:-$out/work}
 prompts=${GPU_BENCH_PROMPTS:-64}
 new_tokens=${GPU_BENCH_NEW_TOKENS:-32}
