@@ -9,6 +9,7 @@ use arrow::array::{Array, AsArray, RecordBatch, StructArray};
 use arrow::datatypes::{DataType, Float32Type, Float64Type};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::file::reader::ChunkReader;
 
 use super::items::Item;
 use super::normalise::FieldKind;
@@ -112,20 +113,7 @@ impl Predictions {
                 path: file.clone(),
                 source,
             })?;
-            let reader = ParquetRecordBatchReaderBuilder::try_new(f)
-                .and_then(|b| b.build())
-                .map_err(|source| EvalError::Parquet {
-                    path: file.clone(),
-                    source,
-                })?;
-            for batch in reader {
-                let batch = batch.map_err(|source| EvalError::Arrow {
-                    path: file.clone(),
-                    source,
-                })?;
-                out.add_batch(&batch, file)?;
-            }
-            out.files += 1;
+            out.add_parquet(f, file)?;
         }
         Ok(out)
     }
@@ -181,24 +169,33 @@ impl Predictions {
                     .bytes()
                     .await
                     .map_err(|e| object_error(location.as_ref(), e))?;
-                let name = PathBuf::from(format!("{}/{location}", opened.base));
-                let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-                    .and_then(|b| b.build())
-                    .map_err(|source| EvalError::Parquet {
-                        path: name.clone(),
-                        source,
-                    })?;
-                for batch in reader {
-                    let batch = batch.map_err(|source| EvalError::Arrow {
-                        path: name.clone(),
-                        source,
-                    })?;
-                    out.add_batch(&batch, &name)?;
-                }
-                out.files += 1;
+                out.add_parquet(bytes, Path::new(&format!("{}/{location}", opened.base)))?;
             }
             Ok(out)
         })
+    }
+
+    /// Adds every row of one Parquet file (a local file or an object's bytes); `name` is for messages.
+    fn add_parquet<R: ChunkReader + 'static>(
+        &mut self,
+        data: R,
+        name: &Path,
+    ) -> Result<(), EvalError> {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(data)
+            .and_then(|b| b.build())
+            .map_err(|source| EvalError::Parquet {
+                path: name.to_path_buf(),
+                source,
+            })?;
+        for batch in reader {
+            let batch = batch.map_err(|source| EvalError::Arrow {
+                path: name.to_path_buf(),
+                source,
+            })?;
+            self.add_batch(&batch, name)?;
+        }
+        self.files += 1;
+        Ok(())
     }
 
     /// Adds one record batch's rows (also used by tests building predictions in memory).

@@ -9,9 +9,7 @@ use tokio::sync::mpsc;
 use super::PipelineError;
 use super::report::{Progress, Reporter, Stage};
 use super::spec::LimitsSpec;
-use crate::extract::{
-    ExtractionRecord, ExtractionSchema, Outcome, RunContext, to_record_batch_per_row,
-};
+use crate::extract::{ExtractionRecord, ExtractionSchema, RunContext, to_record_batch_per_row};
 use crate::sink::ParquetSink;
 
 /// What the model stage hands the writer: a batch's rows and the time the model spent on them.
@@ -61,7 +59,8 @@ impl Writer {
             self.progress.add_busy(Stage::Model, busy);
             for r in &records {
                 tally.rows += 1;
-                if !r.review.is_empty() && !matches!(r.outcome, Outcome::Failed(_)) {
+                // Only answered rows carry withheld fields (a failed row's `_review` is null).
+                if !r.review.is_empty() {
                     tally.for_review += 1;
                 }
                 if r.is_ok() {

@@ -379,6 +379,29 @@ fn eval_cli_prints_the_table_and_writes_outcomes_duckdb_reads() {
     assert!(text(&out).contains("reading labels"), "{}", text(&out));
 }
 
+/// Predictions as a real Parquet file: `rows` (JSON objects in the output's column names) written by DuckDB, whose
+/// types it infers; `extra` adds typed columns to the SELECT (`, NULL::DATE AS due_date`).
+fn predictions_parquet(dir: &Path, rows: &[serde_json::Value], extra: &str) -> PathBuf {
+    let jsonl = dir.join("predictions.jsonl");
+    std::fs::write(
+        &jsonl,
+        rows.iter()
+            .map(|p| p.to_string() + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+    let parquet = dir.join("predictions.parquet");
+    python_stdout(
+        &format!(
+            "import duckdb\nduckdb.sql(\"COPY (SELECT *{extra} FROM read_json('{}')) TO '{}' (FORMAT parquet)\")",
+            jsonl.display(),
+            parquet.display()
+        ),
+        &[] as &[&str],
+    );
+    parquet
+}
+
 /// The demo's `ground_truth.json` (written by scripts/make_samples.py) as labels, its receipts as predictions with
 /// known faults: one line item's `total_price` off by a digit, one item dropped, one `total` off by a digit, and
 /// in the labels one date rewritten day-first (`07/03/2024`), which still counts as right. Line items are scored
@@ -427,24 +450,7 @@ fn demo_ground_truth_scores_line_items_as_sets_and_scalars_by_outcome() {
     preds[dropped]["items"].as_array_mut().unwrap().pop();
     let old_total = preds[off_total]["total"].clone();
     preds[off_total]["total"] = bump(&old_total);
-    let jsonl = dir.path().join("predictions.jsonl");
-    std::fs::write(
-        &jsonl,
-        preds
-            .iter()
-            .map(|p| p.to_string() + "\n")
-            .collect::<String>(),
-    )
-    .unwrap();
-    let parquet = dir.path().join("predictions.parquet");
-    python_stdout(
-        &format!(
-            "import duckdb\nduckdb.sql(\"COPY (SELECT * FROM read_json('{}')) TO '{}' (FORMAT parquet)\")",
-            jsonl.display(),
-            parquet.display()
-        ),
-        &[] as &[&str],
-    );
+    let parquet = predictions_parquet(dir.path(), &preds, "");
     // Labels: the file as written, but one receipt's date day-first.
     let mut labels = truth.clone();
     let iso = labels[receipts[day_first].0]["transaction_date"]
@@ -569,25 +575,12 @@ fn invoice2data_labels_score_through_the_mapping_file() {
             "invoice_total": amount, "currency": "EUR"}),
         );
     }
-    let jsonl = dir.path().join("p.jsonl");
-    std::fs::write(
-        &jsonl,
-        preds
-            .iter()
-            .map(|p| p.to_string() + "\n")
-            .collect::<String>(),
-    )
-    .unwrap();
-    let parquet = dir.path().join("p.parquet");
-    python_stdout(
-        &format!(
-            // The invoice schema's other mapped columns, null as a run writes what it did not find.
-            "import duckdb\nduckdb.sql(\"COPY (SELECT *, NULL::DATE AS due_date, NULL::DOUBLE AS subtotal, \
-             NULL::DOUBLE AS total_tax, NULL::VARCHAR AS vendor_tax_id FROM read_json('{}')) TO '{}' (FORMAT parquet)\")",
-            jsonl.display(),
-            parquet.display()
-        ),
-        &[] as &[&str],
+    // The invoice schema's other mapped columns, null as a run writes what it did not find.
+    let parquet = predictions_parquet(
+        dir.path(),
+        &preds,
+        ", NULL::DATE AS due_date, NULL::DOUBLE AS subtotal, NULL::DOUBLE AS total_tax, \
+         NULL::VARCHAR AS vendor_tax_id",
     );
     let out = pixtract(
         &[
@@ -727,24 +720,7 @@ fn page_level_labels_join_the_row_that_covers_the_page() {
         json!({"source_uri": "s3://in/inv.pdf", "page_start": 2, "page_end": 2, "status": "ok", "total": 21.0}),
         json!({"source_uri": "s3://in/two.pdf", "page_start": 1, "page_end": 2, "status": "ok", "total": 7.5}),
     ];
-    let jsonl = dir.path().join("p.jsonl");
-    std::fs::write(
-        &jsonl,
-        preds
-            .iter()
-            .map(|p| p.to_string() + "\n")
-            .collect::<String>(),
-    )
-    .unwrap();
-    let parquet = dir.path().join("p.parquet");
-    python_stdout(
-        &format!(
-            "import duckdb\nduckdb.sql(\"COPY (SELECT * FROM read_json('{}')) TO '{}' (FORMAT parquet)\")",
-            jsonl.display(),
-            parquet.display()
-        ),
-        &[] as &[&str],
-    );
+    let parquet = predictions_parquet(dir.path(), &preds, "");
     let labels = dir.path().join("labels.jsonl");
     let lines = [
         json!({"document": "inv.pdf", "page": 1, "total": "10.00"}),
@@ -811,4 +787,16 @@ fn page_level_labels_join_the_row_that_covers_the_page() {
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(t.contains("line 1") && t.contains("\"page\""), "{t}");
+}
+
+/// The shipped `schemas/mappings/sroie.toml` says what the built-in default says (one is documentation of the
+/// other; they must not drift apart).
+#[test]
+fn shipped_sroie_mapping_file_equals_the_default() {
+    let mut from_file =
+        eval::mapping_from_file(&repo_root().join("schemas/mappings/sroie.toml")).unwrap();
+    let mut built_in = eval::sroie_mapping();
+    from_file.sort_by(|a, b| a.label.cmp(&b.label));
+    built_in.sort_by(|a, b| a.label.cmp(&b.label));
+    assert_eq!(from_file, built_in);
 }
