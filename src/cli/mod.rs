@@ -136,7 +136,10 @@ fn report(command: &str, outcome: anyhow::Result<()>) -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("pixtract {command}: error: {e:#}");
+            eprintln!(
+                "pixtract {command}: error: {}",
+                pixtract::error::redact(&format!("{e:#}"))
+            );
             ExitCode::FAILURE
         }
     }

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use pixtract::error::chain;
-use pixtract::pipeline::{LogFormat, PipelineSpec, RunOptions, RunSummary, run_blocking};
+use pixtract::pipeline::{
+    LogFormat, PipelineError, PipelineSpec, RunOptions, RunSummary, run_blocking,
+};
 
 /// `--log-format`: how progress and events go to stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -67,6 +69,12 @@ pub struct RunArgs {
     /// `[output] report = true`.
     #[arg(long)]
     report: bool,
+    /// While another run writes to the same output (and shard), wait at most SECONDS for it to finish, then give
+    /// up with exit code 4 (0: do not wait). Default: `[output] lease_wait_s`, else wait as long as it takes. Two
+    /// overlapping runs never both process a document: the second waits for the first's lease, then skips what it
+    /// did.
+    #[arg(long, value_name = "SECONDS")]
+    lease_wait: Option<u64>,
 }
 
 /// `--shard i/n`, else a scheduler's index variable with PIXTRACT_SHARDS.
@@ -134,14 +142,18 @@ fn spec_with_overrides(args: RunArgs) -> anyhow::Result<(PipelineSpec, Option<(u
 
 /// Exit codes: 0 every row ok; 2 finished with failed documents or rows (each has an error row); 3 stopped early
 /// by the failure budget or SIGINT/SIGTERM (what was done is committed; the next run does the rest); 1 could not
-/// run (bad spec, model, output).
+/// run (bad spec, model, output); 4 another run held the output for longer than `--lease-wait` (nothing done).
 pub fn run(args: RunArgs) -> ExitCode {
     let log_format = LogFormat::from(args.log_format);
     let force = args.force;
+    let lease_wait = args.lease_wait.map(std::time::Duration::from_secs);
     let (spec, shard) = match spec_with_overrides(args) {
         Ok(v) => v,
         Err(e) => {
-            eprintln!("pixtract run: error: {e:#}");
+            eprintln!(
+                "pixtract run: error: {}",
+                pixtract::error::redact(&format!("{e:#}"))
+            );
             return ExitCode::FAILURE;
         }
     };
@@ -159,6 +171,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         force,
         shard,
         log: log_format,
+        lease_wait,
     };
     let json = log_format == LogFormat::Json;
     match run_blocking(spec, opts) {
@@ -172,7 +185,14 @@ pub fn run(args: RunArgs) -> ExitCode {
             } else {
                 eprintln!("pixtract run: error: {}", chain(&e));
             }
-            ExitCode::FAILURE
+            if matches!(
+                e,
+                PipelineError::Lease(pixtract::sink::lease::LeaseError::Busy { .. })
+            ) {
+                ExitCode::from(4)
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Ok(s) if json => {
             let mut v = serde_json::to_value(&s).unwrap_or_default();

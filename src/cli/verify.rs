@@ -38,7 +38,10 @@ pub fn verify(args: VerifyArgs) -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(2),
         Err(e) => {
-            eprintln!("pixtract verify: error: {e:#}");
+            eprintln!(
+                "pixtract verify: error: {}",
+                pixtract::error::redact(&format!("{e:#}"))
+            );
             ExitCode::FAILURE
         }
     }

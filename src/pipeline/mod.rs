@@ -57,6 +57,8 @@ pub enum PipelineError {
     Sink(#[from] SinkError),
     #[error("output state")]
     State(#[from] state::StateError),
+    #[error("output lease")]
+    Lease(#[from] crate::sink::lease::LeaseError),
     #[error("run summary")]
     Summary(#[source] serde_json::Error),
     #[error("{what}")]
@@ -121,6 +123,9 @@ pub struct RunOptions {
     pub shard: Option<(u64, u64)>,
     /// How progress and events are reported on stderr.
     pub log: LogFormat,
+    /// How long to wait while another run holds the output's lease (None: `[output] lease_wait_s`, else as long
+    /// as it takes).
+    pub lease_wait: Option<std::time::Duration>,
 }
 
 /// The shard a document belongs to: first 8 bytes of sha256(uri), modulo the shard count. Stable across runs,

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -14,6 +14,7 @@ use super::writer::{ModelOutput, Writer, Written};
 use super::{ModelInput, PipelineError, PipelineSpec, RunOptions, RunSummary, state};
 use crate::extract::{ExtractionSchema, Mode, ReviewPolicy, RunContext};
 use crate::model::{Device, ModelDir};
+use crate::sink::lease::{Holder, lease_name};
 use crate::sink::{ParquetSink, SinkConfig, SinkTarget};
 
 /// Runs a pipeline to completion (or to its failure budget or a signal).
@@ -104,136 +105,184 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
         max_rows_per_file: spec.output.max_rows_per_file,
         ..SinkConfig::default()
     };
-    // What earlier runs did, from the output itself: those documents are skipped unless forced.
-    let processed = if opts.force {
-        state::ProcessedSet::default()
-    } else {
-        state::read_processed(&target).await?
-    };
-    let skip = SkipRules {
-        processed: Arc::new(processed),
-        schema_sha: schema
-            .as_ref()
-            .map(|s| s.sha256.clone())
-            .unwrap_or_default(),
-        model_id: manifest.weights_sha256.clone(),
-        shard: opts.shard,
-    };
-    let row_schema = Arc::new(crate::extract::row_schema(schema.as_ref()));
-    let sink = ParquetSink::new(target.clone(), sink_config, row_schema, &run_id)?;
-    // An output that cannot be written fails now, before the model loads and the documents are read.
-    sink.check_writable().await?;
+    // One run at a time per output (and shard): an overlapping run (a cron overlap, a retried pod) waits here
+    // until this one is done, and only then reads what is done, so no document is processed twice.
+    let holder = Holder::this_process(&run_id, Duration::from_secs(spec.output.lease_ttl_s));
+    let lease_wait = opts
+        .lease_wait
+        .or(spec.output.lease_wait_s.map(Duration::from_secs));
+    let lease = target
+        .acquire_lease(
+            &lease_name(opts.shard),
+            &holder,
+            lease_wait,
+            &abort,
+            |other, waited| {
+                reporter.event(
+                    "warn",
+                    "lease_wait",
+                    || {
+                        format!(
+                            "waiting for the output: {other} is writing to it ({} s so far; --lease-wait bounds the wait)",
+                            waited.as_secs()
+                        )
+                    },
+                    serde_json::json!({"holder": other, "waited_s": waited.as_secs()}),
+                )
+            },
+        )
+        .await?;
+    // Everything after the lease is taken runs in this block, so the lease is given back on every way out.
+    let result: Result<RunSummary, PipelineError> = async {
+        // What earlier runs did, from the output itself: those documents are skipped unless forced.
+        let processed = if opts.force {
+            state::ProcessedSet::default()
+        } else {
+            state::read_processed(&target).await?
+        };
+        let skip = SkipRules {
+            processed: Arc::new(processed),
+            schema_sha: schema
+                .as_ref()
+                .map(|s| s.sha256.clone())
+                .unwrap_or_default(),
+            model_id: manifest.weights_sha256.clone(),
+            shard: opts.shard,
+        };
+        let row_schema = Arc::new(crate::extract::row_schema(schema.as_ref()));
+        let sink = ParquetSink::new(target.clone(), sink_config, row_schema, &run_id)?;
+        // An output that cannot be written fails now, before the model loads and the documents are read.
+        sink.check_writable().await?;
 
-    // Model stage: its own thread owns the engine (ONNX Runtime sessions are driven synchronously).
-    let (model_tx, model_rx) = mpsc::channel::<ModelInput>(spec.model.batch_size * 2);
-    let (rows_tx, rows_rx) = mpsc::channel::<ModelOutput>(4);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<bool>();
-    let model_spec = spec.model.clone();
-    let model_thread = std::thread::Builder::new()
-        .name("pixtract-model".into())
-        .spawn(move || {
-            model_stage(
-                model_spec, device, mode, review, model_rx, rows_tx, ready_tx,
+        // Model stage: its own thread owns the engine (ONNX Runtime sessions are driven synchronously).
+        let (model_tx, model_rx) = mpsc::channel::<ModelInput>(spec.model.batch_size * 2);
+        let (rows_tx, rows_rx) = mpsc::channel::<ModelOutput>(4);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<bool>();
+        let model_spec = spec.model.clone();
+        let model_thread = std::thread::Builder::new()
+            .name("pixtract-model".into())
+            .spawn(move || {
+                model_stage(
+                    model_spec, device, mode, review, model_rx, rows_tx, ready_tx,
+                )
+            })
+            .map_err(|source| PipelineError::Io {
+                what: "cannot start the model thread",
+                source,
+            })?;
+        if ready_rx.recv() != Ok(true) {
+            // Start-up failed: the thread's own result holds the typed error.
+            return Err(match model_thread.join() {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => PipelineError::Stopped("the model thread ended during start-up"),
+                Err(panic) => PipelineError::ModelPanicked(panic_message(panic.as_ref())),
+            });
+        }
+
+        // Writer: rows to Parquet as they come.
+        let writer = Writer {
+            sink,
+            schema,
+            ctx,
+            limits: spec.limits.clone(),
+            reporter,
+            progress: progress.clone(),
+            abort: abort.clone(),
+        };
+        let writer = tokio::spawn(writer.run(rows_rx));
+
+        // Source + raster + preprocess, feeding the model stage.
+        let display = reporter.spawn_progress(progress.clone(), started);
+        let produced = produce(
+            &spec,
+            &manifest.image,
+            &skip,
+            progress.clone(),
+            reporter,
+            model_tx,
+            abort.clone(),
+        )
+        .await;
+        let model_result = tokio::task::spawn_blocking(move || model_thread.join())
+            .await
+            .map_err(|source| PipelineError::Task {
+                what: "waiting for the model thread",
+                source,
+            })?;
+        // The model's outcome first: when it failed, the producer and the writer only saw their channel close.
+        match model_result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(panic) => return Err(PipelineError::ModelPanicked(panic_message(panic.as_ref()))),
+        }
+        let Written {
+            sink,
+            tally,
+            failure,
+        } = writer.await.map_err(|source| PipelineError::Task {
+            what: "the writer",
+            source,
+        })??;
+        let (documents, documents_failed, pages, documents_skipped) = produced?;
+
+        display.abort();
+        let failure = if interrupted.load(Ordering::SeqCst) {
+            Some(
+                "interrupted by a signal: documents not started are left for the next run"
+                    .to_string(),
             )
-        })
-        .map_err(|source| PipelineError::Io {
-            what: "cannot start the model thread",
-            source,
-        })?;
-    if ready_rx.recv() != Ok(true) {
-        // Start-up failed: the thread's own result holds the typed error.
-        return Err(match model_thread.join() {
-            Ok(Err(e)) => e,
-            Ok(Ok(())) => PipelineError::Stopped("the model thread ended during start-up"),
-            Err(panic) => PipelineError::ModelPanicked(panic_message(panic.as_ref())),
-        });
+        } else if let Some(lost) = lease.lost() {
+            Some(format!(
+                "{lost}: stopped taking documents; those not started are left for the next run"
+            ))
+        } else {
+            failure
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        let mut summary = RunSummary {
+            run_id: run_id.clone(),
+            pipeline: spec.name.clone(),
+            documents,
+            documents_failed,
+            documents_skipped,
+            shard: opts.shard,
+            pages,
+            rows: tally.rows,
+            rows_ok: tally.ok,
+            rows_failed: tally.failed,
+            rows_for_review: tally.for_review,
+            prompt_tokens: tally.prompt_tokens,
+            generated_tokens: tally.generated_tokens,
+            seconds,
+            pages_per_second: pages as f64 / seconds.max(1e-9),
+            model_busy_seconds: tally.busy.as_secs_f64(),
+            stages: progress.stages(started.elapsed()),
+            aborted: failure,
+            output: target.url(),
+            files: Vec::new(),
+            report: None,
+        };
+        let manifest_value = serde_json::to_value(&summary).map_err(PipelineError::Summary)?;
+        let partition = sink.partition_dir();
+        let written = sink.finish(manifest_value).await?;
+        summary.files = written.files.iter().map(|f| f.path.clone()).collect();
+        if spec.output.report {
+            summary.report = write_report(&target, &partition, &run_id, reporter).await;
+        }
+        Ok(summary)
     }
-
-    // Writer: rows to Parquet as they come.
-    let writer = Writer {
-        sink,
-        schema,
-        ctx,
-        limits: spec.limits.clone(),
-        reporter,
-        progress: progress.clone(),
-        abort: abort.clone(),
-    };
-    let writer = tokio::spawn(writer.run(rows_rx));
-
-    // Source + raster + preprocess, feeding the model stage.
-    let display = reporter.spawn_progress(progress.clone(), started);
-    let produced = produce(
-        &spec,
-        &manifest.image,
-        &skip,
-        progress.clone(),
-        reporter,
-        model_tx,
-        abort.clone(),
-    )
     .await;
-    let model_result = tokio::task::spawn_blocking(move || model_thread.join())
-        .await
-        .map_err(|source| PipelineError::Task {
-            what: "waiting for the model thread",
-            source,
-        })?;
-    // The model's outcome first: when it failed, the producer and the writer only saw their channel close.
-    match model_result {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(e),
-        Err(panic) => return Err(PipelineError::ModelPanicked(panic_message(panic.as_ref()))),
-    }
-    let Written {
-        sink,
-        tally,
-        failure,
-    } = writer.await.map_err(|source| PipelineError::Task {
-        what: "the writer",
-        source,
-    })??;
-    let (documents, documents_failed, pages, documents_skipped) = produced?;
-
     signal_task.abort();
-    display.abort();
-    let failure = if interrupted.load(Ordering::SeqCst) {
-        Some("interrupted by a signal: documents not started are left for the next run".to_string())
-    } else {
-        failure
-    };
-    let seconds = started.elapsed().as_secs_f64();
-    let mut summary = RunSummary {
-        run_id: run_id.clone(),
-        pipeline: spec.name.clone(),
-        documents,
-        documents_failed,
-        documents_skipped,
-        shard: opts.shard,
-        pages,
-        rows: tally.rows,
-        rows_ok: tally.ok,
-        rows_failed: tally.failed,
-        rows_for_review: tally.for_review,
-        prompt_tokens: tally.prompt_tokens,
-        generated_tokens: tally.generated_tokens,
-        seconds,
-        pages_per_second: pages as f64 / seconds.max(1e-9),
-        model_busy_seconds: tally.busy.as_secs_f64(),
-        stages: progress.stages(started.elapsed()),
-        aborted: failure,
-        output: target.url(),
-        files: Vec::new(),
-        report: None,
-    };
-    let manifest_value = serde_json::to_value(&summary).map_err(PipelineError::Summary)?;
-    let partition = sink.partition_dir();
-    let written = sink.finish(manifest_value).await?;
-    summary.files = written.files.iter().map(|f| f.path.clone()).collect();
-    if spec.output.report {
-        summary.report = write_report(&target, &partition, &run_id, reporter).await;
+    if let Err(e) = lease.release().await {
+        let error = crate::error::chain(&e);
+        reporter.event(
+            "warn",
+            "lease_release_failed",
+            || format!("the output lease could not be released (it expires by itself): {error}"),
+            serde_json::json!({"error": error}),
+        );
     }
-    Ok(summary)
+    result
 }
 
 /// Writes the run's report beside its manifest. The run's rows are committed by then: a report that cannot be

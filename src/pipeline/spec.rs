@@ -154,6 +154,19 @@ pub struct OutputSpec {
     /// Also write the run report (`_report-<run id>.html`, see `pixtract report`) beside the manifest.
     #[serde(default)]
     pub report: bool,
+    /// Object stores: seconds an output lease lives without renewal (renewed every quarter of it). A run killed
+    /// without a chance to release its lease blocks the next run for at most this long. Local folders use a lock
+    /// the kernel drops when the process ends, so this does not apply there.
+    #[serde(default = "default_lease_ttl_s")]
+    pub lease_ttl_s: u64,
+    /// Seconds to wait while another run holds the output lease before giving up with exit code 4 (absent: wait as
+    /// long as it takes; 0: do not wait).
+    #[serde(default)]
+    pub lease_wait_s: Option<u64>,
+}
+
+fn default_lease_ttl_s() -> u64 {
+    120
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -277,6 +290,9 @@ impl PipelineSpec {
                     "extract.mode {other:?}: expected \"schema\" or \"free-text\""
                 ));
             }
+        }
+        if self.output.lease_ttl_s < 2 {
+            return Err("output.lease_ttl_s must be at least 2 seconds".into());
         }
         if !(0.0..=1.0).contains(&self.limits.max_failed_share) {
             return Err("limits.max_failed_share must be between 0 and 1".into());

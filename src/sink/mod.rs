@@ -15,6 +15,8 @@
 //! Files: ZSTD (level 3 by default), page-level statistics, row groups of `row_group_size` rows, a new file every
 //! `max_rows_per_file` rows.
 
+pub mod lease;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

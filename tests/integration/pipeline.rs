@@ -117,12 +117,23 @@ fn run_turns_a_folder_into_parquet_with_error_rows_for_bad_documents() {
     assert!(types.contains("items|STRUCT("), "{types}");
     assert!(types.contains("dt|DATE"), "{types}");
     // Manifest and _SUCCESS written last, next to the data.
-    let partition = std::fs::read_dir(&output)
+    // (Beside the partition folder: only the hidden lock file of the output lease.)
+    let entries: Vec<std::path::PathBuf> = std::fs::read_dir(&output)
         .unwrap()
         .flatten()
-        .next()
-        .unwrap()
-        .path();
+        .map(|e| e.path())
+        .collect();
+    let partition = entries
+        .iter()
+        .find(|p| p.is_dir())
+        .unwrap_or_else(|| panic!("no partition folder: {entries:?}"))
+        .clone();
+    assert!(
+        entries
+            .iter()
+            .all(|p| p == &partition || p.file_name().is_some_and(|n| n == ".pixtract-lease")),
+        "{entries:?}"
+    );
     assert!(partition.join("_SUCCESS").is_file());
     assert!(
         std::fs::read_dir(&partition)
@@ -222,6 +233,7 @@ fn run_turns_a_folder_into_parquet_with_error_rows_for_bad_documents() {
     let manifest = std::fs::read_dir(&json_out)
         .unwrap()
         .flatten()
+        .filter(|p| p.path().is_dir())
         .flat_map(|p| std::fs::read_dir(p.path()).unwrap().flatten())
         .find(|e| e.file_name().to_string_lossy().starts_with("_manifest-"))
         .expect("run manifest");
@@ -267,7 +279,7 @@ fn small_inputs(dir: &Path) {
     small_inputs_n(dir, 8)
 }
 
-fn small_inputs_n(dir: &Path, n: usize) {
+pub fn small_inputs_n(dir: &Path, n: usize) {
     std::fs::create_dir_all(dir).unwrap();
     let refs = ["rgba", "grayscale", "tiny_image", "system_prompt"];
     for i in 0..n {
@@ -276,7 +288,7 @@ fn small_inputs_n(dir: &Path, n: usize) {
     }
 }
 
-fn rows_by_uri(output: &Path) -> Vec<(String, String)> {
+pub fn rows_by_uri(output: &Path) -> Vec<(String, String)> {
     if parquet_files(output).is_empty() {
         return Vec::new();
     }
@@ -433,7 +445,7 @@ fn kill_run_after(spec: &Path, output: &Path, files: usize) {
     let _ = child.wait();
 }
 
-fn parquet_files(dir: &Path) -> Vec<std::path::PathBuf> {
+pub fn parquet_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
