@@ -167,6 +167,39 @@ pub fn is_transient(e: &object_store::Error) -> bool {
     ) && !reason(e).starts_with("HTTP 4")
 }
 
+/// How many more times [`retry_transient`] tries a request that failed transiently.
+const EXTRA_TRIES: u32 = 8;
+
+/// Runs a store request again, with backoff (200 ms doubling to 5 s, 8 more tries), while it fails for a
+/// transient reason. For what object_store's own retries leave out: a response body cut mid-way (a listing page,
+/// an object read), and non-idempotent requests whose connection broke (a conditional write, a bulk DELETE), which
+/// object_store cannot know took effect. Callers make a repeat harmless (a listing page asked again from the same
+/// place, a delete of what may be gone, a conditional write followed by a read).
+pub async fn retry_transient<T, F, Fut>(mut request: F) -> Result<T, object_store::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, object_store::Error>>,
+{
+    use object_store::Error as E;
+    let mut delay = std::time::Duration::from_millis(200);
+    let mut tries = 0;
+    loop {
+        match request().await {
+            Err(e)
+                if tries < EXTRA_TRIES
+                    && !matches!(e, E::AlreadyExists { .. } | E::Precondition { .. })
+                    && is_transient(&e) =>
+            {
+                tries += 1;
+                tracing::debug!(error = %crate::error::chain(&e), tries, "storage request failed; trying again");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Retries with exponential backoff, set explicitly (not left to the library's defaults): transient errors
 /// (5xx, connection resets, throttling, timeouts) are retried up to 6 times within 3 minutes per request.
 pub fn retry_config() -> object_store::RetryConfig {

@@ -93,14 +93,17 @@ pub async fn read_processed(target: &SinkTarget) -> Result<ProcessedSet, StateEr
             (!prefix.as_ref().is_empty()).then(|| prefix.clone()),
         ),
     };
-    let files: Vec<_> = store
-        .list(prefix.as_ref())
-        .try_filter(|m| {
-            let name = m.location.filename().unwrap_or_default();
-            futures::future::ready(name.ends_with(".parquet") && !name.starts_with('.'))
-        })
-        .try_collect()
-        .await?;
+    // The whole listing again when a page breaks off (object_store retries requests, not cut bodies).
+    let files: Vec<_> = crate::store::retry_transient(|| {
+        store
+            .list(prefix.as_ref())
+            .try_filter(|m| {
+                let name = m.location.filename().unwrap_or_default();
+                futures::future::ready(name.ends_with(".parquet") && !name.starts_with('.'))
+            })
+            .try_collect::<Vec<_>>()
+    })
+    .await?;
     // Per key: highest page reached, page count, document-level (permanent) error seen, transient attempts.
     let mut cover: HashMap<DocKey, Cover> = HashMap::new();
     let mut set = ProcessedSet::default();

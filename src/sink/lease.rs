@@ -322,14 +322,16 @@ async fn read_holder(
         key: key.to_string(),
         source,
     };
-    let got = match store.get(key).await {
-        Ok(g) => g,
-        Err(object_store::Error::NotFound { .. }) => return Ok(None),
-        Err(e) => return Err(object_err(e)),
-    };
-    let meta = got.meta.clone();
-    let bytes = match got.bytes().await {
-        Ok(b) => b,
+    // The object and its body in one retried unit: a body cut mid-way is read again.
+    let read = crate::store::retry_transient(|| async {
+        let got = store.get(key).await?;
+        let meta = got.meta.clone();
+        let bytes = got.bytes().await?;
+        Ok((meta, bytes))
+    })
+    .await;
+    let (meta, bytes) = match read {
+        Ok(v) => v,
         Err(object_store::Error::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(object_err(e)),
     };
@@ -372,9 +374,10 @@ async fn try_store(
     let ttl = Duration::from_secs(holder.ttl_s.max(1));
     // A few rounds: the lease can be released or taken over between the refused create and the read.
     for _ in 0..8 {
-        let taken = match store
-            .put_opts(&key, body(), put_mode(PutMode::Create))
-            .await
+        let taken = match crate::store::retry_transient(|| {
+            store.put_opts(&key, body(), put_mode(PutMode::Create))
+        })
+        .await
         {
             Ok(put) => Some(UpdateVersion {
                 e_tag: put.e_tag,
@@ -420,9 +423,11 @@ async fn try_store(
                             })));
                         }
                         // Expired: take it over, if nobody else did since we read it.
-                        match store
-                            .put_opts(&key, body(), put_mode(PutMode::Update(seen.version)))
-                            .await
+                        let takeover = put_mode(PutMode::Update(seen.version));
+                        match crate::store::retry_transient(|| {
+                            store.put_opts(&key, body(), takeover.clone())
+                        })
+                        .await
                         {
                             Ok(put) => {
                                 tracing::warn!(lease = %key, previous = ?current.map(|h| h.to_string()), "took over an expired output lease (its run stopped renewing it)");

@@ -636,13 +636,15 @@ impl ParquetSink {
             }
             SinkTarget::Store { store, prefix, .. } => {
                 let key = join_key(prefix, &rel);
-                store
-                    .delete(&key)
-                    .await
-                    .map_err(|source| SinkError::Object {
-                        key: key.to_string(),
-                        source,
-                    })
+                // The probe was written: the output is writable. A delete that still fails (transiently) leaves a
+                // hidden probe behind, which readers skip; it must not stop the run.
+                match crate::store::retry_transient(|| store.delete(&key)).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => {
+                        tracing::warn!(probe = %key, error = %crate::error::chain(&e), "cannot delete the output's write probe; it stays (hidden)")
+                    }
+                }
+                Ok(())
             }
         }
     }

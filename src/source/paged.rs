@@ -92,10 +92,9 @@ impl Walk {
                 max_keys: Some(self.max_keys),
                 ..Default::default()
             };
-            match self
-                .pager
-                .list_paginated(self.prefix.as_deref(), opts)
-                .await
+            // A page whose body was cut mid-way is asked for again from the same place.
+            let (pager, prefix) = (&self.pager, self.prefix.as_deref());
+            match crate::store::retry_transient(|| pager.list_paginated(prefix, opts.clone())).await
             {
                 Ok(page) => {
                     self.ready.extend(

@@ -8,6 +8,7 @@ mod engine;
 mod eval;
 mod exporter;
 mod extract;
+mod faults;
 mod interrupts;
 mod layers;
 mod lease;
