@@ -15,7 +15,7 @@ use super::{
     DocumentInfo, DocumentKind, MAX_SCAN_ASPECT, MAX_SCAN_SIDE, PageRaster, RasterError,
     RasterOptions,
 };
-use crate::imaging::to_rgb_on_white;
+use crate::imaging::into_rgb_on_white;
 
 fn check_pixels(
     doc: &DocumentInfo,
@@ -138,18 +138,29 @@ pub fn decode_single(
         .map_err(|e| decode_err(doc, kind, e))?;
     let (w, h) = decoder.dimensions();
     check_pixels(doc, 1, w, h, opts)?;
-    // The decoded image, then its RGB copy: what this decode holds at its peak.
-    let need = decoder
-        .total_bytes()
-        .saturating_add(w as u64 * h as u64 * 3);
+    // A broken EXIF block must not cost the page: no orientation is the safe reading.
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    // What this decode holds at its peak: the decoded image; an RGB copy unless it is 8-bit RGB or RGBA (those
+    // become RGB in their own buffer); a rotated copy when the EXIF orientation turns it.
+    let decoded = decoder.total_bytes();
+    let rgb_copy = match decoder.color_type() {
+        image::ColorType::Rgb8 | image::ColorType::Rgba8 => 0,
+        _ => w as u64 * h as u64 * 3,
+    };
+    let rotated_copy = if orientation == Orientation::NoTransforms {
+        0
+    } else {
+        decoded
+    };
+    let need = decoded
+        .saturating_add(rgb_copy)
+        .saturating_add(rotated_copy);
     let mut limits = image::Limits::default();
-    limits.max_alloc = Some(decoder.total_bytes().saturating_add(DECODE_SLACK));
+    limits.max_alloc = Some(decoded.saturating_add(DECODE_SLACK));
     decoder
         .set_limits(limits)
         .map_err(|e| decode_err(doc, kind, e))?;
     let _reserved = reserve(need);
-    // A broken EXIF block must not cost the page: no orientation is the safe reading.
-    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode_err(doc, kind, e))?;
     img.apply_orientation(orientation);
     Ok(PageRaster {
@@ -157,7 +168,7 @@ pub fn decode_single(
         kind,
         page_index: 0,
         page_count: 1,
-        image: to_rgb_on_white(&img),
+        image: into_rgb_on_white(img),
         render_time: start.elapsed(),
     })
 }
@@ -223,7 +234,7 @@ pub fn decode_tiff(
             kind,
             page_index: index,
             page_count: count,
-            image: to_rgb_on_white(&img),
+            image: into_rgb_on_white(img),
             render_time: start.elapsed(),
         };
         if !on_page(page) {
