@@ -131,6 +131,15 @@ pub fn decode_single(
             return Err(decode_err(doc, kind, "a PDF is not an image"));
         }
     };
+    // The JPEG decoder fills what a cut file lacks with grey and reports success: such a page would reach the
+    // model as good. A cut file is an error instead (the document is not whole; the row says so).
+    if kind == DocumentKind::Jpeg && !jpeg_scan_is_complete(bytes) {
+        return Err(decode_err(
+            doc,
+            kind,
+            "the JPEG is truncated: its image data has no end-of-image marker (the file was cut short)",
+        ));
+    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     reader.limits(image_limits(opts));
     let mut decoder = reader
@@ -171,6 +180,17 @@ pub fn decode_single(
         image: into_rgb_on_white(img),
         render_time: start.elapsed(),
     })
+}
+
+/// Whether a JPEG's last scan (its last start-of-scan marker, FF DA) is followed by an end-of-image marker
+/// (FF D9). Inside entropy-coded data a 0xFF byte is always stuffed (FF 00) or a restart marker, so FF D9 after the
+/// last scan starts means the scan ended; data appended after the end (some cameras add trailers) does not matter.
+fn jpeg_scan_is_complete(bytes: &[u8]) -> bool {
+    let Some(last_scan) = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]) else {
+        // No scan at all: the decoder reports that itself.
+        return true;
+    };
+    bytes[last_scan..].windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
 /// Every page of a TIFF (fax TIFFs are multi-page 1-bit).

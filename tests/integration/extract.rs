@@ -874,3 +874,54 @@ fn grammar_cost_bench() {
         }
     }
 }
+
+/// The constrained decoder's view of the vocabulary must be Tekken's own bytes, id for id: a stack that rebuilds
+/// the vocabulary from decoded text maps some byte-level tokens to the wrong ids (409 such Tekken tokens were seen
+/// elsewhere). Every one of the 131,072 ids of the model's tokenizer.json, as llguidance sees it, against
+/// mistral-common's `tekken_240911.json` (Pixtral's tokenizer): the first 1,000 ids are special tokens (never
+/// text), every later id's bytes equal Tekken's `token_bytes` at rank id - 1000.
+#[test]
+fn llguidance_sees_every_tekken_token_as_its_raw_bytes() {
+    use base64::Engine;
+    let tekken_path = crate::util::python_stdout(
+        "import mistral_common, os\nprint(os.path.join(os.path.dirname(mistral_common.__file__), 'data', 'tekken_240911.json'))",
+        &[] as &[&str],
+    );
+    let tekken: Value =
+        serde_json::from_slice(&std::fs::read(tekken_path.trim()).expect("tekken_240911.json"))
+            .unwrap();
+    let specials = tekken["config"]["default_num_special_tokens"]
+        .as_u64()
+        .unwrap() as usize;
+    let vocab_size = tekken["config"]["default_vocab_size"].as_u64().unwrap() as usize;
+    assert_eq!((specials, vocab_size), (1000, 131_072));
+    let ranks = tekken["vocab"].as_array().unwrap();
+    let env =
+        pixtract::extract::GrammarEnv::shared(&tiny_model().join("tokenizer.json"), 2, vocab_size)
+            .unwrap();
+    let mut wrong = Vec::new();
+    for id in 0..vocab_size as u32 {
+        let seen = env.token_bytes(id);
+        if (id as usize) < specials {
+            // llguidance marks a special token with a leading 0xFF byte, which no text token starts with.
+            if seen.first() != Some(&0xFF) {
+                wrong.push(format!("{id}: special, seen as text {seen:?}"));
+            }
+            continue;
+        }
+        let entry = &ranks[id as usize - specials];
+        assert_eq!(entry["rank"].as_u64(), Some(id as u64 - specials as u64));
+        let expected = base64::engine::general_purpose::STANDARD
+            .decode(entry["token_bytes"].as_str().unwrap())
+            .unwrap();
+        if seen != expected.as_slice() {
+            wrong.push(format!("{id}: seen {seen:?}, Tekken {expected:?}"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {vocab_size} ids differ, e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(10)]
+    );
+}

@@ -351,6 +351,32 @@ fn raster_broken_inputs_give_clear_errors() {
         "{e:?}"
     );
     assert_clean_message(&e, "mem://cut.png");
+    // Truncated JPEG: the decoder alone would fill the missing part with grey and call it a page.
+    let jpeg = util::encode(
+        &DynamicImage::ImageRgb8(RgbImage::from_fn(300, 300, |x, y| {
+            Rgb([(x % 256) as u8, (y % 256) as u8, 90])
+        })),
+        image::ImageFormat::Jpeg,
+    );
+    let cut: Vec<u8> = jpeg[..jpeg.len() * 2 / 3].to_vec();
+    let e = raster("cut.jpg", &cut, &opts).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RasterError::Decode {
+                kind: DocumentKind::Jpeg,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("truncated"), "{e}");
+    assert_clean_message(&e, "mem://cut.jpg");
+    // Whole, and whole with bytes appended after its end (a camera trailer): pages.
+    assert_eq!(raster("whole.jpg", &jpeg, &opts).unwrap().len(), 1);
+    let mut trailer = jpeg.clone();
+    trailer.extend_from_slice(&[0x42; 1024]);
+    assert_eq!(raster("trailer.jpg", &trailer, &opts).unwrap().len(), 1);
 }
 
 #[test]
