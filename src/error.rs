@@ -48,19 +48,11 @@ pub fn redact(text: &str) -> Cow<'_, str> {
             .find("</Error>")
             .map(|i| i + "</Error>".len())
             .unwrap_or(body.len());
-        let element = |name: &str| {
-            let open = format!("<{name}>");
-            let close = format!("</{name}>");
-            let from = body[..end].find(&open)? + open.len();
-            let to = body[from..end].find(&close)? + from;
-            Some(body[from..to].trim().to_string())
-        };
-        match (element("Code"), element("Message")) {
-            (Some(code), Some(message)) => out.push_str(&format!("{code}: {message}")),
-            (Some(code), None) => out.push_str(&code),
-            (None, Some(message)) => out.push_str(&message),
-            (None, None) => out.push_str("(response body withheld)"),
-        }
+        out.push_str(
+            xml_error_summary(&body[..end])
+                .as_deref()
+                .unwrap_or("(response body withheld)"),
+        );
         rest = &body[end..];
         match start_of(rest) {
             Some(s) => start = s,
@@ -69,6 +61,23 @@ pub fn redact(text: &str) -> Cow<'_, str> {
                 return Cow::Owned(out);
             }
         }
+    }
+}
+
+/// An XML error body's `Code: Message` (or whichever of the two it has); None when it has neither.
+pub fn xml_error_summary(body: &str) -> Option<String> {
+    let element = |name: &str| {
+        let open = format!("<{name}>");
+        let close = format!("</{name}>");
+        let from = body.find(&open)? + open.len();
+        let to = body[from..].find(&close)? + from;
+        Some(body[from..to].trim().to_string())
+    };
+    match (element("Code"), element("Message")) {
+        (Some(code), Some(message)) => Some(format!("{code}: {message}")),
+        (Some(code), None) => Some(code),
+        (None, Some(message)) => Some(message),
+        (None, None) => None,
     }
 }
 

@@ -219,17 +219,8 @@ pub fn retry_config() -> object_store::RetryConfig {
 /// line of the error text.
 pub fn reason(e: &object_store::Error) -> String {
     let text = e.to_string();
-    let tag = |name: &str| {
-        let open = format!("<{name}>");
-        let start = text.find(&open)? + open.len();
-        let len = text[start..].find(&format!("</{name}>"))?;
-        Some(text[start..start + len].trim().to_string())
-    };
-    if let Some(code) = tag("Code") {
-        return match tag("Message") {
-            Some(message) => format!("{code}: {message}"),
-            None => code,
-        };
+    if let Some(summary) = crate::error::xml_error_summary(&text) {
+        return summary;
     }
     if let Some(pos) = text.find("status code: ") {
         let status = &text[pos + "status code: ".len()..];

@@ -50,6 +50,19 @@ impl Holder {
     }
 }
 
+impl Holder {
+    /// A holder the lease does not name (its description unreadable, or not a pixtract lease): `who` says so.
+    fn unknown(who: &str, started_at: DateTime<Utc>, ttl_s: u64) -> Holder {
+        Holder {
+            run_id: who.to_string(),
+            host: "unknown".into(),
+            pid: 0,
+            started_at,
+            ttl_s,
+        }
+    }
+}
+
 impl std::fmt::Display for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -292,13 +305,8 @@ fn try_local(root: &std::path::Path, name: &str, holder: &Holder) -> Result<Atte
         let mut text = String::new();
         // The holder may be rewriting it; an unreadable description is still a held lock.
         let _ = file.read_to_string(&mut text);
-        let other = serde_json::from_str(&text).unwrap_or_else(|_| Holder {
-            run_id: "unknown".into(),
-            host: "unknown".into(),
-            pid: 0,
-            started_at: Utc::now(),
-            ttl_s: 0,
-        });
+        let other = serde_json::from_str(&text)
+            .unwrap_or_else(|_| Holder::unknown("unknown", Utc::now(), 0));
         return Ok(Attempt::Busy(other));
     }
     let body = serde_json::to_vec_pretty(holder).unwrap_or_default();
@@ -414,12 +422,12 @@ async fn try_store(
                             .map(|h| Duration::from_secs(h.ttl_s.max(1)))
                             .unwrap_or(ttl);
                         if age.to_std().is_ok_and(|age| age <= their_ttl) {
-                            return Ok(Attempt::Busy(current.unwrap_or_else(|| Holder {
-                                run_id: "unknown (not a pixtract lease)".into(),
-                                host: "unknown".into(),
-                                pid: 0,
-                                started_at: seen.last_modified,
-                                ttl_s: their_ttl.as_secs(),
+                            return Ok(Attempt::Busy(current.unwrap_or_else(|| {
+                                Holder::unknown(
+                                    "unknown (not a pixtract lease)",
+                                    seen.last_modified,
+                                    their_ttl.as_secs(),
+                                )
                             })));
                         }
                         // Expired: take it over, if nobody else did since we read it.
@@ -470,13 +478,11 @@ async fn try_store(
         }));
     }
     // Eight rounds of create / read / takeover all lost to other runs: it is theirs.
-    Ok(Attempt::Busy(Holder {
-        run_id: "another run (the lease changed hands while this run tried to take it)".into(),
-        host: "unknown".into(),
-        pid: 0,
-        started_at: Utc::now(),
-        ttl_s: ttl.as_secs(),
-    }))
+    Ok(Attempt::Busy(Holder::unknown(
+        "another run (the lease changed hands while this run tried to take it)",
+        Utc::now(),
+        ttl.as_secs(),
+    )))
 }
 
 /// Renews the lease every `ttl / 4` until aborted; records in `state` when another run has taken it over.

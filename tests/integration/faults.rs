@@ -10,11 +10,9 @@ use std::time::{Duration, Instant};
 
 use object_store::{ObjectStoreExt, PutPayload};
 
-use crate::lease::download_parquet;
-use crate::pipeline::{duckdb, write_spec};
-use crate::util::{
-    PdfPage, invoice_content, make_pdf, pixtract, python, repo_root, text, tiny_model,
-};
+use crate::lease::{download_parquet, put_inputs};
+use crate::pipeline::{duckdb, invoice_pdf, write_spec};
+use crate::util::{pixtract, python, repo_root, text};
 
 /// The proxy process; stopped (SIGTERM, so it prints its summary) when dropped.
 struct FaultProxy {
@@ -109,29 +107,14 @@ fn faulty_storage_phase(share: f64, seed: u64, kinds: &str, max_runs: usize, exi
     moto.create_bucket("lake");
     let store = moto.store("lake");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let refs = ["rgba", "grayscale", "tiny_image", "system_prompt"];
     let (pngs, pdfs) = (12, 6);
+    put_inputs(&rt, &store, pngs);
     rt.block_on(async {
-        for i in 0..pngs {
-            let bytes =
-                std::fs::read(tiny_model().join(format!("reference/{}/image0.png", refs[i % 4])))
-                    .unwrap();
-            store
-                .put(
-                    &object_store::path::Path::from(format!("in/scan{i:02}.png")),
-                    PutPayload::from(bytes),
-                )
-                .await
-                .unwrap();
-        }
         for d in 0..pdfs {
-            let pages: Vec<PdfPage> = (1..=2)
-                .map(|p| PdfPage::new(612.0, 792.0, invoice_content(&format!("INV {d} p{p}"), 2)))
-                .collect();
             store
                 .put(
                     &object_store::path::Path::from(format!("in/inv{d:02}.pdf")),
-                    PutPayload::from(make_pdf(&pages)),
+                    PutPayload::from(invoice_pdf(d, 2)),
                 )
                 .await
                 .unwrap();

@@ -4,12 +4,13 @@
 //! done by an error that the interruption caused.
 
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::pipeline::{duckdb, parquet_files, small_inputs_n, write_spec};
-use crate::util::{PdfPage, invoice_content, make_pdf, pixtract, repo_root, text};
+use crate::pipeline::{
+    assert_parquet_readable, duckdb, invoice_pdf, parquet_files, small_inputs_n, write_spec,
+};
+use crate::util::{pixtract, repo_root, text};
 
 /// A small deterministic generator (xorshift64*), so a failing seed reproduces.
 struct Rng(u64);
@@ -34,21 +35,6 @@ enum Stop {
     Kill9,
 }
 
-/// Every visible Parquet file is complete: DuckDB reads its footer and rows.
-fn all_files_readable(output: &Path, what: &str) {
-    for file in parquet_files(output) {
-        let rows = duckdb(&format!(
-            "SELECT count(*) FROM read_parquet('{}')",
-            file.display()
-        ));
-        assert!(
-            rows.trim().parse::<u64>().is_ok(),
-            "{what}: {} unreadable",
-            file.display()
-        );
-    }
-}
-
 #[test]
 fn twenty_interrupted_runs_then_one_more_leave_every_page_exactly_once() {
     let tmp = tempfile::tempdir().unwrap();
@@ -57,10 +43,7 @@ fn twenty_interrupted_runs_then_one_more_leave_every_page_exactly_once() {
     // Two-page PDFs go through the renderer worker processes; PNGs are decoded in the run itself.
     let pdfs = 30;
     for d in 0..pdfs {
-        let pages: Vec<PdfPage> = (1..=2)
-            .map(|p| PdfPage::new(612.0, 792.0, invoice_content(&format!("INV {d} p{p}"), 2)))
-            .collect();
-        std::fs::write(inputs.join(format!("inv{d:02}.pdf")), make_pdf(&pages)).unwrap();
+        std::fs::write(inputs.join(format!("inv{d:02}.pdf")), invoice_pdf(d, 2)).unwrap();
     }
     small_inputs_n(&inputs, 10);
     let expected_pages = pdfs * 2 + 10;
@@ -144,7 +127,7 @@ fn twenty_interrupted_runs_then_one_more_leave_every_page_exactly_once() {
             ),
         }
         assert!(!stderr.contains("panicked"), "run {run} panicked: {stderr}");
-        all_files_readable(&output, &format!("after run {run} ({stop:?})"));
+        assert_parquet_readable(&output, &format!("after run {run} ({stop:?})"));
         let committed = parquet_files(&output).len();
         log.push(format!(
             "run {run:2}: {stop:?} {} -> exit {code:?}, {} file(s) committed in all",

@@ -38,6 +38,22 @@ fn row_counts(output: &Path) -> (usize, usize) {
     (rows.len(), docs.len())
 }
 
+/// Of two overlapping runs' outputs, exactly one waited for the output, and that one found all `n` documents done.
+fn assert_one_waited_then_skipped(ta: &str, tb: &str, n: usize) {
+    let waited: Vec<&str> = [ta, tb]
+        .into_iter()
+        .filter(|t| t.contains("waiting for the output"))
+        .collect();
+    assert_eq!(waited.len(), 1, "A: {ta}\nB: {tb}");
+    assert!(
+        waited[0].contains(&format!(
+            "0 documents (0 failed, {n} skipped as already done)"
+        )),
+        "{}",
+        waited[0]
+    );
+}
+
 /// Two runs started together on one local output: one takes the lease, the other waits for it, then skips
 /// everything the first did. Every document exactly once.
 #[test]
@@ -54,17 +70,7 @@ fn two_overlapping_local_runs_write_each_document_once() {
     assert!(matches!(a.status.code(), Some(0 | 2)), "{ta}");
     assert!(matches!(b.status.code(), Some(0 | 2)), "{tb}");
     assert_eq!(row_counts(&output), (16, 16), "A: {ta}\nB: {tb}");
-    // Exactly one of them waited, and that one found all 16 done.
-    let waited: Vec<&String> = [&ta, &tb]
-        .into_iter()
-        .filter(|t| t.contains("waiting for the output"))
-        .collect();
-    assert_eq!(waited.len(), 1, "A: {ta}\nB: {tb}");
-    assert!(
-        waited[0].contains("0 documents (0 failed, 16 skipped as already done)"),
-        "{}",
-        waited[0]
-    );
+    assert_one_waited_then_skipped(&ta, &tb, 16);
 }
 
 /// A lease held by someone else (here the test itself, through the library): `--lease-wait 0` gives up at once
@@ -115,7 +121,8 @@ fn a_held_local_lease_makes_a_run_wait_or_exit_4() {
     assert_eq!(row_counts(&output), (2, 2), "{t}");
 }
 
-fn put_inputs(rt: &tokio::runtime::Runtime, store: &Arc<dyn ObjectStore>, n: usize) {
+/// `in/doc0.png` .. `in/doc{n-1}.png` (reference images) in the store; existing ones are written again.
+pub fn put_inputs(rt: &tokio::runtime::Runtime, store: &Arc<dyn ObjectStore>, n: usize) {
     let refs = ["rgba", "grayscale", "tiny_image", "system_prompt"];
     rt.block_on(async {
         for i in 0..n {
@@ -193,16 +200,7 @@ fn overlapping_runs_on_s3_write_each_document_once_and_stale_leases_are_taken_ov
     let local = tmp.path().join("copy");
     let objects = download_parquet(&rt, &store, "out", &local);
     assert_eq!(row_counts(&local), (12, 12), "A: {ta}\nB: {tb}");
-    let waited: Vec<&String> = [&ta, &tb]
-        .into_iter()
-        .filter(|t| t.contains("waiting for the output"))
-        .collect();
-    assert_eq!(waited.len(), 1, "A: {ta}\nB: {tb}");
-    assert!(
-        waited[0].contains("0 documents (0 failed, 12 skipped as already done)"),
-        "{}",
-        waited[0]
-    );
+    assert_one_waited_then_skipped(&ta, &tb, 12);
     assert!(
         !objects.iter().any(|o| o.contains("_pixtract-lease")),
         "the lease is released: {objects:?}"

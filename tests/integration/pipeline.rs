@@ -445,6 +445,29 @@ fn kill_run_after(spec: &Path, output: &Path, files: usize) {
     let _ = child.wait();
 }
 
+/// An invoice PDF of `pages` pages titled `INV {doc} p{page}`.
+pub fn invoice_pdf(doc: usize, pages: usize) -> Vec<u8> {
+    let pages: Vec<PdfPage> = (1..=pages)
+        .map(|p| PdfPage::new(612.0, 792.0, invoice_content(&format!("INV {doc} p{p}"), 2)))
+        .collect();
+    make_pdf(&pages)
+}
+
+/// Every visible Parquet file under `output` is complete: DuckDB reads its footer and rows.
+pub fn assert_parquet_readable(output: &Path, what: &str) {
+    for file in parquet_files(output) {
+        let rows = duckdb(&format!(
+            "SELECT count(*) FROM read_parquet('{}')",
+            file.display()
+        ));
+        assert!(
+            rows.trim().parse::<u64>().is_ok(),
+            "{what}: {} unreadable",
+            file.display()
+        );
+    }
+}
+
 pub fn parquet_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -476,18 +499,8 @@ fn killed_runs_resume_with_every_document_exactly_once() {
         text_spec.push_str("max_rows_per_file = 2\n");
         std::fs::write(&spec, text_spec).unwrap();
         kill_run_after(&spec, &output, after_files);
-        // Whatever the kill left, every visible Parquet file is complete (DuckDB reads its footer and rows).
-        for file in parquet_files(&output) {
-            let rows = duckdb(&format!(
-                "SELECT count(*) FROM read_parquet('{}')",
-                file.display()
-            ));
-            assert!(
-                rows.trim().parse::<u64>().is_ok(),
-                "seed {seed}: {} unreadable",
-                file.display()
-            );
-        }
+        // Whatever the kill left, every visible Parquet file is complete.
+        assert_parquet_readable(&output, &format!("seed {seed}"));
         let committed = parquet_files(&output).len();
         let out = pixtract(&["run", spec.to_str().unwrap()], &[], &repo_root());
         let t = text(&out);
@@ -519,10 +532,7 @@ fn sigint_finishes_in_flight_work_and_the_next_run_does_the_rest() {
     std::fs::create_dir(&inputs).unwrap();
     let n = 40;
     for d in 0..n {
-        let pages: Vec<PdfPage> = (1..=2)
-            .map(|p| PdfPage::new(612.0, 792.0, invoice_content(&format!("INV {d} p{p}"), 2)))
-            .collect();
-        std::fs::write(inputs.join(format!("inv{d:02}.pdf")), make_pdf(&pages)).unwrap();
+        std::fs::write(inputs.join(format!("inv{d:02}.pdf")), invoice_pdf(d, 2)).unwrap();
     }
     let output = tmp.path().join("out");
     let spec = write_spec(tmp.path(), &inputs, &output);
@@ -766,10 +776,7 @@ fn multi_page_documents_never_straddle_a_commit() {
     let inputs = tmp.path().join("in");
     std::fs::create_dir(&inputs).unwrap();
     for d in 0..4 {
-        let pages: Vec<PdfPage> = (1..=3)
-            .map(|p| PdfPage::new(612.0, 792.0, invoice_content(&format!("INV {d} p{p}"), 2)))
-            .collect();
-        std::fs::write(inputs.join(format!("inv{d}.pdf")), make_pdf(&pages)).unwrap();
+        std::fs::write(inputs.join(format!("inv{d}.pdf")), invoice_pdf(d, 3)).unwrap();
     }
     small_inputs_n(&inputs, 2);
     let output = tmp.path().join("out");
