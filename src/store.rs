@@ -167,34 +167,42 @@ pub fn is_transient(e: &object_store::Error) -> bool {
     ) && !reason(e).starts_with("HTTP 4")
 }
 
-/// How many more times [`retry_transient`] tries a request that failed transiently.
-const EXTRA_TRIES: u32 = 8;
+/// The pauses before each further try of a request that failed transiently: 200 ms doubling to 5 s, 8 of them.
+/// One policy for [`retry_transient`] and the callers that cannot hand it a closure (a read that fills caller
+/// state as it goes).
+pub fn retry_delays() -> impl Iterator<Item = std::time::Duration> {
+    std::iter::successors(Some(std::time::Duration::from_millis(200)), |d| {
+        Some((*d * 2).min(std::time::Duration::from_secs(5)))
+    })
+    .take(8)
+}
 
-/// Runs a store request again, with backoff (200 ms doubling to 5 s, 8 more tries), while it fails for a
-/// transient reason. For what object_store's own retries leave out: a response body cut mid-way (a listing page,
-/// an object read), and non-idempotent requests whose connection broke (a conditional write, a bulk DELETE), which
-/// object_store cannot know took effect. Callers make a repeat harmless (a listing page asked again from the same
-/// place, a delete of what may be gone, a conditional write followed by a read).
+/// Whether a storage error may pass if the request is made again (not a refused condition).
+pub fn worth_retrying(e: &object_store::Error) -> bool {
+    use object_store::Error as E;
+    !matches!(e, E::AlreadyExists { .. } | E::Precondition { .. }) && is_transient(e)
+}
+
+/// Runs a store request again, with backoff ([`retry_delays`]), while it fails for a transient reason. For what
+/// object_store's own retries leave out: a response body cut mid-way (a listing page, an object read), and
+/// non-idempotent requests whose connection broke (a conditional write, a bulk DELETE), which object_store cannot
+/// know took effect. Callers make a repeat harmless (a listing page asked again from the same place, a delete of
+/// what may be gone, a conditional write followed by a read).
 pub async fn retry_transient<T, F, Fut>(mut request: F) -> Result<T, object_store::Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, object_store::Error>>,
 {
-    use object_store::Error as E;
-    let mut delay = std::time::Duration::from_millis(200);
-    let mut tries = 0;
+    let mut delays = retry_delays();
     loop {
         match request().await {
-            Err(e)
-                if tries < EXTRA_TRIES
-                    && !matches!(e, E::AlreadyExists { .. } | E::Precondition { .. })
-                    && is_transient(&e) =>
-            {
-                tries += 1;
-                tracing::debug!(error = %crate::error::chain(&e), tries, "storage request failed; trying again");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(std::time::Duration::from_secs(5));
-            }
+            Err(e) if worth_retrying(&e) => match delays.next() {
+                Some(delay) => {
+                    tracing::debug!(error = %crate::error::chain(&e), "storage request failed; trying again");
+                    tokio::time::sleep(delay).await;
+                }
+                None => return Err(e),
+            },
             result => return result,
         }
     }
