@@ -84,23 +84,29 @@ def run_export(args) -> int:
 
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    t0 = time.time()
-    model, source = load_source(args.checkpoint, args.seed, dtype)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"loaded {source['model_id']}: {params / 1e6:.1f} M parameters, {args.dtype} ({time.time() - t0:.1f} s; "
-          f"{memory_note(reset_peak=True)})")
-    t1 = time.time()
-    # The model is consumed (pre-transposed, parts released as their graphs are written): only its config is used
-    # afterwards.
-    graphs = export_graphs(model, out, dtype, args.attention, release=True,
-                           external_threshold=getattr(args, "external_data_threshold", None))
-    tokenizer = write_tokenizer(out, args.checkpoint)
-    source["parameters"] = params
-    manifest = build_manifest(model, graphs, tokenizer, args.dtype, source)
-    path = write_manifest(out, manifest)
-    total = sum(g["bytes"] + g.get("external_data", {}).get("bytes", 0) for g in graphs.values())
-    del model
+    try:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        t0 = time.time()
+        model, source = load_source(args.checkpoint, args.seed, dtype)
+        params = sum(p.numel() for p in model.parameters())
+        print(f"loaded {source['model_id']}: {params / 1e6:.1f} M parameters, {args.dtype} ({time.time() - t0:.1f} s; "
+              f"{memory_note(reset_peak=True)})")
+        t1 = time.time()
+        # The model is consumed (pre-transposed, parts released as their graphs are written): only its config is used
+        # afterwards.
+        graphs = export_graphs(model, out, dtype, args.attention, release=True,
+                               external_threshold=getattr(args, "external_data_threshold", None))
+        tokenizer = write_tokenizer(out, args.checkpoint)
+        source["parameters"] = params
+        manifest = build_manifest(model, graphs, tokenizer, args.dtype, source)
+        path = write_manifest(out, manifest)
+        total = sum(g["bytes"] + g.get("external_data", {}).get("bytes", 0) for g in graphs.values())
+        del model
+    except BaseException:
+        # A failed export (a cut checkpoint, no memory, Ctrl-C) leaves nothing behind; a killed one leaves OUT.partial,
+        # which the next export to OUT removes first.
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     if os.path.isdir(final):
         os.rmdir(final)  # empty (checked above)
     os.rename(out, final)

@@ -135,12 +135,12 @@ def memory_note(reset_peak: bool = False) -> str:
         return "memory n/a"
 
 
-def check_free_space(folder: str, need: int, what: str):
+def check_free_space(folder: str, need: int, what: str, basis: str = "parameters x bytes per value x 1.1"):
     """One clear error line when `folder`'s file system has less than `need` bytes free."""
     free = shutil.disk_usage(folder).free
     if free < need:
         raise ExportError(f"{what}: {folder} has {free / 1e9:.1f} GB free, about {need / 1e9:.1f} GB is needed "
-                          "(parameters x bytes per value x 1.1); free space or choose another --out")
+                          f"({basis}); free space or choose another --out")
 
 
 HF_FILES = ("config.json", "*.safetensors")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
 import math
 import os
 import shutil
@@ -26,7 +25,7 @@ import onnx
 
 from .graphs import save_graph
 from .manifest import graph_entry
-from .model import ExportError
+from .model import ExportError, check_free_space
 
 GRAPH_NAMES = ("vision_encoder", "embed_tokens", "decoder")
 # Graphs the quantizer touches by default: the decoder holds ~97% of Pixtral 12B's weights. The vision encoder
@@ -49,38 +48,102 @@ def _constant_matmuls(model: onnx.ModelProto) -> list[tuple[str, list[int]]]:
             if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits and len(inits[n.input[1]]) == 2]
 
 
+def _weight_array(t: onnx.TensorProto, base_dir: str):
+    """One initializer as a numpy array, read on its own: from its external data file when it has one (one copy of
+    this tensor in memory, nothing else of the graph), else from the proto."""
+    from onnx import numpy_helper
+
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t)
+    import numpy as np
+
+    info = {e.key: e.value for e in t.external_data}
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+    count = math.prod(t.dims)
+    path = os.path.join(base_dir, info["location"])
+    array = np.fromfile(path, dtype=dtype, count=count, offset=int(info.get("offset", 0)))
+    if array.size != count:
+        raise ExportError(f"{path}: {t.name} needs {count} values at offset {info.get('offset', 0)}, the file holds "
+                          f"{array.size}; the export is incomplete")
+    return array.reshape(tuple(t.dims))
+
+
+def _matmul_nbits(node: onnx.NodeProto, weight: onnx.TensorProto, array, quantizer, bits: int, block_size: int,
+                  symmetric: bool, accuracy_level: int | None) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """The MatMulNBits node and initializers ONNX Runtime's DefaultWeightOnlyQuantizer.quantize_matmul makes for a
+    2-D weight (QOperator format), from an array read on its own. The numbers come from ONNX Runtime's own kernel
+    (qbits_block_quant); names, tensor encoding and attributes are the ones quantize_matmul writes, so the graph is
+    byte for byte what MatMulNBitsQuantizer writes (a test compares the two)."""
+    import onnx_ir as ir
+
+    packed, scales, zero_points = quantizer.qbits_block_quant(array)
+    tensors = [ir.serde.serialize_tensor(ir.Tensor(packed, name=weight.name + f"_Q{bits}")),
+               ir.serde.serialize_tensor(ir.Tensor(scales, name=weight.name + "_scales"))]
+    if not symmetric:
+        tensors.append(onnx.numpy_helper.from_array(zero_points, weight.name + "_zero_points"))
+    rows, cols = array.shape
+    attrs = {"K": rows, "N": cols, "bits": bits, "block_size": block_size}
+    if accuracy_level:  # written only when set, as ONNX Runtime does (most providers do not know the attribute)
+        attrs["accuracy_level"] = accuracy_level
+    new = onnx.helper.make_node("MatMulNBits", inputs=[node.input[0]] + [t.name for t in tensors],
+                                outputs=[node.output[0]], name=node.name + f"_Q{bits}" if node.name else "",
+                                domain="com.microsoft", **attrs)
+    return new, tensors
+
+
 def quantize_graph(src: str, dst: str, bits: int, block_size: int, symmetric: bool, accuracy_level: int | None,
                    exclude: set[str]) -> dict:
-    """Quantizes one graph file; returns what the manifest records about it."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    """Quantizes one graph file, one weight at a time; returns what the manifest records about it.
 
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-    # The external data (if any) is read from the source graph's folder. The quantizer works on this proto in place
-    # (no copy): a graph of N GB costs about N GB + the quantized weights, not twice N.
-    model = onnx.load(src, load_external_data=True)
+    The graph is loaded without its external data; each constant MatMul weight is read alone from the data file,
+    quantized and dropped, and the weights that stay float are copied from the source file by save_graph. Memory is
+    the largest single weight plus the quantized weights: ONNX Runtime's MatMulNBitsQuantizer wants the whole graph
+    in memory and held about twice its weights (9.90 GB for the 4.87 GB fp32 decoder of a 2-layer 12B-wide model).
+    """
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 DefaultWeightOnlyQuantizer)
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    src_dir = os.path.dirname(os.path.abspath(src))
+    model = onnx.load(src, load_external_data=False)
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node
+           for a in n.attribute):
+        raise ExportError(f"{os.path.basename(src)}: has subgraphs; the quantizer handles flat graphs (pixtract's "
+                          "exports are flat)")
     candidates = _constant_matmuls(model)
-    producer = (model.producer_name, model.producer_version)
-    quantizer = MatMulNBitsQuantizer(
-        model, bits=bits, block_size=block_size, is_symmetric=symmetric,
-        accuracy_level=accuracy_level, nodes_to_exclude=sorted(exclude),
-    )
-    del model
-    quantizer.process()
-    out = quantizer.model.model
-    del quantizer
-    done = {n.name for n in out.graph.node if n.op_type == "MatMulNBits"}
     quantized = [(name, dims) for name, dims in candidates if name not in exclude]
+    wanted = {name for name, _ in quantized}
+    quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
+        block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level, bits=bits))
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes, added = [], []
+    for node in model.graph.node:
+        if node.name not in wanted:
+            nodes.append(node)
+            continue
+        weight = inits[node.input[1]]
+        array = _weight_array(weight, src_dir)
+        new, tensors = _matmul_nbits(node, weight, array, quantizer, bits, block_size, symmetric, accuracy_level)
+        del array
+        nodes.append(new)
+        added.extend(tensors)
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(added)
+    ONNXModel(model).set_opset_import("com.microsoft", 1)
+    ONNXModel(model).clean_initializers()  # the float weights no node reads any more
+    done = {n.name for n in model.graph.node if n.op_type == "MatMulNBits"}
     if len(done) != len(quantized):
         raise ExportError(f"{os.path.basename(src)}: expected {len(quantized)} MatMulNBits nodes, the quantizer "
                           f"produced {len(done)}; refusing to write a half-quantized graph")
-    out.producer_name, out.producer_version = producer
-    float_parameters = sum(math.prod(t.dims) for t in out.graph.initializer
+    float_parameters = sum(math.prod(t.dims) for t in model.graph.initializer
                            if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16))
-    # Same rule as the export: above 1 GiB of weights they go to `<file>_data` (protobuf caps a file at 2 GB).
-    external = save_graph(out, dst)
+    # Same rule as the export: above 1 GiB of weights they go to `<file>_data` (protobuf caps a file at 2 GB). The
+    # float weights left (norms, biases) are still references into the source's data file; save_graph copies them.
+    external = save_graph(model, dst, source_dir=src_dir)
     kept = [name for name, _ in candidates if name in exclude]
     return {
-        "proto": out,
+        "proto": model,
         "external": external,
         "record": {
             "quantized_matmuls": len(quantized),
@@ -118,10 +181,38 @@ def quantize_model_dir(src_dir: str, out_dir: str, bits: int, block_size: int, g
     if manifest.get("quantization"):
         raise ExportError(f"{src_dir} is already quantized ({manifest.get('variant')}); quantize an fp32 or fp16 "
                           "export")
+    out_dir = os.path.normpath(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ExportError(f"{out_dir} exists and is not empty; choose a new --out (nothing was overwritten)")
-    os.makedirs(out_dir, exist_ok=True)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    # The quantized graphs: `bits` per weight plus a scale and zero point per block (at most 1.3x bits / source
+    # bits of the source graph's bytes); the rest is hard-linked when it can be, copied when it cannot.
+    source_bits = 16 if manifest["dtype"] == "fp16" else 32
+    need = 0
+    for name, entry in manifest["graphs"].items():
+        size = entry["bytes"] + entry.get("external_data", {}).get("bytes", 0)
+        need += int(size * 1.3 * bits / source_bits) if name in graphs else size
+    check_free_space(parent, need, "quantize", "the quantized graphs at 1.3 x bits / source bits of their source, "
+                     "the other graphs' sizes")
+    # Written under OUT.partial and renamed when complete, as `export` does.
+    work = out_dir + ".partial"
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    try:
+        new = _quantize_into(manifest, src_dir, work, bits, block_size, graphs, symmetric, accuracy_level,
+                             keep_lm_head)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if os.path.isdir(out_dir):
+        os.rmdir(out_dir)  # empty (checked above)
+    os.rename(work, out_dir)
+    return new
 
+
+def _quantize_into(manifest: dict, src_dir: str, out_dir: str, bits: int, block_size: int, graphs, symmetric: bool,
+                   accuracy_level: int | None, keep_lm_head: bool) -> dict:
     new = copy.deepcopy(manifest)
     records = {}
     for name in GRAPH_NAMES:

@@ -418,6 +418,32 @@ fn consolidated_layout_exports_the_same_graphs_as_the_hf_layout() {
     assert_eq!(manifests[0]["source"]["layout"], "hf");
     assert_eq!(manifests[1]["source"]["layout"], "consolidated");
 
+    // A cut download (the file ends inside a tensor): one line naming the file and the tensor, no traceback.
+    let weights = mistral_ckpt.join("consolidated.safetensors");
+    let len = std::fs::metadata(&weights).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .unwrap()
+        .set_len(len * 3 / 5)
+        .unwrap();
+    let run = export_tool(&[
+        "export",
+        "--checkpoint",
+        mistral_ckpt.to_str().unwrap(),
+        "--out",
+        tmp.path().join("cut").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("consolidated.safetensors: ") && err.contains("the download is cut or corrupt"),
+        "{err}"
+    );
+    assert!(!err.contains("Traceback"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!tmp.path().join("cut").exists(), "nothing is left under --out");
+
     // Part of a layout: one line that names what is missing, no traceback.
     std::fs::remove_file(mistral_ckpt.join("tekken.json")).unwrap();
     let run = export_tool(&[

@@ -284,3 +284,107 @@ json.dump(man, open(os.path.join(dst, "pixtract-model.json"), "w"), indent=1)
     println!("fp16 logits: {same}/{total} tokens equal to the fp32-logits decoder");
     assert!(same * 10 >= total * 8, "{same}/{total}");
 }
+
+/// ONNX Runtime's MatMulNBitsQuantizer on the whole decoder in memory, then the graph `quantize` wrote with its
+/// external data read back: same nodes (serialized), same opsets, same initializers (name, dims, type, bytes) in the
+/// same order. Printed as one JSON line.
+const COMPARE_WITH_ORT_QUANTIZER: &str = r#"
+import json, logging, sys
+import onnx
+from onnx import numpy_helper
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+src, ours, bits, sym, acc, exclude = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", int(sys.argv[5]) or None, sys.argv[6:]
+q = MatMulNBitsQuantizer(onnx.load(src, load_external_data=True), bits=bits, block_size=32, is_symmetric=sym,
+                         accuracy_level=acc, nodes_to_exclude=exclude)
+logging.disable(logging.INFO)  # the quantizer logs every node it skips
+q.process()
+ref = q.model.model
+got = onnx.load(ours, load_external_data=True)
+def inits(m):
+    return [(t.name, list(t.dims), t.data_type, numpy_helper.to_array(t).tobytes()) for t in m.graph.initializer]
+a, b = inits(ref), inits(got)
+print(json.dumps({
+    "nodes_equal": [n.SerializeToString() for n in ref.graph.node] == [n.SerializeToString() for n in got.graph.node],
+    "opsets_equal": sorted((o.domain, o.version) for o in ref.opset_import) == sorted((o.domain, o.version) for o in got.opset_import),
+    "initializer_names_equal": [x[0] for x in a] == [x[0] for x in b],
+    "initializers_differing": [x[0] for x, y in zip(a, b) if x != y],
+    "matmulnbits": sum(n.op_type == "MatMulNBits" for n in got.graph.node),
+    "initializers": len(b),
+}))
+"#;
+
+/// `quantize` reads and quantizes one weight at a time (its memory is one weight, not the graph); the graph it
+/// writes must still be exactly what ONNX Runtime's own whole-graph quantizer writes: fp32 and fp16 sources, 4 and 8
+/// bits, symmetric with an accuracy level and a kept LM head, and the CI model whose decoder weights are read from
+/// its external data file.
+#[test]
+fn streaming_quantizer_writes_what_onnxruntime_quantizer_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ci = crate::util::ci_model();
+    let fp16 = repo_root().join("models/tiny-fp16");
+    // (source, bits, symmetric, accuracy level, keep the LM head)
+    let cases = [
+        (tiny_model(), 4, false, 0, false),
+        (tiny_model(), 8, true, 4, true),
+        (fp16, 4, false, 0, false),
+        (ci, 4, false, 0, false),
+    ];
+    for (i, (src, bits, symmetric, accuracy, keep_lm_head)) in cases.into_iter().enumerate() {
+        let out_dir = tmp.path().join(format!("q{i}"));
+        let mut args: Vec<String> = vec![
+            "quantize".into(),
+            "--model".into(),
+            src.to_string_lossy().into(),
+            "--out".into(),
+            out_dir.to_string_lossy().into(),
+            "--bits".into(),
+            bits.to_string(),
+        ];
+        if symmetric {
+            args.push("--symmetric".into());
+        }
+        if accuracy > 0 {
+            args.extend(["--accuracy-level".into(), accuracy.to_string()]);
+        }
+        if keep_lm_head {
+            args.push("--keep-lm-head".into());
+        }
+        let out = export_tool(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut py_args: Vec<String> = vec![
+            src.join("decoder_model_merged.onnx").to_string_lossy().into(),
+            out_dir
+                .join("decoder_model_merged.onnx")
+                .to_string_lossy()
+                .into(),
+            bits.to_string(),
+            (symmetric as u8).to_string(),
+            accuracy.to_string(),
+        ];
+        if keep_lm_head {
+            py_args.push("/lm_head/MatMul".into());
+        }
+        let stdout = python_stdout(COMPARE_WITH_ORT_QUANTIZER, &py_args);
+        let cmp: serde_json::Value =
+            serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("json line");
+        let what = format!("{} bits {bits} sym {symmetric}: {cmp}", src.display());
+        assert_eq!(cmp["nodes_equal"], true, "{what}");
+        assert_eq!(cmp["opsets_equal"], true, "{what}");
+        assert_eq!(cmp["initializer_names_equal"], true, "{what}");
+        assert_eq!(cmp["initializers_differing"], serde_json::json!([]), "{what}");
+        // q, k, v, o, gate, up, down per text layer, and the LM head unless it is kept.
+        let manifest = read_json(&out_dir.join("pixtract-model.json"));
+        let layers = manifest["text"]["num_layers"].as_u64().expect("text layers");
+        let want = 7 * layers + u64::from(!keep_lm_head);
+        assert_eq!(cmp["matmulnbits"], want, "{what}");
+        assert_eq!(
+            manifest["quantization"]["graphs"]["decoder"]["quantized_matmuls"],
+            want,
+            "{what}"
+        );
+    }
+}
