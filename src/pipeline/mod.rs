@@ -41,6 +41,15 @@ pub enum PipelineError {
     },
     #[error("pipeline spec {}: {reason}", path.display())]
     Spec { path: PathBuf, reason: String },
+    #[error(
+        "[raster] max_side = {asked} is larger than the model's image size {model} ({}); use 0 (the model's) or less",
+        dir.display()
+    )]
+    ModelView {
+        asked: u32,
+        model: usize,
+        dir: PathBuf,
+    },
     #[error("source")]
     Source(#[from] SourceError),
     #[error("raster")]

@@ -204,7 +204,10 @@ pub(super) async fn produce(
         })
         .buffered(spec.source.fetch_concurrency.max(1))
         .map(|item| item.map_err(|e| RasterError::from(FetchError::from(e))));
-    let preprocessor = ImagePreprocessor::from_config(image);
+    // Scans reach the model unscaled; `[raster] max_side` is the long side of the model's view for them too (run.rs
+    // checked it is not above the model's own image size).
+    let mut preprocessor = ImagePreprocessor::from_config(image);
+    preprocessor.max_side = max_side as usize;
     let per_prompt = spec.extract.pages_per_prompt.max(1);
     let (mut documents, mut failed, mut pages) = (0usize, 0usize, 0usize);
     let mut docs = std::pin::pin!(rasterizer.documents(fetched, r.workers.max(1)));

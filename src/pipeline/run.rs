@@ -73,6 +73,14 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
 
     let model_dir = ModelDir::open(&spec.model.dir)?;
     let manifest = model_dir.manifest.clone();
+    // The vision encoder knows positions up to its image size: a larger view cannot be encoded.
+    if spec.raster.max_side as usize > manifest.image.max_image_size {
+        return Err(PipelineError::ModelView {
+            asked: spec.raster.max_side,
+            model: manifest.image.max_image_size,
+            dir: spec.model.dir.clone(),
+        });
+    }
     let device: Device = spec.model.device.parse()?;
     let mode = match &spec.extract.schema {
         Some(path) => Mode::Schema(Box::new(

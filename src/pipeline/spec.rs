@@ -42,7 +42,8 @@ pub struct SourceSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RasterSpec {
-    /// Long side of the model's view (0: the model manifest's max image size).
+    /// Long side of the model's view, for PDF pages (rendered at it) and scans (resized to it by Pixtral's rule)
+    /// alike; 0: the model manifest's max image size, which is also its upper bound.
     #[serde(default)]
     pub max_side: u32,
     /// Optional DPI cap for rendering small PDF pages.

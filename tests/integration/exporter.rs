@@ -437,12 +437,16 @@ fn consolidated_layout_exports_the_same_graphs_as_the_hf_layout() {
     let err = String::from_utf8_lossy(&run.stderr);
     assert_eq!(run.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("consolidated.safetensors: ") && err.contains("the download is cut or corrupt"),
+        err.contains("consolidated.safetensors: ")
+            && err.contains("the download is cut or corrupt"),
         "{err}"
     );
     assert!(!err.contains("Traceback"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(!tmp.path().join("cut").exists(), "nothing is left under --out");
+    assert!(
+        !tmp.path().join("cut").exists(),
+        "nothing is left under --out"
+    );
 
     // Part of a layout: one line that names what is missing, no traceback.
     std::fs::remove_file(mistral_ckpt.join("tekken.json")).unwrap();

@@ -999,3 +999,73 @@ fn confidence_thresholds_write_weak_values_as_null_and_name_them_in_review() {
         "{t}"
     );
 }
+
+/// `[raster] max_side` is the long side of the model's view for scans as for PDF pages: an 800x600 PNG reaches the
+/// model at 256x192 (16 x 12 patches of 16 px) instead of unscaled (50 x 38), so its prompt is exactly the
+/// difference in image tokens (a row of patches + its break token each) shorter; a PDF page is rendered smaller.
+/// A view above the model's own image size is refused before any work.
+#[test]
+fn raster_max_side_sets_the_model_view_of_scans_and_pdfs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = tmp.path().join("in");
+    std::fs::create_dir(&inputs).unwrap();
+    let scan = image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(800, 600, |x, y| {
+        image::Rgb([(x % 251) as u8, (y % 241) as u8, ((x + y) % 239) as u8])
+    }));
+    std::fs::write(
+        inputs.join("scan.png"),
+        crate::util::encode(&scan, image::ImageFormat::Png),
+    )
+    .unwrap();
+    std::fs::write(inputs.join("invoice.pdf"), invoice_pdf(0, 1)).unwrap();
+    let mut prompt_tokens = Vec::new();
+    for (name, max_side) in [("full", 0), ("small", 256)] {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        let output = dir.join("out");
+        let spec = write_spec(&dir, &inputs, &output);
+        let body = std::fs::read_to_string(&spec).unwrap().replace(
+            "[raster]\nworkers = 1\n",
+            &format!("[raster]\nworkers = 1\nmax_side = {max_side}\n"),
+        );
+        std::fs::write(&spec, body).unwrap();
+        let out = pixtract(&["run", spec.to_str().unwrap()], &[], &repo_root());
+        assert!(matches!(out.status.code(), Some(0 | 2)), "{}", text(&out));
+        let glob = format!("{}/**/*.parquet", output.display());
+        let rows: std::collections::BTreeMap<String, i64> = duckdb(&format!(
+            "SELECT regexp_replace(source_uri, '.*/', ''), prompt_tokens FROM read_parquet('{glob}', hive_partitioning = true)"
+        ))
+        .lines()
+        .map(|l| {
+            let (doc, tokens) = l.split_once('|').unwrap();
+            (doc.to_string(), tokens.parse().expect("prompt_tokens"))
+        })
+        .collect();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        prompt_tokens.push(rows);
+    }
+    let (full, small) = (&prompt_tokens[0], &prompt_tokens[1]);
+    assert_eq!(
+        full["scan.png"] - small["scan.png"],
+        38 * (50 + 1) - 12 * (16 + 1),
+        "{full:?} {small:?}"
+    );
+    assert!(
+        small["invoice.pdf"] < full["invoice.pdf"],
+        "{full:?} {small:?}"
+    );
+
+    let spec = write_spec(tmp.path(), &inputs, &tmp.path().join("never"));
+    let body = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("[raster]\n", "[raster]\nmax_side = 2048\n");
+    std::fs::write(&spec, body).unwrap();
+    let out = pixtract(&["run", spec.to_str().unwrap()], &[], &repo_root());
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("max_side = 2048 is larger than the model's image size 1024"),
+        "{t}"
+    );
+    assert!(!tmp.path().join("never").exists(), "{t}");
+}

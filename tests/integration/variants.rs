@@ -356,7 +356,9 @@ fn streaming_quantizer_writes_what_onnxruntime_quantizer_writes() {
             String::from_utf8_lossy(&out.stderr)
         );
         let mut py_args: Vec<String> = vec![
-            src.join("decoder_model_merged.onnx").to_string_lossy().into(),
+            src.join("decoder_model_merged.onnx")
+                .to_string_lossy()
+                .into(),
             out_dir
                 .join("decoder_model_merged.onnx")
                 .to_string_lossy()
@@ -375,15 +377,20 @@ fn streaming_quantizer_writes_what_onnxruntime_quantizer_writes() {
         assert_eq!(cmp["nodes_equal"], true, "{what}");
         assert_eq!(cmp["opsets_equal"], true, "{what}");
         assert_eq!(cmp["initializer_names_equal"], true, "{what}");
-        assert_eq!(cmp["initializers_differing"], serde_json::json!([]), "{what}");
+        assert_eq!(
+            cmp["initializers_differing"],
+            serde_json::json!([]),
+            "{what}"
+        );
         // q, k, v, o, gate, up, down per text layer, and the LM head unless it is kept.
         let manifest = read_json(&out_dir.join("pixtract-model.json"));
-        let layers = manifest["text"]["num_layers"].as_u64().expect("text layers");
+        let layers = manifest["text"]["num_layers"]
+            .as_u64()
+            .expect("text layers");
         let want = 7 * layers + u64::from(!keep_lm_head);
         assert_eq!(cmp["matmulnbits"], want, "{what}");
         assert_eq!(
-            manifest["quantization"]["graphs"]["decoder"]["quantized_matmuls"],
-            want,
+            manifest["quantization"]["graphs"]["decoder"]["quantized_matmuls"], want,
             "{what}"
         );
     }
