@@ -128,8 +128,7 @@ pub(super) fn host_tensor_bytes(tensor: &DynTensor) -> Result<usize, ModelError>
 
 /// Copies `rows` rows (along the first axis) of `src` from row `from` into `dst` at row `to`. Both must be float
 /// tensors of the same type and the same size per row (checked). Host to host is a memcpy; where either lives in
-/// device memory (the CUDA slot cache), ONNX Runtime copies between views of the two row ranges: the row is
-/// the outer dimension, so a range of rows is one contiguous region.
+/// device memory (the CUDA slot cache), ONNX Runtime copies ([`copy_rows_through_ort`]).
 pub(super) fn copy_rows(
     src: &DynTensor,
     from: usize,
@@ -137,6 +136,31 @@ pub(super) fn copy_rows(
     to: usize,
     rows: usize,
 ) -> Result<(), ModelError> {
+    let row = checked_row_bytes(src, from, dst, to, rows)?;
+    if !on_host(src) || !on_host(dst) {
+        return copy_rows_through_ort(src, from, dst, to, rows);
+    }
+    // SAFETY: both are host tensors of the same float type (checked above); the byte ranges were checked against
+    // their sizes just above, and `src` and `dst` are distinct tensors (`dst` is borrowed mutably).
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            src.data_ptr().cast::<u8>().add(from * row),
+            dst.data_ptr_mut().cast::<u8>().add(to * row),
+            rows * row,
+        );
+    }
+    Ok(())
+}
+
+/// Bytes per row after checking that rows `from..from + rows` of `src` and `to..to + rows` of `dst` exist and that
+/// the two are float tensors of one type with the same row size.
+fn checked_row_bytes(
+    src: &DynTensor,
+    from: usize,
+    dst: &DynTensor,
+    to: usize,
+    rows: usize,
+) -> Result<usize, ModelError> {
     let rows_of = |t: &DynTensor| t.shape().first().map_or(0, |&r| r.max(0) as usize);
     let (src_rows, dst_rows) = (rows_of(src), rows_of(dst));
     let (src_bytes, dst_bytes) = (tensor_bytes(src)?, tensor_bytes(dst)?);
@@ -154,63 +178,87 @@ pub(super) fn copy_rows(
             dst.shape()
         )));
     }
-    if !on_host(src) || !on_host(dst) {
-        let mut shape: Vec<i64> = src.shape().to_vec();
-        shape[0] = rows as i64;
-        return match src.data_type() {
-            TensorElementType::Float16 => copy_region::<f16>(src, from * row, dst, to * row, shape),
-            _ => copy_region::<f32>(src, from * row, dst, to * row, shape),
-        }
-        .map_err(ort_err("copy cache rows on the device"));
-    }
-    // SAFETY: both are host tensors of the same float type (checked above); the byte ranges were checked against
-    // their sizes just above, and `src` and `dst` are distinct tensors (`dst` is borrowed mutably).
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            src.data_ptr().cast::<u8>().add(from * row),
-            dst.data_ptr_mut().cast::<u8>().add(to * row),
-            rows * row,
-        );
-    }
-    Ok(())
+    Ok(row)
 }
 
-/// ONNX Runtime copies the `shape`-sized region at byte `src_offset` of `src` into the one at `dst_offset` of
-/// `dst` (an Identity run on the destination's provider), wherever the two live.
-fn copy_region<T: PrimitiveTensorElementType + std::fmt::Debug>(
+/// The device path of [`copy_rows`], usable on host tensors too (the tests run it there). ONNX Runtime copies
+/// into a view of the destination's rows (the row is the outer dimension, so a range of rows is one contiguous
+/// region). The source must be a whole, owned tensor: ort (2.0.0-rc.15) binds a borrowed source by first cloning
+/// it with the same copy machinery while holding that machinery's lock, which deadlocks (the hang of the first
+/// version of this path, 2026-12-03). So a whole source is copied as it is, and part of a source (static batches
+/// dropping finished rows) goes through the host: the source to host memory, the rows into an owned host tensor,
+/// that tensor into the destination's view.
+fn copy_rows_through_ort(
     src: &DynTensor,
-    src_offset: usize,
+    from: usize,
+    dst: &mut DynTensor,
+    to: usize,
+    rows: usize,
+) -> Result<(), ModelError> {
+    let row = checked_row_bytes(src, from, dst, to, rows)?;
+    let src_rows = src.shape().first().map_or(0, |&r| r.max(0) as usize);
+    let mut shape: Vec<i64> = src.shape().to_vec();
+    shape[0] = rows as i64;
+    let whole = from == 0 && rows == src_rows;
+    let part;
+    let source = if whole {
+        src
+    } else {
+        let host = src
+            .to(AllocationDevice::CPU, 0)
+            .map_err(ort_err("copy cache rows to the host"))?;
+        let mut rows_only = DynTensor::new(
+            &ort::memory::Allocator::default(),
+            *src.data_type(),
+            shape.clone(),
+        )
+        .map_err(ort_err("allocate host rows"))?;
+        // SAFETY: `host` is a host copy of `src` (same type and shape), `rows_only` a host tensor of exactly
+        // `rows` rows of the same row size; rows from..from + rows of the source exist (checked above).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                host.data_ptr().cast::<u8>().add(from * row),
+                rows_only.data_ptr_mut().cast::<u8>(),
+                rows * row,
+            );
+        }
+        part = rows_only;
+        &part
+    };
+    match src.data_type() {
+        TensorElementType::Float16 => copy_into_rows::<f16>(source, dst, to * row, shape),
+        _ => copy_into_rows::<f32>(source, dst, to * row, shape),
+    }
+    .map_err(ort_err("copy cache rows on the device"))
+}
+
+/// ONNX Runtime copies all of `src` (a whole tensor of `shape`) into the region at byte `dst_offset` of `dst` (an
+/// Identity run on the destination's provider), wherever the two live.
+fn copy_into_rows<T: PrimitiveTensorElementType + std::fmt::Debug>(
+    src: &DynTensor,
     dst: &mut DynTensor,
     dst_offset: usize,
     shape: Vec<i64>,
 ) -> ort::Result<()> {
-    let info = |t: &DynTensor| {
-        let i = t.memory_info();
-        MemoryInfo::new(
-            i.allocation_device(),
-            i.device_id(),
-            AllocatorType::Device,
-            MemoryType::Default,
-        )
+    let i = dst.memory_info();
+    let dst_info = MemoryInfo::new(
+        i.allocation_device(),
+        i.device_id(),
+        AllocatorType::Device,
+        MemoryType::Default,
+    )?;
+    // SAFETY: the caller checked that the region (offset + shape x element size) lies inside `dst`, whose element
+    // type is T; the view lives only during this copy, while `dst` is borrowed mutably.
+    let to = unsafe {
+        TensorRefMut::<T>::from_raw(
+            dst_info,
+            dst.data_ptr_mut().byte_add(dst_offset),
+            Shape::new(shape),
+        )?
     };
-    let (src_info, dst_info) = (info(src)?, info(dst)?);
-    // SAFETY: the callers checked that both regions (offset + shape x element size) lie inside their tensors,
-    // which are of element type T; the views live only during this copy, while both tensors are borrowed.
-    let (from, to) = unsafe {
-        (
-            TensorRefMut::<T>::from_raw(
-                src_info,
-                src.data_ptr().cast_mut().byte_add(src_offset),
-                Shape::new(shape.clone()),
-            )?,
-            TensorRefMut::<T>::from_raw(
-                dst_info,
-                dst.data_ptr_mut().byte_add(dst_offset),
-                Shape::new(shape),
-            )?,
-        )
-    };
-    from.copy_into(to)
+    // A typed view of the owned source shares its value (still owned as far as ort's binding can tell).
+    let src = src.view().downcast::<ort::value::TensorValueType<T>>()?;
+    src.copy_into(to)
 }
 
 /// "Device:id" of a tensor's memory as ONNX Runtime reports it.
@@ -235,11 +283,13 @@ mod tests {
     use crate::model::OrtRuntime;
     use crate::native::{NativeLibrary, SearchPaths};
 
-    /// The path copy_rows takes for device memory (views over row ranges copied by ONNX Runtime), run here on
-    /// host tensors, where its result can be read: the same rows land where the memcpy path puts them.
+    /// The path copy_rows takes for device memory, run here on host tensors, where its result can be read: the
+    /// same rows land where the memcpy path puts them, for a whole source (a staged prompt's row into its slot) and
+    /// for part of one (rows kept by a static batch, through the host). The first version of this path deadlocked
+    /// inside ort (a borrowed source is cloned under the copy machinery's own lock); the copy runs on a thread so a
+    /// deadlock fails the test instead of hanging it.
     #[test]
-    #[ignore = "hangs (killed after 700 s on 2026-12-03): ort's Identity-session copy into a raw view; to debug before the device copy path is trusted"]
-    fn region_copy_through_onnx_runtime_moves_the_same_rows_as_memcpy() {
+    fn rows_copied_through_onnx_runtime_land_where_memcpy_puts_them() {
         let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv");
         let paths = SearchPaths {
             virtualenvs: vec![venv],
@@ -248,49 +298,63 @@ mod tests {
         let lib = paths
             .locate(NativeLibrary::OnnxRuntime)
             .expect("libonnxruntime in .venv: run scripts/setup.sh");
-        let _rt = OrtRuntime::load(lib).expect("ONNX Runtime loads");
-        let shape = vec![4i64, 2, 3, 5];
+        let rt = OrtRuntime::load(lib).expect("ONNX Runtime loads");
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let worker = std::thread::spawn(move || {
+            let _rt = rt;
+            let per_row = 2 * 3 * 5;
+            let filled = |rows: i64, offset: f32| -> DynTensor {
+                let data: Vec<f16> = (0..rows as usize * per_row)
+                    .map(|i| f16::from_f32(offset + i as f32))
+                    .collect();
+                Tensor::from_array((vec![rows, 2, 3, 5], data))
+                    .expect("tensor")
+                    .upcast()
+            };
+            let fresh = || -> DynTensor {
+                let mut t = DynTensor::new(
+                    &Allocator::default(),
+                    TensorElementType::Float16,
+                    vec![4i64, 2, 3, 5],
+                )
+                .expect("buffer");
+                copy_rows(&filled(4, 0.0), 0, &mut t, 0, 4).expect("zero");
+                t
+            };
+            let values = |t: &DynTensor| -> Vec<f32> {
+                t.try_extract_tensor::<f16>()
+                    .expect("f16")
+                    .1
+                    .iter()
+                    .map(|v| v.to_f32())
+                    .collect()
+            };
+            let mut results = Vec::new();
+            // (source rows, from, to, rows): a whole one-row source into row 2; rows 1-2 of four into rows 2-3.
+            for (src_rows, from, to, rows) in [(1, 0, 2, 1), (4, 1, 2, 2)] {
+                let src = filled(src_rows, 1000.0);
+                let (mut by_memcpy, mut by_ort) = (fresh(), fresh());
+                copy_rows(&src, from, &mut by_memcpy, to, rows).expect("memcpy rows");
+                copy_rows_through_ort(&src, from, &mut by_ort, to, rows).expect("ort rows");
+                results.push((values(&by_memcpy), values(&by_ort), from, to, rows));
+            }
+            let _ = done_tx.send(results);
+        });
+        let results = done_rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("the copy through ONNX Runtime finished (a deadlock inside ort never returns)");
+        worker.join().expect("copy thread");
         let per_row = 2 * 3 * 5;
-        let filled = |offset: f32| {
-            let data: Vec<f16> = (0..4 * per_row)
-                .map(|i| f16::from_f32(offset + i as f32))
-                .collect();
-            Tensor::from_array((shape.clone(), data))
-                .expect("tensor")
-                .upcast()
-        };
-        let src: DynTensor = filled(1000.0);
-        let fresh = || {
-            DynTensor::new(
-                &Allocator::default(),
-                TensorElementType::Float16,
-                shape.clone(),
-            )
-        };
-        let (mut by_memcpy, mut by_ort) = (fresh().expect("buffer"), fresh().expect("buffer"));
-        for dst in [&mut by_memcpy, &mut by_ort] {
-            let zeros = filled(0.0);
-            copy_rows(&zeros, 0, dst, 0, 4).expect("zero");
+        for (by_memcpy, by_ort, from, to, rows) in results {
+            assert_eq!(by_memcpy, by_ort, "rows {from}.. -> {to}..");
+            let first = (from * per_row) as f32 + 1000.0;
+            assert_eq!(by_ort[to * per_row], first);
+            assert_eq!(
+                by_ort[(to + rows) * per_row - 1],
+                first + (rows * per_row - 1) as f32
+            );
+            // Rows before the target kept their own values.
+            assert_eq!(by_ort[per_row], per_row as f32);
         }
-        copy_rows(&src, 1, &mut by_memcpy, 2, 2).expect("memcpy rows");
-        let row_bytes = per_row * 2;
-        let mut two_rows = shape.clone();
-        two_rows[0] = 2;
-        copy_region::<f16>(&src, row_bytes, &mut by_ort, 2 * row_bytes, two_rows)
-            .expect("ort region copy");
-        let values = |t: &DynTensor| -> Vec<f32> {
-            t.try_extract_tensor::<f16>()
-                .expect("f16")
-                .1
-                .iter()
-                .map(|v| v.to_f32())
-                .collect()
-        };
-        let (m, o) = (values(&by_memcpy), values(&by_ort));
-        assert_eq!(m, o);
-        // Rows 2-3 hold source rows 1-2; rows 0-1 kept their own values.
-        assert_eq!(m[2 * per_row], 1000.0 + per_row as f32);
-        assert_eq!(m[4 * per_row - 1], 1000.0 + (3 * per_row - 1) as f32);
-        assert_eq!(m[per_row], per_row as f32);
     }
 }
