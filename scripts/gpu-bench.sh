@@ -154,7 +154,7 @@ def read(name):
     p = os.path.join(out, name)
     return open(p).read() if os.path.exists(p) else ""
 lines = ["# gpu-bench summary", "", f"limits: {lim}", ""]
-lines.append("| model | decoder bytes | params | b1 decode tok/s | b1 limit (bw/bytes) | share | b8 | b32 | prefill tok/s | MFU | continuous/static | peak MiB |")
+lines.append("| model | decoder bytes | params | b1 decode tok/s | b1 limit (bw/bytes) | share | b8 | b32 | prefill tok/s | MFU | continuous (vision ahead)/static | peak MiB |")
 lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for m in models:
     tag = os.path.basename(m)
@@ -170,7 +170,7 @@ for m in models:
     dec = {int(b): float(t) for b, t in re.findall(r"^(\d+)\s+pixtract \(Rust\)\s+\S+\s+(\S+)", read(f"decode-{tag}.log"), re.M)}
     pre = re.search(r"prefill [\d.]+ ms \(([\d.]+) tokens/s\)", read(f"prefill-{tag}.log"))
     pre = float(pre.group(1)) if pre else float("nan")
-    ratio = re.search(r": ([\d.]+)x; every", read(f"batching-{tag}.log"))
+    ratio = re.search(r"vision ahead [\d.]+ tok/s \(([\d.]+)x\); every", read(f"batching-{tag}.log"))
     ratio = ratio.group(1) + "x" if ratio else "n/a"
     peak = max([int(read(f"{k}-{tag}.peak_mib") or 0) for k in ("decode", "prefill", "batching")])
     bw = lim.get("bandwidth_bytes_s", float("nan")); fl = lim.get("dense_flops", float("nan"))

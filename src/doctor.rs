@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::error::chain;
+use crate::model::manifest::DecoderAttention;
 use crate::model::{Device, ModelDir, OrtRuntime};
 use crate::native::{LibraryLocation, NativeLibrary, SearchPaths};
 
@@ -286,6 +287,21 @@ fn check_model(
         m.dtype,
         human_bytes((per_token * page) as u64),
     ));
+    // How a run batches with this export, and what to export instead for a GPU.
+    lines.push(match m.graphs.decoder.attention {
+        DecoderAttention::Gqa => "batching: continuous (GroupQueryAttention export: KV-cache slots, a finished \
+             answer's slot refilled at once)"
+            .to_string(),
+        DecoderAttention::Eager => format!(
+            "batching: static (eager export: a batch runs until its longest answer ends){}",
+            if matches!(opts.device, Device::Cuda(_)) {
+                "; for CUDA export with `--attention gqa --dtype fp16`: continuous batching over KV-cache slots \
+                 in device memory"
+            } else {
+                ""
+            }
+        ),
+    });
     m.graphs
         .decoder
         .attention

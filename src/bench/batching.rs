@@ -6,8 +6,8 @@
 //! a step hook that ends each sequence after its length (as the grammar ends an answer), so both modes generate
 //! exactly the same tokens. Reported: generated tokens/s end to end (vision, prefill and decode), decode tokens/s,
 //! the share of decode row slots that idled, the longest stall of running rows between two decode steps (prompt
-//! tokens prefilled, and time), and the ratio; and whether every sequence's tokens equal its prompt's one-by-one
-//! run. Continuous batching runs twice: joining prompts prefilled whole (running rows wait for each page), and
+//! tokens prefilled, and time), the shares of wall time in the vision encoder and in prefill, and the ratio; and
+//! whether every sequence's tokens equal its prompt's one-by-one run. Continuous batching runs twice: joining prompts prefilled whole (running rows wait for each page), and
 //! prefill interleaved with decode steps.
 
 use std::path::PathBuf;
@@ -38,6 +38,7 @@ pub struct BatchingBench {
     pub seed: u64,
     pub prefill_chunks_per_step: usize,
     pub prefill_chunk: Option<usize>,
+    pub vision_ahead: usize,
     pub threads: usize,
     pub device: Device,
     pub spin: bool,
@@ -69,6 +70,13 @@ impl Pass {
     }
     fn idle_share(&self) -> f64 {
         1.0 - self.stats.decode_tokens as f64 / self.stats.decode_row_capacity.max(1) as f64
+    }
+    /// Shares of the pass's wall time in the vision encoder and in prefill (the rest is decode and host work).
+    fn vision_share(&self) -> f64 {
+        self.stats.vision.as_secs_f64() / self.seconds
+    }
+    fn prefill_share(&self) -> f64 {
+        self.stats.prefill.as_secs_f64() / self.seconds
     }
 }
 
@@ -133,19 +141,20 @@ pub fn run(args: BatchingBench) -> anyhow::Result<()> {
         prefill_chunk: args.prefill_chunk,
         ..Default::default()
     };
+    let inter = args.prefill_chunks_per_step.max(1);
+    let ahead = args.vision_ahead.max(1);
+    // (name, batching, prefill chunks per decode step, prompts encoded ahead by the vision thread)
     let modes = [
-        ("static", Batching::Static, 0),
-        ("cont-whole", Batching::Continuous, 0),
-        (
-            "cont-inter",
-            Batching::Continuous,
-            args.prefill_chunks_per_step.max(1),
-        ),
+        ("static", Batching::Static, 0, 0),
+        ("cont-whole", Batching::Continuous, 0, 0),
+        ("cont-inter", Batching::Continuous, inter, 0),
+        ("cont-ahead", Batching::Continuous, inter, ahead),
     ];
-    let policy = |batching, prefill_chunks_per_step| BatchPolicy {
+    let policy = |batching, prefill_chunks_per_step, vision_ahead| BatchPolicy {
         max_batch: args.batch,
         batching,
         prefill_chunks_per_step,
+        vision_ahead,
         ..BatchPolicy::default()
     };
 
@@ -177,15 +186,15 @@ pub fn run(args: BatchingBench) -> anyhow::Result<()> {
         engine.attention().name(),
     );
     println!(
-        "modes: static; cont-whole: continuous, joining prompts prefilled whole; cont-inter: continuous, {} prefill \
-         chunk(s) of {} tokens between decode steps",
-        args.prefill_chunks_per_step.max(1),
+        "modes: static; cont-whole: continuous, joining prompts prefilled whole; cont-inter: continuous, {inter} \
+         prefill chunk(s) of {} tokens between decode steps; cont-ahead: cont-inter with the vision encoder on its own \
+         thread, {ahead} prompt(s) ahead (vision = that thread's busy time, vision wait = the decoder waiting for it)",
         config
             .prefill_chunk
             .unwrap_or_else(|| pixtract::model::default_prefill_chunk(args.device)),
     );
     println!(
-        "{:>5}  {:<10}  {:>8}  {:>10}  {:>12}  {:>9}  {:>14}  {:>12}",
+        "{:>5}  {:<10}  {:>8}  {:>10}  {:>12}  {:>9}  {:>14}  {:>12}  {:>8}  {:>11}  {:>9}",
         "round",
         "batching",
         "wall s",
@@ -193,46 +202,54 @@ pub fn run(args: BatchingBench) -> anyhow::Result<()> {
         "decode tok/s",
         "idle rows",
         "max stall tok",
-        "max stall ms"
+        "max stall ms",
+        "vision",
+        "vision wait",
+        "prefill"
     );
-    let mut best: [Option<f64>; 3] = [None; 3];
+    let mut best: [Option<f64>; 4] = [None; 4];
     for round in 1..=args.repeat.max(1) {
         // Alternating within the round, so drift on a shared machine hits every mode alike.
-        let mut round_tok_s = [0.0; 3];
-        for (i, &(name, batching, chunks)) in modes.iter().enumerate() {
+        let mut round_tok_s = [0.0; 4];
+        for (i, &(name, batching, chunks, ahead)) in modes.iter().enumerate() {
             let p = pass(
                 &mut engine,
                 &prompts,
                 &answer,
                 &config,
-                policy(batching, chunks),
+                policy(batching, chunks, ahead),
             )?;
             check_tokens(&p, &alone, &answer, pool_prompts.len(), name)?;
             println!(
-                "{round:>5}  {name:<10}  {:>8.2}  {:>10.1}  {:>12.1}  {:>8.1}%  {:>14}  {:>12.1}",
+                "{round:>5}  {name:<10}  {:>8.2}  {:>10.1}  {:>12.1}  {:>8.1}%  {:>14}  {:>12.1}  {:>7.1}%  {:>10.1}%  {:>8.1}%",
                 p.seconds,
                 p.tok_s(),
                 p.decode_tok_s(),
                 100.0 * p.idle_share(),
                 p.stats.max_stall_tokens,
                 p.stats.max_stall.as_secs_f64() * 1e3,
+                100.0 * p.vision_share(),
+                100.0 * p.stats.vision_wait.as_secs_f64() / p.seconds,
+                100.0 * p.prefill_share(),
             );
             round_tok_s[i] = p.tok_s();
             best[i] = Some(best[i].map_or(p.tok_s(), |b: f64| b.max(p.tok_s())));
         }
         println!(
-            "{round:>5}  cont-whole / static: {:.2}x, cont-inter / static: {:.2}x",
+            "{round:>5}  cont-whole / static: {:.2}x, cont-inter / static: {:.2}x, cont-ahead / static: {:.2}x",
             round_tok_s[1] / round_tok_s[0],
-            round_tok_s[2] / round_tok_s[0]
+            round_tok_s[2] / round_tok_s[0],
+            round_tok_s[3] / round_tok_s[0]
         );
     }
-    if let [Some(s), Some(w), Some(c)] = best {
+    if let [Some(s), Some(w), Some(c), Some(a)] = best {
         println!(
             "fastest rounds: static {s:.1} tok/s, continuous with whole prefills {w:.1} tok/s ({:.2}x), continuous \
-             interleaved {c:.1} tok/s: {:.2}x; every sequence's tokens equal its prompt's one-by-one run in every \
-             mode",
+             interleaved {c:.1} tok/s ({:.2}x), interleaved with vision ahead {a:.1} tok/s ({:.2}x); every \
+             sequence's tokens equal its prompt's one-by-one run in every mode",
             w / s,
-            c / s
+            c / s,
+            a / s
         );
     }
     Ok(())

@@ -227,7 +227,8 @@ pub struct BatchingBenchArgs {
     /// Rows decoded together: the static batch size and the continuous slot count.
     #[arg(long, default_value_t = 8)]
     batch: usize,
-    /// Rounds, each running static, continuous with whole prefills, and continuous with prefill interleaved.
+    /// Rounds, each running static, continuous with whole prefills, continuous with prefill interleaved, and the
+    /// latter with the vision encoder on its own thread, encoding ahead.
     #[arg(long, default_value_t = 2)]
     repeat: usize,
     /// Seed of the answer lengths.
@@ -239,6 +240,9 @@ pub struct BatchingBenchArgs {
     /// Prompt tokens per prefill pass (unset: 256 on cpu, 1024 on cuda).
     #[arg(long)]
     prefill_chunk: Option<usize>,
+    /// Prompts the vision thread encodes ahead in the cont-ahead pass.
+    #[arg(long, default_value_t = 2)]
+    vision_ahead: usize,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -256,6 +260,7 @@ impl From<BatchingBenchArgs> for BatchingBench {
             seed: a.seed,
             prefill_chunks_per_step: a.prefill_chunks_per_step,
             prefill_chunk: a.prefill_chunk,
+            vision_ahead: a.vision_ahead,
             threads: a.runtime.threads,
             device: a.runtime.device,
             spin: a.runtime.spin,

@@ -39,6 +39,7 @@ pub(super) fn model_stage(
             token_budget: spec.token_budget,
             batching: spec.batching,
             prefill_chunks_per_step: spec.prefill_chunks_per_step,
+            vision_ahead: spec.vision_ahead,
         };
         let mut extractor =
             Extractor::new(&engine, mode, config, policy).map_err(PipelineError::Extract)?;

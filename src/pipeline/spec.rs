@@ -116,6 +116,10 @@ pub struct ModelSpec {
     /// once, running rows waiting for them).
     #[serde(default = "default_prefill_chunks_per_step")]
     pub prefill_chunks_per_step: usize,
+    /// Continuous batching: prompts whose pages the vision encoder encodes ahead, on a thread of its own, while
+    /// the decoder steps (0: between two decode steps, running rows waiting).
+    #[serde(default = "default_vision_ahead")]
+    pub vision_ahead: usize,
     #[serde(default = "default_max_new_tokens")]
     pub max_new_tokens: usize,
 }
@@ -225,6 +229,9 @@ fn default_batch() -> usize {
 }
 fn default_prefill_chunks_per_step() -> usize {
     BatchPolicy::default().prefill_chunks_per_step
+}
+fn default_vision_ahead() -> usize {
+    BatchPolicy::default().vision_ahead
 }
 fn default_token_budget() -> usize {
     16_384

@@ -46,7 +46,21 @@ fn doctor_finds_libraries_and_opens_the_tiny_model() {
         )),
         "{t}"
     );
+    assert!(
+        t.contains("batching: static (eager export: a batch runs until its longest answer ends)"),
+        "{t}"
+    );
     assert!(t.contains("all checks passed"), "{t}");
+    // A GroupQueryAttention export batches continuously.
+    let gqa = crate::util::tiny_gqa_model();
+    let out = pixtract(
+        &["doctor", "--model", gqa.to_str().unwrap()],
+        &[],
+        &repo_root(),
+    );
+    let t = text(&out);
+    assert!(out.status.success(), "doctor failed:\n{t}");
+    assert!(t.contains("batching: continuous"), "{t}");
 }
 
 #[test]

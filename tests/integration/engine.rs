@@ -311,6 +311,27 @@ fn gqa_continuous_batching_equals_one_by_one_in_any_arrival_order() {
                 );
                 assert_eq!(gens[j].finish, FinishReason::Hook);
             }
+            // Pages encoded between decode steps (0) or ahead on the vision thread (1, 4; the default is 2): the
+            // same tokens, the same images.
+            if slots == 2 {
+                for vision_ahead in [0, 1, 4] {
+                    let (again, stats) = engine
+                        .generate_many(
+                            &arriving,
+                            &config,
+                            BatchPolicy {
+                                vision_ahead,
+                                ..policy(Batching::Continuous)
+                            },
+                            &mut AnswerLengths::new(wanted.clone()),
+                        )
+                        .unwrap();
+                    assert_eq!(stats.images, continuous.images);
+                    for (a, b) in again.iter().zip(&gens) {
+                        assert_eq!(a.tokens, b.tokens, "vision_ahead {vision_ahead}");
+                    }
+                }
+            }
             // The same work statically batched leaves more decode rows idle (counted, not timed).
             let (statically, stat) = engine
                 .generate_many(

@@ -167,6 +167,9 @@ pub struct GenerationStats {
     /// Continuous batching: the longest wait of running rows between two decode steps (joining prompts' vision,
     /// prefill and first tokens).
     pub max_stall: Duration,
+    /// Continuous batching with `vision_ahead`: how long the decoder waited for the vision thread's features
+    /// (`vision` is then that thread's busy time, mostly hidden behind decode steps).
+    pub vision_wait: Duration,
 }
 
 impl GenerationStats {
@@ -182,6 +185,7 @@ impl GenerationStats {
         self.decode_row_capacity += other.decode_row_capacity;
         self.max_stall_tokens = self.max_stall_tokens.max(other.max_stall_tokens);
         self.max_stall = self.max_stall.max(other.max_stall);
+        self.vision_wait += other.vision_wait;
         if self.kv_cache_memory.is_none() {
             self.kv_cache_memory.clone_from(&other.kv_cache_memory);
         }
@@ -198,6 +202,9 @@ pub struct BatchPolicy {
     /// Continuous batching: prefill chunks of a joining prompt run between two decode steps while rows are
     /// running (0: the whole prompt at once). Bounds how long a running row waits for a page's prefill.
     pub prefill_chunks_per_step: usize,
+    /// Continuous batching: prompts whose pages the vision encoder encodes ahead, on a thread of its own, while the
+    /// decoder steps (0: each joining prompt's pages are encoded between two decode steps, as running rows wait).
+    pub vision_ahead: usize,
 }
 
 impl Default for BatchPolicy {
@@ -207,6 +214,7 @@ impl Default for BatchPolicy {
             token_budget: 16_384,
             batching: Batching::default(),
             prefill_chunks_per_step: 1,
+            vision_ahead: 2,
         }
     }
 }

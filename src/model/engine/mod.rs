@@ -12,6 +12,7 @@ mod generation;
 mod ort_util;
 mod scheduler;
 mod slots;
+mod vision;
 
 use std::time::Instant;
 
@@ -24,21 +25,21 @@ pub use generation::{
 };
 
 use super::ModelError;
-use super::manifest::{DecoderAttention, ModelDir};
+use super::manifest::{DecoderAttention, ModelDir, ModelManifest};
 use super::preprocess::{ImagePreprocessor, PreparedImage};
 use super::prompt::{EncodedPrompt, PixtralTokenizer};
 use super::runtime::{Device, OrtRuntime};
 use cache::{KvCache, PromptBatch};
 use decoder::Decoder;
-use ort_util::{FloatKind, ort_err, read_floats};
+use ort_util::{ort_err, read_floats};
+use vision::VisionEncoder;
 
 pub struct PixtralEngine {
     pub model: ModelDir,
     pub tokenizer: PixtralTokenizer,
     pub preprocessor: ImagePreprocessor,
     device: Device,
-    vision: Session,
-    vision_float: FloatKind,
+    vision: VisionEncoder,
     embed: Session,
     decoder: Decoder,
 }
@@ -58,11 +59,14 @@ impl PixtralEngine {
             .attention
             .check_device(opts.device, &m.dtype)?;
         let open = |file: &str| rt.open_session(&model.path_of(file), opts.device);
-        let vision = open(&m.graphs.vision_encoder.file)?;
+        let vision = VisionEncoder::new(
+            open(&m.graphs.vision_encoder.file)?,
+            m.text.hidden_size,
+            m.tokens.img,
+        )?;
         let embed = open(&m.graphs.embed_tokens.file)?;
         let decoder = Decoder::new(open(&m.graphs.decoder.file)?, m, opts.device)?;
         let tokenizer = PixtralTokenizer::from_file(&model.path_of(&m.tokenizer.file), m.tokens)?;
-        let vision_float = FloatKind::of(&vision, "pixel_values")?;
         let preprocessor = ImagePreprocessor::from_config(&m.image);
         Ok(PixtralEngine {
             model,
@@ -70,7 +74,6 @@ impl PixtralEngine {
             preprocessor,
             device: opts.device,
             vision,
-            vision_float,
             embed,
             decoder,
         })
@@ -92,34 +95,7 @@ impl PixtralEngine {
 
     /// Vision encoder on one image: `[patches, text_hidden]` features, row-major.
     pub fn image_features(&mut self, image: &PreparedImage) -> Result<Vec<f32>, ModelError> {
-        let (w, h) = (image.width() as i64, image.height() as i64);
-        let pixels = self.vision_float.tensor(vec![1, 3, h, w], &image.pixels)?;
-        let outputs = self
-            .vision
-            .run(ort::inputs!["pixel_values" => pixels])
-            .map_err(ort_err("vision encoder"))?;
-        let (shape, data) = read_floats(&outputs[0], "vision features")?;
-        let expected = (image.grid.cols * image.grid.rows) as i64;
-        let hidden = self.model.manifest.text.hidden_size as i64;
-        if shape != [expected, hidden] {
-            return Err(ModelError::Graph(format!(
-                "vision encoder returned {shape:?} for a {}x{} patch grid, expected [{expected}, {hidden}]",
-                image.grid.cols, image.grid.rows
-            )));
-        }
-        Ok(data)
-    }
-
-    /// Token embeddings `[batch, seq, hidden]` (host, f32).
-    fn embed_ids(&mut self, ids: Vec<i64>, batch: usize) -> Result<Vec<f32>, ModelError> {
-        let seq = ids.len() / batch.max(1);
-        let input = Tensor::from_array((vec![batch as i64, seq as i64], ids))
-            .map_err(ort_err("input ids"))?;
-        let outputs = self
-            .embed
-            .run(ort::inputs!["input_ids" => input])
-            .map_err(ort_err("embed tokens"))?;
-        Ok(read_floats(&outputs[0], "embeddings")?.1)
+        self.vision.image_features(image)
     }
 
     /// Generates for many prompts under `policy`, results in input order: through KV-cache slots refilled as
@@ -226,6 +202,11 @@ impl PixtralEngine {
         Ok(())
     }
 
+    /// Token embeddings `[batch, seq, hidden]` (host, f32).
+    fn embed_ids(&mut self, ids: Vec<i64>, batch: usize) -> Result<Vec<f32>, ModelError> {
+        embed_ids(&mut self.embed, ids, batch)
+    }
+
     /// Vision features per row, in `[IMG]` order, checked against the row's number of `[IMG]` tokens.
     fn vision_features(
         &mut self,
@@ -233,24 +214,11 @@ impl PixtralEngine {
         rows: &[usize],
         stats: &mut GenerationStats,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        let img = self.model.manifest.tokens.img;
-        let hidden = self.model.manifest.text.hidden_size;
         let mut features = Vec::with_capacity(rows.len());
         for &r in rows {
-            let p = &prompts[r];
-            let mut f = Vec::new();
-            for image in &p.images {
-                f.extend(self.image_features(image)?);
-                stats.images += 1;
-            }
-            let slots = p.ids.iter().filter(|&&t| t == img).count();
-            if slots * hidden != f.len() {
-                return Err(ModelError::ImageTokens {
-                    slots,
-                    features: f.len() / hidden.max(1),
-                });
-            }
-            features.push(f);
+            let f = self.vision.prompt_features(&prompts[r])?;
+            stats.images += f.images;
+            features.push(f.features);
         }
         Ok(features)
     }
@@ -263,44 +231,72 @@ impl PixtralEngine {
         rows: &[usize],
         features: &[Vec<f32>],
     ) -> Result<PromptBatch, ModelError> {
-        let tokens = self.model.manifest.tokens;
-        let hidden = self.model.manifest.text.hidden_size;
-        let batch = rows.len();
-        let width = rows
-            .iter()
-            .map(|&r| prompts[r].ids.len())
-            .max()
-            .unwrap_or(0);
-        let mut ids = vec![tokens.pad as i64; batch * width];
-        let mut mask = vec![0i64; batch * width];
-        let mut positions = vec![0i64; batch * width];
-        for (b, &r) in rows.iter().enumerate() {
-            let p = &prompts[r].ids;
-            let offset = width - p.len();
-            for (i, &t) in p.iter().enumerate() {
-                ids[b * width + offset + i] = t as i64;
-                mask[b * width + offset + i] = 1;
-                positions[b * width + offset + i] = i as i64;
-            }
-        }
-        let mut embeds = self.embed_ids(ids.clone(), batch)?;
-        for (b, f) in features.iter().enumerate() {
-            let mut next = 0;
-            for i in 0..width {
-                if ids[b * width + i] == tokens.img as i64 {
-                    let dst = (b * width + i) * hidden;
-                    embeds[dst..dst + hidden]
-                        .copy_from_slice(&f[next * hidden..(next + 1) * hidden]);
-                    next += 1;
-                }
-            }
-        }
-        Ok(PromptBatch {
-            embeds,
-            width,
-            mask,
-            positions,
-            lengths: rows.iter().map(|&r| prompts[r].ids.len()).collect(),
-        })
+        prompt_batch(
+            &mut self.embed,
+            &self.model.manifest,
+            prompts,
+            rows,
+            features,
+        )
     }
+}
+
+/// Token embeddings `[batch, seq, hidden]` (host, f32).
+fn embed_ids(embed: &mut Session, ids: Vec<i64>, batch: usize) -> Result<Vec<f32>, ModelError> {
+    let seq = ids.len() / batch.max(1);
+    let input =
+        Tensor::from_array((vec![batch as i64, seq as i64], ids)).map_err(ort_err("input ids"))?;
+    let outputs = embed
+        .run(ort::inputs!["input_ids" => input])
+        .map_err(ort_err("embed tokens"))?;
+    Ok(read_floats(&outputs[0], "embeddings")?.1)
+}
+
+/// The rows' prompts left-padded to one width, embedded, with each row's image features in place of its `[IMG]`
+/// tokens.
+fn prompt_batch(
+    embed: &mut Session,
+    manifest: &ModelManifest,
+    prompts: &[EncodedPrompt],
+    rows: &[usize],
+    features: &[Vec<f32>],
+) -> Result<PromptBatch, ModelError> {
+    let tokens = manifest.tokens;
+    let hidden = manifest.text.hidden_size;
+    let batch = rows.len();
+    let width = rows
+        .iter()
+        .map(|&r| prompts[r].ids.len())
+        .max()
+        .unwrap_or(0);
+    let mut ids = vec![tokens.pad as i64; batch * width];
+    let mut mask = vec![0i64; batch * width];
+    let mut positions = vec![0i64; batch * width];
+    for (b, &r) in rows.iter().enumerate() {
+        let p = &prompts[r].ids;
+        let offset = width - p.len();
+        for (i, &t) in p.iter().enumerate() {
+            ids[b * width + offset + i] = t as i64;
+            mask[b * width + offset + i] = 1;
+            positions[b * width + offset + i] = i as i64;
+        }
+    }
+    let mut embeds = embed_ids(embed, ids.clone(), batch)?;
+    for (b, f) in features.iter().enumerate() {
+        let mut next = 0;
+        for i in 0..width {
+            if ids[b * width + i] == tokens.img as i64 {
+                let dst = (b * width + i) * hidden;
+                embeds[dst..dst + hidden].copy_from_slice(&f[next * hidden..(next + 1) * hidden]);
+                next += 1;
+            }
+        }
+    }
+    Ok(PromptBatch {
+        embeds,
+        width,
+        mask,
+        positions,
+        lengths: rows.iter().map(|&r| prompts[r].ids.len()).collect(),
+    })
 }
