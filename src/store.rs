@@ -208,6 +208,44 @@ where
     }
 }
 
+/// Whether an error failed in the storage for a reason that may pass (rather than in the content read, which fails
+/// the same way every time): an `object_store::Error` somewhere in its chain, directly or as an `io::Error`'s
+/// payload (how the Parquet reader carries it), that [`worth_retrying`] accepts.
+pub fn failed_in_storage(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let storage = err.downcast_ref::<object_store::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<object_store::Error>())
+        });
+        if let Some(storage) = storage {
+            return worth_retrying(storage);
+        }
+        next = err.source();
+    }
+    false
+}
+
+/// Every object under `prefix`, the listing asked again from the start while it fails for a transient reason
+/// (object_store retries each page request, not a page whose body is cut).
+pub async fn list_all(
+    store: &dyn ObjectStore,
+    prefix: Option<&Path>,
+) -> Result<Vec<object_store::ObjectMeta>, object_store::Error> {
+    use futures::TryStreamExt;
+    retry_transient(|| store.list(prefix).try_collect()).await
+}
+
+/// One object's bytes, the read made again while it fails for a transient reason (a body cut mid-way included).
+pub async fn read_all(
+    store: &dyn ObjectStore,
+    location: &Path,
+) -> Result<bytes::Bytes, object_store::Error> {
+    use object_store::ObjectStoreExt;
+    retry_transient(|| async { store.get(location).await?.bytes().await }).await
+}
+
 /// Retries with exponential backoff, set explicitly (not left to the library's defaults): transient errors
 /// (5xx, connection resets, throttling, timeouts) are retried up to 6 times within 3 minutes per request.
 pub fn retry_config() -> object_store::RetryConfig {

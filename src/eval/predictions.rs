@@ -119,8 +119,6 @@ impl Predictions {
     }
 
     fn load_store(uri: &str) -> Result<Predictions, EvalError> {
-        use futures::TryStreamExt;
-        use object_store::ObjectStoreExt;
         let opened = crate::store::open(uri).map_err(|source| EvalError::Store {
             uri: uri.to_string(),
             source,
@@ -138,12 +136,10 @@ impl Predictions {
             })?;
         runtime.block_on(async {
             let prefix = (!opened.prefix.as_ref().is_empty()).then_some(&opened.prefix);
-            let listed: Vec<object_store::ObjectMeta> = opened
-                .store
-                .list(prefix)
-                .try_collect()
-                .await
-                .map_err(|e| object_error(opened.prefix.as_ref(), e))?;
+            let listed: Vec<object_store::ObjectMeta> =
+                crate::store::list_all(opened.store.as_ref(), prefix)
+                    .await
+                    .map_err(|e| object_error(opened.prefix.as_ref(), e))?;
             // Committed data only: a `.`-file is an uncommitted write; `_manifest`/`_SUCCESS` are not data.
             let mut files: Vec<object_store::path::Path> = listed
                 .into_iter()
@@ -161,12 +157,7 @@ impl Predictions {
             }
             let mut out = Predictions::default();
             for location in &files {
-                let bytes = opened
-                    .store
-                    .get(location)
-                    .await
-                    .map_err(|e| object_error(location.as_ref(), e))?
-                    .bytes()
+                let bytes = crate::store::read_all(opened.store.as_ref(), location)
                     .await
                     .map_err(|e| object_error(location.as_ref(), e))?;
                 out.add_parquet(bytes, Path::new(&format!("{}/{location}", opened.base)))?;

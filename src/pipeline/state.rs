@@ -116,7 +116,7 @@ pub async fn read_processed(target: &SinkTarget) -> Result<ProcessedSet, StateEr
         let mut delays = crate::store::retry_delays();
         let read = loop {
             match read_file(&store, &meta, &mut cover).await {
-                Err(e) if transient_storage_failure(&e) => match delays.next() {
+                Err(e) if crate::store::failed_in_storage(&e) => match delays.next() {
                     Some(delay) => tokio::time::sleep(delay).await,
                     None => return Err(e),
                 },
@@ -143,25 +143,6 @@ pub async fn read_processed(target: &SinkTarget) -> Result<ProcessedSet, StateEr
         }
     }
     Ok(set)
-}
-
-/// Whether reading a file failed in the storage, for a reason that may pass (rather than in its content, which
-/// a stray or damaged file fails the same way every time). The storage error travels inside the Parquet reader's
-/// error as an `io::Error`'s payload.
-fn transient_storage_failure(e: &StateError) -> bool {
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = next {
-        let storage = err.downcast_ref::<object_store::Error>().or_else(|| {
-            err.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<object_store::Error>())
-        });
-        if let Some(storage) = storage {
-            return crate::store::worth_retrying(storage);
-        }
-        next = err.source();
-    }
-    false
 }
 
 #[derive(Default)]

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use object_store::buffered::BufReader;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
+use object_store::{ObjectMeta, ObjectStore};
 use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
 use serde::Deserialize;
 
@@ -142,9 +142,7 @@ fn store_of(
 /// Reads run `run_id` (or the latest run in the output) from `target`.
 pub async fn read_run(target: &SinkTarget, run_id: Option<&str>) -> Result<RunOutput, ReportError> {
     let (store, prefix) = store_of(target)?;
-    let listing: Vec<ObjectMeta> = store
-        .list(prefix.as_ref())
-        .try_collect()
+    let listing: Vec<ObjectMeta> = crate::store::list_all(store.as_ref(), prefix.as_ref())
         .await
         .map_err(ReportError::List)?;
     let mut runs = BTreeSet::new();
@@ -185,11 +183,7 @@ pub async fn read_run(target: &SinkTarget, run_id: Option<&str>) -> Result<RunOu
                 key: meta.location.to_string(),
                 source,
             };
-            let bytes = store
-                .get(&meta.location)
-                .await
-                .map_err(object_error)?
-                .bytes()
+            let bytes = crate::store::read_all(store.as_ref(), &meta.location)
                 .await
                 .map_err(object_error)?;
             let parsed: SinkManifest =
@@ -217,7 +211,25 @@ pub async fn read_run(target: &SinkTarget, run_id: Option<&str>) -> Result<RunOu
     let mut field_names = Vec::new();
     let mut rows = Vec::new();
     for meta in &data_files {
-        read_file(&store, meta, &mut field_names, &mut rows).await?;
+        // A read that failed in the storage (a request, a body cut mid-way) is made again from the start of the
+        // file, its rows so far dropped; a damaged file fails the same way every time and is reported.
+        let mut delays = crate::store::retry_delays();
+        loop {
+            let before = rows.len();
+            match read_file(&store, meta, &mut field_names, &mut rows).await {
+                Err(e) if crate::store::failed_in_storage(&e) => {
+                    rows.truncate(before);
+                    match delays.next() {
+                        Some(delay) => tokio::time::sleep(delay).await,
+                        None => return Err(e),
+                    }
+                }
+                read => {
+                    read?;
+                    break;
+                }
+            }
+        }
     }
     Ok(RunOutput {
         run_id,

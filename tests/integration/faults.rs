@@ -175,6 +175,30 @@ fn faulty_storage_phase(share: f64, seed: u64, kinds: &str, max_runs: usize, exi
         }
     }
     let runs = runs.join("\n");
+    // The report reads the output back through the same faulty storage: its listing, the run's manifest and
+    // every data file, each read again when the storage fails it.
+    let report = tmp.path().join("report.html");
+    let out = pixtract(
+        &[
+            "report",
+            "s3://lake/out/",
+            "--out",
+            report.to_str().unwrap(),
+        ],
+        &env,
+        &repo_root(),
+    );
+    let t = text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "report through faulty storage: {t}"
+    );
+    let html = std::fs::read_to_string(&report).expect("report written");
+    assert!(
+        html.contains("<html") || html.contains("<!DOCTYPE"),
+        "{html:.300}"
+    );
     drop(proxy);
     let (requests, injected) = faults_in(&log);
     println!("{runs}\nproxy: {requests} requests, faults {injected:?}");
