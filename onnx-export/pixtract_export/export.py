@@ -11,7 +11,7 @@ import torch
 from .graphs import export_graphs
 from .manifest import build_manifest, write_manifest
 from .model import (TINY_SEED, ExportError, build_tiny_model, check_free_space, checkpoint_layout, load_checkpoint,
-                    memory_note, run_peak_gb, write_tokenizer)
+                    memory_note, partial_output, run_peak_gb, write_tokenizer)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -79,12 +79,8 @@ def run_export(args) -> int:
     os.makedirs(parent, exist_ok=True)
     check_free_space(parent, need, "export")
     # Written under OUT.partial and renamed when complete: an interrupted export never leaves a model under OUT.
-    final, out = out, out + ".partial"
-    import shutil
-
-    shutil.rmtree(out, ignore_errors=True)
-    os.makedirs(out)
-    try:
+    final = out
+    with partial_output(final) as out:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         t0 = time.time()
         model, source = load_source(args.checkpoint, args.seed, dtype)
@@ -102,14 +98,6 @@ def run_export(args) -> int:
         path = write_manifest(out, manifest)
         total = sum(g["bytes"] + g.get("external_data", {}).get("bytes", 0) for g in graphs.values())
         del model
-    except BaseException:
-        # A failed export (a cut checkpoint, no memory, Ctrl-C) leaves nothing behind; a killed one leaves OUT.partial,
-        # which the next export to OUT removes first.
-        shutil.rmtree(out, ignore_errors=True)
-        raise
-    if os.path.isdir(final):
-        os.rmdir(final)  # empty (checked above)
-    os.rename(out, final)
     note = memory_note()
     print(f"exported 3 graphs ({total / 1e6:.1f} MB) in {time.time() - t1:.1f} s ({note}; peak over the whole "
           f"export {run_peak_gb():.2f} GB)")

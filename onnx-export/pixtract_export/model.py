@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -133,6 +134,25 @@ def memory_note(reset_peak: bool = False) -> str:
         return note
     except (OSError, KeyError, ValueError):
         return "memory n/a"
+
+
+@contextlib.contextmanager
+def partial_output(final: str):
+    """Yields `final`.partial, created empty, for a command to write its output into; renamed to `final` (empty or
+    absent: the caller checked) when the block completes. A failure inside the block (a cut checkpoint, no memory,
+    Ctrl-C) removes it; a killed process leaves it, and the next command writing `final` removes it first. Nothing
+    half-written is ever under `final`."""
+    work = final + ".partial"
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if os.path.isdir(final):
+        os.rmdir(final)
+    os.rename(work, final)
 
 
 def check_free_space(folder: str, need: int, what: str, basis: str = "parameters x bytes per value x 1.1"):

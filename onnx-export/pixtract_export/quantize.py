@@ -25,7 +25,7 @@ import onnx
 
 from .graphs import save_graph
 from .manifest import graph_entry
-from .model import ExportError, check_free_space
+from .model import ExportError, check_free_space, partial_output
 
 GRAPH_NAMES = ("vision_encoder", "embed_tokens", "decoder")
 # Graphs the quantizer touches by default: the decoder holds ~97% of Pixtral 12B's weights. The vision encoder
@@ -230,20 +230,9 @@ def quantize_model_dir(src_dir: str, out_dir: str, bits: int, block_size: int, g
         need += int(size * 1.3 * bits / source_bits) if name in graphs else size
     check_free_space(parent, need, "quantize", "the quantized graphs at 1.3 x bits / source bits of their source, "
                      "the other graphs' sizes")
-    # Written under OUT.partial and renamed when complete, as `export` does.
-    work = out_dir + ".partial"
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
-    try:
-        new = _quantize_into(manifest, src_dir, work, bits, block_size, graphs, symmetric, accuracy_level,
-                             keep_lm_head)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    if os.path.isdir(out_dir):
-        os.rmdir(out_dir)  # empty (checked above)
-    os.rename(work, out_dir)
-    return new
+    with partial_output(out_dir) as work:
+        return _quantize_into(manifest, src_dir, work, bits, block_size, graphs, symmetric, accuracy_level,
+                              keep_lm_head)
 
 
 def _quantize_into(manifest: dict, src_dir: str, out_dir: str, bits: int, block_size: int, graphs, symmetric: bool,

@@ -94,16 +94,14 @@ pub async fn read_processed(target: &SinkTarget) -> Result<ProcessedSet, StateEr
         ),
     };
     // The whole listing again when a page breaks off (object_store retries requests, not cut bodies).
-    let files: Vec<_> = crate::store::retry_transient(|| {
-        store
-            .list(prefix.as_ref())
-            .try_filter(|m| {
-                let name = m.location.filename().unwrap_or_default();
-                futures::future::ready(name.ends_with(".parquet") && !name.starts_with('.'))
-            })
-            .try_collect::<Vec<_>>()
-    })
-    .await?;
+    let files: Vec<_> = crate::store::list_all(store.as_ref(), prefix.as_ref())
+        .await?
+        .into_iter()
+        .filter(|m| {
+            let name = m.location.filename().unwrap_or_default();
+            name.ends_with(".parquet") && !name.starts_with('.')
+        })
+        .collect();
     // Per key: highest page reached, page count, document-level (permanent) error seen, transient attempts.
     let mut cover: HashMap<DocKey, Cover> = HashMap::new();
     let mut set = ProcessedSet::default();

@@ -213,15 +213,7 @@ fn copy_rows_through_ort(
             shape.clone(),
         )
         .map_err(ort_err("allocate host rows"))?;
-        // SAFETY: `host` is a host copy of `src` (same type and shape), `rows_only` a host tensor of exactly
-        // `rows` rows of the same row size; rows from..from + rows of the source exist (checked above).
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                host.data_ptr().cast::<u8>().add(from * row),
-                rows_only.data_ptr_mut().cast::<u8>(),
-                rows * row,
-            );
-        }
+        copy_rows(&host, from, &mut rows_only, 0, rows)?; // host to host: the memcpy path
         part = rows_only;
         &part
     };

@@ -188,7 +188,6 @@ fn run_slots(
         decoder,
         default_chunk,
     } = parts;
-    let all = 0..prompts.len();
     let mut stats = GenerationStats {
         batches: 1,
         ..Default::default()
@@ -218,7 +217,7 @@ fn run_slots(
     let mut widened = Vec::new();
     let mut running: Vec<Option<Running>> = (0..slots).map(|_| None).collect();
     let mut results: Vec<Option<Generation>> = vec![None; prompts.len()];
-    let mut waiting = all;
+    let mut waiting = 0..prompts.len();
     let mut staged: Option<Staged> = None;
 
     loop {
