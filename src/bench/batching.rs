@@ -7,8 +7,18 @@
 //! exactly the same tokens. Reported: generated tokens/s end to end (vision, prefill and decode), decode tokens/s,
 //! the share of decode row slots that idled, the longest stall of running rows between two decode steps (prompt
 //! tokens prefilled, and time), the shares of wall time in the vision encoder and in prefill, and the ratio; and
-//! whether every sequence's tokens equal its prompt's one-by-one run. Continuous batching runs twice: joining prompts prefilled whole (running rows wait for each page), and
-//! prefill interleaved with decode steps.
+//! whether every sequence's tokens equal its prompt's one-by-one run. Continuous batching runs three times: joining
+//! prompts prefilled whole (running rows wait for each page), prefill interleaved with decode steps, and the latter
+//! with the vision encoder on its own thread.
+//!
+//! Each round also measures what a decode step costs on this machine at 1 row and at the batch size, fitted as
+//! `fixed + per_row x rows`, and from it the fastest decode any scheduler over the same slots could reach: every
+//! pass at full width, as few passes as the answers need. Static batches shrink as rows finish, so they pay the
+//! per-row part only for rows that work, as continuous batching does; what continuous batching can save is the
+//! fixed part of the passes static batches spend on their long tails, and their cache compactions as rows finish.
+//! Where a step costs the same at 1 or 8 rows (a large model whose decode reads all its weights every step) that
+//! is the busy-row ratio; where rows dominate (the tiny model's 131,072 x 32 LM head on a CPU) it is near 1. Each
+//! mode's decode gain is reported as a share of the possible gain, and the per-round ratios' medians at the end.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -77,6 +87,89 @@ impl Pass {
     }
     fn prefill_share(&self) -> f64 {
         self.stats.prefill.as_secs_f64() / self.seconds
+    }
+}
+
+/// What one decode step costs on this machine: `fixed_ms + per_row_ms x rows` (fitted from steps at 1 row and at
+/// the batch size; the tiny and CI models' steps at 1, 2, 4 and 8 rows lie on that line within 4%).
+#[derive(Debug, Clone, Copy)]
+struct StepCost {
+    fixed_ms: f64,
+    per_row_ms: f64,
+}
+
+impl StepCost {
+    fn at(&self, rows: usize) -> f64 {
+        self.fixed_ms + self.per_row_ms * rows as f64
+    }
+}
+
+/// Decoder passes of a workload batched statically, `batch` prompts at a time in input order: (passes, row-passes).
+/// A sequence's first token comes from its prefill, so a sequence of `n` tokens is in `n - 1` decode passes, and a
+/// batch runs as many passes as its longest sequence needs.
+fn static_passes(answer: &[usize], batch: usize) -> (usize, usize) {
+    let passes = answer
+        .chunks(batch.max(1))
+        .map(|b| b.iter().max().map_or(0, |&n| n.saturating_sub(1)))
+        .sum();
+    let row_passes = answer.iter().map(|&n| n.saturating_sub(1)).sum();
+    (passes, row_passes)
+}
+
+/// Decode time of a workload batched statically, as `cost` predicts it: the fixed part on every pass of a batch's
+/// longest row, the per-row part for working rows only (finished rows leave the batch). What static batching
+/// measures beyond this is its own overhead: compacting the cache and reallocating logits as rows finish.
+fn static_model_ms(cost: StepCost, answer: &[usize], batch: usize) -> f64 {
+    let (passes, row_passes) = static_passes(answer, batch);
+    passes as f64 * cost.fixed_ms + row_passes as f64 * cost.per_row_ms
+}
+
+/// Decode time of the ideal continuous schedule: every pass at full width (`batch` working rows), as few passes
+/// as the workload's row-passes allow. No scheduler over `batch` slots decodes the workload faster.
+fn ideal_continuous_ms(cost: StepCost, answer: &[usize], batch: usize) -> f64 {
+    let (_, row_passes) = static_passes(answer, batch);
+    row_passes.div_ceil(batch.max(1)) as f64 * cost.at(batch)
+}
+
+/// Measures [`StepCost`]: `prompts` one by one and then together in one static batch, every answer `tokens` long
+/// (all rows work on every pass, so the batch's passes are at full width).
+fn step_cost(
+    engine: &mut PixtralEngine,
+    prompts: &[EncodedPrompt],
+    tokens: usize,
+    config: &GenerationConfig,
+) -> anyhow::Result<StepCost> {
+    let n = prompts.len();
+    let answer = vec![tokens; n];
+    let passes = (tokens - 1) as f64;
+    let static_policy = |max_batch: usize| BatchPolicy {
+        max_batch,
+        batching: Batching::Static,
+        ..BatchPolicy::default()
+    };
+    let alone = pass(engine, prompts, &answer, config, static_policy(1))?;
+    let together = pass(engine, prompts, &answer, config, static_policy(n))?;
+    let one_ms = alone.stats.decode.as_secs_f64() * 1e3 / (passes * n as f64);
+    let all_ms = together.stats.decode.as_secs_f64() * 1e3 / passes;
+    let per_row_ms = ((all_ms - one_ms) / (n - 1) as f64).max(0.0);
+    Ok(StepCost {
+        fixed_ms: (one_ms - per_row_ms).max(0.0),
+        per_row_ms,
+    })
+}
+
+/// How much of the gain possible over static (`ceiling`, a speed ratio) a mode's `ratio` got: 1 = all of it, 0 =
+/// none, negative = slower than static.
+fn gain_share(ratio: f64, ceiling: f64) -> f64 {
+    (ratio - 1.0) / (ceiling - 1.0)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
     }
 }
 
@@ -207,10 +300,17 @@ pub fn run(args: BatchingBench) -> anyhow::Result<()> {
         "vision wait",
         "prefill"
     );
+    // The step-cost probe runs the workload's first `batch` prompts (fewer when there are fewer prompts).
+    let probe_rows = args.batch.min(prompts.len());
+    let probe = probe_rows >= 2 && args.max_tokens >= 2;
     let mut best: [Option<f64>; 4] = [None; 4];
+    let mut ratios: [Vec<f64>; 3] = Default::default();
+    let mut decode_shares: [Vec<f64>; 3] = Default::default();
+    let mut ceilings = Vec::new();
     for round in 1..=args.repeat.max(1) {
         // Alternating within the round, so drift on a shared machine hits every mode alike.
         let mut round_tok_s = [0.0; 4];
+        let mut round_decode_ms = [0.0; 4];
         for (i, &(name, batching, chunks, ahead)) in modes.iter().enumerate() {
             let p = pass(
                 &mut engine,
@@ -233,14 +333,53 @@ pub fn run(args: BatchingBench) -> anyhow::Result<()> {
                 100.0 * p.prefill_share(),
             );
             round_tok_s[i] = p.tok_s();
+            round_decode_ms[i] = p.stats.decode.as_secs_f64() * 1e3;
             best[i] = Some(best[i].map_or(p.tok_s(), |b: f64| b.max(p.tok_s())));
         }
         println!(
-            "{round:>5}  cont-whole / static: {:.2}x, cont-inter / static: {:.2}x, cont-ahead / static: {:.2}x",
+            "{round:>5}  end to end: cont-whole / static {:.2}x, cont-inter / static {:.2}x, cont-ahead / static {:.2}x",
             round_tok_s[1] / round_tok_s[0],
             round_tok_s[2] / round_tok_s[0],
             round_tok_s[3] / round_tok_s[0]
         );
+        for i in 0..3 {
+            ratios[i].push(round_tok_s[i + 1] / round_tok_s[0]);
+        }
+        if probe {
+            let cost = step_cost(
+                &mut engine,
+                &prompts[..probe_rows],
+                args.max_tokens,
+                &config,
+            )?;
+            let static_ms = round_decode_ms[0];
+            let model_ms = static_model_ms(cost, &answer, args.batch);
+            let ceiling = static_ms / ideal_continuous_ms(cost, &answer, args.batch);
+            let decode: Vec<f64> = (1..4)
+                .map(|i| round_decode_ms[0] / round_decode_ms[i])
+                .collect();
+            println!(
+                "{round:>5}  decode step here: {:.3} ms + {:.3} ms per row ({:.3} ms at 1 row, {:.3} ms at {probe_rows}). \
+                 Static decode {static_ms:.0} ms, of which the step cost explains {model_ms:.0} ms (the rest: compacting \
+                 the cache as rows finish). Fastest possible over {} slots: decode {ceiling:.2}x static's; got \
+                 cont-whole {:.2}x, cont-inter {:.2}x, cont-ahead {:.2}x ({:.0}%, {:.0}%, {:.0}% of the possible gain)",
+                cost.fixed_ms,
+                cost.per_row_ms,
+                cost.at(1),
+                cost.at(probe_rows),
+                args.batch,
+                decode[0],
+                decode[1],
+                decode[2],
+                100.0 * gain_share(decode[0], ceiling),
+                100.0 * gain_share(decode[1], ceiling),
+                100.0 * gain_share(decode[2], ceiling),
+            );
+            for (i, d) in decode.iter().enumerate() {
+                decode_shares[i].push(gain_share(*d, ceiling));
+            }
+            ceilings.push(ceiling);
+        }
     }
     if let [Some(s), Some(w), Some(c), Some(a)] = best {
         println!(
@@ -250,6 +389,25 @@ pub fn run(args: BatchingBench) -> anyhow::Result<()> {
             w / s,
             c / s,
             a / s
+        );
+    }
+    let [whole, inter, ahead] = &mut ratios;
+    println!(
+        "median over {} round(s), end to end / static: cont-whole {:.2}x, cont-inter {:.2}x, cont-ahead {:.2}x",
+        args.repeat.max(1),
+        median(whole),
+        median(inter),
+        median(ahead)
+    );
+    if probe {
+        let [whole, inter, ahead] = &mut decode_shares;
+        println!(
+            "median fastest possible decode {:.2}x static's; median share of the possible decode gain: cont-whole {:.0}%, \
+             cont-inter {:.0}%, cont-ahead {:.0}%",
+            median(&mut ceilings),
+            100.0 * median(whole),
+            100.0 * median(inter),
+            100.0 * median(ahead)
         );
     }
     Ok(())
@@ -289,5 +447,32 @@ mod tests {
         assert!(a.iter().all(|&l| (8..=256).contains(&l)));
         // Spread, not a constant: the workload needs short and long answers.
         assert!(a.iter().min() < Some(&40) && a.iter().max() > Some(&220));
+    }
+
+    #[test]
+    fn static_batches_run_as_long_as_their_longest_row() {
+        // Batches [5, 2] and [3]: 4 + 2 passes; rows work 4 + 1 + 2 passes (first tokens come from prefill).
+        assert_eq!(static_passes(&[5, 2, 3], 2), (6, 7));
+        assert_eq!(static_passes(&[1, 1], 2), (0, 0));
+    }
+
+    #[test]
+    fn the_ideal_schedule_gains_the_busy_row_ratio_when_steps_cost_the_same_at_any_width() {
+        let answer = [9, 1, 1, 1, 5, 5, 5, 5];
+        // Static: 8 + 4 passes; rows work 8 + 16 = 24 passes, 6 passes at full width.
+        let flat = StepCost {
+            fixed_ms: 1.0,
+            per_row_ms: 0.0,
+        };
+        assert!((static_model_ms(flat, &answer, 4) - 12.0).abs() < 1e-12);
+        assert!((ideal_continuous_ms(flat, &answer, 4) - 6.0).abs() < 1e-12);
+        // Steps that cost only per row: static batches pay for working rows alone, nothing is left to gain.
+        let rows_only = StepCost {
+            fixed_ms: 0.0,
+            per_row_ms: 1.0,
+        };
+        assert!((static_model_ms(rows_only, &answer, 4) - 24.0).abs() < 1e-12);
+        assert!((ideal_continuous_ms(rows_only, &answer, 4) - 24.0).abs() < 1e-12);
+        assert!((gain_share(1.5, 2.0) - 0.5).abs() < 1e-12);
     }
 }

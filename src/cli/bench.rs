@@ -31,7 +31,10 @@ pub enum BenchCommand {
     /// Continuous vs static batching in the same run: many prompts whose answers differ in length (drawn from a
     /// seeded generator, each ended by a step hook as a grammar ends an answer), same batch size; tokens/s, the
     /// share of decode rows idle, the longest stall of running rows for joining prompts, the ratio. Continuous
-    /// runs twice: prompts prefilled whole, and prefill interleaved with decode steps. Fails unless every
+    /// runs three times: prompts prefilled whole, prefill interleaved with decode steps, and the latter with the
+    /// vision encoder on its own thread. Each round also measures a decode step at 1 row and at the batch size
+    /// and says how fast any scheduler could decode this workload on this machine (all passes at full width),
+    /// and what share of that gain each mode got; medians over the rounds at the end. Fails unless every
     /// sequence equals its prompt's one-by-one run.
     ///
     /// Example: pixtract bench batching --prompts 64 --min-tokens 8 --max-tokens 256 --batch 8
@@ -228,8 +231,9 @@ pub struct BatchingBenchArgs {
     #[arg(long, default_value_t = 8)]
     batch: usize,
     /// Rounds, each running static, continuous with whole prefills, continuous with prefill interleaved, and the
-    /// latter with the vision encoder on its own thread, encoding ahead.
-    #[arg(long, default_value_t = 2)]
+    /// latter with the vision encoder on its own thread, encoding ahead, then the step-cost probe. Compare
+    /// within a round or the medians: on a shared machine single passes swing by a third.
+    #[arg(long, default_value_t = 3)]
     repeat: usize,
     /// Seed of the answer lengths.
     #[arg(long, default_value_t = 7)]
