@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from .model import ExportError, check_free_space, tekken_path
+from .model import ExportError, check_free_space, partial_output, tekken_path
 
 # mistral-community/pixtral-12b config.json; layer counts are chosen by the caller.
 PIXTRAL_12B_TEXT = dict(hidden_size=5120, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -136,32 +136,29 @@ def run_random_checkpoint(args) -> int:
         params = sum(p.numel() for p in LlavaForConditionalGeneration(config).parameters())
     need = int(params * 2 * 1.1)
     check_free_space(os.path.dirname(os.path.abspath(out)) or ".", need, "random-checkpoint")
-    partial = out + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    t0 = time.time()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    model = build_random_model(config, args.seed, weight_std=args.weight_std)
-    print(f"built {args.like} widths, {args.text_layers} text + {args.vision_layers} vision layers: "
-          f"{params / 1e9:.3f} B parameters, bf16, seed {args.seed} ({time.time() - t0:.1f} s)")
-    t1 = time.time()
-    if args.layout == "consolidated":
-        # The same seeded weights, written under Mistral's names with q/k rows in Mistral's RoPE order.
-        from .consolidated import write_consolidated
+    # Written into OUT.partial, renamed when complete; removed when anything fails (no memory, no disk, Ctrl-C).
+    with partial_output(out) as partial:
+        t0 = time.time()
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        model = build_random_model(config, args.seed, weight_std=args.weight_std)
+        print(f"built {args.like} widths, {args.text_layers} text + {args.vision_layers} vision layers: "
+              f"{params / 1e9:.3f} B parameters, bf16, seed {args.seed} ({time.time() - t0:.1f} s)")
+        t1 = time.time()
+        if args.layout == "consolidated":
+            # The same seeded weights, written under Mistral's names with q/k rows in Mistral's RoPE order.
+            from .consolidated import write_consolidated
 
-        write_consolidated(model, partial)
-        shutil.copyfile(tekken_path(), os.path.join(partial, "tekken.json"))
-    else:
-        model.save_pretrained(partial, max_shard_size=args.max_shard_size, safe_serialization=True)
-        write_tokenizer_files(partial)
-    del model
-    with open(os.path.join(partial, "pixtract-random.json"), "w") as f:
-        json.dump({"like": args.like, "text_layers": args.text_layers, "vision_layers": args.vision_layers,
-                   "seed": args.seed, "parameters": params, "dtype": "bfloat16", "weight_std": args.weight_std,
-                   "norm_std": NORM_STD, "torch": torch.__version__}, f, indent=2)
-        f.write("\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.rename(partial, out)
+            write_consolidated(model, partial)
+            shutil.copyfile(tekken_path(), os.path.join(partial, "tekken.json"))
+        else:
+            model.save_pretrained(partial, max_shard_size=args.max_shard_size, safe_serialization=True)
+            write_tokenizer_files(partial)
+        del model
+        with open(os.path.join(partial, "pixtract-random.json"), "w") as f:
+            json.dump({"like": args.like, "text_layers": args.text_layers, "vision_layers": args.vision_layers,
+                       "seed": args.seed, "parameters": params, "dtype": "bfloat16", "weight_std": args.weight_std,
+                       "norm_std": NORM_STD, "torch": torch.__version__}, f, indent=2)
+            f.write("\n")
     size = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out))
     print(f"wrote {out}: {size / 1e9:.2f} GB ({time.time() - t1:.1f} s)")
     return 0

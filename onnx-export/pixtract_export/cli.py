@@ -49,8 +49,9 @@ def _add_export(sub):
                    help="decoder attention. eager (default): transformers' attention, left-padded batches, the KV "
                         "cache grows by Concat; runs on every provider and dtype. gqa: ONNX Runtime's "
                         "GroupQueryAttention: rows keep their own lengths (no attention over padding) and pixtract "
-                        "writes the cache in place (one buffer bound as past and present); pixtract runs gqa "
-                        "exports on the CPU only (use eager, with --dtype fp16, for CUDA)")
+                        "writes the cache in place (one buffer bound as past and present, one slot per running "
+                        "sequence: continuous batching); on CUDA only with --dtype fp16 (ONNX Runtime's CUDA kernel "
+                        "has no fp32), the export meant for GPUs; the eager fp32 export stays for parity checks")
     p.add_argument("--external-data-threshold", type=_bytes, default=None, metavar="BYTES",
                    help="a graph with more weight bytes than this keeps them in one `<graph>.onnx_data` file beside "
                         "it (default 1GiB; protobuf caps a single file at 2 GB). Accepts 64MiB, 1GiB, ...: tests set "
@@ -199,7 +200,8 @@ Example (then export it like a downloaded checkpoint):
                    help="std of the matrices and biases (default 0.02, transformers' initializer_range). At 0.02 a "
                         "random model's greedy output is one token repeated; tests use a larger std (models/ci: 0.06) "
                         "so tokens vary and top-1/top-2 logit gaps stay clear of rounding noise")
-    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB, as the real repo)")
+    p.add_argument("--max-shard-size", type=_bytes, default="2GB", metavar="BYTES",
+                   help="largest safetensors shard (default 2GB, as the real repo; 500MB, 1GiB, ...)")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory (created; must be empty)")
 
 

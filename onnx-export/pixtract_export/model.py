@@ -156,7 +156,11 @@ def partial_output(final: str):
 
 
 def check_free_space(folder: str, need: int, what: str, basis: str = "parameters x bytes per value x 1.1"):
-    """One clear error line when `folder`'s file system has less than `need` bytes free."""
+    """One clear error line when `folder`'s file system has less than `need` bytes free. `folder` may not exist yet
+    (the output is created with its parents): its nearest existing ancestor is on the file system it will be on."""
+    folder = os.path.abspath(folder)
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
     free = shutil.disk_usage(folder).free
     if free < need:
         raise ExportError(f"{what}: {folder} has {free / 1e9:.1f} GB free, about {need / 1e9:.1f} GB is needed "

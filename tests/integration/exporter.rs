@@ -464,3 +464,78 @@ fn consolidated_layout_exports_the_same_graphs_as_the_hf_layout() {
     assert!(!err.contains("Traceback"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+/// `random-checkpoint` writes into OUT.partial and removes it when it fails: Ctrl-C while the weights are being
+/// built or written leaves neither OUT nor OUT.partial (the folder OUT is in need not exist: it is created). A bad
+/// shard size is refused before any work, naming the flag.
+#[test]
+fn an_interrupted_random_checkpoint_leaves_nothing_half_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("new-folder/ck");
+    let partial = tmp.path().join("new-folder/ck.partial");
+    let mut child = std::process::Command::new(crate::util::python())
+        .arg(crate::util::repo_root().join("onnx-export/export.py"))
+        .args([
+            "random-checkpoint",
+            "--like",
+            "pixtral-ci",
+            "--text-layers",
+            "2",
+        ])
+        .args(["--vision-layers", "2", "--out", out.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The CI-sized checkpoint takes seconds to build and write: time enough to see OUT.partial and interrupt.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !partial.is_dir() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "random-checkpoint ended before writing {}",
+            partial.display()
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no OUT.partial after 120 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let run = child.wait_with_output().unwrap();
+    assert!(!run.status.success(), "interrupted run exited 0");
+    assert!(
+        !out.exists(),
+        "{} exists after an interrupted run",
+        out.display()
+    );
+    assert!(
+        !partial.exists(),
+        "{} left behind: {}",
+        partial.display(),
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    let bad = export_tool(&[
+        "random-checkpoint",
+        "--like",
+        "pixtral-tiny",
+        "--text-layers",
+        "1",
+        "--vision-layers",
+        "1",
+        "--max-shard-size",
+        "12parsecs",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("--max-shard-size") && stderr.contains("12parsecs"),
+        "{stderr}"
+    );
+    assert!(!out.exists() && !partial.exists());
+}
