@@ -77,13 +77,12 @@ fn parquet_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), EvalError> {
         })?;
         let p = entry.path();
         let name = entry.file_name().to_string_lossy().to_string();
-        // Hidden files are the sink's uncommitted writes; `_manifest`/`_SUCCESS` are not data.
-        if name.starts_with('.') || name.starts_with('_') {
-            continue;
-        }
+        // Hidden folders hold nobody's committed output; files follow the sink's rule.
         if p.is_dir() {
-            parquet_files(&p, out)?;
-        } else if name.ends_with(".parquet") {
+            if !name.starts_with('.') && !name.starts_with('_') {
+                parquet_files(&p, out)?;
+            }
+        } else if crate::sink::is_committed_data_file(&name) {
             out.push(p);
         }
     }
@@ -140,14 +139,10 @@ impl Predictions {
                 crate::store::list_all(opened.store.as_ref(), prefix)
                     .await
                     .map_err(|e| object_error(opened.prefix.as_ref(), e))?;
-            // Committed data only: a `.`-file is an uncommitted write; `_manifest`/`_SUCCESS` are not data.
             let mut files: Vec<object_store::path::Path> = listed
                 .into_iter()
                 .map(|m| m.location)
-                .filter(|l| {
-                    let name = l.filename().unwrap_or_default();
-                    name.ends_with(".parquet") && !name.starts_with('.') && !name.starts_with('_')
-                })
+                .filter(|l| crate::sink::is_committed_data_file(l.filename().unwrap_or_default()))
                 .collect();
             files.sort();
             if files.is_empty() {

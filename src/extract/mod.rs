@@ -31,6 +31,7 @@ pub use rows::{
     to_record_batch_per_row,
 };
 pub use schema::{ExtractionSchema, FieldDef, FieldType};
+pub use values::provenance::ErrorKind;
 
 use crate::model::{
     BatchPolicy, EncodedPrompt, FinishReason, Generation, GenerationConfig, GenerationStats,
@@ -99,6 +100,15 @@ pub struct PageInput {
     pub images: Vec<PreparedImage>,
     pub fetch_ms: Option<f64>,
     pub raster_ms: Option<f64>,
+}
+
+/// A document (or page) that failed before the model: it becomes an error row of its own.
+#[derive(Debug, Clone)]
+pub struct FailedInput {
+    pub source: SourceInfo,
+    pub kind: ErrorKind,
+    /// The `error` column: names the document and the cause.
+    pub error: String,
 }
 
 /// Results of one [`Extractor::run`], in input order.
@@ -184,7 +194,7 @@ impl Extractor {
     pub fn run(
         &self,
         engine: &mut PixtralEngine,
-        inputs: Vec<Result<PageInput, (SourceInfo, String)>>,
+        inputs: Vec<Result<PageInput, FailedInput>>,
     ) -> Result<ExtractionOutput, ExtractError> {
         let n = inputs.len();
         let mut records: Vec<Option<ExtractionRecord>> = vec![None; n];
@@ -194,19 +204,27 @@ impl Extractor {
         let limit = engine.context_limit();
         for (i, input) in inputs.into_iter().enumerate() {
             match input {
-                Err((source, error)) => records[i] = Some(ExtractionRecord::failed(source, error)),
+                Err(failed) => {
+                    records[i] = Some(ExtractionRecord::failed(
+                        failed.source,
+                        failed.kind,
+                        failed.error,
+                    ))
+                }
                 Ok(page) => {
                     let encoded = self.encode(engine, page.images);
                     match encoded {
                         Err(e) => {
                             records[i] = Some(ExtractionRecord::failed(
                                 page.source,
+                                ErrorKind::Prompt,
                                 format!("prompt: {}", crate::error::chain(&e)),
                             ))
                         }
                         Ok(p) if p.ids.len() + self.config.max_new_tokens > limit => {
                             records[i] = Some(ExtractionRecord::failed(
                                 page.source,
+                                ErrorKind::Prompt,
                                 format!(
                                     "prompt of {} tokens + {} new tokens exceeds the model's context of {limit}",
                                     p.ids.len(),
@@ -245,6 +263,7 @@ impl Extractor {
                     for (slot, (source, _, _)) in slots.iter().zip(sources) {
                         records[*slot] = Some(ExtractionRecord::failed(
                             source,
+                            ErrorKind::Generation,
                             format!("generation: {}", crate::error::chain(&e)),
                         ));
                     }
@@ -320,6 +339,7 @@ impl Extractor {
             processed_at: Utc::now(),
             outcome: Outcome::Failed(String::new()),
             warning: None,
+            error_kind: None,
             finish_reason: Some(finish.to_string()),
             raw_output: None,
             prompt_tokens: Some(generation.prompt_tokens as u32),
@@ -329,6 +349,7 @@ impl Extractor {
         };
         if generation.finish == FinishReason::Failed {
             // This row alone failed during generation (grammar error): its own error row.
+            rec.error_kind = Some(ErrorKind::Generation);
             rec.outcome = Outcome::Failed(format!(
                 "generation: {}",
                 generation.error.as_deref().unwrap_or("failed")
@@ -407,6 +428,11 @@ impl Extractor {
                     }
                 }
             }
+        }
+        if matches!(rec.outcome, Outcome::Failed(_)) {
+            rec.error_kind.get_or_insert(ErrorKind::Answer);
+        } else if rec.warning.is_some() {
+            rec.error_kind = Some(ErrorKind::Budget);
         }
         latency.parse_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
         rec.latency = latency;

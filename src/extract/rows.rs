@@ -26,8 +26,9 @@ use super::schema::{
     ExtractionSchema, FieldDef, FieldType, confidence_field, confidence_pair_type, struct_fields,
 };
 use super::values::provenance::{
-    ATTEMPT, DOC_PAGE_COUNT, MODEL_ID, PAGE_END, PAGE_START, PROVENANCE, ProvenanceColumn, REVIEW,
-    SCHEMA_SHA256, SOURCE_ETAG, SOURCE_URI, SOURCE_VERSION, STATUS_OK, STATUS_RETRY,
+    ATTEMPT, DOC_PAGE_COUNT, ERROR_KIND, ErrorKind, MODEL_ID, PAGE_END, PAGE_START, PROVENANCE,
+    ProvenanceColumn, REVIEW, SCHEMA_SHA256, SOURCE_ETAG, SOURCE_URI, SOURCE_VERSION, STATUS_OK,
+    STATUS_RETRY,
 };
 use super::values::{parse_date, parse_decimal, parse_timestamp};
 
@@ -91,6 +92,8 @@ pub struct ExtractionRecord {
     pub outcome: Outcome,
     /// Set with `Extracted`/`Text` when the answer is usable but incomplete (budget-closed): status is `error`.
     pub warning: Option<String>,
+    /// What kind of failure `Failed` or `warning` is (`error_kind`); None for an ok row.
+    pub error_kind: Option<ErrorKind>,
     pub finish_reason: Option<String>,
     pub raw_output: Option<String>,
     pub prompt_tokens: Option<u32>,
@@ -102,12 +105,13 @@ pub struct ExtractionRecord {
 
 impl ExtractionRecord {
     /// A row for a document that failed before or during extraction.
-    pub fn failed(source: SourceInfo, error: impl Into<String>) -> Self {
+    pub fn failed(source: SourceInfo, kind: ErrorKind, error: impl Into<String>) -> Self {
         ExtractionRecord {
             source,
             processed_at: Utc::now(),
             outcome: Outcome::Failed(error.into()),
             warning: None,
+            error_kind: Some(kind),
             finish_reason: None,
             raw_output: None,
             prompt_tokens: None,
@@ -202,6 +206,7 @@ pub fn to_record_batch_per_row(
                     replaced += 1;
                     let mut failed = ExtractionRecord::failed(
                         r.source.clone(),
+                        ErrorKind::Answer,
                         format!(
                             "the answer does not fit the output columns: {}",
                             crate::error::chain(&e)
@@ -336,6 +341,10 @@ pub fn to_record_batch(
             "error" => strs(&|r| match &r.outcome {
                 Outcome::Failed(e) => Some(e.clone()),
                 _ => r.warning.clone(),
+            }),
+            ERROR_KIND => strs(&|r| {
+                // A row that is not ok always has a kind; one built without (a bug) still says it failed.
+                (!r.is_ok()).then(|| r.error_kind.unwrap_or(ErrorKind::Generation).to_string())
             }),
             "finish_reason" => strs(&|r| r.finish_reason.clone()),
             "raw_output" => strs(&|r| r.raw_output.clone()),

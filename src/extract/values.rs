@@ -63,6 +63,82 @@ pub mod provenance {
     pub const STATUS_OK: &str = "ok";
     /// `status` of a transient failure's row: the document is not done, the next run retries it.
     pub const STATUS_RETRY: &str = "retry";
+    /// What kind of failure a row that is not `ok` records: one of [`ErrorKind`]'s names, for queries and alerts
+    /// that must not depend on the wording of `error`.
+    pub const ERROR_KIND: &str = "error_kind";
+
+    /// The `error_kind` of a row whose status is not `ok`: a closed vocabulary, stable across releases (new kinds
+    /// may be added; a name never changes meaning).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub enum ErrorKind {
+        /// The storage could not list or hand over the document (not found, denied, unavailable after retries).
+        Storage,
+        /// Over a configured limit: bytes per document, pages per document, pixels per page.
+        Limit,
+        /// Not a document type pixtract reads (PDF, JPEG, PNG, TIFF, WebP).
+        Unsupported,
+        /// An encrypted PDF with no password configured, or the wrong one.
+        Encrypted,
+        /// A supported type that does not decode: empty, truncated or corrupt file, a page that does not render,
+        /// an image of unusable shape.
+        Unreadable,
+        /// The PDF renderer crashed or timed out on the document, or could not start.
+        Renderer,
+        /// A decoded page could not be prepared for the model.
+        Image,
+        /// The prompt could not be built, or it and the answer budget exceed the model's context.
+        Prompt,
+        /// The model failed on the row (or on its whole batch), or the grammar failed.
+        Generation,
+        /// The answer is not valid JSON, does not match the schema, or does not fit the output columns.
+        Answer,
+        /// The answer reached the token budget: closed early (later fields forced to null/empty) or a
+        /// transcription cut. The row has values; they are incomplete.
+        Budget,
+    }
+
+    impl ErrorKind {
+        pub const ALL: [ErrorKind; 11] = [
+            ErrorKind::Storage,
+            ErrorKind::Limit,
+            ErrorKind::Unsupported,
+            ErrorKind::Encrypted,
+            ErrorKind::Unreadable,
+            ErrorKind::Renderer,
+            ErrorKind::Image,
+            ErrorKind::Prompt,
+            ErrorKind::Generation,
+            ErrorKind::Answer,
+            ErrorKind::Budget,
+        ];
+
+        /// The name written to `error_kind`.
+        pub fn as_str(self) -> &'static str {
+            match self {
+                ErrorKind::Storage => "storage",
+                ErrorKind::Limit => "limit",
+                ErrorKind::Unsupported => "unsupported",
+                ErrorKind::Encrypted => "encrypted",
+                ErrorKind::Unreadable => "unreadable",
+                ErrorKind::Renderer => "renderer",
+                ErrorKind::Image => "image",
+                ErrorKind::Prompt => "prompt",
+                ErrorKind::Generation => "generation",
+                ErrorKind::Answer => "answer",
+                ErrorKind::Budget => "budget",
+            }
+        }
+
+        pub fn parse(name: &str) -> Option<ErrorKind> {
+            ErrorKind::ALL.into_iter().find(|k| k.as_str() == name)
+        }
+    }
+
+    impl std::fmt::Display for ErrorKind {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.as_str())
+        }
+    }
 
     const fn col(name: &'static str, kind: ColumnKind, nullable: bool) -> ProvenanceColumn {
         ProvenanceColumn {
@@ -90,6 +166,7 @@ pub mod provenance {
         col("processed_at", TimestampUtc, false),
         col(STATUS, Utf8, false),
         col("error", Utf8, true),
+        col(ERROR_KIND, Utf8, true),
         col(ATTEMPT, Int32, true),
         col(REVIEW, Utf8List, true),
         col("finish_reason", Utf8, true),
@@ -175,6 +252,18 @@ pub fn parse_decimal(text: &str, precision: u8, scale: i8) -> Option<i128> {
 #[cfg(test)]
 mod tests {
     use super::parse_decimal;
+    use super::provenance::ErrorKind;
+
+    #[test]
+    fn error_kinds_have_distinct_names_that_parse_back() {
+        let names: std::collections::BTreeSet<&str> =
+            ErrorKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), ErrorKind::ALL.len());
+        for kind in ErrorKind::ALL {
+            assert_eq!(ErrorKind::parse(kind.as_str()), Some(kind));
+        }
+        assert_eq!(ErrorKind::parse("Storage"), None);
+    }
 
     #[test]
     fn decimals_parse_exactly() {

@@ -15,7 +15,7 @@ mod writer;
 
 use std::path::PathBuf;
 
-use crate::extract::{ExtractError, PageInput, SourceInfo};
+use crate::extract::{ExtractError, FailedInput, PageInput};
 use crate::model::ModelError;
 use crate::raster::RasterError;
 use crate::sink::SinkError;
@@ -121,7 +121,7 @@ pub struct RunSummary {
 }
 
 /// Inputs for the model stage: one prompt's pages, or a document that failed before the model.
-type ModelInput = Result<PageInput, (SourceInfo, String)>;
+type ModelInput = Result<PageInput, FailedInput>;
 
 /// How this invocation relates to other runs over the same input and output.
 #[derive(Debug, Clone, Copy, Default)]

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use super::report::{Progress, Reporter, Stage};
 use super::{ModelInput, PipelineError, PipelineSpec, shard_of, state};
 use crate::document::{DocumentInfo, FetchError};
-use crate::extract::{PageInput, SourceInfo};
+use crate::extract::{ErrorKind, FailedInput, PageInput, SourceInfo};
 use crate::model::ImagePreprocessor;
 use crate::raster::{PdfMode, RasterError, RasterOptions, Rasterizer};
 use crate::source::{ListOptions, Source, SourceError};
@@ -263,10 +263,11 @@ pub(super) async fn produce(
                     match prepared {
                         Ok(p) => group.push(p),
                         Err(e) => {
-                            let input = Err((
-                                source_info(index + 1, index + 1, Some(count)),
-                                crate::error::chain(&e),
-                            ));
+                            let input = Err(FailedInput {
+                                source: source_info(index + 1, index + 1, Some(count)),
+                                kind: ErrorKind::Image,
+                                error: crate::error::chain(&e),
+                            });
                             send(&model_tx, input).await?;
                             continue;
                         }
@@ -312,7 +313,12 @@ pub(super) async fn produce(
                         || format!("document failed: {}", error.escape_debug()),
                         serde_json::json!({"uri": info.uri, "error": error}),
                     );
-                    send(&model_tx, Err((row, error))).await?;
+                    let failed = FailedInput {
+                        source: row,
+                        kind: error_kind(&e),
+                        error,
+                    };
+                    send(&model_tx, Err(failed)).await?;
                     break;
                 }
             }
@@ -324,6 +330,31 @@ pub(super) async fn produce(
         return Err(PipelineError::Source(e));
     }
     Ok((documents, failed, pages, skipped.load(Ordering::SeqCst)))
+}
+
+/// The `error_kind` of a document the raster stage (or the fetch before it) could not turn into pages.
+fn error_kind(e: &RasterError) -> ErrorKind {
+    match e {
+        RasterError::Fetch(FetchError::TooLarge { .. })
+        | RasterError::TooLarge { .. }
+        | RasterError::TooManyPages { .. }
+        | RasterError::TooManyPixels { .. } => ErrorKind::Limit,
+        RasterError::Fetch(FetchError::Failed { .. } | FetchError::Unavailable { .. }) => {
+            ErrorKind::Storage
+        }
+        RasterError::UnknownFormat { .. } => ErrorKind::Unsupported,
+        RasterError::PasswordRequired { .. } | RasterError::WrongPassword { .. } => {
+            ErrorKind::Encrypted
+        }
+        RasterError::Empty { .. }
+        | RasterError::BadShape { .. }
+        | RasterError::PdfUnreadable { .. }
+        | RasterError::PdfPage { .. }
+        | RasterError::Decode { .. } => ErrorKind::Unreadable,
+        RasterError::WorkerCrashed { .. }
+        | RasterError::Timeout { .. }
+        | RasterError::Renderer { .. } => ErrorKind::Renderer,
+    }
 }
 
 async fn send(tx: &mpsc::Sender<ModelInput>, input: ModelInput) -> Result<(), PipelineError> {

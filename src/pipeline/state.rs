@@ -97,10 +97,7 @@ pub async fn read_processed(target: &SinkTarget) -> Result<ProcessedSet, StateEr
     let files: Vec<_> = crate::store::list_all(store.as_ref(), prefix.as_ref())
         .await?
         .into_iter()
-        .filter(|m| {
-            let name = m.location.filename().unwrap_or_default();
-            name.ends_with(".parquet") && !name.starts_with('.')
-        })
+        .filter(|m| crate::sink::is_committed_data_file(m.location.filename().unwrap_or_default()))
         .collect();
     // Per key: highest page reached, page count, document-level (permanent) error seen, transient attempts.
     let mut cover: HashMap<DocKey, Cover> = HashMap::new();

@@ -95,6 +95,8 @@ pub fn cause_of(error: &str, source_uri: &str) -> String {
 pub struct ErrorGroup {
     /// `error`, or `retry` for a transient failure the next run tries again.
     pub status: String,
+    /// `error_kind` ("unknown" for outputs written before the column existed).
+    pub kind: String,
     pub cause: String,
     pub rows: usize,
     /// Each document once, in URI order.
@@ -103,16 +105,18 @@ pub struct ErrorGroup {
     pub example: String,
 }
 
-/// Every row that is not `ok`, grouped by (status, cause), most rows first.
+/// Every row that is not `ok`, grouped by (status, kind, cause), most rows first.
 pub fn errors_by_cause(rows: &[RowFacts]) -> Vec<ErrorGroup> {
-    let mut groups: BTreeMap<(String, String), ErrorGroup> = BTreeMap::new();
+    let mut groups: BTreeMap<(String, String, String), ErrorGroup> = BTreeMap::new();
     for row in rows.iter().filter(|r| r.status != "ok") {
         let message = row.error.clone().unwrap_or_default();
         let cause = cause_of(&message, &row.source_uri);
+        let kind = row.error_kind.clone().unwrap_or_else(|| "unknown".into());
         let group = groups
-            .entry((row.status.clone(), cause.clone()))
+            .entry((row.status.clone(), kind.clone(), cause.clone()))
             .or_insert_with(|| ErrorGroup {
                 status: row.status.clone(),
+                kind,
                 cause,
                 rows: 0,
                 documents: Vec::new(),
@@ -218,6 +222,7 @@ mod tests {
             page_end: end,
             status: status.into(),
             error: error.map(str::to_string),
+            error_kind: error.map(|_| "unreadable".to_string()),
             processed_at: DateTime::<Utc>::from_timestamp(1_700_000_000 + at_s, 0),
             answered: start > 0,
             fields: Vec::new(),

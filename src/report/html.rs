@@ -223,6 +223,7 @@ pub fn render(report: &RunReport) -> Result<String, ReportError> {
                     .collect::<String>();
                 vec![
                     escape(&g.status),
+                    escape(&g.kind),
                     escape(&g.cause),
                     g.rows.to_string(),
                     format!("<ul>{docs}</ul>"),
@@ -232,13 +233,20 @@ pub fn render(report: &RunReport) -> Result<String, ReportError> {
             .collect();
         page.push_str(&table(
             "error-table",
-            &["status", "cause", "rows", "documents", "example message"],
+            &[
+                "status",
+                "kind",
+                "cause",
+                "rows",
+                "documents",
+                "example message",
+            ],
             &cells,
-            &[2],
+            &[3],
         ));
         page.push_str(
-            "<p class=\"note\"><code>retry</code>: a transient failure the next run tries again. The cause is the \
-             message up to its first detail.</p>",
+            "<p class=\"note\"><code>retry</code>: a transient failure the next run tries again. The kind is the \
+             rows' <code>error_kind</code> column; the cause is the message up to its first detail.</p>",
         );
     }
     page.push_str("</section>");

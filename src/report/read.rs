@@ -16,7 +16,9 @@ use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
 use serde::Deserialize;
 
 use super::ReportError;
-use crate::extract::values::provenance::{PAGE_END, PAGE_START, SOURCE_URI, STATUS, is_reserved};
+use crate::extract::values::provenance::{
+    ERROR_KIND, PAGE_END, PAGE_START, SOURCE_URI, STATUS, is_reserved,
+};
 use crate::sink::{SinkManifest, SinkTarget};
 
 /// The confidence struct column: per field `{min, mean}`.
@@ -73,6 +75,8 @@ pub struct RowFacts {
     pub page_end: i32,
     pub status: String,
     pub error: Option<String>,
+    /// `error_kind` (None for ok rows, and for outputs written before the column existed).
+    pub error_kind: Option<String>,
     pub processed_at: Option<DateTime<Utc>>,
     /// The model answered this row (its values were written, complete or budget-closed).
     pub answered: bool,
@@ -192,7 +196,9 @@ pub async fn read_run(target: &SinkTarget, run_id: Option<&str>) -> Result<RunOu
                     source,
                 })?;
             manifest = Some(parsed);
-        } else if run_of_file(name) == Some(run_id.as_str()) {
+        } else if crate::sink::is_committed_data_file(name)
+            && run_of_file(name) == Some(run_id.as_str())
+        {
             data_files.push(meta.clone());
         }
     }
@@ -334,6 +340,10 @@ fn rows_of(
     let uri = text(SOURCE_URI)?;
     let status = text(STATUS)?;
     let error = text("error")?;
+    // Optional: outputs written before 2026-12-04 have no error_kind column.
+    let error_kind = batch
+        .column_by_name(ERROR_KIND)
+        .and_then(|c| c.as_string_opt::<i32>().cloned());
     let finish = text("finish_reason")?;
     let (start, end) = (int(PAGE_START)?, int(PAGE_END)?);
     let processed = batch
@@ -367,6 +377,7 @@ fn rows_of(
             page_end: if end.is_null(i) { 0 } else { end.value(i) },
             status: opt(&status).unwrap_or_default(),
             error: opt(&error),
+            error_kind: error_kind.as_ref().and_then(opt),
             processed_at: (!processed.is_null(i))
                 .then(|| DateTime::<Utc>::from_timestamp_micros(processed.value(i)))
                 .flatten(),

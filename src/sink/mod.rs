@@ -312,6 +312,14 @@ impl Drop for OpenFile {
     }
 }
 
+/// Whether a file named `name` under an output is committed data, the one rule every reader of the output uses (the
+/// output state of incremental runs, `eval`, `report`): a `.parquet` file that is neither hidden (the sink writes
+/// into `.<name>.inprogress` and renames or completes the upload only when the file is whole) nor `_`-prefixed
+/// (`_manifest-*.json`, `_SUCCESS`: bookkeeping, not rows).
+pub fn is_committed_data_file(name: &str) -> bool {
+    name.ends_with(".parquet") && !name.starts_with('.') && !name.starts_with('_')
+}
+
 /// Writes record batches of one schema as Parquet files, then the manifest and `_SUCCESS`.
 pub struct ParquetSink {
     target: SinkTarget,
@@ -701,4 +709,24 @@ fn publish_local(tmp: &Path, final_path: &Path) -> Result<u64, SinkError> {
             .map_err(io(dir))?;
     }
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_committed_data_file;
+
+    #[test]
+    fn only_whole_data_files_are_committed() {
+        assert!(is_committed_data_file(
+            "part-20261204T000000Z-ab12-00000.parquet"
+        ));
+        assert!(!is_committed_data_file(
+            ".part-x-00000.parquet.run1.inprogress"
+        ));
+        assert!(!is_committed_data_file(".part-x-00000.parquet"));
+        assert!(!is_committed_data_file("_manifest-run1.json"));
+        assert!(!is_committed_data_file("_SUCCESS"));
+        assert!(!is_committed_data_file("_x.parquet"));
+        assert!(!is_committed_data_file("notes.txt"));
+    }
 }

@@ -12,8 +12,8 @@ use arrow::datatypes::{DataType, Field, Fields, TimeUnit};
 use pixtract::extract::answer;
 use pixtract::extract::schema::confidence_pair_type;
 use pixtract::extract::{
-    ExtractError, ExtractionRecord, ExtractionSchema, Extractor, Mode, Outcome, PageInput,
-    RunContext, SourceInfo, to_record_batch,
+    ErrorKind, ExtractError, ExtractionRecord, ExtractionSchema, Extractor, FailedInput, Mode,
+    Outcome, PageInput, RunContext, SourceInfo, to_record_batch,
 };
 use pixtract::model::{BatchPolicy, Batching, GenerationConfig, NoHook, PreparedImage};
 use serde_json::{Value, json};
@@ -410,8 +410,9 @@ pub fn record_from_answer(
         .collect();
     let p: Vec<f32> = (0..ends.len()).map(probs).collect();
     node.attach_confidence(&ends, &p);
-    let mut rec = ExtractionRecord::failed(source(uri), "");
+    let mut rec = ExtractionRecord::failed(source(uri), ErrorKind::Answer, "");
     rec.outcome = Outcome::Extracted(node);
+    rec.error_kind = None;
     rec.raw_output = Some(text.into());
     rec.finish_reason = Some("grammar".into());
     rec
@@ -444,6 +445,7 @@ fn answers_become_typed_rows_with_confidence() {
     });
     let mut failed = ExtractionRecord::failed(
         source("s3://b/broken.pdf"),
+        ErrorKind::Unreadable,
         "cannot render page 1: FormatError",
     );
     failed.source.doc_page_count = None;
@@ -488,6 +490,9 @@ fn answers_become_typed_rows_with_confidence() {
     assert_eq!(pair("day"), (0.9, 0.9));
     let status = col::<StringArray>(&batch, "status");
     assert_eq!((status.value(0), status.value(1)), ("ok", "error"));
+    let kind = col::<StringArray>(&batch, "error_kind");
+    assert!(kind.is_null(0), "an ok row has no error_kind");
+    assert_eq!(kind.value(1), "unreadable");
     assert!(
         col::<StringArray>(&batch, "error")
             .value(1)
@@ -554,17 +559,16 @@ fn reference_pages(engine: &pixtract::model::PixtralEngine) -> Vec<(String, Prep
 }
 
 /// One extraction input per reference page.
-fn page_inputs(pages: &[(String, PreparedImage)]) -> Vec<Result<PageInput, (SourceInfo, String)>> {
+fn page_inputs(pages: &[(String, PreparedImage)]) -> Vec<Result<PageInput, FailedInput>> {
     pages
         .iter()
-        .map(|(uri, img)| {
-            Ok(PageInput {
-                source: source(uri),
-                images: vec![img.clone()],
-                fetch_ms: None,
-                raster_ms: None,
-            })
+        .map(|(uri, img)| PageInput {
+            source: source(uri),
+            images: vec![img.clone()],
+            fetch_ms: None,
+            raster_ms: None,
         })
+        .map(Ok)
         .collect()
 }
 
@@ -773,10 +777,11 @@ fn free_text_mode_and_failed_inputs_still_give_rows() {
             fetch_ms: Some(1.0),
             raster_ms: Some(2.0),
         }),
-        Err((
-            source("s3://bucket/missing.pdf"),
-            "fetch: 404 Not Found".to_string(),
-        )),
+        Err(FailedInput {
+            source: source("s3://bucket/missing.pdf"),
+            kind: ErrorKind::Storage,
+            error: "fetch: 404 Not Found".to_string(),
+        }),
     ];
     let out = ex.run(&mut engine, inputs).unwrap();
     assert_eq!(out.records.len(), 2);
@@ -803,6 +808,7 @@ fn free_text_mode_and_failed_inputs_still_give_rows() {
         .collect();
     assert_eq!(&names[..2], &["text", "_confidence"]);
     assert_eq!(col::<StringArray>(&batch, "status").value(1), "error");
+    assert_eq!(col::<StringArray>(&batch, "error_kind").value(1), "storage");
     assert_eq!(
         col::<StringArray>(&batch, "schema_name").value(0),
         "free_text"

@@ -74,8 +74,8 @@ fn run_turns_a_folder_into_parquet_with_error_rows_for_bad_documents() {
     let glob = format!("{}/**/*.parquet", output.display());
     let rows = duckdb(&format!(
         "SELECT regexp_replace(source_uri, '.*/', ''), page_start, doc_page_count, status, \
-         finish_reason IS NOT NULL, coalesce(error, '') FROM read_parquet('{glob}', hive_partitioning = true) \
-         ORDER BY 1, 2"
+         finish_reason IS NOT NULL, coalesce(error, ''), coalesce(error_kind, '-') \
+         FROM read_parquet('{glob}', hive_partitioning = true) ORDER BY 1, 2"
     ));
     let lines: Vec<Vec<&str>> = rows.lines().map(|l| l.split('|').collect()).collect();
     assert_eq!(lines.len(), 6, "{rows}");
@@ -98,14 +98,28 @@ fn run_turns_a_folder_into_parquet_with_error_rows_for_bad_documents() {
         lines.iter().any(|l| l[0] == "invoice.pdf" && l[2] == "2"),
         "page count: {rows}"
     );
-    // Broken documents: an error row each, naming the document and the cause.
-    for name in ["empty.jpg", "random.pdf", "truncated.pdf"] {
+    // Broken documents: an error row each, naming the document and the cause, with the kind of failure.
+    for (name, kind) in [
+        ("empty.jpg", "unreadable"),
+        ("random.pdf", "unsupported"),
+        ("truncated.pdf", "unreadable"),
+    ] {
         let l = lines
             .iter()
             .find(|l| l[0] == name)
             .unwrap_or_else(|| panic!("no row for {name}: {rows}"));
         assert_eq!(l[3], "error", "{rows}");
         assert!(l[5].contains(name), "error names the document: {rows}");
+        assert_eq!(l[6], kind, "{name}: {rows}");
+    }
+    // Every row that is not ok has a kind (model rows of the random tiny model fail as answers or budgets);
+    // ok rows have none.
+    for l in &lines {
+        match l[3] {
+            "ok" => assert_eq!(l[6], "-", "{rows}"),
+            _ if l[4] == "True" => assert!(["answer", "budget"].contains(&l[6]), "{rows}"),
+            _ => assert_ne!(l[6], "-", "{rows}"),
+        }
     }
     // Typed columns and the partition column as DuckDB sees them.
     let types = duckdb(&format!(

@@ -240,45 +240,42 @@ fn run_report_in_headless_chromium_holds_the_runs_numbers() {
         );
     }
 
-    // Errors by cause: every failed row is in exactly one group with its document, and the cause is part of its
-    // message.
+    // Errors by cause: every failed row is in exactly one group (status, error_kind, cause) with its document,
+    // and the cause is part of its message.
     let failed = duckdb(&format!(
-        "SELECT status, source_uri, error FROM {from} WHERE status <> 'ok' ORDER BY source_uri, page_start"
+        "SELECT status, error_kind, source_uri, error FROM {from} WHERE status <> 'ok' \
+         ORDER BY source_uri, page_start"
     ));
-    let failed: Vec<Vec<&str>> = failed.lines().map(|l| l.splitn(3, '|').collect()).collect();
+    let failed: Vec<Vec<&str>> = failed.lines().map(|l| l.splitn(4, '|').collect()).collect();
     let groups = table_cells(&mut browser, "#error-table");
     let documents_of =
-        |g: &Vec<String>| -> Vec<String> { g[3].split_whitespace().map(str::to_string).collect() };
+        |g: &Vec<String>| -> Vec<String> { g[4].split_whitespace().map(str::to_string).collect() };
     assert_eq!(
-        groups.iter().map(|g| number(&g[2])).sum::<usize>(),
+        groups.iter().map(|g| number(&g[3])).sum::<usize>(),
         failed.len()
     );
+    let in_group = |g: &Vec<String>, row: &Vec<&str>| {
+        g[0] == row[0]
+            && g[1] == row[1]
+            && row[3].contains(g[2].as_str())
+            && documents_of(g).iter().any(|d| d == row[2])
+    };
     for row in &failed {
-        let matching: Vec<&Vec<String>> = groups
-            .iter()
-            .filter(|g| {
-                g[0] == row[0]
-                    && row[2].contains(g[1].as_str())
-                    && documents_of(g).iter().any(|d| d == row[1])
-            })
-            .collect();
-        assert_eq!(matching.len(), 1, "{row:?} in {groups:?}");
+        let matching = groups.iter().filter(|g| in_group(g, row)).count();
+        assert_eq!(matching, 1, "{row:?} in {groups:?}");
     }
     for g in &groups {
-        let rows = failed
-            .iter()
-            .filter(|r| {
-                r[0] == g[0]
-                    && r[2].contains(g[1].as_str())
-                    && documents_of(g).iter().any(|d| d == r[1])
-            })
-            .count();
-        assert_eq!(number(&g[2]), rows, "{g:?}");
+        let rows = failed.iter().filter(|r| in_group(g, r)).count();
+        assert_eq!(number(&g[3]), rows, "{g:?}");
     }
-    for name in ["empty.jpg", "truncated.pdf", "notes.pdf"] {
+    for (name, kind) in [
+        ("empty.jpg", "unreadable"),
+        ("truncated.pdf", "unreadable"),
+        ("notes.pdf", "unsupported"),
+    ] {
         assert!(
-            groups.iter().any(|g| g[3].contains(name)),
-            "{name} in the error table: {groups:?}"
+            groups.iter().any(|g| g[1] == kind && g[4].contains(name)),
+            "{name} in the error table as {kind}: {groups:?}"
         );
     }
 

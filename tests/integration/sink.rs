@@ -11,7 +11,7 @@ use arrow::array::{RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use chrono::NaiveDate;
 use object_store::ObjectStoreExt;
-use pixtract::extract::{ExtractionRecord, ExtractionSchema, to_record_batch};
+use pixtract::extract::{ErrorKind, ExtractionRecord, ExtractionSchema, to_record_batch};
 use pixtract::sink::{ParquetSink, S3Config, SinkConfig, SinkTarget};
 use serde_json::{Value, json};
 
@@ -46,6 +46,7 @@ fn receipt_records(schema: &ExtractionSchema) -> Vec<ExtractionRecord> {
         .collect();
     out.push(ExtractionRecord::failed(
         source("s3://in/broken.pdf"),
+        ErrorKind::Unreadable,
         "cannot open PDF: FormatError",
     ));
     out
