@@ -71,7 +71,8 @@ pub mod provenance {
     /// may be added; a name never changes meaning).
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
     pub enum ErrorKind {
-        /// The storage could not list or hand over the document (not found, denied, unavailable after retries).
+        /// The storage could not list or hand over the document (not found, denied, unavailable after retries), or
+        /// the listing refused the entry (a symbolic link not followed, a FIFO, a name that is not UTF-8).
         Storage,
         /// Over a configured limit: bytes per document, pages per document, pixels per page.
         Limit,
