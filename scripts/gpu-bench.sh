@@ -172,7 +172,7 @@ for m in models:
     pre = float(pre.group(1)) if pre else float("nan")
     ratio = re.search(r"vision ahead [\d.]+ tok/s \(([\d.]+)x\); every", read(f"batching-{tag}.log"))
     ratio = ratio.group(1) + "x" if ratio else "n/a"
-    possible = re.search(r"Fastest possible over \d+ slots: decode ([\d.]+)x static's; got .*cont-ahead ([\d.]+)x", read(f"batching-{tag}.log"))
+    possible = re.search(r"scheduling ceiling ([\d.]+)x\. Decode / static: .*cont-ahead ([\d.]+)x", read(f"batching-{tag}.log"))
     possible = f"{possible.group(2)}x ({possible.group(1)}x)" if possible else "n/a"
     peak = max([int(read(f"{k}-{tag}.peak_mib") or 0) for k in ("decode", "prefill", "batching")])
     bw = lim.get("bandwidth_bytes_s", float("nan")); fl = lim.get("dense_flops", float("nan"))
