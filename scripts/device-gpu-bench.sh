@@ -62,6 +62,11 @@ nvidia-smi -L || true
 echo "device-gpu-bench: ORT_DYLIB_PATH=$ORT_DYLIB_PATH PIXTRACT_VENV=$PIXTRACT_VENV python3=$(command -v python3)"
 timeout --signal=TERM "${GPU_BENCH_SECONDS:-540}" scripts/gpu-bench.sh "$bench_dir"
 rc=$?
+if [ "$rc" = 124 ]; then
+  # Stopped at its limit: the summary from the steps that finished (each model is measured right after export).
+  echo "device-gpu-bench: gpu-bench stopped after ${GPU_BENCH_SECONDS:-540} s; summary of what finished:"
+  scripts/gpu-bench.sh --summary "$bench_dir" >/dev/null
+fi
 cp "$bench_dir/summary.md" "$out_dir/" 2>/dev/null
 tar -C "$bench_dir" --exclude=./work -czf "$out_dir/gpu-bench-logs.tar.gz" . 2>/dev/null
 cat "$bench_dir/summary.md" 2>/dev/null

@@ -3,11 +3,14 @@
 #
 #   scripts/gpu-bench.sh [OUT_DIR]                         on the GPU machine (defaults below)
 #   GPU_BENCH_DEVICE=cpu GPU_BENCH_MODELS=models/tiny-gqa scripts/gpu-bench.sh out/gpu-bench-dry   the CPU dry run
+#   scripts/gpu-bench.sh --summary OUT_DIR                 step 4 alone, from the logs a run (maybe stopped) left
 #
 # Steps, each timed, every step run even if one before it failed (exit code = failed steps):
 #  1. Physical limits, measured on the same device by torch: memory bandwidth from a large device-to-device copy
 #     (bytes read + written / s) and dense fp16 matmul FLOP/s (8192^3 GEMMs; fp32 on the CPU).
-#  2. Models: unless GPU_BENCH_MODELS names existing exports, a seeded random checkpoint with Pixtral 12B's exact
+#  2. Models, each measured (3.) as soon as it is exported, the smallest first, so that a run stopped by its time
+#     limit still has whole figures: unless GPU_BENCH_MODELS names existing exports, a seeded random checkpoint with
+#     Pixtral 12B's exact
 #     configuration at each depth in GPU_BENCH_DEPTHS (text layers; vision keeps 2) is written by
 #     `export.py random-checkpoint` and exported fp16 (GPU_BENCH_ATTENTION, default gqa: GroupQueryAttention with
 #     the KV-cache slots in device memory and continuous batching, the pipeline's CUDA default; `eager` is the path
@@ -19,8 +22,9 @@
 #     peak device memory (nvidia-smi sampled every 0.2 s while pixtract runs).
 #  4. summary.md in OUT_DIR: each figure beside its limit: batch-1 decode vs bandwidth / decoder weight bytes,
 #     prefill vs dense FLOP/s (2 x decoder parameters FLOPs per token, attention's own FLOPs left out: model
-#     FLOPs utilisation, an underestimate at 4,160 tokens). With 2-3 depths the
-#     per-layer cost is fitted and extrapolated to 40 layers, said plainly as an extrapolation.
+#     FLOPs utilisation, an underestimate at 4,160 tokens). With 2 or more depths, batch-1 decode step time,
+#     prefill time per token and decoder bytes are fitted linearly in the layer count and extrapolated to 40
+#     layers, printed as an extrapolation.
 #
 # Environment: PIXTRACT (binary, default target/release/pixtract, else target/debug/pixtract), PYTHON (default
 # .venv/bin/python; on the device image PIXTRACT_VENV=/opt/torch/.venv), GPU_BENCH_DEVICE (cuda), GPU_BENCH_DEPTHS
@@ -30,6 +34,11 @@
 set -u
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+summary_only=0
+if [ "${1:-}" = --summary ]; then
+  summary_only=1
+  shift
+fi
 out=${1:-out/gpu-bench}
 mkdir -p "$out"
 device=${GPU_BENCH_DEVICE:-cuda}
@@ -81,7 +90,7 @@ with_peak_memory() {
 }
 
 # 1. Limits.
-step limits "$python" - "$device" "$out/limits.json" <<'PY'
+[ "$summary_only" = 1 ] || step limits "$python" - "$device" "$out/limits.json" <<'PY'
 import json, sys, time
 import torch
 dev = sys.argv[1] if sys.argv[1].startswith("cuda") else "cpu"
@@ -107,32 +116,13 @@ json.dump(res, open(sys.argv[2], "w"))
 print(res)
 PY
 
-# 2. Models.
-models=${GPU_BENCH_MODELS:-}
-if [ -z "$models" ]; then
-  mkdir -p "$work"
-  for d in $depths; do
-    ckpt=$work/pixtral12b-$d
-    model=$work/pixtral12b-$d-fp16-$attention
-    step "checkpoint-$d" "$python" onnx-export/export.py random-checkpoint --like pixtral-12b \
-      --text-layers "$d" --vision-layers 2 --out "$ckpt"
-    step "export-$d" /usr/bin/time -v "$python" onnx-export/export.py export --checkpoint "$ckpt" \
-      --dtype fp16 --attention "$attention" --out "$model"
-    models="$models $model"
-  done
-fi
-
-# 3. Measurements per model.
+# 3. Measurements of one model.
 ref=models/tiny/reference
 cases=grayscale,rgba,system_prompt,multilingual_image,tall_receipt,text_only,multilingual,two_images
 cases32=$cases,$cases,$cases,$cases
 page=$out/page-1024.png
-"$python" -c "
-from PIL import Image, ImageDraw
-im = Image.new('RGB', (1024, 1024), 'white'); d = ImageDraw.Draw(im)
-for i in range(60): d.text((40, 16 * i + 8), f'line {i:02d}  item {i * 7 % 13}  qty {i % 4 + 1}  EUR {i * 3.17:8.2f}', fill='black')
-im.save('$page')" || failed=$((failed + 1))
-for model in $models; do
+measure() {
+  local model=$1 tag
   tag=$(basename "$model")
   step "doctor-$tag" "$bin" doctor --model "$model" --device "$device"
   step "decode-$tag" with_peak_memory "decode-$tag" "$bin" bench engine --model "$model" --reference-dir "$ref" \
@@ -143,7 +133,35 @@ for model in $models; do
   step "batching-$tag" with_peak_memory "batching-$tag" "$bin" bench batching --model "$model" \
     --reference-dir "$ref" --device "$device" --prompts "$prompts" --min-tokens 150 --max-tokens 450 \
     --batch 8 --repeat 1
-done
+}
+
+# 2. Models, each measured as soon as it exists.
+models=${GPU_BENCH_MODELS:-}
+if [ "$summary_only" = 0 ]; then
+  "$python" -c "
+from PIL import Image, ImageDraw
+im = Image.new('RGB', (1024, 1024), 'white'); d = ImageDraw.Draw(im)
+for i in range(60): d.text((40, 16 * i + 8), f'line {i:02d}  item {i * 7 % 13}  qty {i % 4 + 1}  EUR {i * 3.17:8.2f}', fill='black')
+im.save('$page')" || failed=$((failed + 1))
+  if [ -n "$models" ]; then
+    for model in $models; do measure "$model"; done
+  else
+    mkdir -p "$work"
+    for d in $depths; do
+      ckpt=$work/pixtral12b-$d
+      model=$work/pixtral12b-$d-fp16-$attention
+      step "checkpoint-$d" "$python" onnx-export/export.py random-checkpoint --like pixtral-12b \
+        --text-layers "$d" --vision-layers 2 --out "$ckpt"
+      step "export-$d" /usr/bin/time -v "$python" onnx-export/export.py export --checkpoint "$ckpt" \
+        --dtype fp16 --attention "$attention" --out "$model"
+      # The checkpoint is only the export's input: its disk goes back before the next depth's.
+      rm -rf "$ckpt"
+      models="$models $model"
+      measure "$model"
+    done
+  fi
+fi
+[ -n "$models" ] || models=$(ls -d "$work"/pixtral12b-*-fp16-* 2>/dev/null | sort -V | tr '\n' ' ')
 
 # 4. Summary.
 "$python" - "$out" "$models" <<'PY' || failed=$((failed + 1))
@@ -156,6 +174,7 @@ def read(name):
 lines = ["# gpu-bench summary", "", f"limits: {lim}", ""]
 lines.append("| model | decoder bytes | params | b1 decode tok/s | b1 limit (bw/bytes) | share | b8 | b32 | prefill tok/s | MFU | continuous (vision ahead)/static | decode: ahead / static (fastest possible) | peak MiB |")
 lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+fits = []
 for m in models:
     tag = os.path.basename(m)
     try:
@@ -179,6 +198,30 @@ for m in models:
     b1 = dec.get(1, float("nan")); limit = bw / dec_bytes if dec_bytes else float("nan")
     mfu = pre * 2 * params / fl if fl == fl else float("nan")
     lines.append(f"| {tag} | {dec_bytes/1e9:.2f} GB | {params/1e9:.2f} B | {b1:.1f} | {limit:.1f} | {b1/limit:.0%} | {dec.get(8, float('nan')):.1f} | {dec.get(32, float('nan')):.1f} | {pre:.0f} | {mfu:.1%} | {ratio} | {possible} | {peak or 'n/a'} |")
+    fits.append((text.get("num_layers", 0), dec_bytes, params, 1 / b1, 1 / dec.get(8, float("nan")), 1 / pre))
+
+# Per-layer fit: seconds per batch-1 token, per batch-8 token and per prefill token, and decoder bytes and
+# parameters, each linear in the layer count (least squares), extrapolated to Pixtral 12B's 40 layers.
+good = [f for f in fits if all(v == v and v not in (float("inf"),) for v in f)]
+if len({f[0] for f in good}) >= 2:
+    def at(i, layers):
+        xs = [f[0] for f in good]; ys = [f[i] for f in good]
+        mx = sum(xs) / len(xs); my = sum(ys) / len(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        return my + slope * (layers - mx), slope
+    L = 40
+    dec40, dec_per_layer = at(1, L); params40, _ = at(2, L)
+    b1_40 = 1 / at(3, L)[0]; b8_40 = 1 / at(4, L)[0]; pre40 = 1 / at(5, L)[0]
+    bw = lim.get("bandwidth_bytes_s", float("nan")); fl = lim.get("dense_flops", float("nan"))
+    limit40 = bw / dec40
+    page_s = 4400 / pre40 + 300 / b8_40
+    lines += ["", f"Extrapolated to {L} text layers (linear fit over {sorted({f[0] for f in good})} layers; an "
+              "extrapolation, not a measurement):", "",
+              f"- decoder {dec40 / 1e9:.2f} GB ({dec_per_layer / 1e9:.3f} GB per layer), {params40 / 1e9:.2f} B parameters",
+              f"- batch-1 decode {b1_40:.1f} tok/s vs {limit40:.1f} tok/s bandwidth limit ({b1_40 / limit40:.0%}); batch 8 {b8_40:.1f} tok/s",
+              f"- prefill {pre40:.0f} tok/s, model FLOPs utilisation {pre40 * 2 * params40 / fl:.1%}",
+              f"- a 1024x1024 page (~4,400 prompt tokens, 300 answer tokens, 8 rows decoding together, prefill not "
+              f"overlapped): {page_s:.2f} s of GPU time, {1 / page_s:.2f} pages/s"]
 open(os.path.join(out, "summary.md"), "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY
