@@ -17,6 +17,8 @@ case ${1:-} in
   stash)
     [ $# -eq 2 ] && [ -f "$2" ] || { echo "device-gpu-bench: stash needs the part's file, got: ${*:2}" >&2; exit 2; }
     name=$(basename "$(dirname "$2")")
+    # The first part starts a kit: parts of an older one must not be mixed in.
+    [ "$name" = part1 ] && rm -rf "$kit_dir/parts"
     mkdir -p "$kit_dir/parts"
     cp "$2" "$kit_dir/parts/$name"
     echo "device-gpu-bench: stashed $name ($(du -h "$2" | cut -f1)); parts held: $(ls "$kit_dir/parts" | sort -V | tr '\n' ' ')"
@@ -32,8 +34,10 @@ esac
 out_dir=${OUT:-out/device}
 mkdir -p "$out_dir"
 want=$(cat .device/kit.sha256 2>/dev/null) || { echo "device-gpu-bench: .device/kit.sha256 not carried" >&2; exit 3; }
-# shellcheck disable=SC2046 # part names have no spaces
-cat $(ls -d "$kit_dir"/parts/part* 2>/dev/null | sort -V) > "$kit_dir/kit.tar.xz" 2>/dev/null
+parts=$(ls -d "$kit_dir"/parts/part* 2>/dev/null | sort -V)
+[ -n "$parts" ] || { echo "device-gpu-bench: no part stashed in $kit_dir/parts" >&2; exit 3; }
+# shellcheck disable=SC2086 # part names have no spaces
+cat $parts > "$kit_dir/kit.tar.xz" </dev/null
 got=$(sha256sum "$kit_dir/kit.tar.xz" | cut -d' ' -f1)
 if [ "$got" != "$want" ]; then
   echo "device-gpu-bench: the kit's parts do not add up (held: $(ls "$kit_dir/parts" 2>/dev/null | sort -V | tr '\n' ' ')):" \
@@ -43,7 +47,11 @@ fi
 rm -rf "$kit_dir/x" "$kit_dir/site"
 mkdir -p "$kit_dir/x"
 tar -C "$kit_dir/x" -xJf "$kit_dir/kit.tar.xz" || exit 3
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$kit_dir/site" \
+# One Python for the wheels and for gpu-bench's exporter: the image's torch virtualenv (PYTHON to choose another).
+py=${PYTHON:-/opt/torch/.venv/bin/python}
+[ -x "$py" ] || py=$(command -v python3)
+export PYTHON=$py
+"$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$kit_dir/site" \
   "$kit_dir"/x/wheels/*.whl || exit 3
 
 export PYTHONPATH=$kit_dir/site${PYTHONPATH:+:$PYTHONPATH}
@@ -53,14 +61,13 @@ export PDFIUM_DYLIB_PATH=$kit_dir/x/lib/libpdfium.so
 export PIXTRACT=$kit_dir/x/bin/pixtract
 # The image's Python (torch, transformers, onnx) runs the exporter; its nvidia-* wheels hold the CUDA and cuDNN
 # libraries ONNX Runtime's CUDA provider loads (pixtract looks there through PIXTRACT_VENV).
-venv=$(dirname "$(dirname "$(command -v python3)")")
-export PIXTRACT_VENV=${PIXTRACT_VENV:-$venv}
+export PIXTRACT_VENV=${PIXTRACT_VENV:-$(dirname "$(dirname "$py")")}
 export GPU_BENCH_WORK=${GPU_BENCH_WORK:-/tmp/gpu-bench-work}
 bench_dir=/tmp/gpu-bench
 rm -rf "$bench_dir"
 nvidia-smi -L || true
-echo "device-gpu-bench: ORT_DYLIB_PATH=$ORT_DYLIB_PATH PIXTRACT_VENV=$PIXTRACT_VENV python3=$(command -v python3)"
-timeout --signal=TERM "${GPU_BENCH_SECONDS:-540}" scripts/gpu-bench.sh "$bench_dir"
+echo "device-gpu-bench: ORT_DYLIB_PATH=$ORT_DYLIB_PATH PIXTRACT_VENV=$PIXTRACT_VENV python=$PYTHON"
+timeout --signal=TERM --kill-after=15 "${GPU_BENCH_SECONDS:-540}" scripts/gpu-bench.sh "$bench_dir"
 rc=$?
 if [ "$rc" = 124 ]; then
   # Stopped at its limit: the summary from the steps that finished (each model is measured right after export).

@@ -68,6 +68,7 @@ step() {
   fi
 }
 
+gpu_index=${device#cuda}; gpu_index=${gpu_index#:}; gpu_index=${gpu_index:-0}
 # Samples device memory while a command runs; the peak goes to "$out/$name.peak_mib".
 with_peak_memory() {
   local name=$1; shift
@@ -77,7 +78,7 @@ with_peak_memory() {
   fi
   ( peak=0
     while :; do
-      used=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i "${device#cuda:}" 2>/dev/null | head -1)
+      used=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i "$gpu_index" 2>/dev/null | head -1)
       [ -n "$used" ] && [ "$used" -gt "$peak" ] && peak=$used && echo "$peak" >"$out/$name.peak_mib"
       sleep 0.2
     done ) &

@@ -29,7 +29,7 @@ use pixtract::model::runtime::Threads;
 use pixtract::model::sampling::splitmix64;
 use pixtract::model::{
     AnswerLengths, BatchPolicy, Batching, Device, EncodedPrompt, EngineOptions, GenerationConfig,
-    GenerationStats, OrtRuntime, PixtralEngine,
+    GenerationStats, OrtRuntime, PixtralEngine, plan_batches,
 };
 use pixtract::verify::{self, ReferenceCase};
 
@@ -104,13 +104,19 @@ impl StepCost {
     }
 }
 
-/// Decoder passes of a workload batched statically, `batch` prompts at a time in input order: (passes, row-passes).
-/// A sequence's first token comes from its prefill, so a sequence of `n` tokens is in `n - 1` decode passes, and a
-/// batch runs as many passes as its longest sequence needs.
-fn static_passes(answer: &[usize], batch: usize) -> (usize, usize) {
-    let passes = answer
-        .chunks(batch.max(1))
-        .map(|b| b.iter().max().map_or(0, |&n| n.saturating_sub(1)))
+/// Decoder passes of a workload batched statically: (passes, row-passes). `batches` are the engine's own static
+/// plan (longest prompts first, within the batch size and token budget: [`plan_batches`]) as indices into
+/// `answer`. A sequence's first token comes from its prefill, so a sequence of `n` tokens is in `n - 1` decode
+/// passes, and a batch runs as many passes as its longest sequence needs.
+fn static_passes(answer: &[usize], batches: &[Vec<usize>]) -> (usize, usize) {
+    let passes = batches
+        .iter()
+        .map(|b| {
+            b.iter()
+                .map(|&i| answer[i])
+                .max()
+                .map_or(0, |n| n.saturating_sub(1))
+        })
         .sum();
     let row_passes = answer.iter().map(|&n| n.saturating_sub(1)).sum();
     (passes, row_passes)
@@ -119,15 +125,15 @@ fn static_passes(answer: &[usize], batch: usize) -> (usize, usize) {
 /// Decode time of a workload batched statically, as `cost` predicts it: the fixed part on every pass of a batch's
 /// longest row, the per-row part for working rows only (finished rows leave the batch). What static batching
 /// measures beyond this is its own overhead: compacting the cache and reallocating logits as rows finish.
-fn static_model_ms(cost: StepCost, answer: &[usize], batch: usize) -> f64 {
-    let (passes, row_passes) = static_passes(answer, batch);
+fn static_model_ms(cost: StepCost, answer: &[usize], batches: &[Vec<usize>]) -> f64 {
+    let (passes, row_passes) = static_passes(answer, batches);
     passes as f64 * cost.fixed_ms + row_passes as f64 * cost.per_row_ms
 }
 
 /// Decode time of the ideal continuous schedule: every pass at full width (`batch` working rows), as few passes
 /// as the workload's row-passes allow. No scheduler over `batch` slots decodes the workload faster.
 fn ideal_continuous_ms(cost: StepCost, answer: &[usize], batch: usize) -> f64 {
-    let (_, row_passes) = static_passes(answer, batch);
+    let row_passes: usize = answer.iter().map(|&n| n.saturating_sub(1)).sum();
     row_passes.div_ceil(batch.max(1)) as f64 * cost.at(batch)
 }
 
@@ -142,8 +148,10 @@ fn step_cost(
     let n = prompts.len();
     let answer = vec![tokens; n];
     let passes = (tokens - 1) as f64;
+    // No token budget: all `n` prompts must share one batch whatever their lengths.
     let static_policy = |max_batch: usize| BatchPolicy {
         max_batch,
+        token_budget: usize::MAX,
         batching: Batching::Static,
         ..BatchPolicy::default()
     };
@@ -303,6 +311,11 @@ pub fn run(args: BatchingBench) -> anyhow::Result<()> {
     // The step-cost probe runs the workload's first `batch` prompts (fewer when there are fewer prompts).
     let probe_rows = args.batch.min(prompts.len());
     let probe = probe_rows >= 2 && args.max_tokens >= 2;
+    // The static pass's own batches, as the engine plans them (longest prompts first, within the token budget).
+    let static_plan = plan_batches(
+        &prompts.iter().map(|p| p.ids.len()).collect::<Vec<_>>(),
+        policy(Batching::Static, 0, 0),
+    );
     let mut best: [Option<f64>; 4] = [None; 4];
     let mut ratios: [Vec<f64>; 3] = Default::default();
     let mut decode_ratios: [Vec<f64>; 3] = Default::default();
@@ -353,7 +366,7 @@ pub fn run(args: BatchingBench) -> anyhow::Result<()> {
                 &config,
             )?;
             let static_ms = round_decode_ms[0];
-            let model_ms = static_model_ms(cost, &answer, args.batch);
+            let model_ms = static_model_ms(cost, &answer, &static_plan);
             let ideal_ms = ideal_continuous_ms(cost, &answer, args.batch);
             // From the probe alone (the passes' own noise does not enter): what fewer, fuller passes can save.
             let ceiling = model_ms / ideal_ms;
@@ -413,12 +426,19 @@ pub fn run(args: BatchingBench) -> anyhow::Result<()> {
         let ceiling = median(&mut ceilings);
         let [whole, inter, ahead] = &mut decode_ratios;
         let (whole, inter, ahead) = (median(whole), median(inter), median(ahead));
+        let share = |d: f64| {
+            if ceiling - 1.0 < 0.02 {
+                "n/a".to_string()
+            } else {
+                format!("{:.0}%", 100.0 * gain_share(d, ceiling))
+            }
+        };
         println!(
             "medians, decode / static: cont-whole {whole:.2}x, cont-inter {inter:.2}x, cont-ahead {ahead:.2}x; \
-             scheduling ceiling {ceiling:.2}x ({:.0}%, {:.0}%, {:.0}% of its gain)",
-            100.0 * gain_share(whole, ceiling),
-            100.0 * gain_share(inter, ceiling),
-            100.0 * gain_share(ahead, ceiling),
+             scheduling ceiling {ceiling:.2}x ({}, {}, {} of its gain)",
+            share(whole),
+            share(inter),
+            share(ahead),
         );
     }
     Ok(())
@@ -463,8 +483,10 @@ mod tests {
     #[test]
     fn static_batches_run_as_long_as_their_longest_row() {
         // Batches [5, 2] and [3]: 4 + 2 passes; rows work 4 + 1 + 2 passes (first tokens come from prefill).
-        assert_eq!(static_passes(&[5, 2, 3], 2), (6, 7));
-        assert_eq!(static_passes(&[1, 1], 2), (0, 0));
+        assert_eq!(static_passes(&[5, 2, 3], &[vec![0, 1], vec![2]]), (6, 7));
+        // The plan decides the batches, not input order: [5, 3] and [2].
+        assert_eq!(static_passes(&[5, 2, 3], &[vec![0, 2], vec![1]]), (5, 7));
+        assert_eq!(static_passes(&[1, 1], &[vec![0, 1]]), (0, 0));
     }
 
     #[test]
@@ -475,14 +497,15 @@ mod tests {
             fixed_ms: 1.0,
             per_row_ms: 0.0,
         };
-        assert!((static_model_ms(flat, &answer, 4) - 12.0).abs() < 1e-12);
+        let plan = [vec![0, 1, 2, 3], vec![4, 5, 6, 7]];
+        assert!((static_model_ms(flat, &answer, &plan) - 12.0).abs() < 1e-12);
         assert!((ideal_continuous_ms(flat, &answer, 4) - 6.0).abs() < 1e-12);
         // Steps that cost only per row: static batches pay for working rows alone, nothing is left to gain.
         let rows_only = StepCost {
             fixed_ms: 0.0,
             per_row_ms: 1.0,
         };
-        assert!((static_model_ms(rows_only, &answer, 4) - 24.0).abs() < 1e-12);
+        assert!((static_model_ms(rows_only, &answer, &plan) - 24.0).abs() < 1e-12);
         assert!((ideal_continuous_ms(rows_only, &answer, 4) - 24.0).abs() < 1e-12);
         assert!((gain_share(1.5, 2.0) - 0.5).abs() < 1e-12);
     }

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 pub use engine::{
     AnswerLengths, BatchPolicy, Batching, EngineOptions, FinishReason, Generation,
     GenerationConfig, GenerationStats, HookError, NoHook, PixtralEngine, StepHook,
-    default_prefill_chunk,
+    default_prefill_chunk, plan_batches,
 };
 pub use manifest::{ModelDir, ModelManifest};
 pub use preprocess::{ImagePreprocessor, PreparedImage};

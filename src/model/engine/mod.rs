@@ -11,6 +11,7 @@ mod decoder;
 mod generation;
 mod ort_util;
 mod scheduler;
+pub use scheduler::plan_batches;
 mod slots;
 mod vision;
 

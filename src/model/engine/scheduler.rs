@@ -4,7 +4,7 @@
 use super::BatchPolicy;
 
 /// Batches of prompt indices, longest prompts first, given each prompt's length in tokens.
-pub(super) fn plan_batches(lengths: &[usize], policy: BatchPolicy) -> Vec<Vec<usize>> {
+pub fn plan_batches(lengths: &[usize], policy: BatchPolicy) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
     let mut batches = Vec::new();
