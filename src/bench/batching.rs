@@ -172,6 +172,16 @@ fn gain_share(ratio: f64, ceiling: f64) -> f64 {
     (ratio - 1.0) / (ceiling - 1.0)
 }
 
+/// [`gain_share`] as a percentage, or "n/a" when the ceiling leaves under 2% to gain (the share would be noise
+/// divided by almost nothing).
+fn gain_share_text(ratio: f64, ceiling: f64) -> String {
+    if ceiling - 1.0 < 0.02 {
+        "n/a".to_string()
+    } else {
+        format!("{:.0}%", 100.0 * gain_share(ratio, ceiling))
+    }
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     match values.len() {
@@ -373,13 +383,7 @@ pub fn run(args: BatchingBench) -> anyhow::Result<()> {
             let decode: Vec<f64> = (1..4)
                 .map(|i| round_decode_ms[0] / round_decode_ms[i])
                 .collect();
-            let share = |d: f64| {
-                if ceiling - 1.0 < 0.02 {
-                    "n/a".to_string()
-                } else {
-                    format!("{:.0}%", 100.0 * gain_share(d, ceiling))
-                }
-            };
+            let share = |d: f64| gain_share_text(d, ceiling);
             println!(
                 "{round:>5}  decode step here: {:.3} ms + {:.3} ms per row ({:.3} ms at 1 row, {:.3} ms at {probe_rows}). \
                  Decode of this workload: static {static_ms:.0} ms measured, {model_ms:.0} ms from the step cost \
@@ -426,13 +430,7 @@ pub fn run(args: BatchingBench) -> anyhow::Result<()> {
         let ceiling = median(&mut ceilings);
         let [whole, inter, ahead] = &mut decode_ratios;
         let (whole, inter, ahead) = (median(whole), median(inter), median(ahead));
-        let share = |d: f64| {
-            if ceiling - 1.0 < 0.02 {
-                "n/a".to_string()
-            } else {
-                format!("{:.0}%", 100.0 * gain_share(d, ceiling))
-            }
-        };
+        let share = |d: f64| gain_share_text(d, ceiling);
         println!(
             "medians, decode / static: cont-whole {whole:.2}x, cont-inter {inter:.2}x, cont-ahead {ahead:.2}x; \
              scheduling ceiling {ceiling:.2}x ({}, {}, {} of its gain)",
