@@ -104,6 +104,11 @@ impl StepCost {
     }
 }
 
+/// Decode passes the workload's sequences are in, summed: a sequence of `n` tokens takes its first from prefill.
+fn row_passes(answer: &[usize]) -> usize {
+    answer.iter().map(|&n| n.saturating_sub(1)).sum()
+}
+
 /// Decoder passes of a workload batched statically: (passes, row-passes). `batches` are the engine's own static
 /// plan (longest prompts first, within the batch size and token budget: [`plan_batches`]) as indices into
 /// `answer`. A sequence's first token comes from its prefill, so a sequence of `n` tokens is in `n - 1` decode
@@ -118,8 +123,7 @@ fn static_passes(answer: &[usize], batches: &[Vec<usize>]) -> (usize, usize) {
                 .map_or(0, |n| n.saturating_sub(1))
         })
         .sum();
-    let row_passes = answer.iter().map(|&n| n.saturating_sub(1)).sum();
-    (passes, row_passes)
+    (passes, row_passes(answer))
 }
 
 /// Decode time of a workload batched statically, as `cost` predicts it: the fixed part on every pass of a batch's
@@ -133,8 +137,7 @@ fn static_model_ms(cost: StepCost, answer: &[usize], batches: &[Vec<usize>]) -> 
 /// Decode time of the ideal continuous schedule: every pass at full width (`batch` working rows), as few passes
 /// as the workload's row-passes allow. No scheduler over `batch` slots decodes the workload faster.
 fn ideal_continuous_ms(cost: StepCost, answer: &[usize], batch: usize) -> f64 {
-    let row_passes: usize = answer.iter().map(|&n| n.saturating_sub(1)).sum();
-    row_passes.div_ceil(batch.max(1)) as f64 * cost.at(batch)
+    row_passes(answer).div_ceil(batch.max(1)) as f64 * cost.at(batch)
 }
 
 /// Measures [`StepCost`]: `prompts` one by one and then together in one static batch, every answer `tokens` long
