@@ -180,6 +180,8 @@ pub struct RowReport {
     pub accepted: bool,
     pub error: Option<String>,
     pub trace: Vec<StepTrace>,
+    /// This row's time in llguidance (masks and token consumption).
+    pub grammar_time: std::time::Duration,
 }
 
 struct RowState {
@@ -231,6 +233,11 @@ impl SchemaConstraint {
 
     pub fn report(&self, row: usize) -> Option<&RowReport> {
         self.rows.get(&row).map(|r| &r.report)
+    }
+
+    /// A finished row's report, its grammar state dropped (a stream's rows come and go: memory stays flat).
+    pub fn take_report(&mut self, row: usize) -> Option<RowReport> {
+        self.rows.remove(&row).map(|r| r.report)
     }
 
     pub fn env(&self) -> &Arc<GrammarEnv> {
@@ -359,7 +366,9 @@ impl StepHook for SchemaConstraint {
                 closing,
             });
         }
-        self.grammar_time += t0.elapsed();
+        let took = t0.elapsed();
+        state.report.grammar_time += took;
+        self.grammar_time += took;
         Ok(())
     }
 
@@ -397,7 +406,9 @@ impl StepHook for SchemaConstraint {
         if done {
             state.report.accepted = true;
         }
-        self.grammar_time += t0.elapsed();
+        let took = t0.elapsed();
+        state.report.grammar_time += took;
+        self.grammar_time += took;
         Ok(done)
     }
 }

@@ -16,6 +16,7 @@ pub mod prompt;
 pub mod review;
 pub mod rows;
 pub mod schema;
+pub mod stream;
 pub mod values;
 
 use std::path::PathBuf;
@@ -31,11 +32,12 @@ pub use rows::{
     to_record_batch_per_row,
 };
 pub use schema::{ExtractionSchema, FieldDef, FieldType};
+pub use stream::{Extracted, ExtractionStream};
 pub use values::provenance::ErrorKind;
 
 use crate::model::{
     BatchPolicy, EncodedPrompt, FinishReason, Generation, GenerationConfig, GenerationStats,
-    NoHook, PixtralEngine, PreparedImage, Prompt, PromptPart,
+    PixtralEngine, PreparedImage, Prompt, PromptPart,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -190,7 +192,8 @@ impl Extractor {
         })?)
     }
 
-    /// Extracts every input; each gives exactly one record (failed inputs and failed generations included).
+    /// Extracts every input; each gives exactly one record (failed inputs and failed generations included), in
+    /// input order. All inputs go into one [`ExtractionStream`] at once, stepped until it is done.
     pub fn run(
         &self,
         engine: &mut PixtralEngine,
@@ -198,114 +201,36 @@ impl Extractor {
     ) -> Result<ExtractionOutput, ExtractError> {
         let n = inputs.len();
         let mut records: Vec<Option<ExtractionRecord>> = vec![None; n];
-        let mut prompts = Vec::new();
-        let mut slots = Vec::new(); // input index of each prompt
-        let mut sources = Vec::new();
-        let limit = engine.context_limit();
-        for (i, input) in inputs.into_iter().enumerate() {
-            match input {
-                Err(failed) => {
-                    records[i] = Some(ExtractionRecord::failed(
-                        failed.source,
-                        failed.kind,
-                        failed.error,
-                    ))
-                }
-                Ok(page) => {
-                    let encoded = self.encode(engine, page.images);
-                    match encoded {
-                        Err(e) => {
-                            records[i] = Some(ExtractionRecord::failed(
-                                page.source,
-                                ErrorKind::Prompt,
-                                format!("prompt: {}", crate::error::chain(&e)),
-                            ))
-                        }
-                        Ok(p) if p.ids.len() + self.config.max_new_tokens > limit => {
-                            records[i] = Some(ExtractionRecord::failed(
-                                page.source,
-                                ErrorKind::Prompt,
-                                format!(
-                                    "prompt of {} tokens + {} new tokens exceeds the model's context of {limit}",
-                                    p.ids.len(),
-                                    self.config.max_new_tokens
-                                ),
-                            ))
-                        }
-                        Ok(p) => {
-                            prompts.push(p);
-                            slots.push(i);
-                            sources.push((page.source, page.fetch_ms, page.raster_ms));
-                        }
-                    }
-                }
-            }
-        }
         let mut generations: Vec<Option<Generation>> = vec![None; n];
         let mut reports: Vec<Option<RowReport>> = vec![None; n];
-        let mut stats = GenerationStats::default();
-        let mut grammar_time = std::time::Duration::ZERO;
-        if !prompts.is_empty() {
-            let mut constraint = match (&self.mode, &self.env) {
-                (Mode::Schema(s), Some(env)) => Some(
-                    SchemaConstraint::new(env.clone(), s, self.config.max_new_tokens)
-                        .with_trace(self.trace),
-                ),
-                _ => None,
-            };
-            let result = match constraint.as_mut() {
-                Some(c) => engine.generate_many(&prompts, &self.config, self.policy, c),
-                None => engine.generate_many(&prompts, &self.config, self.policy, &mut NoHook),
-            };
-            match result {
-                Err(e) => {
-                    // The whole batch failed: every document in it still gets its row.
-                    for (slot, (source, _, _)) in slots.iter().zip(sources) {
-                        records[*slot] = Some(ExtractionRecord::failed(
-                            source,
-                            ErrorKind::Generation,
-                            format!("generation: {}", crate::error::chain(&e)),
-                        ));
-                    }
-                }
-                Ok((gens, s)) => {
-                    stats = s;
-                    if let Some(c) = &constraint {
-                        grammar_time = c.grammar_time;
-                    }
-                    let total_images: usize = prompts.iter().map(|p| p.images.len()).sum();
-                    let total_prompt: usize = prompts.iter().map(|p| p.ids.len()).sum();
-                    let total_gen: usize = gens.iter().map(|g| g.tokens.len()).sum();
-                    let share = |d: std::time::Duration, part: usize, total: usize| {
-                        (total > 0).then(|| d.as_secs_f64() * 1e3 * part as f64 / total as f64)
-                    };
-                    for (j, ((slot, (source, fetch_ms, raster_ms)), generation)) in
-                        slots.iter().zip(sources).zip(gens).enumerate()
-                    {
-                        let report = constraint.as_ref().and_then(|c| c.report(j).cloned());
-                        let latency = StageLatency {
-                            fetch_ms,
-                            raster_ms,
-                            vision_ms: share(stats.vision, prompts[j].images.len(), total_images),
-                            prefill_ms: share(stats.prefill, prompts[j].ids.len(), total_prompt),
-                            decode_ms: share(stats.decode, generation.tokens.len(), total_gen),
-                            grammar_ms: constraint.as_ref().and_then(|_| {
-                                share(grammar_time, generation.tokens.len(), total_gen)
-                            }),
-                            parse_ms: None,
-                        };
-                        let rec =
-                            self.record(engine, source, &generation, report.as_ref(), latency);
-                        records[*slot] = Some(rec);
-                        generations[*slot] = Some(generation);
-                        reports[*slot] = report;
-                    }
+        // Slots sized for the longest prompt given (a prompt's length does not depend on the stream's capacity).
+        let longest = inputs
+            .iter()
+            .filter_map(|i| i.as_ref().ok())
+            .map(|p| self.encode_len(engine, p).unwrap_or(0))
+            .max()
+            .unwrap_or(0);
+        let mut stream = self.stream(engine, longest);
+        for input in inputs {
+            let (id, record) = stream.add(engine, input);
+            if let (Some(slot), Some(record)) = (records.get_mut(id), record) {
+                *slot = Some(record);
+            }
+        }
+        while !stream.is_idle() {
+            for done in stream.step(engine) {
+                let i = done.input;
+                if i < n {
+                    records[i] = Some(done.record);
+                    generations[i] = done.generation;
+                    reports[i] = done.report;
                 }
             }
         }
+        let (stats, grammar_time) = (stream.stats().clone(), stream.grammar_time());
         let records = records
             .into_iter()
-            .map(|r| r.ok_or_else(|| ExtractError::Internal("an input got no record")))
+            .map(|r| r.ok_or(ExtractError::Internal("an input got no record")))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(ExtractionOutput {
             records,
@@ -314,6 +239,16 @@ impl Extractor {
             stats,
             grammar_time,
         })
+    }
+
+    /// The prompt length of a page input (its image grids and the instruction), without its pixels.
+    fn encode_len(&self, engine: &PixtralEngine, page: &PageInput) -> Result<usize, ExtractError> {
+        let tokens: usize = page
+            .images
+            .iter()
+            .map(|i| (i.grid.cols + 1) * i.grid.rows)
+            .sum();
+        Ok(self.max_prompt_tokens(engine, 0, 0)? + tokens)
     }
 
     /// Turns one generation into a record: decode, parse, validate, confidences.

@@ -46,10 +46,17 @@ pub struct SourceInfo {
     /// unavailable): which attempt this was. Such a row has status `retry` and the document is not done: the next
     /// run tries it again (up to its attempt limit, after which the failure is recorded as a permanent `error`).
     pub attempt: Option<u32>,
+    /// Set on a document's last input by the pipeline: how many rows the document has in all. Rows finish out of
+    /// order in a stream; the writer commits a document once it holds all of them (not written to the output).
+    pub doc_rows: Option<u32>,
+    /// Runs before this one that failed on this document for a transient reason (from the output's `retry` rows):
+    /// decides whether a new transient failure is a `retry` row or, attempts used up, a permanent error.
+    pub prior_attempts: u32,
 }
 
-/// Milliseconds per stage for one row. Batched stages (vision, prefill, decode) are the row's share of its batch:
-/// by images, prompt tokens and generated tokens respectively.
+/// Milliseconds per stage for one row. `vision_ms` and `prefill_ms` are the row's own (continuous batching) or its
+/// share of its static batch by images and prompt tokens; `decode_ms` is its share of each decode step it was in
+/// (the step's time over the rows working in it); `grammar_ms` is its own time in llguidance.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StageLatency {
     pub fetch_ms: Option<f64>,

@@ -10,9 +10,9 @@ pub mod sampling;
 use std::path::PathBuf;
 
 pub use engine::{
-    AnswerLengths, BatchPolicy, Batching, EngineOptions, FinishReason, Generation,
-    GenerationConfig, GenerationStats, HookError, NoHook, PixtralEngine, StepHook,
-    default_prefill_chunk, plan_batches,
+    AnswerLengths, BatchPolicy, Batching, EngineOptions, FinishReason, Finished, Generation,
+    GenerationConfig, GenerationStats, HookError, NoHook, PixtralEngine, RowTiming, StepHook,
+    StreamEngine, default_prefill_chunk, plan_batches,
 };
 pub use manifest::{ModelDir, ModelManifest};
 pub use preprocess::{ImagePreprocessor, PreparedImage};
@@ -133,4 +133,13 @@ pub enum ModelError {
     },
     #[error("every token is masked for sequence {row}")]
     AllMasked { row: usize },
+}
+
+impl ModelError {
+    /// Whether a later run may succeed where this failed: an ONNX Runtime run that failed (device memory, a
+    /// kernel, the driver) is worth another try; a model that does not match its manifest, or an input the model
+    /// refuses, fails the same way every time.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ModelError::Ort { .. })
+    }
 }

@@ -50,6 +50,10 @@ pub enum PipelineError {
         model: usize,
         dir: PathBuf,
     },
+    #[error(
+        "[raster] password_env = {name:?}, but no such environment variable is set: every encrypted PDF would fail; set it or remove the key"
+    )]
+    PasswordEnvUnset { name: String },
     #[error("source")]
     Source(#[from] SourceError),
     #[error("raster")]
@@ -115,9 +119,89 @@ pub struct RunSummary {
     pub aborted: Option<String>,
     pub output: String,
     pub files: Vec<String>,
+    /// What the decoder did: admissions into KV-cache slots, steps, idle row share, host time per step.
+    pub decode: DecodeSummary,
     /// Where the run report went (`[output] report`), relative to the output; set after the manifest is written.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub report: Option<String>,
+}
+
+/// What the model stage's engine did over a run (the manifest's `decode` object).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct DecodeSummary {
+    /// "continuous" or "static" (an eager decoder batches statically whatever the spec says).
+    pub batching: String,
+    /// KV-cache slots (continuous) or the largest batch (static): `[model] batch_size`.
+    pub slots: usize,
+    /// Prompts admitted into KV-cache slots (continuous batching; 0 for static batches).
+    pub admissions: usize,
+    /// Decoder passes over generated tokens.
+    pub steps: usize,
+    /// Row places those passes offered (slots per step; a static batch's size per step) plus one per first token.
+    pub row_steps: usize,
+    /// Row places that held a live sequence.
+    pub live_row_steps: usize,
+    /// Share of `row_steps` spent on no live sequence (free slots, rows of a static batch that had finished).
+    pub idle_row_share: f64,
+    /// Host time per decode step outside the forward pass: grammar masks, sampling, bookkeeping.
+    pub host_ms_per_step: f64,
+    /// Forward-pass time per decode step.
+    pub forward_ms_per_step: f64,
+    /// Time in llguidance, all rows (schema mode).
+    pub grammar_ms: f64,
+    /// The most any scheduler over these slots could gain in decode passes over static batches of `slots`
+    /// prompts in arrival order, for this run's own answer lengths, where a step costs the same at any width (the
+    /// GPU regime; `bench batching` fits the CPU's per-row cost): static's passes over `ceil(row-passes / slots)`.
+    pub ceiling: f64,
+    /// Why the model stage stopped early (the engine failed on several steps in a row), if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
+}
+
+impl DecodeSummary {
+    /// From the engine's counters; `answers` are the generated rows' answer lengths in the order they finished.
+    pub fn new(
+        stats: &crate::model::GenerationStats,
+        grammar: std::time::Duration,
+        batching: crate::model::Batching,
+        slots: usize,
+        answers: &[u32],
+    ) -> Self {
+        let steps = stats.steps.max(1) as f64;
+        let host = stats.decode.saturating_sub(stats.forward);
+        DecodeSummary {
+            batching: batching.name().to_string(),
+            slots,
+            admissions: stats.admissions,
+            steps: stats.steps,
+            row_steps: stats.decode_row_capacity,
+            live_row_steps: stats.decode_tokens,
+            idle_row_share: 1.0
+                - stats.decode_tokens as f64 / stats.decode_row_capacity.max(1) as f64,
+            host_ms_per_step: host.as_secs_f64() * 1e3 / steps,
+            forward_ms_per_step: stats.forward.as_secs_f64() * 1e3 / steps,
+            grammar_ms: grammar.as_secs_f64() * 1e3,
+            ceiling: scheduling_ceiling(answers, slots),
+            stopped: None,
+        }
+    }
+}
+
+/// Decode passes of static batches of `slots` consecutive answers (each as long as its longest answer; a first
+/// token comes from prefill) over the fewest passes any schedule needs (every pass full). 1 when nothing decoded.
+pub fn scheduling_ceiling(answers: &[u32], slots: usize) -> f64 {
+    let slots = slots.max(1);
+    let passes = |n: &u32| n.saturating_sub(1) as usize;
+    let static_passes: usize = answers
+        .chunks(slots)
+        .map(|b| b.iter().map(passes).max().unwrap_or(0))
+        .sum();
+    let ideal = answers.iter().map(passes).sum::<usize>().div_ceil(slots);
+    if ideal == 0 {
+        1.0
+    } else {
+        static_passes as f64 / ideal as f64
+    }
 }
 
 /// Inputs for the model stage: one prompt's pages, or a document that failed before the model.

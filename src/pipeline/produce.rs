@@ -225,6 +225,13 @@ pub(super) async fn produce(
             .ok()
             .and_then(|mut m| m.remove(&doc.doc.uri));
         let info = listed.map(Arc::new).unwrap_or_else(|| doc.doc.clone());
+        let prior_attempts = skip.processed.attempts(&state::doc_key(
+            &info.uri,
+            info.etag.as_deref(),
+            info.version.as_deref(),
+            &skip.schema_sha,
+            &skip.model_id,
+        ));
         let source_info = |start: usize, end: usize, count: Option<usize>| SourceInfo {
             uri: info.uri.clone(),
             etag: info.etag.clone(),
@@ -233,10 +240,15 @@ pub(super) async fn produce(
             page_end: end as u32,
             doc_page_count: count.map(|c| c as u32),
             attempt: None,
+            doc_rows: None,
+            prior_attempts,
         };
         let mut group = Vec::new();
         let mut group_start = 1;
         let mut render = Duration::ZERO;
+        // Each input waits here until the next one of its document is known, so that the last one goes out marked
+        // with the document's row count: the writer commits a document only once it holds all its rows.
+        let mut held = DocumentInputs::default();
         while let Some(item) = doc.pages.recv().await {
             match item {
                 Ok(page) => {
@@ -268,11 +280,12 @@ pub(super) async fn produce(
                                 kind: ErrorKind::Image,
                                 error: crate::error::chain(&e),
                             });
-                            send(&model_tx, input).await?;
-                            continue;
+                            held.push(&model_tx, input).await?;
                         }
                     }
-                    if group.len() == per_prompt || last {
+                    // The group goes out when full or at the document's last page, whether or not that page
+                    // itself could be prepared (the group's earlier pages always get their row).
+                    if !group.is_empty() && (group.len() == per_prompt || last) {
                         let input = PageInput {
                             source: source_info(group_start, index + 1, Some(count)),
                             images: std::mem::take(&mut group),
@@ -280,7 +293,7 @@ pub(super) async fn produce(
                             raster_ms: Some(render.as_secs_f64() * 1e3),
                         };
                         render = Duration::ZERO;
-                        send(&model_tx, Ok(input)).await?;
+                        held.push(&model_tx, Ok(input)).await?;
                     }
                 }
                 Err(e) => {
@@ -290,14 +303,7 @@ pub(super) async fn produce(
                     // A transient failure is left not done (status `retry`) until its attempts run out.
                     let mut row = source_info(0, 0, None);
                     if e.is_transient() {
-                        let key = state::doc_key(
-                            &info.uri,
-                            info.etag.as_deref(),
-                            info.version.as_deref(),
-                            &skip.schema_sha,
-                            &skip.model_id,
-                        );
-                        let attempt = skip.processed.attempts(&key) + 1;
+                        let attempt = prior_attempts + 1;
                         if attempt < MAX_ATTEMPTS {
                             row.attempt = Some(attempt);
                         } else {
@@ -318,11 +324,12 @@ pub(super) async fn produce(
                         kind: error_kind(&e),
                         error,
                     };
-                    send(&model_tx, Err(failed)).await?;
+                    held.push(&model_tx, Err(failed)).await?;
                     break;
                 }
             }
         }
+        held.finish(&model_tx).await?;
     }
     counting.abort();
     let fatal = fatal.lock().ok().and_then(|mut f| f.take());
@@ -354,6 +361,42 @@ fn error_kind(e: &RasterError) -> ErrorKind {
         RasterError::WorkerCrashed { .. }
         | RasterError::Timeout { .. }
         | RasterError::Renderer { .. } => ErrorKind::Renderer,
+    }
+}
+
+/// One document's inputs on their way to the model stage, the latest held back until it is known whether it is the
+/// document's last.
+#[derive(Default)]
+struct DocumentInputs {
+    last: Option<ModelInput>,
+    sent: u32,
+}
+
+impl DocumentInputs {
+    /// Sends the input held so far and holds `input`.
+    async fn push(
+        &mut self,
+        tx: &mpsc::Sender<ModelInput>,
+        input: ModelInput,
+    ) -> Result<(), PipelineError> {
+        if let Some(before) = self.last.replace(input) {
+            self.sent += 1;
+            send(tx, before).await?;
+        }
+        Ok(())
+    }
+
+    /// The document is over: its last input goes out with the document's row count.
+    async fn finish(mut self, tx: &mpsc::Sender<ModelInput>) -> Result<(), PipelineError> {
+        let Some(mut last) = self.last.take() else {
+            return Ok(());
+        };
+        let rows = Some(self.sent + 1);
+        match &mut last {
+            Ok(page) => page.source.doc_rows = rows,
+            Err(failed) => failed.source.doc_rows = rows,
+        }
+        send(tx, last).await
     }
 }
 

@@ -33,6 +33,9 @@ pub(crate) struct Progress {
     pub generated_tokens: AtomicU64,
     /// Documents whose last row reached the writer.
     pub documents_done: AtomicUsize,
+    /// Decode row places offered and those that held a live sequence (the model stage's running counts).
+    pub row_steps: AtomicUsize,
+    pub live_row_steps: AtomicUsize,
     /// Documents this run will process (listing counted in the background); 0 until known.
     total: AtomicUsize,
     /// Nanoseconds each stage spent working, summed over its parallel workers.
@@ -117,7 +120,15 @@ impl Progress {
             "generated_tokens_per_s": (self.generated_tokens.load(Ordering::Relaxed) as f64 / secs).round(),
             "documents_total": self.total(),
             "eta_s": self.eta_seconds(started).map(|e| e.round()),
+            "idle_row_share": self.idle_row_share().map(|s| (s * 1000.0).round() / 1000.0),
         })
+    }
+
+    /// Share of decode row places that held no live sequence so far; None before the first step.
+    fn idle_row_share(&self) -> Option<f64> {
+        let offered = self.row_steps.load(Ordering::Relaxed);
+        let live = self.live_row_steps.load(Ordering::Relaxed);
+        (offered > 0).then(|| 1.0 - live as f64 / offered as f64)
     }
 
     fn line(&self, started: Instant) -> String {
@@ -132,8 +143,12 @@ impl Progress {
             Some(s) => format!(" | ETA {}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64),
             None => String::new(),
         };
+        let idle = self
+            .idle_row_share()
+            .map(|s| format!(" | idle rows {:.0}%", s * 100.0))
+            .unwrap_or_default();
         format!(
-            "documents {}{total} done ({} read, {} failed) | pages {} ({}/s) | rows {} ({} error) | {} generated tokens/s{eta}",
+            "documents {}{total} done ({} read, {} failed) | pages {} ({}/s) | rows {} ({} error) | {} generated tokens/s{idle}{eta}",
             f["documents_done"],
             f["documents"],
             f["documents_failed"],

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::model_stage::model_stage;
+use super::model_stage::{ModelStageConfig, model_stage};
 use super::produce::{SkipRules, produce};
 use super::report::{Progress, Reporter};
 use super::writer::{ModelOutput, Writer, Written};
@@ -82,6 +82,12 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
         });
     }
     let device: Device = spec.model.device.parse()?;
+    // Checked now, not at the first encrypted PDF: a missing variable would turn every one into an error row.
+    if let Some(name) = &spec.raster.password_env
+        && std::env::var_os(name).is_none()
+    {
+        return Err(PipelineError::PasswordEnvUnset { name: name.clone() });
+    }
     let mode = match &spec.extract.schema {
         Some(path) => Mode::Schema(Box::new(
             ExtractionSchema::load(path).map_err(PipelineError::Schema)?,
@@ -166,14 +172,22 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
         let (model_tx, model_rx) = mpsc::channel::<ModelInput>(spec.model.batch_size * 2);
         let (rows_tx, rows_rx) = mpsc::channel::<ModelOutput>(4);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<bool>();
-        let model_spec = spec.model.clone();
+        let stage = ModelStageConfig {
+            spec: spec.model.clone(),
+            device,
+            mode,
+            review,
+            pages_per_prompt: spec.extract.pages_per_prompt.max(1),
+            max_side: match spec.raster.max_side {
+                0 => manifest.image.max_image_size,
+                side => side as usize,
+            },
+            progress: progress.clone(),
+            abort: abort.clone(),
+        };
         let model_thread = std::thread::Builder::new()
             .name("pixtract-model".into())
-            .spawn(move || {
-                model_stage(
-                    model_spec, device, mode, review, model_rx, rows_tx, ready_tx,
-                )
-            })
+            .spawn(move || model_stage(stage, model_rx, rows_tx, ready_tx))
             .map_err(|source| PipelineError::Io {
                 what: "cannot start the model thread",
                 source,
@@ -182,7 +196,7 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
             // Start-up failed: the thread's own result holds the typed error.
             return Err(match model_thread.join() {
                 Ok(Err(e)) => e,
-                Ok(Ok(())) => PipelineError::Stopped("the model thread ended during start-up"),
+                Ok(Ok(_)) => PipelineError::Stopped("the model thread ended during start-up"),
                 Err(panic) => PipelineError::ModelPanicked(panic_message(panic.as_ref())),
             });
         }
@@ -218,11 +232,19 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
                 source,
             })?;
         // The model's outcome first: when it failed, the producer and the writer only saw their channel close.
-        match model_result {
-            Ok(Ok(())) => {}
+        let decode = match model_result {
+            Ok(Ok(decode)) => decode,
+            // A writer that failed (the output's storage, a full disk) closed its channel, and the model stage saw
+            // only that: the writer's own error is the run's, with its cause.
+            Ok(Err(PipelineError::Stopped(what))) => {
+                return Err(match writer.await {
+                    Ok(Err(e)) => e,
+                    _ => PipelineError::Stopped(what),
+                });
+            }
             Ok(Err(e)) => return Err(e),
             Err(panic) => return Err(PipelineError::ModelPanicked(panic_message(panic.as_ref()))),
-        }
+        };
         let Written {
             sink,
             tally,
@@ -239,6 +261,8 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
                 "interrupted by a signal: documents not started are left for the next run"
                     .to_string(),
             )
+        } else if let Some(stopped) = &decode.stopped {
+            Some(stopped.clone())
         } else if let Some(lost) = lease.lost() {
             Some(format!(
                 "{lost}: stopped taking documents; those not started are left for the next run"
@@ -268,6 +292,7 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
             aborted: failure,
             output: target.url(),
             files: Vec::new(),
+            decode,
             report: None,
         };
         let manifest_value = serde_json::to_value(&summary).map_err(PipelineError::Summary)?;

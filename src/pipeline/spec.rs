@@ -177,7 +177,10 @@ fn default_lease_ttl_s() -> u64 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsSpec {
-    /// Abort the run cleanly once more than this share of documents failed (after `failure_min_docs`).
+    /// Abort the run cleanly once more than this share of rows failed (after `failure_min_docs`). Default 1.0
+    /// (never): a nightly job over a mixed bucket should not leave tonight's good documents undone because many
+    /// scans were bad; every failure is a row and exit code 2 says so. Model failures are `retry` rows, not
+    /// permanent ones, so a broken device does not mark documents done.
     #[serde(default = "default_failure_share")]
     pub max_failed_share: f64,
     /// Documents seen before the share applies (a first bad file does not abort a big job).

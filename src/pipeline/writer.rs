@@ -1,5 +1,6 @@
 //! The writer: rows to Parquet as they come, a whole document at a time, with the failure budget.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -53,7 +54,7 @@ impl Writer {
     ) -> Result<Written, PipelineError> {
         let mut tally = RowTally::default();
         let mut failure: Option<String> = None;
-        let mut held: Vec<ExtractionRecord> = Vec::new();
+        let mut held = Documents::default();
         while let Some((records, busy)) = rows_rx.recv().await {
             tally.busy += busy;
             self.progress.add_busy(Stage::Model, busy);
@@ -103,14 +104,14 @@ impl Writer {
                 .store(tally.generated_tokens, Ordering::Relaxed);
             // Rows go to the sink a whole document at a time, so a file rotation never falls inside a document
             // and a kill between two commits never leaves half a document committed (the next run would redo the
-            // document and duplicate the committed half). Rows of a document still in progress wait in `held`.
-            let finished = records.iter().filter(|r| completes_document(r)).count();
-            self.progress
-                .documents_done
-                .fetch_add(finished, Ordering::Relaxed);
-            held.extend(records);
-            if let Some(last) = held.iter().rposition(completes_document) {
-                let ready: Vec<ExtractionRecord> = held.drain(..=last).collect();
+            // document and duplicate the committed half). Rows finish out of order in a stream: those of a
+            // document still in progress wait in `held` until all of them are in.
+            let ready = held.add(records);
+            if !ready.is_empty() {
+                let finished = ready.iter().filter(|r| r.source.doc_rows.is_some()).count();
+                self.progress
+                    .documents_done
+                    .fetch_add(finished, Ordering::Relaxed);
                 let t = Instant::now();
                 // A row whose values do not convert is an error row of its own, not a failed run.
                 let (batch, replaced) =
@@ -142,15 +143,14 @@ impl Writer {
                 self.abort.store(true, Ordering::SeqCst);
             }
         }
-        if !held.is_empty() {
+        for (uri, rows) in held.incomplete() {
             // Only when the run stopped inside a document: its rows are left out so that the next run, which
             // redoes the whole document, writes each page exactly once.
-            let uri = held[0].source.uri.clone();
             self.reporter.event(
                 "warn",
                 "document_incomplete",
-                || format!("{uri}: stopped before its last page; left for the next run ({} rows not written)", held.len()),
-                serde_json::json!({"uri": uri, "rows": held.len()}),
+                || format!("{uri}: stopped before its last page; left for the next run ({rows} rows not written)"),
+                serde_json::json!({"uri": uri, "rows": rows}),
             );
         }
         Ok(Written {
@@ -161,10 +161,51 @@ impl Writer {
     }
 }
 
-/// Whether this row is its document's last: the last page (or the last prompt's pages) or a document-level error.
-fn completes_document(r: &ExtractionRecord) -> bool {
-    r.source.page_start == 0
-        || r.source
-            .doc_page_count
-            .is_none_or(|count| r.source.page_end >= count)
+/// Rows of documents not yet complete, by document URI.
+#[derive(Default)]
+struct Documents {
+    rows: HashMap<String, Vec<ExtractionRecord>>,
+    /// Row counts of documents whose last row (the one carrying `doc_rows`) has come.
+    expected: HashMap<String, usize>,
+}
+
+impl Documents {
+    /// Takes rows in any order; returns the rows of every document now complete, each document's rows together,
+    /// in page order.
+    fn add(&mut self, records: Vec<ExtractionRecord>) -> Vec<ExtractionRecord> {
+        let mut touched = Vec::new();
+        for r in records {
+            let uri = r.source.uri.clone();
+            if let Some(n) = r.source.doc_rows {
+                self.expected.insert(uri.clone(), n as usize);
+            }
+            self.rows.entry(uri.clone()).or_default().push(r);
+            if !touched.contains(&uri) {
+                touched.push(uri);
+            }
+        }
+        let mut ready = Vec::new();
+        for uri in touched {
+            let have = self.rows.get(&uri).map_or(0, Vec::len);
+            if self.expected.get(&uri) == Some(&have) {
+                self.expected.remove(&uri);
+                let mut rows = self.rows.remove(&uri).unwrap_or_default();
+                // Page order, a document-level error row (page 0) after the pages before it.
+                rows.sort_by_key(|r| (r.source.page_start == 0, r.source.page_start));
+                ready.extend(rows);
+            }
+        }
+        ready
+    }
+
+    /// Documents left incomplete, with their rows held.
+    fn incomplete(&self) -> Vec<(String, usize)> {
+        let mut left: Vec<(String, usize)> = self
+            .rows
+            .iter()
+            .map(|(uri, rows)| (uri.clone(), rows.len()))
+            .collect();
+        left.sort();
+        left
+    }
 }

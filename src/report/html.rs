@@ -135,6 +135,19 @@ pub fn render(report: &RunReport) -> Result<String, ReportError> {
             ("prompt_tokens", s.prompt_tokens.to_string()),
             ("generated_tokens", s.generated_tokens.to_string()),
         ]);
+        if let Some(d) = &s.decode {
+            summary_rows.extend([
+                ("batching", format!("{} x{}", d.batching, d.slots)),
+                ("slot_admissions", d.admissions.to_string()),
+                ("decode_steps", d.steps.to_string()),
+                (
+                    "idle_row_share",
+                    format!("{:.1}%", 100.0 * d.idle_row_share),
+                ),
+                ("host_ms_per_step", format!("{:.2}", d.host_ms_per_step)),
+                ("scheduling_ceiling", format!("{:.2}x", d.ceiling)),
+            ]);
+        }
     }
     page.push_str("<section id=\"summary\"><h2>Summary</h2><table id=\"summary-table\"><tbody>");
     for (key, value) in &summary_rows {

@@ -64,6 +64,28 @@ pub struct SummaryFigures {
     pub stages: Vec<StageShare>,
     #[serde(default)]
     pub aborted: Option<String>,
+    /// The decoder's counters (runs before 2026-12-07 have none).
+    #[serde(default)]
+    pub decode: Option<DecodeFigures>,
+}
+
+/// The part of the manifest's `decode` object the report shows.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct DecodeFigures {
+    #[serde(default)]
+    pub batching: String,
+    #[serde(default)]
+    pub slots: usize,
+    #[serde(default)]
+    pub admissions: usize,
+    #[serde(default)]
+    pub steps: usize,
+    #[serde(default)]
+    pub idle_row_share: f64,
+    #[serde(default)]
+    pub host_ms_per_step: f64,
+    #[serde(default)]
+    pub ceiling: f64,
 }
 
 /// One output row, reduced.

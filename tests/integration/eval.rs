@@ -162,7 +162,7 @@ fn score(rows: &[Row], labels: &LabelSet) -> eval::Report {
 }
 
 #[test]
-fn sroie_labels_as_predictions_score_one() {
+fn corpus_sroie_labels_as_predictions_score_one() {
     let labels = LabelSet::load(&sroie()).unwrap();
     assert!(labels.documents.len() >= 40, "{}", labels.documents.len());
     let report = score(&rows_from_labels(&labels), &labels);
@@ -183,7 +183,7 @@ fn sroie_labels_as_predictions_score_one() {
 }
 
 #[test]
-fn perturbed_predictions_score_as_counted_by_hand() {
+fn corpus_perturbed_predictions_score_as_counted_by_hand() {
     let labels = LabelSet::load(&sroie()).unwrap();
     let mut rows = rows_from_labels(&labels);
     // Documents with all four labels present, so each perturbation's effect is one outcome.
@@ -326,7 +326,7 @@ fn calibration_and_threshold_on_known_confidences() {
 }
 
 #[test]
-fn eval_cli_prints_the_table_and_writes_outcomes_duckdb_reads() {
+fn corpus_eval_cli_prints_the_table_and_writes_outcomes_duckdb_reads() {
     let labels = LabelSet::load(&sroie()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut rows = rows_from_labels(&labels);
@@ -646,7 +646,7 @@ fn invoice2data_labels_score_through_the_mapping_file() {
 /// Predictions read from an S3 prefix (moto on loopback), as a nightly job's output lives: the same scores as the
 /// same files read locally, and an uncommitted `.`-file beside them is not read.
 #[test]
-fn eval_reads_predictions_from_an_s3_prefix() {
+fn corpus_eval_reads_predictions_from_an_s3_prefix() {
     use object_store::ObjectStoreExt;
     let labels = LabelSet::load(&sroie()).unwrap();
     let dir = tempfile::tempdir().unwrap();

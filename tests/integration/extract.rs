@@ -392,6 +392,8 @@ pub fn source(uri: &str) -> SourceInfo {
         page_start: 1,
         page_end: 1,
         doc_page_count: Some(1),
+        doc_rows: None,
+        prior_attempts: 0,
     }
 }
 
@@ -617,6 +619,119 @@ fn continuous_batching_under_the_grammar_equals_one_by_one() {
             a, c,
             "page {i}: continuous batching differs from its one-by-one run"
         );
+    }
+}
+
+/// The model stage's loop, with pages arriving at seeded random moments: between two engine steps, none, one or
+/// several pages arrive (the stage adds whatever is ready while the engine has room). Rows finish out of order and
+/// slots are refilled mid-run; every record equals the page's one-by-one run under the grammar.
+#[test]
+fn a_stream_with_pages_arriving_at_random_moments_equals_one_by_one() {
+    let mut engine = gqa_engine();
+    let pages = reference_pages(&engine);
+    // Each page twice: more arrivals than slots, so slots are refilled many times.
+    let pages: Vec<_> = pages.iter().chain(pages.iter()).cloned().collect();
+    let config = GenerationConfig {
+        max_new_tokens: 96,
+        ..Default::default()
+    };
+    let extractor = |engine: &pixtract::model::PixtralEngine, max_batch, batching| {
+        let policy = BatchPolicy {
+            max_batch,
+            batching,
+            ..Default::default()
+        };
+        Extractor::new(
+            engine,
+            Mode::Schema(Box::new(load("receipt"))),
+            config.clone(),
+            policy,
+        )
+        .expect("extractor")
+    };
+    let summary = |r: &ExtractionRecord| {
+        (
+            r.raw_output.clone(),
+            r.finish_reason.clone(),
+            format!("{:?}", r.outcome),
+        )
+    };
+    let one_by_one = extractor(&engine, 1, Batching::Static);
+    let alone: Vec<_> = one_by_one
+        .run(&mut engine, page_inputs(&pages))
+        .expect("run")
+        .records
+        .iter()
+        .map(summary)
+        .collect();
+    for (seed, slots, batching) in [
+        (1u64, 3, Batching::Continuous),
+        (2, 2, Batching::Continuous),
+        (3, 3, Batching::Static),
+    ] {
+        let ex = extractor(&engine, slots, batching);
+        let max_prompt = ex.max_prompt_tokens(&engine, 1, 1024).expect("bound");
+        let mut stream = ex.stream(&engine, max_prompt);
+        let mut arriving = page_inputs(&pages).into_iter().enumerate();
+        let mut got: Vec<Option<ExtractionRecord>> = vec![None; pages.len()];
+        let mut ids = std::collections::HashMap::new();
+        let mut rng = seed;
+        let (mut open, mut steps, mut most_in_flight) = (true, 0, 0);
+        while open || !stream.is_idle() {
+            // xorshift: 0-2 pages arrive before this step (none while the engine is full).
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            for _ in 0..rng % 3 {
+                if !stream.has_capacity() {
+                    break;
+                }
+                match arriving.next() {
+                    Some((i, input)) => {
+                        let (id, record) = stream.add(&engine, input);
+                        assert!(record.is_none(), "page {i} refused: {record:?}");
+                        ids.insert(id, i);
+                    }
+                    None => open = false,
+                }
+            }
+            most_in_flight = most_in_flight.max(stream.in_flight());
+            for done in stream.step(&mut engine) {
+                let i = ids[&done.input];
+                assert!(got[i].is_none(), "page {i} finished twice");
+                got[i] = Some(done.record);
+            }
+            steps += 1;
+            assert!(steps < 100_000, "the stream does not finish");
+        }
+        let stats = stream.stats().clone();
+        eprintln!(
+            "{batching:?} x{slots}: {steps} steps, {} admissions, {} decode steps, most in flight {most_in_flight}",
+            stats.admissions, stats.steps
+        );
+        if batching == Batching::Continuous {
+            assert!(stats.admissions > slots, "slots were never refilled");
+            assert_eq!(stats.admissions, pages.len());
+        }
+        for (i, (a, g)) in alone.iter().zip(&got).enumerate() {
+            let g = g
+                .as_ref()
+                .unwrap_or_else(|| panic!("page {i} got no record"));
+            assert_eq!(
+                a,
+                &summary(g),
+                "page {i}: {batching:?} stream with {slots} slots differs from its one-by-one run"
+            );
+            let latency = g.latency;
+            assert!(
+                latency.decode_ms.is_some_and(|d| d > 0.0),
+                "page {i}: {latency:?}"
+            );
+            assert!(
+                latency.grammar_ms.is_some_and(|d| d > 0.0),
+                "page {i}: {latency:?}"
+            );
+        }
     }
 }
 

@@ -260,6 +260,109 @@ fn run_turns_a_folder_into_parquet_with_error_rows_for_bad_documents() {
     );
 }
 
+/// The rows of a run's output that batching must not change, one line per row, in document and page order.
+fn rows_that_batching_must_not_change(output: &Path) -> Vec<String> {
+    let glob = format!("{}/**/*.parquet", output.display());
+    duckdb(&format!(
+        "SELECT regexp_replace(source_uri, '.*/', ''), page_start, page_end, status, finish_reason, \
+         generated_tokens, raw_output, to_json(_confidence), coalesce(error, '') \
+         FROM read_parquet('{glob}', hive_partitioning = true) ORDER BY 1, 2"
+    ))
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
+/// The run manifest's `decode` object (the only manifest under `output`).
+fn decode_of(output: &Path) -> serde_json::Value {
+    let manifest = std::fs::read_dir(output)
+        .unwrap()
+        .flatten()
+        .flat_map(|e| {
+            if e.path().is_dir() {
+                std::fs::read_dir(e.path()).unwrap().flatten().collect()
+            } else {
+                vec![e]
+            }
+        })
+        .find(|e| e.file_name().to_string_lossy().starts_with("_manifest-"))
+        .expect("run manifest");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(manifest.path()).unwrap()).unwrap();
+    manifest["summary"]["decode"].clone()
+}
+
+#[test]
+fn static_and_continuous_runs_write_the_same_rows_and_say_what_the_decoder_did() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = tmp.path().join("in");
+    // Scans of different sizes and texts (answers of different lengths) and two-page PDFs (pages of one document
+    // finish out of order in a stream).
+    let made = python_stdout(
+        &format!(
+            "import runpy, sys; sys.argv = ['make_stream_workload.py', '14', {:?}]; \
+             runpy.run_path({:?}, run_name='__main__')",
+            inputs.display().to_string(),
+            repo_root()
+                .join("scripts/make_stream_workload.py")
+                .display()
+                .to_string()
+        ),
+        &[] as &[&str],
+    );
+    assert!(made.contains("14 scans"), "{made}");
+    for d in 0..2 {
+        std::fs::write(inputs.join(format!("inv{d}.pdf")), invoice_pdf(d, 2)).unwrap();
+    }
+    let mut outputs = Vec::new();
+    for batching in ["static", "continuous"] {
+        let output = tmp.path().join(format!("out-{batching}"));
+        let spec = write_spec(tmp.path(), &inputs, &output);
+        let text_spec = std::fs::read_to_string(&spec)
+            .unwrap()
+            .replace(
+                &tiny_model().display().to_string(),
+                &crate::util::tiny_gqa_model().display().to_string(),
+            )
+            .replace(
+                "batch_size = 4",
+                &format!("batch_size = 3\nbatching = \"{batching}\""),
+            );
+        std::fs::write(&spec, text_spec).unwrap();
+        let out = pixtract(&["run", spec.to_str().unwrap()], &[], &repo_root());
+        let t = text(&out);
+        assert!(matches!(out.status.code(), Some(0 | 2)), "{batching}: {t}");
+        assert!(t.contains("16 documents"), "{batching}: {t}");
+        outputs.push(output);
+    }
+    let (static_rows, continuous_rows) = (
+        rows_that_batching_must_not_change(&outputs[0]),
+        rows_that_batching_must_not_change(&outputs[1]),
+    );
+    assert_eq!(
+        static_rows.len(),
+        18,
+        "14 scans + 2 x 2 pages:\n{static_rows:#?}"
+    );
+    assert_eq!(
+        static_rows, continuous_rows,
+        "batching changed what was extracted"
+    );
+    let (s, c) = (decode_of(&outputs[0]), decode_of(&outputs[1]));
+    eprintln!("static: {s}\ncontinuous: {c}");
+    assert_eq!(s["batching"], "static", "{s}");
+    assert_eq!(s["admissions"], 0, "{s}");
+    assert_eq!(c["batching"], "continuous", "{c}");
+    // Every page went through a slot, so slots were refilled (3 slots, 18 pages).
+    assert_eq!(c["admissions"], 18, "{c}");
+    for d in [&s, &c] {
+        let idle = d["idle_row_share"].as_f64().unwrap();
+        assert!((0.0..1.0).contains(&idle), "{d}");
+        assert!(d["steps"].as_u64().unwrap() > 0, "{d}");
+        assert!(d["ceiling"].as_f64().unwrap() >= 1.0, "{d}");
+    }
+}
+
 #[test]
 fn run_refuses_bad_specs_before_doing_work() {
     let tmp = tempfile::tempdir().unwrap();

@@ -154,6 +154,9 @@ pub(super) struct DecodeOutcome {
     pub generations: Vec<Generation>,
     pub decode_tokens: usize,
     pub row_capacity: usize,
+    /// Decoder passes after the prefill, and the time they took (the rest of decode is host work).
+    pub steps: usize,
+    pub forward: std::time::Duration,
 }
 
 /// The host logits of a pass as mutable f32 rows: the buffer itself for fp32 logits (masked in place: it is
@@ -208,18 +211,21 @@ impl PixtralEngine {
         &mut self,
         cache: &mut KvCache,
         mut logits: DynTensor,
-        prompts: &[EncodedPrompt],
+        prompts: &[&EncodedPrompt],
         rows: &[usize],
         config: &GenerationConfig,
         hook: &mut dyn StepHook,
     ) -> Result<DecodeOutcome, ModelError> {
         let mut decode_tokens = 0;
         let mut row_capacity = 0;
+        let mut steps = 0;
+        let mut forward = std::time::Duration::ZERO;
         let eos = self.model.manifest.tokens.eos;
         let vocab = self.model.manifest.text.vocab_size;
         let mut seqs: Vec<Sequence> = rows
             .iter()
-            .map(|&r| Sequence::new(r, prompts[r].ids.len(), config))
+            .zip(prompts)
+            .map(|(&r, p)| Sequence::new(r, p.ids.len(), config))
             .collect();
         // Positions in `seqs` still generating, ascending; row j of the logits is sequence active[j].
         let mut active: Vec<usize> = (0..rows.len()).collect();
@@ -244,6 +250,8 @@ impl PixtralEngine {
                     generations: seqs.into_iter().map(|s| s.out).collect(),
                     decode_tokens,
                     row_capacity,
+                    steps,
+                    forward,
                 });
             }
             let chosen: Vec<i64> = next.iter().flatten().map(|&t| t as i64).collect();
@@ -253,7 +261,10 @@ impl PixtralEngine {
                 logits = self.decoder.logits_buffer(active.len())?;
             }
             let embeds = self.embed_ids(chosen, active.len())?;
+            let pass = std::time::Instant::now();
             cache.step(&mut self.decoder, &embeds, &active, &mut logits)?;
+            forward += pass.elapsed();
+            steps += 1;
         }
     }
 }

@@ -143,6 +143,20 @@ pub struct Generation {
     pub error: Option<String>,
 }
 
+impl Generation {
+    /// A sequence that failed before its first token (its pages could not be encoded), with the cause.
+    pub fn failed(prompt_tokens: usize, error: &crate::model::ModelError) -> Self {
+        Generation {
+            tokens: Vec::new(),
+            token_probs: Vec::new(),
+            finish: FinishReason::Failed,
+            prompt_tokens,
+            first_logits: None,
+            error: Some(crate::error::chain(error)),
+        }
+    }
+}
+
 /// Time spent per phase, summed over a call.
 #[derive(Debug, Clone, Default)]
 pub struct GenerationStats {
@@ -170,6 +184,12 @@ pub struct GenerationStats {
     /// Continuous batching with `vision_ahead`: how long the decoder waited for the vision thread's features
     /// (`vision` is then that thread's busy time, mostly hidden behind decode steps).
     pub vision_wait: Duration,
+    /// Prompts admitted into KV-cache slots (continuous batching).
+    pub admissions: usize,
+    /// Decoder passes over generated tokens (decode steps).
+    pub steps: usize,
+    /// Time in those passes' forward runs; `decode - forward` is host work (masks, sampling, bookkeeping).
+    pub forward: Duration,
 }
 
 impl GenerationStats {
@@ -186,6 +206,9 @@ impl GenerationStats {
         self.max_stall_tokens = self.max_stall_tokens.max(other.max_stall_tokens);
         self.max_stall = self.max_stall.max(other.max_stall);
         self.vision_wait += other.vision_wait;
+        self.admissions += other.admissions;
+        self.steps += other.steps;
+        self.forward += other.forward;
         if self.kv_cache_memory.is_none() {
             self.kv_cache_memory.clone_from(&other.kv_cache_memory);
         }

@@ -13,8 +13,11 @@ mod ort_util;
 mod scheduler;
 pub use scheduler::plan_batches;
 mod slots;
+mod stream;
+pub use stream::{Finished, RowTiming, StreamEngine};
 mod vision;
 
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ort::session::Session;
@@ -40,7 +43,8 @@ pub struct PixtralEngine {
     pub tokenizer: PixtralTokenizer,
     pub preprocessor: ImagePreprocessor,
     device: Device,
-    vision: VisionEncoder,
+    /// Shared with the vision thread of continuous batching (`BatchPolicy::vision_ahead`); locked per prompt.
+    vision: Arc<Mutex<VisionEncoder>>,
     embed: Session,
     decoder: Decoder,
 }
@@ -60,11 +64,11 @@ impl PixtralEngine {
             .attention
             .check_device(opts.device, &m.dtype)?;
         let open = |file: &str| rt.open_session(&model.path_of(file), opts.device);
-        let vision = VisionEncoder::new(
+        let vision = Arc::new(Mutex::new(VisionEncoder::new(
             open(&m.graphs.vision_encoder.file)?,
             m.text.hidden_size,
             m.tokens.img,
-        )?;
+        )?));
         let embed = open(&m.graphs.embed_tokens.file)?;
         let decoder = Decoder::new(open(&m.graphs.decoder.file)?, m, opts.device)?;
         let tokenizer = PixtralTokenizer::from_file(&model.path_of(&m.tokenizer.file), m.tokens)?;
@@ -96,12 +100,15 @@ impl PixtralEngine {
 
     /// Vision encoder on one image: `[patches, text_hidden]` features, row-major.
     pub fn image_features(&mut self, image: &PreparedImage) -> Result<Vec<f32>, ModelError> {
-        self.vision.image_features(image)
+        self.vision
+            .lock()
+            .map_err(|_| ModelError::Graph("the vision encoder's lock is poisoned".into()))?
+            .image_features(image)
     }
 
-    /// Generates for many prompts under `policy`, results in input order: through KV-cache slots refilled as
-    /// sequences finish (continuous batching, GroupQueryAttention decoders), or grouped by length into static
-    /// batches.
+    /// Generates for many prompts under `policy`, results in input order: every prompt added to a
+    /// [`StreamEngine`] at once, stepped until it is idle (slots refilled as sequences finish, or static batches
+    /// longest first). The hook sees prompt `i` as row `i`.
     pub fn generate_many(
         &mut self,
         prompts: &[EncodedPrompt],
@@ -109,21 +116,23 @@ impl PixtralEngine {
         policy: BatchPolicy,
         hook: &mut dyn StepHook,
     ) -> Result<(Vec<Generation>, GenerationStats), ModelError> {
-        if policy.batching == Batching::Continuous
-            && self.decoder.attention == DecoderAttention::Gqa
-        {
-            return self.generate_continuous(prompts, config, policy, hook);
+        let all: Vec<&EncodedPrompt> = prompts.iter().collect();
+        let ids: Vec<usize> = (0..prompts.len()).collect();
+        self.check_rows(&all, &ids, config)?;
+        let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
+        let mut stream = self.stream(config.clone(), policy, longest);
+        for (id, prompt) in prompts.iter().enumerate() {
+            stream.add(id, prompt.clone())?;
         }
-        let lengths: Vec<usize> = prompts.iter().map(|p| p.ids.len()).collect();
         let mut results: Vec<Option<Generation>> = vec![None; prompts.len()];
-        let mut stats = GenerationStats::default();
-        for rows in scheduler::plan_batches(&lengths, policy) {
-            let (gens, s) = self.generate_rows(prompts, &rows, config, hook)?;
-            stats.add(&s);
-            for (row, g) in rows.iter().zip(gens) {
-                results[*row] = Some(g);
+        while !stream.is_idle() {
+            for finished in stream.step(self, hook)? {
+                if let Some(slot) = results.get_mut(finished.id) {
+                    *slot = Some(finished.generation);
+                }
             }
         }
+        let stats = stream.finish();
         let results = results
             .into_iter()
             .map(|g| g.ok_or_else(|| ModelError::Graph("a sequence got no result".into())))
@@ -131,7 +140,7 @@ impl PixtralEngine {
         Ok((results, stats))
     }
 
-    /// Generates for one batch: `rows` index into `prompts` (and name the sequences to the hook).
+    /// Generates for one static batch: `rows` index into `prompts` (and name the sequences to the hook).
     pub fn generate_rows(
         &mut self,
         prompts: &[EncodedPrompt],
@@ -139,18 +148,37 @@ impl PixtralEngine {
         config: &GenerationConfig,
         hook: &mut dyn StepHook,
     ) -> Result<(Vec<Generation>, GenerationStats), ModelError> {
+        let batch = rows
+            .iter()
+            .map(|&r| {
+                prompts
+                    .get(r)
+                    .ok_or_else(|| ModelError::Graph(format!("no prompt {r} in the batch")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.run_batch(&batch, rows, config, hook)
+    }
+
+    /// Runs one static batch to its end: `prompts` with the ids the hook knows them by.
+    pub fn run_batch(
+        &mut self,
+        prompts: &[&EncodedPrompt],
+        ids: &[usize],
+        config: &GenerationConfig,
+        hook: &mut dyn StepHook,
+    ) -> Result<(Vec<Generation>, GenerationStats), ModelError> {
         let mut stats = GenerationStats {
             batches: 1,
             ..Default::default()
         };
-        self.check_rows(prompts, rows, config)?;
+        self.check_rows(prompts, ids, config)?;
 
         let t0 = Instant::now();
-        let features = self.vision_features(prompts, rows, &mut stats)?;
+        let features = self.vision_features(prompts, &mut stats)?;
         stats.vision = t0.elapsed();
 
         let t1 = Instant::now();
-        let batch = self.prompt_batch(prompts, rows, &features)?;
+        let batch = prompt_batch(&mut self.embed, &self.model.manifest, prompts, &features)?;
         let chunk = match config
             .prefill_chunk
             .unwrap_or_else(|| default_prefill_chunk(self.device))
@@ -159,7 +187,7 @@ impl PixtralEngine {
             c => c,
         };
         let capacity = batch.width + config.max_new_tokens;
-        let mut logits = self.decoder.logits_buffer(rows.len())?;
+        let mut logits = self.decoder.logits_buffer(prompts.len())?;
         let mut cache = KvCache::prefill(
             &mut self.decoder,
             &batch,
@@ -172,25 +200,26 @@ impl PixtralEngine {
         stats.prefill_tokens = batch.lengths.iter().sum();
 
         let t2 = Instant::now();
-        let decoded = self.decode(&mut cache, logits, prompts, rows, config, hook)?;
+        let decoded = self.decode(&mut cache, logits, prompts, ids, config, hook)?;
         stats.decode = t2.elapsed();
         stats.decode_tokens = decoded.decode_tokens;
         stats.decode_row_capacity = decoded.row_capacity;
+        stats.steps = decoded.steps;
+        stats.forward = decoded.forward;
         Ok((decoded.generations, stats))
     }
 
     /// Every row has a prompt that, with its new tokens, fits the context.
     fn check_rows(
         &self,
-        prompts: &[EncodedPrompt],
-        rows: &[usize],
+        prompts: &[&EncodedPrompt],
+        ids: &[usize],
         config: &GenerationConfig,
     ) -> Result<(), ModelError> {
         let limit = self.context_limit();
-        for &r in rows {
-            let p = &prompts[r];
+        for (p, &id) in prompts.iter().zip(ids) {
             if p.ids.is_empty() {
-                return Err(ModelError::EmptyPrompt { row: r });
+                return Err(ModelError::EmptyPrompt { row: id });
             }
             if p.ids.len() + config.max_new_tokens > limit {
                 return Err(ModelError::ContextTooLong {
@@ -211,34 +240,20 @@ impl PixtralEngine {
     /// Vision features per row, in `[IMG]` order, checked against the row's number of `[IMG]` tokens.
     fn vision_features(
         &mut self,
-        prompts: &[EncodedPrompt],
-        rows: &[usize],
+        prompts: &[&EncodedPrompt],
         stats: &mut GenerationStats,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        let mut features = Vec::with_capacity(rows.len());
-        for &r in rows {
-            let f = self.vision.prompt_features(&prompts[r])?;
+        let mut vision = self
+            .vision
+            .lock()
+            .map_err(|_| ModelError::Graph("the vision encoder's lock is poisoned".into()))?;
+        let mut features = Vec::with_capacity(prompts.len());
+        for p in prompts {
+            let f = vision.prompt_features(p)?;
             stats.images += f.images;
             features.push(f.features);
         }
         Ok(features)
-    }
-
-    /// The rows' prompts left-padded to one width, embedded, with each row's image features in place of its
-    /// `[IMG]` tokens.
-    fn prompt_batch(
-        &mut self,
-        prompts: &[EncodedPrompt],
-        rows: &[usize],
-        features: &[Vec<f32>],
-    ) -> Result<PromptBatch, ModelError> {
-        prompt_batch(
-            &mut self.embed,
-            &self.model.manifest,
-            prompts,
-            rows,
-            features,
-        )
     }
 }
 
@@ -258,23 +273,18 @@ fn embed_ids(embed: &mut Session, ids: Vec<i64>, batch: usize) -> Result<Vec<f32
 fn prompt_batch(
     embed: &mut Session,
     manifest: &ModelManifest,
-    prompts: &[EncodedPrompt],
-    rows: &[usize],
+    prompts: &[&EncodedPrompt],
     features: &[Vec<f32>],
 ) -> Result<PromptBatch, ModelError> {
     let tokens = manifest.tokens;
     let hidden = manifest.text.hidden_size;
-    let batch = rows.len();
-    let width = rows
-        .iter()
-        .map(|&r| prompts[r].ids.len())
-        .max()
-        .unwrap_or(0);
+    let batch = prompts.len();
+    let width = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
     let mut ids = vec![tokens.pad as i64; batch * width];
     let mut mask = vec![0i64; batch * width];
     let mut positions = vec![0i64; batch * width];
-    for (b, &r) in rows.iter().enumerate() {
-        let p = &prompts[r].ids;
+    for (b, prompt) in prompts.iter().enumerate() {
+        let p = &prompt.ids;
         let offset = width - p.len();
         for (i, &t) in p.iter().enumerate() {
             ids[b * width + offset + i] = t as i64;
@@ -298,6 +308,6 @@ fn prompt_batch(
         width,
         mask,
         positions,
-        lengths: rows.iter().map(|&r| prompts[r].ids.len()).collect(),
+        lengths: prompts.iter().map(|p| p.ids.len()).collect(),
     })
 }
