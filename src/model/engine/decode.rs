@@ -67,8 +67,14 @@ pub(super) fn take_tokens(
     eos: u32,
 ) -> Vec<Option<u32>> {
     let mut failed = vec![false; rows.len()];
-    for ((seq, logits), failed) in rows.iter_mut().zip(&mut failed) {
-        if let Err(source) = hook.mask_logits(seq.row, logits) {
+    let mut masks: Vec<(usize, &mut [f32])> = rows
+        .iter_mut()
+        .map(|(seq, logits)| (seq.row, &mut **logits))
+        .collect();
+    let masked = hook.mask_rows(&mut masks);
+    drop(masks);
+    for (((seq, logits), failed), masked) in rows.iter_mut().zip(&mut failed).zip(masked) {
+        if let Err(source) = masked {
             let row = seq.row;
             seq.fail(ModelError::Hook { row, source });
             *failed = true;

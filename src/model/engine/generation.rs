@@ -72,6 +72,13 @@ pub trait StepHook {
     fn mask_logits(&mut self, row: usize, logits: &mut [f32]) -> Result<(), HookError>;
     /// Called with the chosen token; returns true when the sequence is complete (e.g. grammar accepted).
     fn accept_token(&mut self, row: usize, token: u32) -> Result<bool, HookError>;
+    /// Masks every row of one step (`(row, logits)`), a result per row. A hook whose rows are independent may
+    /// spread them over threads; by default they are masked one after another.
+    fn mask_rows(&mut self, rows: &mut [(usize, &mut [f32])]) -> Vec<Result<(), HookError>> {
+        rows.iter_mut()
+            .map(|(row, logits)| self.mask_logits(*row, logits))
+            .collect()
+    }
 }
 
 /// A step hook's own error, kept whole as the source of [`crate::model::ModelError::Hook`].
