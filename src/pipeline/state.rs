@@ -301,9 +301,12 @@ mod tests {
         assert_eq!(key(None, None), "");
     }
 
+    /// (uri, ETag, version) of one row.
+    type Row<'a> = (&'a str, Option<&'a str>, Option<&'a str>);
+
     /// One row per document, covering its only page, with the provenance columns the reader needs.
-    fn write_rows(dir: &std::path::Path, rows: &[(&str, Option<&str>, Option<&str>)]) {
-        let text = |f: &dyn Fn(&(&str, Option<&str>, Option<&str>)) -> Option<String>| {
+    fn write_rows(dir: &std::path::Path, rows: &[Row]) {
+        let text = |f: &dyn Fn(&Row) -> Option<String>| {
             Arc::new(rows.iter().map(f).collect::<StringArray>()) as ArrayRef
         };
         let same = |v: &str| {
