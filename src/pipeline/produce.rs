@@ -178,7 +178,7 @@ pub(super) async fn produce(
                             let doc_for_error = doc.clone();
                             tokio::spawn(async move {
                                 let t = Instant::now();
-                                let fetched = source.fetch(&doc, max_bytes).await;
+                                let fetched = source.fetch_as_listed(&doc, max_bytes).await;
                                 progress.add_busy(Stage::Fetch, t.elapsed());
                                 fetched
                             })

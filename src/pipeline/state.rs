@@ -59,7 +59,14 @@ impl ProcessedSet {
     }
 }
 
-/// The document's key for skipping: its version when the store has versions, else its ETag.
+/// The document's key for skipping: its normalised ETag, or its version when the store gives no ETag.
+///
+/// Both sides of the comparison go through here (the state reader for the rows of earlier runs, the producer for
+/// the listing), and rows record the LISTING's identity, because stores describe one object differently in a
+/// listing and in a GET: Azure lists an ETag without the quotes its GET answers with; versioned S3 and GCS answer
+/// a GET with a version (`x-amz-version-id`, the generation) their listings leave out. The ETag comes first
+/// because every store lists one; rows written before this rule (quoted GET ETags next to GET versions) then
+/// still match their listing.
 pub fn doc_key(
     uri: &str,
     etag: Option<&str>,
@@ -67,12 +74,27 @@ pub fn doc_key(
     schema: &str,
     model: &str,
 ) -> DocKey {
+    let identity = etag
+        .map(normalise_etag)
+        .filter(|e| !e.is_empty())
+        .or(version)
+        .unwrap_or_default();
     (
         uri.to_string(),
-        version.or(etag).unwrap_or_default().to_string(),
+        identity.to_string(),
         schema.to_string(),
         model.to_string(),
     )
+}
+
+/// An ETag as an opaque value: without its surrounding quotes (HTTP's entity-tag syntax, which some stores keep
+/// and some drop) and without the weak-validator prefix `W/`.
+pub fn normalise_etag(etag: &str) -> &str {
+    let etag = etag.trim();
+    let etag = etag.strip_prefix("W/").unwrap_or(etag);
+    etag.strip_prefix('"')
+        .and_then(|e| e.strip_suffix('"'))
+        .unwrap_or(etag)
 }
 
 /// Reads every committed Parquet file under the target. A document counts as processed when its rows reach its
@@ -249,4 +271,116 @@ async fn read_file(
         }
     }
     Ok(ours)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, Int32Array, RecordBatch, StringArray};
+    use arrow::datatypes::{Field, Schema};
+
+    use super::*;
+
+    #[test]
+    fn etags_compare_without_quotes_or_weak_prefix() {
+        for raw in ["abc", "\"abc\"", "W/\"abc\"", " \"abc\" "] {
+            assert_eq!(normalise_etag(raw), "abc", "{raw:?}");
+        }
+        // Not a pair of quotes: left as it is.
+        assert_eq!(normalise_etag("\""), "\"");
+    }
+
+    #[test]
+    fn the_etag_wins_over_the_version_and_the_version_stands_in_for_a_missing_etag() {
+        let key = |etag, version| doc_key("s3://b/a.pdf", etag, version, "s", "m").1;
+        assert_eq!(key(Some("\"e1\""), Some("v9")), "e1");
+        assert_eq!(key(Some("e1"), None), "e1");
+        assert_eq!(key(None, Some("v9")), "v9");
+        assert_eq!(key(Some(""), Some("v9")), "v9");
+        assert_eq!(key(None, None), "");
+    }
+
+    /// (uri, ETag, version) of one row.
+    type Row<'a> = (&'a str, Option<&'a str>, Option<&'a str>);
+
+    /// One row per document, covering its only page, with the provenance columns the reader needs.
+    fn write_rows(dir: &std::path::Path, rows: &[Row]) {
+        let text = |f: &dyn Fn(&Row) -> Option<String>| {
+            Arc::new(rows.iter().map(f).collect::<StringArray>()) as ArrayRef
+        };
+        let same = |v: &str| {
+            let v = v.to_string();
+            Arc::new(
+                rows.iter()
+                    .map(|_| Some(v.clone()))
+                    .collect::<StringArray>(),
+            ) as ArrayRef
+        };
+        let one = Arc::new(Int32Array::from(vec![1; rows.len()])) as ArrayRef;
+        let columns = [
+            (SOURCE_URI, text(&|r| Some(r.0.to_string()))),
+            (SOURCE_ETAG, text(&|r| r.1.map(str::to_string))),
+            (SOURCE_VERSION, text(&|r| r.2.map(str::to_string))),
+            (SCHEMA_SHA256, same("schema")),
+            (MODEL_ID, same("model")),
+            (PAGE_START, one.clone()),
+            (PAGE_END, one.clone()),
+            (DOC_PAGE_COUNT, one),
+        ];
+        let schema = Arc::new(Schema::new(
+            columns
+                .iter()
+                .map(|(name, a)| Field::new(*name, a.data_type().clone(), true))
+                .collect::<Vec<_>>(),
+        ));
+        let batch =
+            RecordBatch::try_new(schema.clone(), columns.into_iter().map(|c| c.1).collect())
+                .expect("batch");
+        let file = std::fs::File::create(dir.join("part-0.parquet")).expect("create");
+        let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema, None).expect("writer");
+        writer.write(&batch).expect("write");
+        writer.close().expect("close");
+    }
+
+    /// Rows written before the listing's identity was recorded hold what the GET answered: a quoted ETag next to a
+    /// version (versioned S3), a quoted ETag where the listing has none (Azure), a generation (GCS). They still
+    /// count as done for the identity the next listing gives.
+    #[tokio::test]
+    async fn rows_written_the_old_way_match_the_listing() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        write_rows(
+            tmp.path(),
+            &[
+                (
+                    "s3://b/a.png",
+                    Some("\"9b2cf535f27731c9\""),
+                    Some("3HL4kqtJlcpXroDTDmJ"),
+                ),
+                ("az://c/b.png", Some("\"0x227B725616B56C0\""), None),
+                (
+                    "gs://g/c.png",
+                    Some("CKih16GjycICEAE="),
+                    Some("1733553601234567"),
+                ),
+            ],
+        );
+        let set = read_processed(&SinkTarget::Local(tmp.path().to_path_buf()))
+            .await
+            .expect("read");
+        assert_eq!(set.files_read, 1);
+        // As the listings give them: S3 keeps the quotes and has no version; Azure drops the quotes; GCS lists
+        // the ETag alone.
+        for (uri, etag) in [
+            ("s3://b/a.png", "\"9b2cf535f27731c9\""),
+            ("az://c/b.png", "0x227B725616B56C0"),
+            ("gs://g/c.png", "CKih16GjycICEAE="),
+        ] {
+            let key = doc_key(uri, Some(etag), None, "schema", "model");
+            assert!(set.contains(&key), "{key:?} not done in {set:?}");
+        }
+        // A changed object (another ETag) is not done.
+        let changed = doc_key("s3://b/a.png", Some("\"ffff\""), None, "schema", "model");
+        assert!(!set.contains(&changed));
+    }
 }

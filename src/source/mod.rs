@@ -623,6 +623,24 @@ impl Source {
         Ok((info, bytes))
     }
 
+    /// Fetches one document's bytes and keeps the identity (ETag, version) its LISTING gave: that is what the
+    /// rows record and what the next run's listing is compared with (see `pipeline::state::doc_key`). A GET
+    /// describes the same object differently on some stores (Azure quotes the ETag, versioned S3 and GCS add a
+    /// version); an object changed between listing and GET is then simply redone by the next run.
+    pub async fn fetch_as_listed(
+        &self,
+        doc: &DocumentInfo,
+        max_bytes: u64,
+    ) -> Result<(DocumentInfo, Bytes), SourceError> {
+        let (fetched, bytes) = self.fetch(doc, max_bytes).await?;
+        let info = DocumentInfo {
+            etag: doc.etag.clone(),
+            version: doc.version.clone(),
+            ..fetched
+        };
+        Ok((info, bytes))
+    }
+
     async fn fetch_local(
         &self,
         root: PathBuf,

@@ -19,5 +19,6 @@ mod reliability;
 mod report;
 mod sink;
 mod source;
+mod stores;
 mod util;
 mod variants;

@@ -498,3 +498,298 @@ impl Drop for Moto {
         let _ = self.child.wait();
     }
 }
+
+impl Moto {
+    /// Turns on object versioning for a bucket: GETs then answer `x-amz-version-id`, listings carry none.
+    pub fn enable_versioning(&self, bucket: &str) {
+        let body = r#"<VersioningConfiguration xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Status>Enabled</Status></VersioningConfiguration>"#;
+        let (status, reply) = http(
+            self.port,
+            "PUT",
+            &format!("/{bucket}?versioning"),
+            &[],
+            body.as_bytes(),
+        );
+        assert_eq!(status, 200, "{reply}");
+    }
+}
+
+// ---- Azurite and fake-gcs-server: emulators installed by `scripts/setup.sh` under `.emulators` ----
+
+/// A free loopback port (bound and released; the emulator binds it right after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// `.emulators/NAME` made by `scripts/setup.sh`; missing is a failure that says how to make it.
+fn emulator(name: &str) -> PathBuf {
+    let exe = repo_root().join(".emulators").join(name);
+    assert!(
+        exe.is_file(),
+        "{} missing: run `scripts/setup.sh --emulators`",
+        exe.display()
+    );
+    exe
+}
+
+/// `DIR/emulator.log`, where an emulator's stderr goes.
+fn log_file(dir: &Path) -> std::fs::File {
+    std::fs::File::create(dir.join("emulator.log")).expect("emulator log")
+}
+
+/// Waits until the child listens on `port`; a child that exits first fails the test with its log.
+fn wait_listening(child: &mut std::process::Child, port: u16, what: &str, dir: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(dir.join("emulator.log")).unwrap_or_default();
+            panic!("{what} exited before listening on port {port}: {status}\n{log}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not start on port {port}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// One HTTP/1.1 request to 127.0.0.1:`port` (no client library needed for the emulators' set-up calls):
+/// (status, whole reply).
+pub fn http(
+    port: u16,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let mut head = format!(
+        "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).expect("send");
+    s.write_all(body).expect("send body");
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).expect("read");
+    let reply = String::from_utf8_lossy(&reply).into_owned();
+    let status = reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, reply)
+}
+
+/// Azurite's blob service (in memory) on a free loopback port; stopped when dropped.
+pub struct Azurite {
+    pub port: u16,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+/// The emulator's well-known account and key (public, the same in every Azurite).
+const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+impl Azurite {
+    pub fn start() -> Azurite {
+        let exe = emulator("azurite-blob");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let mut child = Command::new(exe)
+            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+            // In memory, no telemetry (no network here), and it accepts object_store's API version.
+            .args([
+                "--inMemoryPersistence",
+                "--disableTelemetry",
+                "--loose",
+                "--skipApiVersionCheck",
+                "--silent",
+            ])
+            // Its working folder (in-memory storage rules out `--location`), and its log for a failure message.
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file(dir.path()))
+            .spawn()
+            .expect("start azurite-blob");
+        wait_listening(&mut child, port, "azurite-blob", dir.path());
+        Azurite {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+
+    /// Creates a container. Azurite wants a signed request for that (object_store has no container call): a
+    /// SharedKey signature from Python's standard library.
+    pub fn create_container(&self, container: &str) {
+        let script = r#"
+import base64, email.utils, hashlib, hmac, sys, urllib.request
+port, container, account, key = sys.argv[1:5]
+date, version = email.utils.formatdate(usegmt=True), "2021-08-06"
+# PUT, the 11 standard headers (empty but Content-Type: a zero Content-Length is empty, and urllib would otherwise
+# send a form Content-Type of its own), then the x-ms-* headers and the resource.
+ctype = "application/octet-stream"
+to_sign = "PUT\n" + "\n" * 4 + ctype + "\n" * 7 + f"x-ms-date:{date}\nx-ms-version:{version}\n/{account}/{account}/{container}\nrestype:container"
+sig = base64.b64encode(hmac.new(base64.b64decode(key), to_sign.encode(), hashlib.sha256).digest()).decode()
+req = urllib.request.Request(f"http://127.0.0.1:{port}/{account}/{container}?restype=container", data=b"", method="PUT",
+    headers={"Content-Type": ctype, "x-ms-date": date, "x-ms-version": version, "Authorization": f"SharedKey {account}:{sig}"})
+print(urllib.request.urlopen(req).status)
+"#;
+        let out = python_stdout(
+            script,
+            &[
+                &self.port.to_string(),
+                container,
+                AZURITE_ACCOUNT,
+                AZURITE_KEY,
+            ],
+        );
+        assert_eq!(out.trim(), "201", "{out}");
+    }
+
+    /// A client for one container, the way `pixtract` reaches the emulator (path-style account URL, well-known
+    /// key), but without process-wide environment variables.
+    pub fn store(&self, container: &str) -> std::sync::Arc<dyn object_store::ObjectStore> {
+        let store = object_store::azure::MicrosoftAzureBuilder::new()
+            .with_endpoint(format!("http://127.0.0.1:{}/{AZURITE_ACCOUNT}", self.port))
+            .with_allow_http(true)
+            .with_account(AZURITE_ACCOUNT)
+            .with_access_key(AZURITE_KEY)
+            .with_container_name(container)
+            .build()
+            .expect("azure store");
+        std::sync::Arc::new(store)
+    }
+
+    /// Environment for a pixtract process talking to this emulator (object_store's emulator mode).
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AZURE_STORAGE_USE_EMULATOR", "true".into()),
+            (
+                "AZURITE_BLOB_STORAGE_URL",
+                format!("http://127.0.0.1:{}", self.port),
+            ),
+        ]
+    }
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// fake-gcs-server (in memory) on a free loopback port; stopped when dropped.
+pub struct FakeGcs {
+    pub port: u16,
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl FakeGcs {
+    pub fn start() -> FakeGcs {
+        let exe = emulator("fake-gcs-server");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let host = format!("127.0.0.1:{port}");
+        let mut child = Command::new(exe)
+            .args(["-host", "127.0.0.1", "-port", &port.to_string()])
+            .args([
+                "-scheme",
+                "http",
+                "-backend",
+                "memory",
+                "-log-level",
+                "error",
+            ])
+            // Without it, the XML API's paths (object_store lists and reads through them) answer 404.
+            .args(["-public-host", &host])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file(dir.path()))
+            .spawn()
+            .expect("start fake-gcs-server");
+        wait_listening(&mut child, port, "fake-gcs-server", dir.path());
+        // object_store's service-account file, pointed at the emulator, without OAuth.
+        let sa = serde_json::json!({
+            "private_key": "", "private_key_id": "", "client_email": "",
+            "gcs_base_url": format!("http://{host}"), "disable_oauth": true,
+        });
+        std::fs::write(dir.path().join("sa.json"), sa.to_string()).expect("write sa.json");
+        FakeGcs { port, child, dir }
+    }
+
+    fn service_account(&self) -> PathBuf {
+        self.dir.path().join("sa.json")
+    }
+
+    pub fn create_bucket(&self, bucket: &str) {
+        let body = serde_json::json!({ "name": bucket }).to_string();
+        let (status, reply) = http(
+            self.port,
+            "POST",
+            "/storage/v1/b",
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        );
+        assert_eq!(status, 200, "{reply}");
+    }
+
+    /// Writes an object through the JSON API's media upload (a new generation each time). object_store's puts
+    /// go through the XML API, which this emulator does not serve for uploads (see tests/integration/stores.rs).
+    pub fn upload(&self, bucket: &str, name: &str, bytes: &[u8]) {
+        let encoded: String = name
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let (status, reply) = http(
+            self.port,
+            "POST",
+            &format!("/upload/storage/v1/b/{bucket}/o?uploadType=media&name={encoded}"),
+            &[("Content-Type", "application/octet-stream")],
+            bytes,
+        );
+        assert_eq!(status, 200, "{reply}");
+    }
+
+    /// A client for one bucket (lists and reads as pixtract does).
+    pub fn store(&self, bucket: &str) -> std::sync::Arc<dyn object_store::ObjectStore> {
+        let store = object_store::gcp::GoogleCloudStorageBuilder::new()
+            .with_bucket_name(bucket)
+            .with_service_account_path(self.service_account().to_string_lossy())
+            .build()
+            .expect("gcs store");
+        std::sync::Arc::new(store)
+    }
+
+    /// Environment for a pixtract process talking to this emulator.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![(
+            "GOOGLE_SERVICE_ACCOUNT",
+            self.service_account().to_string_lossy().into_owned(),
+        )]
+    }
+}
+
+impl Drop for FakeGcs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
