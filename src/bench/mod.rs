@@ -4,6 +4,7 @@
 
 pub mod batching;
 pub mod engine;
+pub mod grammar;
 pub mod pipeline;
 pub mod raster;
 

@@ -198,6 +198,8 @@ pub struct SchemaConstraint {
     max_new_tokens: usize,
     reserve: usize,
     trace: bool,
+    /// Compute a step's masks on several threads (default on; `bench grammar` compares both).
+    parallel: bool,
     /// Accumulated time computing masks and consuming tokens.
     pub grammar_time: std::time::Duration,
 }
@@ -216,6 +218,7 @@ impl SchemaConstraint {
             max_new_tokens,
             reserve,
             trace: false,
+            parallel: true,
             grammar_time: std::time::Duration::ZERO,
         }
     }
@@ -223,6 +226,12 @@ impl SchemaConstraint {
     /// Record a [`StepTrace`] per step (costs one extra pass over the logits).
     pub fn with_trace(mut self, on: bool) -> Self {
         self.trace = on;
+        self
+    }
+
+    /// Compute a step's masks on several threads, or one after another.
+    pub fn with_parallel_masks(mut self, on: bool) -> Self {
+        self.parallel = on;
         self
     }
 
@@ -412,7 +421,7 @@ impl StepHook for SchemaConstraint {
     /// rows are independent (llguidance's mask is the host work that grows with the batch).
     fn mask_rows(&mut self, rows: &mut [(usize, &mut [f32])]) -> Vec<Result<(), HookError>> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if rows.len() < PARALLEL_MASK_ROWS || threads < 2 {
+        if !self.parallel || rows.len() < PARALLEL_MASK_ROWS || threads < 2 {
             return rows
                 .iter_mut()
                 .map(|(row, logits)| self.mask_logits(*row, logits))

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 pub use engine::{
     AnswerLengths, BatchPolicy, Batching, EngineOptions, FinishReason, Finished, Generation,
     GenerationConfig, GenerationStats, HookError, NoHook, PixtralEngine, RowTiming, StepHook,
-    StreamEngine, default_prefill_chunk, plan_batches,
+    StreamEngine, default_prefill_chunk, host_steps, plan_batches,
 };
 pub use manifest::{ModelDir, ModelManifest};
 pub use preprocess::{ImagePreprocessor, PreparedImage};

@@ -274,3 +274,40 @@ impl PixtralEngine {
         }
     }
 }
+
+/// The host side of decode steps, without a model: `rows` sequences whose logits `fill` writes each step (outside
+/// the timing), masked, chosen and accepted by [`take_tokens`], the code every decode step runs. A sequence that
+/// finishes is replaced by a new one (a new row id), as a freed slot takes the next prompt. Returns each step's
+/// host time. For `bench grammar`: what a step costs besides its forward pass.
+pub fn host_steps(
+    rows: usize,
+    steps: usize,
+    vocab: usize,
+    config: &GenerationConfig,
+    hook: &mut dyn StepHook,
+    eos: u32,
+    mut fill: impl FnMut(usize, &mut [f32]),
+) -> Vec<std::time::Duration> {
+    let mut next_row = rows;
+    let mut seqs: Vec<Sequence> = (0..rows).map(|r| Sequence::new(r, 0, config)).collect();
+    let mut logits = vec![0f32; rows * vocab];
+    let mut times = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        for (seq, row_logits) in seqs.iter().zip(logits.chunks_mut(vocab)) {
+            fill(seq.row, row_logits);
+        }
+        let t = std::time::Instant::now();
+        let mut step: Vec<(&mut Sequence, &mut [f32])> =
+            seqs.iter_mut().zip(logits.chunks_mut(vocab)).collect();
+        let next = take_tokens(&mut step, config, hook, eos);
+        drop(step);
+        times.push(t.elapsed());
+        for (seq, next) in seqs.iter_mut().zip(next) {
+            if next.is_none() {
+                *seq = Sequence::new(next_row, 0, config);
+                next_row += 1;
+            }
+        }
+    }
+    times
+}

@@ -7,6 +7,7 @@
 
 mod cache;
 mod decode;
+pub use decode::host_steps;
 mod decoder;
 mod generation;
 mod ort_util;
