@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from . import prompting
 from .export import model_from_manifest
@@ -112,16 +113,27 @@ def hf_batch(model, batch, new_tokens: int):
     if images:
         kwargs["pixel_values"], kwargs["image_sizes"] = prompting.pad_images(images)
 
-    def run(k):
-        t = time.perf_counter()
-        with torch.no_grad():
-            model.generate(**kwargs, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=11,
-                           eos_token_id=2)
-        return time.perf_counter() - t
+    # One generate() call, split where its first token is chosen: a logits processor runs once per step, right
+    # after that step's forward pass, so its first call marks the end of vision + prefill. (Two calls, one of 1
+    # token and one of N, subtracted, gave a negative decode time when the 1-token call ran slower: 2026-12-07.)
+    class FirstStep(LogitsProcessor):
+        def __init__(self):
+            self.at = None
 
-    first = run(1)
-    total = run(new_tokens)
-    return first, max(total - first, 1e-9)
+        def __call__(self, input_ids, scores):
+            if self.at is None:
+                self.at = time.perf_counter()
+            return scores
+
+    mark = FirstStep()
+    t = time.perf_counter()
+    with torch.no_grad():
+        model.generate(**kwargs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=11, eos_token_id=2, logits_processor=LogitsProcessorList([mark]))
+    end = time.perf_counter()
+    if mark.at is None:
+        raise RuntimeError("transformers generate() never called its logits processor: no prefill/decode split")
+    return mark.at - t, end - mark.at
 
 
 def add_parser(sub):
@@ -191,7 +203,9 @@ def run(args) -> int:
             if best is None or v + pf + d < sum(best):
                 best = (v, pf, d)
         v, pf, d = best
-        result["ort_python"][str(b)] = {"vision_s": v, "prefill_s": pf, "decode_s": d,
+        # Decoder passes after the prefill, over all batches: pixtract checks each reference's decode against them.
+        steps = len(batches) * (args.new_tokens - 1)
+        result["ort_python"][str(b)] = {"vision_s": v, "prefill_s": pf, "decode_s": d, "decode_steps": steps,
                                         "first_token_tok_s": prompt_tokens / (v + pf), "decode_tok_s": gen_tokens / d}
         if hf is not None:
             best = None
@@ -203,7 +217,7 @@ def run(args) -> int:
                 if best is None or first + dec < sum(best):
                     best = (first, dec)
             first, dec = best
-            result["transformers"][str(b)] = {"vision_prefill_s": first, "decode_s": dec,
+            result["transformers"][str(b)] = {"vision_prefill_s": first, "decode_s": dec, "decode_steps": steps,
                                               "first_token_tok_s": prompt_tokens / first,
                                               "decode_tok_s": gen_tokens / dec}
     print(json.dumps(result))

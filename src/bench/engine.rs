@@ -100,6 +100,9 @@ pub fn run(args: EngineBench) -> anyhow::Result<()> {
     // fastest round: on a shared machine speed drifts by 10-20% over a minute, and measuring one side entirely
     // before the other turned that drift into the ratio.
     let rounds = args.repeat.max(1);
+    // The least time a decode step can take anywhere: reading the decoder's weights once at 1 TB/s (more than any
+    // CPU's memory bandwidth). A reference decode faster than that per step is a broken measurement.
+    let floor_s = decoder_bytes(&args.model) as f64 / 1e12;
     // ours[round][i]: pixtract's pass at batch size args.batches[i]; theirs[round]: the Python bench right after it.
     let mut ours: Vec<Vec<Phase>> = Vec::with_capacity(rounds);
     let mut theirs: Vec<RoundResult> = Vec::new();
@@ -117,7 +120,9 @@ pub fn run(args: EngineBench) -> anyhow::Result<()> {
         }
         ours.push(phases);
         if !args.no_reference {
-            theirs.push(python_reference(&args, &reference_dir)?);
+            let round = python_reference(&args, &reference_dir)?;
+            check_reference(&round, floor_s, theirs.len() + 1)?;
+            theirs.push(round);
         }
     }
     let fastest: Vec<(usize, Phase)> = args
@@ -229,6 +234,58 @@ fn measure(
     })
 }
 
+/// Bytes of the decoder graph and its external data (`decoder_model_merged.onnx*`).
+fn decoder_bytes(model: &Path) -> u64 {
+    let Ok(dir) = pixtract::model::ModelDir::open(model) else {
+        return 0;
+    };
+    let graph = dir.path_of(&dir.manifest.graphs.decoder.file);
+    let stem = graph
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    std::fs::read_dir(graph.parent().unwrap_or(model))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&stem))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Fails the round when a reference's figures are outside what a machine can do: a phase that took no time, or a
+/// decode faster per step than reading the decoder once (`floor_s`). Such a figure is a broken measurement (the
+/// 2026-12-07 run printed transformers' decode at 248,000,000,000 tok/s), never a result to print as a ratio.
+fn check_reference(round: &RoundResult, floor_s: f64, index: usize) -> anyhow::Result<()> {
+    for key in ["ort_python", "transformers"] {
+        let Some(batches) = round[key].as_object() else {
+            continue;
+        };
+        for (batch, e) in batches {
+            let first =
+                e["vision_s"].as_f64().unwrap_or(0.0) + e["prefill_s"].as_f64().unwrap_or(0.0);
+            let first = e["vision_prefill_s"].as_f64().unwrap_or(first);
+            let decode = e["decode_s"].as_f64().unwrap_or(0.0);
+            let steps = e["decode_steps"].as_f64().unwrap_or(1.0).max(1.0);
+            anyhow::ensure!(
+                first > 0.0 && decode > 0.0,
+                "round {index}: the reference {key} at batch {batch} reports vision+prefill {first} s and decode \
+                 {decode} s: a phase that took no time is a broken measurement"
+            );
+            anyhow::ensure!(
+                decode >= floor_s * steps,
+                "round {index}: the reference {key} at batch {batch} decoded {steps} steps in {decode:.6} s, under \
+                 the {:.6} s that reading the decoder's weights once per step takes at 1 TB/s: a broken measurement",
+                floor_s * steps
+            );
+        }
+    }
+    Ok(())
+}
+
 /// One round's output of the Python bench (`{"ort_python": {"<batch>": {...}}, "transformers": {...}}`).
 type RoundResult = serde_json::Value;
 
@@ -292,4 +349,34 @@ fn python_reference(args: &EngineBench, reference_dir: &Path) -> anyhow::Result<
         cmd.arg("--skip-transformers");
     }
     super::run_python_reference(&mut cmd)
+}
+
+#[cfg(test)]
+mod reference_checks {
+    use super::*;
+
+    #[test]
+    fn a_reference_decode_faster_than_reading_the_weights_fails_the_round() {
+        let round = |decode: f64| {
+            serde_json::json!({
+                "ort_python": {"8": {"vision_s": 0.1, "prefill_s": 0.2, "decode_s": 0.5, "decode_steps": 30}},
+                "transformers": {"8": {"vision_prefill_s": 0.3, "decode_s": decode, "decode_steps": 30}},
+            })
+        };
+        // 35 MB of decoder: 35 us per step at 1 TB/s, 1.05 ms for 30 steps.
+        let floor = 35e6 / 1e12;
+        assert!(check_reference(&round(0.5), floor, 1).is_ok());
+        // The 2026-12-07 figure: a decode time clamped to 1e-9 s.
+        let err = check_reference(&round(1e-9), floor, 2)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("round 2") && err.contains("transformers"),
+            "{err}"
+        );
+        let err = check_reference(&round(0.0), floor, 3)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("took no time"), "{err}");
+    }
 }
