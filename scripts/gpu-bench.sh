@@ -19,7 +19,8 @@
 #  3. Per model, with pixtract: `doctor`; decode tokens/s at batch 1, 8 and 32 (`bench engine --no-reference`,
 #     reference prompts repeated); prefill tokens/s on a 1024x1024 page (`generate`, 4,160 image tokens);
 #     continuous vs static batching on a receipt/invoice-like workload of ~300 answer tokens (`bench batching`);
-#     peak device memory (nvidia-smi sampled every 0.2 s while pixtract runs).
+#     `pixtract run` over 64 scans of different sizes, static then continuous (the manifests' decode objects,
+#     wall time); peak device memory (nvidia-smi sampled every 0.2 s while pixtract runs).
 #  4. summary.md in OUT_DIR: each figure beside its limit: batch-1 decode vs bandwidth / decoder weight bytes,
 #     prefill vs dense FLOP/s (2 x decoder parameters FLOPs per token, attention's own FLOPs left out: model
 #     FLOPs utilisation, an underestimate at 4,160 tokens). With 2 or more depths, batch-1 decode step time,
@@ -134,6 +135,20 @@ measure() {
   step "batching-$tag" with_peak_memory "batching-$tag" "$bin" bench batching --model "$model" \
     --reference-dir "$ref" --device "$device" --prompts "$prompts" --min-tokens 150 --max-tokens 450 \
     --batch 8 --repeat 1
+  # `pixtract run` itself, static then continuous, same documents, same model: the manifests' decode objects
+  # (admissions, idle row share, host ms per step, ceiling) and wall times land in the logs.
+  local b
+  for b in static continuous; do
+    rm -rf "$out/run-$tag-$b"
+    printf '%s\n' "name = \"gpu-run-$b\"" "[source]" "uri = \"$out/run-inputs\"" "[model]" "dir = \"$model\"" \
+      "device = \"$device\"" "batch_size = 8" "batching = \"$b\"" "max_new_tokens = 256" "[extract]" \
+      "schema = \"schemas/receipt.json\"" "[output]" "uri = \"$out/run-$tag-$b\"" > "$out/run-$tag-$b.toml"
+    step "run-$tag-$b" with_peak_memory "run-$tag-$b" "$bin" run "$out/run-$tag-$b.toml" --log-format json
+    cat "$out/run-$tag-$b"/*/_manifest-*.json 2>/dev/null | "$python" -c "
+import json, sys
+m = json.load(sys.stdin)['summary']; d = m['decode']
+print('run $b: %.1f s, %d rows, decode %s' % (m['seconds'], m['rows'], json.dumps(d)))" || true
+  done
 }
 
 # 2. Models, each measured as soon as it exists.
@@ -144,6 +159,8 @@ from PIL import Image, ImageDraw
 im = Image.new('RGB', (1024, 1024), 'white'); d = ImageDraw.Draw(im)
 for i in range(60): d.text((40, 16 * i + 8), f'line {i:02d}  item {i * 7 % 13}  qty {i % 4 + 1}  EUR {i * 3.17:8.2f}', fill='black')
 im.save('$page')" || failed=$((failed + 1))
+  # 64 scans of different sizes and texts for the `pixtract run` comparison.
+  "$python" scripts/make_stream_workload.py 64 "$out/run-inputs" >/dev/null || failed=$((failed + 1))
   if [ -n "$models" ]; then
     for model in $models; do measure "$model"; done
   else

@@ -63,7 +63,7 @@ pub fn run(args: PipelineBench) -> anyhow::Result<()> {
             force: true,
             shard: None,
             log: LogFormat::Quiet,
-            lease_wait: None,
+            ..RunOptions::default()
         },
     )?;
     eprintln!("pixtract bench pipeline: Python reference ...");

@@ -2,11 +2,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use pixtract::error::chain;
-use pixtract::pipeline::{
-    LogFormat, PipelineError, PipelineSpec, RunOptions, RunSummary, run_blocking,
-};
+use pixtract::pipeline::{LogFormat, PipelineError, PipelineSpec, RunOptions, RunSummary};
+use pixtract::sink::SinkTarget;
 
 /// `--log-format`: how progress and events go to stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -55,10 +56,16 @@ pub struct RunArgs {
     #[arg(long)]
     force: bool,
     /// Process shard I of N (documents assigned by a stable hash of their URI). Without it, the index comes from
-    /// JOB_COMPLETION_INDEX (Kubernetes Indexed Jobs) or AWS_BATCH_JOB_ARRAY_INDEX (AWS Batch array jobs) and the
-    /// count from PIXTRACT_SHARDS.
+    /// JOB_COMPLETION_INDEX (Kubernetes Indexed Jobs) or AWS_BATCH_JOB_ARRAY_INDEX (AWS Batch array jobs) with the
+    /// count from PIXTRACT_SHARDS, or from a Slurm array (SLURM_ARRAY_TASK_ID minus SLURM_ARRAY_TASK_MIN, of
+    /// SLURM_ARRAY_TASK_COUNT).
     #[arg(long, value_name = "I/N")]
     shard: Option<String>,
+    /// The job the shards belong to: shards of one job give the same id, and the job's `_SUCCESS` appears once
+    /// every shard completed. Default: the scheduler's (SLURM_ARRAY_JOB_ID, AWS Batch's parent job id), else
+    /// derived from the spec's name, the output, the shard count and the UTC date.
+    #[arg(long, value_name = "ID", env = "PIXTRACT_JOB_ID")]
+    job_id: Option<String>,
     /// How progress and events go to stderr: auto (a live line on a terminal, plain lines otherwise), plain, or
     /// json (one object per line: run_started, progress every 10 s or PIXTRACT_PROGRESS_SECONDS, with
     /// documents_total and eta_s once the listing is counted, document_failed, row_failed, run_finished; the
@@ -108,7 +115,42 @@ fn shard_from(arg: Option<&str>) -> Result<Option<(u64, u64)>, String> {
             return parse(&index, &count, var);
         }
     }
+    // A Slurm array's task ids start at its --array minimum (often 1): the shard is the offset from it.
+    if let Ok(task) = std::env::var("SLURM_ARRAY_TASK_ID") {
+        let what = "SLURM_ARRAY_TASK_ID";
+        let number = |var: &str| -> Result<u64, String> {
+            let v = std::env::var(var)
+                .map_err(|_| format!("{what} is set but {var} is not: not a Slurm array job?"))?;
+            v.trim()
+                .parse()
+                .map_err(|_| format!("{var}: {v:?} is not a number"))
+        };
+        let task: u64 = task
+            .trim()
+            .parse()
+            .map_err(|_| format!("{what}: {task:?} is not a number"))?;
+        let (min, count) = (
+            number("SLURM_ARRAY_TASK_MIN")?,
+            number("SLURM_ARRAY_TASK_COUNT")?,
+        );
+        let index = task
+            .checked_sub(min)
+            .ok_or_else(|| format!("{what} {task} is below SLURM_ARRAY_TASK_MIN {min}"))?;
+        return parse(&index.to_string(), &count.to_string(), what);
+    }
     Ok(None)
+}
+
+/// The scheduler's id for the job a shard belongs to: a Slurm array's job id, AWS Batch's parent job id (an array
+/// child's id is `<parent>:<index>`).
+fn scheduler_job_id() -> Option<String> {
+    if let Ok(id) = std::env::var("SLURM_ARRAY_JOB_ID") {
+        return Some(format!("slurm-{}", id.trim()));
+    }
+    std::env::var("AWS_BATCH_JOB_ID").ok().map(|id| {
+        let parent = id.split(':').next().unwrap_or(&id).trim().to_string();
+        format!("aws-batch-{parent}")
+    })
 }
 
 /// The spec file with the command line's overrides, checked, and the shard to process.
@@ -146,6 +188,7 @@ fn spec_with_overrides(args: RunArgs) -> anyhow::Result<(PipelineSpec, Option<(u
 pub fn run(args: RunArgs) -> ExitCode {
     let log_format = LogFormat::from(args.log_format);
     let force = args.force;
+    let job = args.job_id.clone().or_else(scheduler_job_id);
     let lease_wait = args.lease_wait.map(std::time::Duration::from_secs);
     let (spec, shard) = match spec_with_overrides(args) {
         Ok(v) => v,
@@ -167,14 +210,31 @@ pub fn run(args: RunArgs) -> ExitCode {
             spec.model.device
         );
     }
+    let cancel = Arc::new(AtomicBool::new(false));
     let opts = RunOptions {
         force,
         shard,
         log: log_format,
         lease_wait,
+        cancel: Some(cancel.clone()),
+        job,
     };
     let json = log_format == LogFormat::Json;
-    match run_blocking(spec, opts) {
+    let (report_to, output_uri) = (spec.output.report, spec.output.uri.clone());
+    let result = run_with_signals(spec, opts, cancel).map(|(mut s, rt)| {
+        // The run's rows are committed by now: a report that cannot be written is a warning, not a failed run.
+        if report_to {
+            match rt.block_on(write_report(&output_uri, &s)) {
+                Ok(rel) => s.report = Some(rel),
+                Err(e) => eprintln!(
+                    "pixtract run: warning: the run report could not be written: {}",
+                    chain(&e)
+                ),
+            }
+        }
+        s
+    });
+    match result {
         Err(e) => {
             if json {
                 eprintln!(
@@ -205,7 +265,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
         Ok(s) => {
             println!(
-                "run {}{}: {} documents ({} failed, {} skipped as already done), {} pages, {} rows ({} ok, {} error) in {:.1} s ({:.2} pages/s, model busy {:.1} s)\ntokens: {} prompt, {} generated\noutput: {} ({} file(s), manifest and _SUCCESS written last)",
+                "run {}{}: {} documents ({} failed, {} skipped as already done), {} pages, {} rows ({} ok, {} error) in {:.1} s ({:.2} pages/s, model busy {:.1} s)\ntokens: {} prompt, {} generated\noutput: {} ({} file(s), then the manifest{})",
                 s.run_id,
                 s.shard
                     .map(|(i, n)| format!(" (shard {i}/{n})"))
@@ -223,7 +283,15 @@ pub fn run(args: RunArgs) -> ExitCode {
                 s.prompt_tokens,
                 s.generated_tokens,
                 s.output,
-                s.files.len()
+                s.files.len(),
+                match (s.completed, s.shard) {
+                    (false, _) => "; no _SUCCESS: stopped early".to_string(),
+                    (true, Some((_, n))) => format!(
+                        "; _SUCCESS once all {n} shards of job {} completed",
+                        s.job.as_deref().unwrap_or("?")
+                    ),
+                    (true, None) => " and _SUCCESS".to_string(),
+                }
             );
             if s.rows_for_review > 0 {
                 println!(
@@ -253,6 +321,61 @@ pub fn run(args: RunArgs) -> ExitCode {
             ExitCode::from(exit_code_of(&s))
         }
     }
+}
+
+/// Runs the pipeline on a runtime of its own while SIGINT/SIGTERM set `cancel`: stop taking documents, finish
+/// those in flight, commit, and say so (exit 3). A second signal ends the process at once (exit 130); the output
+/// is still resumable because only complete files are ever visible.
+fn run_with_signals(
+    spec: PipelineSpec,
+    opts: RunOptions,
+    cancel: Arc<AtomicBool>,
+) -> Result<(RunSummary, tokio::runtime::Runtime), PipelineError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| PipelineError::Io {
+            what: "cannot start the async runtime",
+            source,
+        })?;
+    let summary = rt.block_on(async {
+        // Installed before the run starts, so a signal during start-up is handled too.
+        let signals = tokio::spawn(async move {
+            let term = async {
+                #[cfg(unix)]
+                if let Ok(mut s) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                {
+                    s.recv().await;
+                    return;
+                }
+                std::future::pending::<()>().await
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term => {}
+            }
+            eprintln!(
+                "pixtract run: signal received: finishing documents in flight, then committing (repeat to abort)"
+            );
+            cancel.store(true, Ordering::SeqCst);
+            let _ = tokio::signal::ctrl_c().await;
+            std::process::exit(130);
+        });
+        let summary = pixtract::pipeline::run(spec, opts).await;
+        signals.abort();
+        summary
+    })?;
+    Ok((summary, rt))
+}
+
+/// Writes the run's report beside its manifest; returns its path relative to the output.
+async fn write_report(
+    output_uri: &str,
+    s: &RunSummary,
+) -> Result<String, pixtract::report::ReportError> {
+    let target = SinkTarget::parse(output_uri).map_err(pixtract::report::ReportError::Write)?;
+    pixtract::report::write_beside_run(&target, &s.partition, &s.run_id).await
 }
 
 fn exit_code_of(s: &RunSummary) -> u8 {

@@ -121,6 +121,14 @@ pub struct RunSummary {
     pub files: Vec<String>,
     /// What the decoder did: admissions into KV-cache slots, steps, idle row share, host time per step.
     pub decode: DecodeSummary,
+    /// Whether the run did all it was asked (false when stopped early: no `_SUCCESS` then).
+    pub completed: bool,
+    /// The job a shard belongs to (sharded runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// The partition folder the run wrote into, relative to the output ("" when unpartitioned).
+    #[serde(skip)]
+    pub partition: String,
     /// Where the run report went (`[output] report`), relative to the output; set after the manifest is written.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub report: Option<String>,
@@ -208,7 +216,7 @@ pub fn scheduling_ceiling(answers: &[u32], slots: usize) -> f64 {
 type ModelInput = Result<PageInput, FailedInput>;
 
 /// How this invocation relates to other runs over the same input and output.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     /// Reprocess documents the output already holds.
     pub force: bool,
@@ -219,6 +227,23 @@ pub struct RunOptions {
     /// How long to wait while another run holds the output's lease (None: `[output] lease_wait_s`, else as long
     /// as it takes).
     pub lease_wait: Option<std::time::Duration>,
+    /// Set by the caller to stop the run early (the binary sets it on SIGINT/SIGTERM): documents in flight are
+    /// finished and committed, those not started are left for the next run, and the summary says it was stopped.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// The job a sharded run belongs to (`--job-id`, or the scheduler's): the shards of one job share it, and the
+    /// job's `_SUCCESS` appears when all of them completed. None: derived from the spec's name, the output, the
+    /// shard count and the UTC date.
+    pub job: Option<String>,
+}
+
+/// The job id of shard runs that were given none: the same for every shard of one spec, output and count on one
+/// UTC day, so the nightly shards of one job meet and the next night's job starts afresh.
+pub fn derived_job_id(spec: &PipelineSpec, count: u64) -> String {
+    use sha2::{Digest, Sha256};
+    let day = chrono::Utc::now().format("%Y-%m-%d");
+    let key = format!("{}\n{}\n{count}\n{day}", spec.name, spec.output.uri);
+    let digest = Sha256::digest(key.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The shard a document belongs to: first 8 bytes of sha256(uri), modulo the shard count. Stable across runs,

@@ -109,6 +109,27 @@ pub async fn build(
     RunReport::from_run(run, eval).html()
 }
 
+/// Writes run `run_id`'s report beside its manifest, in its `partition` folder ("" for none); returns its path
+/// relative to the output.
+pub async fn write_beside_run(
+    target: &SinkTarget,
+    partition: &str,
+    run_id: &str,
+) -> Result<String, ReportError> {
+    let name = file_name(run_id);
+    let rel = if partition.is_empty() {
+        name
+    } else {
+        format!("{partition}/{name}")
+    };
+    let page = build(target, Some(run_id), None).await?;
+    target
+        .put_whole(&rel, page.into_bytes(), run_id)
+        .await
+        .map_err(ReportError::Write)?;
+    Ok(rel)
+}
+
 /// The report's name beside a run's manifest: one per run, like `_manifest-<run id>.json`, so runs and shards
 /// writing to the same partition never replace each other's; the leading `_` keeps it out of data readers' globs.
 pub fn file_name(run_id: &str) -> String {

@@ -182,6 +182,37 @@ impl SinkTarget {
     /// Writes a small object at `rel` (relative to the target) so that it appears whole or not at all: local via a
     /// hidden temporary file (named with `writer`, e.g. the run id, so concurrent writers of the same name never
     /// rename each other's file away), fsynced and renamed; object store via one PUT.
+    /// Names of the objects (files) directly under `rel` (none when it does not exist).
+    pub async fn list_names(&self, rel: &str) -> Result<Vec<String>, SinkError> {
+        match self {
+            SinkTarget::Local(root) => {
+                let dir = root.join(rel);
+                match std::fs::read_dir(&dir) {
+                    Ok(entries) => Ok(entries
+                        .flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| !n.starts_with('.'))
+                        .collect()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+                    Err(source) => Err(SinkError::Io { path: dir, source }),
+                }
+            }
+            SinkTarget::Store { store, prefix, .. } => {
+                let key = join_key(prefix, rel);
+                let listed = crate::store::list_all(store.as_ref(), Some(&key))
+                    .await
+                    .map_err(|source| SinkError::Object {
+                        key: key.to_string(),
+                        source,
+                    })?;
+                Ok(listed
+                    .into_iter()
+                    .filter_map(|m| m.location.filename().map(str::to_string))
+                    .collect())
+            }
+        }
+    }
+
     pub async fn put_whole(
         &self,
         rel: &str,
@@ -318,6 +349,17 @@ impl Drop for OpenFile {
 /// (`_manifest-*.json`, `_SUCCESS`: bookkeeping, not rows).
 pub fn is_committed_data_file(name: &str) -> bool {
     name.ends_with(".parquet") && !name.starts_with('.') && !name.starts_with('_')
+}
+
+/// What a finished run commits after its manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Commit {
+    /// The run stopped early (signal, failure budget, a failing model): manifest only, no `_SUCCESS`.
+    Stopped,
+    /// The whole job is this run: `_SUCCESS`.
+    Whole,
+    /// Shard `index` of `count` of job `job`: `_SUCCESS` once every shard of the job has completed.
+    Shard { job: String, index: u64, count: u64 },
 }
 
 /// Writes record batches of one schema as Parquet files, then the manifest and `_SUCCESS`.
@@ -597,8 +639,13 @@ impl ParquetSink {
         Ok(())
     }
 
-    /// Completes the last file, then writes `_manifest.json` and finally `_SUCCESS` (in the partition directory).
-    pub async fn finish(mut self, summary: serde_json::Value) -> Result<SinkManifest, SinkError> {
+    /// Completes the last file, then writes `_manifest.json` and finally, as `commit` says, `_SUCCESS` (in the
+    /// partition directory).
+    pub async fn finish(
+        mut self,
+        summary: serde_json::Value,
+        commit: Commit,
+    ) -> Result<SinkManifest, SinkError> {
         self.close_current().await?;
         let manifest = SinkManifest {
             format: "pixtract-sink/1".into(),
@@ -622,7 +669,31 @@ impl ParquetSink {
         };
         let manifest_name = format!("_manifest-{}.json", self.run_id);
         self.put_small(&rel(&manifest_name), json).await?;
-        self.put_small(&rel("_SUCCESS"), Vec::new()).await?;
+        let complete = match &commit {
+            Commit::Stopped => false,
+            Commit::Whole => true,
+            Commit::Shard { job, index, count } => {
+                // Each shard leaves a marker, then counts the markers: whichever finishes last sees all of them
+                // (object stores list what was written before, S3 and GCS strongly) and writes `_SUCCESS`. Two
+                // shards finishing together may both write it: it is the same empty object, so no conditional put
+                // is needed for it to appear exactly when the job is complete.
+                let markers = rel(&format!("_job-{job}"));
+                let marker = format!("{markers}/shard-{index}-of-{count}");
+                self.put_small(&marker, Vec::new()).await?;
+                let suffix = format!("-of-{count}");
+                let done = self
+                    .target
+                    .list_names(&markers)
+                    .await?
+                    .iter()
+                    .filter(|n| n.starts_with("shard-") && n.ends_with(&suffix))
+                    .count();
+                done as u64 >= *count
+            }
+        };
+        if complete {
+            self.put_small(&rel("_SUCCESS"), Vec::new()).await?;
+        }
         Ok(manifest)
     }
 

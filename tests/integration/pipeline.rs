@@ -1186,3 +1186,103 @@ fn raster_max_side_sets_the_model_view_of_scans_and_pdfs() {
     );
     assert!(!tmp.path().join("never").exists(), "{t}");
 }
+
+/// Every `_SUCCESS` under a local output.
+fn success_markers(output: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut dirs = vec![output.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if e.file_name() == "_SUCCESS" {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn a_sharded_job_writes_success_only_when_its_last_shard_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = tmp.path().join("in");
+    small_inputs(&inputs);
+    let output = tmp.path().join("out");
+    let spec = write_spec(tmp.path(), &inputs, &output);
+    let shard = |i: u64, spec: &Path| {
+        let (spec, shard) = (spec.to_path_buf(), format!("{i}/4"));
+        std::thread::spawn(move || {
+            pixtract(
+                &[
+                    "run",
+                    spec.to_str().unwrap(),
+                    "--shard",
+                    &shard,
+                    "--job-id",
+                    "nightly/42",
+                ],
+                &[],
+                &repo_root(),
+            )
+        })
+    };
+    // Three of the four shards, started together: each completes, none may say the job is done.
+    let first: Vec<_> = (0..3).map(|i| shard(i, &spec)).collect();
+    for (i, h) in first.into_iter().enumerate() {
+        let out = h.join().unwrap();
+        // 2: the tiny model's answers fail to parse; every document still has its row.
+        assert!(
+            matches!(out.status.code(), Some(0 | 2)),
+            "shard {i}: {}",
+            text(&out)
+        );
+    }
+    assert!(
+        success_markers(&output).is_empty(),
+        "_SUCCESS before the last shard: {:?}",
+        success_markers(&output)
+    );
+    // The last shard stopped early (its failure budget, by a broken document of its own): still no `_SUCCESS`.
+    let bad = (0..1000)
+        .map(|k| inputs.join(format!("broken{k}.pdf")))
+        .find(|p| pixtract::pipeline::shard_of(&p.display().to_string(), 4) == 3)
+        .unwrap();
+    std::fs::write(&bad, b"%PDF-1.7 not really").unwrap();
+    let strict = tmp.path().join("strict.toml");
+    let mut strict_text = std::fs::read_to_string(&spec).unwrap();
+    strict_text.push_str("[limits]\nmax_failed_share = 0.0\nfailure_min_docs = 1\n");
+    std::fs::write(&strict, strict_text).unwrap();
+    let stopped = shard(3, &strict).join().unwrap();
+    let t = text(&stopped);
+    assert_eq!(stopped.status.code(), Some(3), "{t}");
+    assert!(t.contains("failure budget"), "{t}");
+    assert!(success_markers(&output).is_empty(), "{t}");
+    // Its manifest is there, marked not completed, with the job's id (made safe for a folder name).
+    let manifests: Vec<serde_json::Value> = std::fs::read_dir(&output)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("_manifest-"))
+        .map(|e| serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap())
+        .collect();
+    assert_eq!(manifests.len(), 4, "{manifests:?}");
+    let incomplete: Vec<_> = manifests
+        .iter()
+        .filter(|m| m["summary"]["completed"] == false)
+        .collect();
+    assert_eq!(incomplete.len(), 1, "{manifests:?}");
+    assert!(
+        manifests
+            .iter()
+            .all(|m| m["summary"]["job"] == "nightly-42"),
+        "{manifests:?}"
+    );
+    // The last shard run again, completing: now the job is done, one `_SUCCESS`.
+    std::fs::remove_file(&bad).unwrap();
+    let last = shard(3, &spec).join().unwrap();
+    assert!(matches!(last.status.code(), Some(0 | 2)), "{}", text(&last));
+    assert_eq!(success_markers(&output).len(), 1, "{}", text(&last));
+}

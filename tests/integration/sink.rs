@@ -158,7 +158,10 @@ async fn local_parquet_is_read_back_by_duckdb() {
     .unwrap();
     sink.write(&b.slice(0, 3)).await.unwrap();
     sink.write(&b.slice(3, 4)).await.unwrap();
-    let manifest = sink.finish(json!({"ok": 6, "error": 1})).await.unwrap();
+    let manifest = sink
+        .finish(json!({"ok": 6, "error": 1}), pixtract::sink::Commit::Whole)
+        .await
+        .unwrap();
     assert_eq!(manifest.total_rows, 7);
     assert_eq!(manifest.files.len(), 2, "4 rows per file");
     assert_eq!(manifest.files[0].rows, 4);
@@ -334,7 +337,10 @@ async fn s3_parquet_on_moto_is_read_back_by_duckdb() {
     let target = SinkTarget::s3("s3://lake/extractions/receipts", &moto.config("lake")).unwrap();
     let mut sink = ParquetSink::new(target, sink_config(), b.schema(), "run-1").unwrap();
     sink.write(&b).await.unwrap();
-    let manifest = sink.finish(json!({"ok": 6, "error": 1})).await.unwrap();
+    let manifest = sink
+        .finish(json!({"ok": 6, "error": 1}), pixtract::sink::Commit::Whole)
+        .await
+        .unwrap();
     assert_eq!(manifest.total_rows, 7);
     let listed = moto.boto(LIST_KEYS, &["lake"]);
     assert_eq!(
@@ -434,7 +440,10 @@ async fn interrupted_s3_upload_leaves_no_visible_object() {
     // Completed: a multipart file appears whole and reads back.
     let mut sink = ParquetSink::new(target(), config, b.schema(), "run-3").unwrap();
     sink.write(&b).await.unwrap();
-    let manifest = sink.finish(json!({})).await.unwrap();
+    let manifest = sink
+        .finish(json!({}), pixtract::sink::Commit::Whole)
+        .await
+        .unwrap();
     assert!(
         manifest.files[0].bytes > 5 * 1024 * 1024,
         "multipart-sized file: {:?}",
