@@ -13,7 +13,9 @@ import re
 import sys
 from pathlib import Path
 
-STAGES = ["source", "raster", "model", "extract", "sink", "pipeline"]
+# Data-flow order. `eval` and `report` read what the sink committed (and the manifests the pipeline wrote), and
+# nothing in the flow reads them: they come last; the binary (cli/) wires `pipeline` and `report`.
+STAGES = ["source", "raster", "model", "extract", "sink", "pipeline", "eval", "report"]
 BINARY_ONLY = ("cli", "bench")
 
 
@@ -32,12 +34,21 @@ def references(text: str, module: tuple, is_mod_file: bool) -> set:
     out = set()
     for m in re.finditer(r"\bcrate((?:::\w+)+)", text):
         out.add(tuple(m.group(1).strip(":").split("::")))
-    # `super` is the parent of the module this file defines.
+    # `super` is the parent of the module this file defines. `use super::{a, b::c}` names each item in braces
+    # (one level of braces: nested groups name their first segment, which is the module that matters).
     base = module
     for m in re.finditer(r"\b((?:super::)+)(\w+(?:::\w+)*)", text):
         depth = m.group(1).count("super")
         parent = base[: len(base) - depth]
         out.add(parent + tuple(m.group(2).split("::")))
+    for m in re.finditer(r"\b((?:super::)+)\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}", text):
+        depth = m.group(1).count("super")
+        parent = base[: len(base) - depth]
+        for item in re.split(r",(?![^{]*\})", m.group(2)):
+            item = item.strip()
+            first = re.match(r"(\w+(?:::\w+)*)", item)
+            if first and first.group(1) not in ("self",):
+                out.add(parent + tuple(first.group(1).split("::")))
     # Child modules named in `use name::...` or `pub use name::...` after `mod name;`.
     children = set(re.findall(r"\bmod (\w+);", text))
     for m in re.finditer(r"\buse (\w+)::", text):

@@ -540,7 +540,8 @@ fn four_concurrent_shards_cover_the_input_exactly_once() {
 }
 
 /// Starts `pixtract run SPEC` and kills it (SIGKILL) once `files` Parquet files are committed under `output`
-/// (0: 300 ms into start-up); at most 60 s.
+/// (0: 300 ms into start-up); at most 60 s. Fails the test when the run had already ended: a kill that cut
+/// nothing short proves nothing.
 fn kill_run_after(spec: &Path, output: &Path, files: usize) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pixtract"))
         .args(["run", spec.to_str().unwrap()])
@@ -558,6 +559,11 @@ fn kill_run_after(spec: &Path, output: &Path, files: usize) {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
     }
+    let finished = child.try_wait().ok().flatten();
+    assert!(
+        finished.is_none(),
+        "the run ended ({finished:?}) before the kill after {files} file(s): nothing was cut short"
+    );
     let _ = child.kill();
     let _ = child.wait();
 }
