@@ -188,6 +188,8 @@ struct RowState {
     matcher: Matcher,
     steps: usize,
     report: RowReport,
+    /// The mask for the next step, computed ahead (while the forward pass ran) by `prepare_masks`.
+    prepared: Option<llguidance::toktrie::SimpleVob>,
 }
 
 /// A JSON-Schema constraint over a batch of sequences (`row` = index in the request list).
@@ -260,6 +262,7 @@ impl SchemaConstraint {
             matcher: env.matcher(grammar),
             steps: 0,
             report: RowReport::default(),
+            prepared: None,
         })
     }
 }
@@ -311,10 +314,13 @@ fn mask_row(
 ) -> Result<std::time::Duration, HookError> {
     let t0 = std::time::Instant::now();
     let vocab = settings.vocab.min(logits.len());
-    let mask = state
-        .matcher
-        .compute_mask_or_eos()
-        .map_err(|e| GrammarStepError::Mask(e.into()))?;
+    let mask = match state.prepared.take() {
+        Some(mask) => mask,
+        None => state
+            .matcher
+            .compute_mask_or_eos()
+            .map_err(|e| GrammarStepError::Mask(e.into()))?,
+    };
     let raw_argmax = if settings.trace { argmax(logits) } else { 0 };
     let closing = state.steps >= settings.budget;
     if closing && state.report.closing_from.is_none() {
@@ -415,6 +421,19 @@ impl StepHook for SchemaConstraint {
         let took = mask_row(&settings, state, logits)?;
         self.grammar_time += took;
         Ok(())
+    }
+
+    /// Computes the rows' next masks now (the engine calls this while the forward pass runs); a row whose mask
+    /// fails here is computed again, and fails with its error, at `mask_logits`.
+    fn prepare_masks(&mut self, rows: &[usize]) {
+        for &row in rows {
+            let t0 = std::time::Instant::now();
+            let state = self.row(row);
+            state.prepared = state.matcher.compute_mask_or_eos().ok();
+            let took = t0.elapsed();
+            state.report.grammar_time += took;
+            self.grammar_time += took;
+        }
     }
 
     /// Every row's mask of one step, the rows split over the machine's cores: each row's matcher is its own, so

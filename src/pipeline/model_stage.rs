@@ -102,6 +102,8 @@ fn start(
         batching: spec.batching,
         prefill_chunks_per_step: spec.prefill_chunks_per_step,
         vision_ahead: spec.vision_ahead,
+        // On a GPU the host cores are idle during the forward pass: the grammar's masks are computed then.
+        overlap_masks: matches!(config.device, Device::Cuda(_)),
     };
     let mut extractor = Extractor::new(&engine, config.mode.clone(), generation, policy)
         .map_err(PipelineError::Extract)?;

@@ -635,20 +635,22 @@ fn a_stream_with_pages_arriving_at_random_moments_equals_one_by_one() {
         max_new_tokens: 96,
         ..Default::default()
     };
-    let extractor = |engine: &pixtract::model::PixtralEngine, max_batch, batching| {
-        let policy = BatchPolicy {
-            max_batch,
-            batching,
-            ..Default::default()
+    let extractor =
+        |engine: &pixtract::model::PixtralEngine, max_batch, batching, overlap_masks| {
+            let policy = BatchPolicy {
+                max_batch,
+                batching,
+                overlap_masks,
+                ..Default::default()
+            };
+            Extractor::new(
+                engine,
+                Mode::Schema(Box::new(load("receipt"))),
+                config.clone(),
+                policy,
+            )
+            .expect("extractor")
         };
-        Extractor::new(
-            engine,
-            Mode::Schema(Box::new(load("receipt"))),
-            config.clone(),
-            policy,
-        )
-        .expect("extractor")
-    };
     let summary = |r: &ExtractionRecord| {
         (
             r.raw_output.clone(),
@@ -656,7 +658,7 @@ fn a_stream_with_pages_arriving_at_random_moments_equals_one_by_one() {
             format!("{:?}", r.outcome),
         )
     };
-    let one_by_one = extractor(&engine, 1, Batching::Static);
+    let one_by_one = extractor(&engine, 1, Batching::Static, false);
     let alone: Vec<_> = one_by_one
         .run(&mut engine, page_inputs(&pages))
         .expect("run")
@@ -664,12 +666,14 @@ fn a_stream_with_pages_arriving_at_random_moments_equals_one_by_one() {
         .iter()
         .map(summary)
         .collect();
-    for (seed, slots, batching) in [
-        (1u64, 3, Batching::Continuous),
-        (2, 2, Batching::Continuous),
-        (3, 3, Batching::Static),
+    // Masks prepared on a helper thread while the forward pass runs (the CUDA default) must not change a token.
+    for (seed, slots, batching, overlap) in [
+        (1u64, 3, Batching::Continuous, false),
+        (2, 2, Batching::Continuous, false),
+        (4, 3, Batching::Continuous, true),
+        (3, 3, Batching::Static, false),
     ] {
-        let ex = extractor(&engine, slots, batching);
+        let ex = extractor(&engine, slots, batching, overlap);
         let max_prompt = ex.max_prompt_tokens(&engine, 1, 1024).expect("bound");
         let mut stream = ex.stream(&engine, max_prompt);
         let mut arriving = page_inputs(&pages).into_iter().enumerate();

@@ -67,7 +67,8 @@ impl Default for GenerationConfig {
 
 /// Per-step hook over one sequence's logits: masks (e.g. a grammar) and sees each chosen token.
 /// `row` is the sequence's index in the caller's request list, whatever batch it runs in.
-pub trait StepHook {
+/// `Send`: the engine may call [`StepHook::prepare_masks`] on a helper thread while the forward pass runs.
+pub trait StepHook: Send {
     /// May set disallowed tokens to `f32::NEG_INFINITY`.
     fn mask_logits(&mut self, row: usize, logits: &mut [f32]) -> Result<(), HookError>;
     /// Called with the chosen token; returns true when the sequence is complete (e.g. grammar accepted).
@@ -79,6 +80,10 @@ pub trait StepHook {
             .map(|(row, logits)| self.mask_logits(*row, logits))
             .collect()
     }
+    /// Called while a step's forward pass runs, with the rows the step will mask: a hook whose mask depends only on
+    /// the tokens accepted so far (a grammar) may compute it now, off the critical path. Errors surface at
+    /// `mask_logits`. Default: nothing.
+    fn prepare_masks(&mut self, _rows: &[usize]) {}
 }
 
 /// A step hook's own error, kept whole as the source of [`crate::model::ModelError::Hook`].
@@ -235,6 +240,10 @@ pub struct BatchPolicy {
     /// Continuous batching: prompts whose pages the vision encoder encodes ahead, on a thread of its own, while the
     /// decoder steps (0: each joining prompt's pages are encoded between two decode steps, as running rows wait).
     pub vision_ahead: usize,
+    /// Continuous batching: let the hook prepare a step's masks on another thread while the step's forward pass
+    /// runs. Worth it when the forward pass runs on a GPU and leaves the host cores idle; on a CPU both would share
+    /// the same cores (the pipeline turns it on for CUDA).
+    pub overlap_masks: bool,
 }
 
 impl Default for BatchPolicy {
@@ -245,6 +254,7 @@ impl Default for BatchPolicy {
             batching: Batching::default(),
             prefill_chunks_per_step: 1,
             vision_ahead: 2,
+            overlap_masks: false,
         }
     }
 }

@@ -221,6 +221,7 @@ impl SlotState {
         parts: &mut SlotParts<'_>,
         hook: &mut dyn StepHook,
         forward: &mut Duration,
+        overlap_masks: bool,
     ) -> Result<(Vec<Ended>, Vec<Charge>), ModelError> {
         let t = Instant::now();
         let slots = self.running.len();
@@ -248,9 +249,26 @@ impl SlotState {
             logits_index: &vec![0i64; slots],
         };
         let pass = Instant::now();
-        parts
-            .decoder
-            .gqa_pass(step, &mut self.cache, &mut self.step_logits)?;
+        if overlap_masks {
+            // This step's masks depend only on tokens already accepted: the hook computes them on a helper thread
+            // while the decoder runs.
+            let live: Vec<usize> = self.running.iter().flatten().map(|r| r.seq.row).collect();
+            let (decoder, cache, logits) =
+                (&mut *parts.decoder, &mut self.cache, &mut self.step_logits);
+            std::thread::scope(|scope| {
+                let helper = scope.spawn(|| hook.prepare_masks(&live));
+                let ran = decoder.gqa_pass(step, cache, logits);
+                // A panic in the hook is a bug: propagate it rather than invent masks.
+                if let Err(panic) = helper.join() {
+                    std::panic::resume_unwind(panic);
+                }
+                ran
+            })?;
+        } else {
+            parts
+                .decoder
+                .gqa_pass(step, &mut self.cache, &mut self.step_logits)?;
+        }
         *forward += pass.elapsed();
         let logits = host_logits(
             &mut self.step_logits,

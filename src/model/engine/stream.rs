@@ -292,7 +292,12 @@ impl StreamEngine {
         }
         let t = Instant::now();
         let width = policy.max_batch.max(1);
-        let (done, charges) = slots.decode_step(&mut parts, hook, &mut self.stats.forward)?;
+        let (done, charges) = slots.decode_step(
+            &mut parts,
+            hook,
+            &mut self.stats.forward,
+            policy.overlap_masks,
+        )?;
         self.stats.decode += t.elapsed();
         self.stats.decode_tokens += busy;
         self.stats.decode_row_capacity += width;
