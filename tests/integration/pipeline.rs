@@ -389,6 +389,26 @@ fn run_refuses_bad_specs_before_doing_work() {
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(t.contains("/nonexistent/model/pixtract-model.json"), "{t}");
+
+    // A password variable that is not set is an error at start, naming it (not an error row per encrypted PDF).
+    let mut text_spec = std::fs::read_to_string(&spec).unwrap();
+    text_spec = text_spec.replace(
+        "[raster]\n",
+        "[raster]\npassword_env = \"PIXTRACT_TEST_UNSET_PDF_PASSWORD\"\n",
+    );
+    std::fs::write(&spec, text_spec).unwrap();
+    let out = pixtract(&["run", spec.to_str().unwrap()], &[], &repo_root());
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("PIXTRACT_TEST_UNSET_PDF_PASSWORD")
+            && t.contains("no such environment variable"),
+        "{t}"
+    );
+    assert!(
+        !tmp.path().join("out").exists(),
+        "nothing may be written: {t}"
+    );
 }
 
 /// Eight small documents (copies of reference images under different names).
