@@ -133,9 +133,17 @@ fn shard_from(arg: Option<&str>) -> Result<Option<(u64, u64)>, String> {
             number("SLURM_ARRAY_TASK_MIN")?,
             number("SLURM_ARRAY_TASK_COUNT")?,
         );
-        let index = task
+        // A stepped array (--array=0-30:2) numbers its tasks min, min+step, ...: the shard is the position.
+        let step = number("SLURM_ARRAY_TASK_STEP").unwrap_or(1).max(1);
+        let offset = task
             .checked_sub(min)
             .ok_or_else(|| format!("{what} {task} is below SLURM_ARRAY_TASK_MIN {min}"))?;
+        if offset % step != 0 {
+            return Err(format!(
+                "{what} {task} is not on the array's step {step} from {min}: a sparse --array list cannot be sharded; give --shard I/N"
+            ));
+        }
+        let index = offset / step;
         return parse(&index.to_string(), &count.to_string(), what);
     }
     Ok(None)
@@ -147,6 +155,8 @@ fn scheduler_job_id() -> Option<String> {
     if let Ok(id) = std::env::var("SLURM_ARRAY_JOB_ID") {
         return Some(format!("slurm-{}", id.trim()));
     }
+    // Only an array job's children share a parent; separate Batch jobs each have their own id.
+    std::env::var("AWS_BATCH_JOB_ARRAY_INDEX").ok()?;
     std::env::var("AWS_BATCH_JOB_ID").ok().map(|id| {
         let parent = id.split(':').next().unwrap_or(&id).trim().to_string();
         format!("aws-batch-{parent}")
@@ -359,7 +369,21 @@ fn run_with_signals(
                 "pixtract run: signal received: finishing documents in flight, then committing (repeat to abort)"
             );
             cancel.store(true, Ordering::SeqCst);
-            let _ = tokio::signal::ctrl_c().await;
+            // The second signal, SIGINT or SIGTERM (tokio replaced SIGTERM's default action), ends the process.
+            let term = async {
+                #[cfg(unix)]
+                if let Ok(mut s) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                {
+                    s.recv().await;
+                    return;
+                }
+                std::future::pending::<()>().await
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term => {}
+            }
             std::process::exit(130);
         });
         let summary = pixtract::pipeline::run(spec, opts).await;

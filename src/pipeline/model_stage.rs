@@ -58,7 +58,8 @@ pub(super) fn model_stage(
         .max_prompt_tokens(&engine, config.pages_per_prompt, config.max_side)
         .map_err(PipelineError::Model)?;
     let mut stream = extractor.stream(&engine, max_prompt);
-    let mut answers = Vec::new();
+    // (input id = arrival order, answer length): the ceiling groups static batches in arrival order.
+    let mut answers: Vec<(usize, u32)> = Vec::new();
     let stopped = feed(
         &mut engine,
         &mut stream,
@@ -67,12 +68,14 @@ pub(super) fn model_stage(
         &mut answers,
         &config,
     )?;
+    answers.sort_unstable();
+    let lengths: Vec<u32> = answers.iter().map(|&(_, n)| n).collect();
     let mut summary = DecodeSummary::new(
         stream.stats(),
         stream.grammar_time(),
         config.spec.batching,
         config.spec.batch_size,
-        &answers,
+        &lengths,
     );
     summary.stopped = stopped;
     Ok(summary)
@@ -119,7 +122,7 @@ fn feed(
     stream: &mut ExtractionStream<'_>,
     mut inputs: mpsc::Receiver<ModelInput>,
     rows: &mpsc::Sender<(Vec<ExtractionRecord>, Duration)>,
-    answers: &mut Vec<u32>,
+    answers: &mut Vec<(usize, u32)>,
     config: &ModelStageConfig,
 ) -> Result<Option<String>, PipelineError> {
     let progress = &config.progress;
@@ -158,7 +161,7 @@ fn feed(
             let mut step_failed = false;
             for mut done in stream.step(engine) {
                 if let Some(g) = &done.generation {
-                    answers.push(g.tokens.len() as u32);
+                    answers.push((done.input, g.tokens.len() as u32));
                 }
                 if done.transient {
                     step_failed = true;

@@ -249,6 +249,8 @@ pub(super) async fn produce(
         // Each input waits here until the next one of its document is known, so that the last one goes out marked
         // with the document's row count: the writer commits a document only once it holds all its rows.
         let mut held = DocumentInputs::default();
+        // Whether the page stream ended as a document ends: at its last page, or with its error.
+        let mut ended = false;
         while let Some(item) = doc.pages.recv().await {
             match item {
                 Ok(page) => {
@@ -285,6 +287,7 @@ pub(super) async fn produce(
                     }
                     // The group goes out when full or at the document's last page, whether or not that page
                     // itself could be prepared (the group's earlier pages always get their row).
+                    ended |= last;
                     if !group.is_empty() && (group.len() == per_prompt || last) {
                         let input = PageInput {
                             source: source_info(group_start, index + 1, Some(count)),
@@ -297,6 +300,7 @@ pub(super) async fn produce(
                     }
                 }
                 Err(e) => {
+                    ended = true;
                     failed += 1;
                     progress.failed.store(failed, Ordering::Relaxed);
                     let mut error = crate::error::chain(&e);
@@ -328,6 +332,29 @@ pub(super) async fn produce(
                     break;
                 }
             }
+        }
+        if !ended {
+            // The renderer's stream closed before the last page (its task died): the document must not be
+            // committed as complete. A transient failure of the whole document, retried by the next run.
+            let attempt = prior_attempts + 1;
+            let mut row = source_info(0, 0, None);
+            let mut error = format!(
+                "{}: the renderer stopped before the document's last page",
+                info.uri.escape_debug()
+            );
+            if attempt < MAX_ATTEMPTS {
+                row.attempt = Some(attempt);
+            } else {
+                error.push_str(&format!(
+                    " (transient, but failed {attempt} attempts: recorded as failed)"
+                ));
+            }
+            let failed = FailedInput {
+                source: row,
+                kind: ErrorKind::Renderer,
+                error,
+            };
+            held.push(&model_tx, Err(failed)).await?;
         }
         held.finish(&model_tx).await?;
     }

@@ -27,7 +27,7 @@ pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, Pip
     let reporter = Reporter { format: opts.log };
     announce(&spec, &opts, &run_id, reporter);
     let stop = Stop::watching(opts.cancel.clone());
-    let setup = prepare(&spec, &run_id)?;
+    let setup = prepare(&spec, &opts, &run_id)?;
     let lease = acquire_lease(&spec, &opts, &setup.target, &run_id, &stop, reporter).await?;
     // Everything after the lease is taken runs here, so the lease is given back on every way out.
     let result = run_under_lease(&spec, &opts, setup, &stop, &lease, started, reporter).await;
@@ -103,9 +103,11 @@ struct Setup {
     ctx: RunContext,
     target: SinkTarget,
     sink_config: SinkConfig,
+    /// The job a sharded run belongs to (named at the start: a derived id must not change at midnight).
+    job: Option<String>,
 }
 
-fn prepare(spec: &PipelineSpec, run_id: &str) -> Result<Setup, PipelineError> {
+fn prepare(spec: &PipelineSpec, opts: &RunOptions, run_id: &str) -> Result<Setup, PipelineError> {
     let model_dir = ModelDir::open(&spec.model.dir)?;
     let manifest = model_dir.manifest.clone();
     // The vision encoder knows positions up to its image size: a larger view cannot be encoded.
@@ -152,7 +154,23 @@ fn prepare(spec: &PipelineSpec, run_id: &str) -> Result<Setup, PipelineError> {
         max_rows_per_file: spec.output.max_rows_per_file,
         ..SinkConfig::default()
     };
+    // The id names a folder of the output: letters, digits, '.', '_' and '-' only.
+    let job = opts.shard.map(|(_, n)| {
+        opts.job
+            .clone()
+            .unwrap_or_else(|| super::derived_job_id(spec, n))
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect::<String>()
+    });
     Ok(Setup {
+        job,
         manifest,
         device,
         mode,
@@ -381,21 +399,7 @@ async fn summarize(
         failure
     };
     let seconds = ran.started.elapsed().as_secs_f64();
-    // The id names a folder of the output: letters, digits, '.', '_' and '-' only.
-    let job = opts.shard.map(|(_, n)| {
-        opts.job
-            .clone()
-            .unwrap_or_else(|| super::derived_job_id(spec, n))
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || "._-".contains(c) {
-                    c
-                } else {
-                    '-'
-                }
-            })
-            .collect::<String>()
-    });
+    let job = setup.job.clone();
     let commit = match (&failure, opts.shard, &job) {
         (Some(_), _, _) => Commit::Stopped,
         (None, Some((index, count)), Some(job)) => Commit::Shard {

@@ -10,7 +10,9 @@ use tokio::sync::mpsc;
 use super::PipelineError;
 use super::report::{Progress, Reporter, Stage};
 use super::spec::LimitsSpec;
-use crate::extract::{ExtractionRecord, ExtractionSchema, RunContext, to_record_batch_per_row};
+use crate::extract::{
+    ErrorKind, ExtractionRecord, ExtractionSchema, RunContext, to_record_batch_per_row,
+};
 use crate::sink::ParquetSink;
 
 /// What the model stage hands the writer: a batch's rows and the time the model spent on them.
@@ -106,7 +108,13 @@ impl Writer {
             // and a kill between two commits never leaves half a document committed (the next run would redo the
             // document and duplicate the committed half). Rows finish out of order in a stream: those of a
             // document still in progress wait in `held` until all of them are in.
-            let ready = held.add(records);
+            let (ready, collapsed) = held.add(records);
+            // A document's retry rows became one document-level retry row: the tally follows what is written.
+            tally.rows -= collapsed.removed_ok + collapsed.removed_failed;
+            tally.ok -= collapsed.removed_ok;
+            tally.failed -= collapsed.removed_failed;
+            tally.rows += collapsed.added;
+            tally.failed += collapsed.added;
             if !ready.is_empty() {
                 let finished = ready.iter().filter(|r| r.source.doc_rows.is_some()).count();
                 self.progress
@@ -161,6 +169,45 @@ impl Writer {
     }
 }
 
+/// What [`retry_whole`] changed: rows taken out (by outcome) and document-level retry rows put in.
+#[derive(Default)]
+struct Collapsed {
+    removed_ok: usize,
+    removed_failed: usize,
+    added: usize,
+}
+
+/// A complete document with a `retry` row (a transient failure of some of its pages) is written as one
+/// document-level retry row: the next run redoes the whole document once, its attempts counted, instead of the
+/// state taking the document as done without those pages, or the other pages being written twice.
+fn retry_whole(rows: Vec<ExtractionRecord>, collapsed: &mut Collapsed) -> Vec<ExtractionRecord> {
+    let Some(retry) = rows
+        .iter()
+        .find(|r| r.source.attempt.is_some() && !r.is_ok())
+    else {
+        return rows;
+    };
+    let mut source = retry.source.clone();
+    let (start, end) = (source.page_start, source.page_end);
+    source.page_start = 0;
+    source.page_end = 0;
+    source.doc_rows = Some(1);
+    let kind = retry.error_kind.unwrap_or(ErrorKind::Generation);
+    let error = format!(
+        "pages {start}-{end}: {} (the whole document is left for the next run)",
+        retry.error_message().unwrap_or("failed")
+    );
+    for r in &rows {
+        if r.is_ok() {
+            collapsed.removed_ok += 1;
+        } else {
+            collapsed.removed_failed += 1;
+        }
+    }
+    collapsed.added += 1;
+    vec![ExtractionRecord::failed(source, kind, error)]
+}
+
 /// Rows of documents not yet complete, by document URI.
 #[derive(Default)]
 struct Documents {
@@ -171,8 +218,9 @@ struct Documents {
 
 impl Documents {
     /// Takes rows in any order; returns the rows of every document now complete, each document's rows together,
-    /// in page order.
-    fn add(&mut self, records: Vec<ExtractionRecord>) -> Vec<ExtractionRecord> {
+    /// in page order, and what replacing retry rows changed.
+    fn add(&mut self, records: Vec<ExtractionRecord>) -> (Vec<ExtractionRecord>, Collapsed) {
+        let mut collapsed = Collapsed::default();
         let mut touched = Vec::new();
         for r in records {
             let uri = r.source.uri.clone();
@@ -187,15 +235,16 @@ impl Documents {
         let mut ready = Vec::new();
         for uri in touched {
             let have = self.rows.get(&uri).map_or(0, Vec::len);
-            if self.expected.get(&uri) == Some(&have) {
+            // `>=`: a URI listed twice in one run (a listing error's "?") must not hold its rows forever.
+            if self.expected.get(&uri).is_some_and(|&n| have >= n) {
                 self.expected.remove(&uri);
                 let mut rows = self.rows.remove(&uri).unwrap_or_default();
                 // Page order, a document-level error row (page 0) after the pages before it.
                 rows.sort_by_key(|r| (r.source.page_start == 0, r.source.page_start));
-                ready.extend(rows);
+                ready.extend(retry_whole(rows, &mut collapsed));
             }
         }
-        ready
+        (ready, collapsed)
     }
 
     /// Documents left incomplete, with their rows held.
@@ -207,5 +256,68 @@ impl Documents {
             .collect();
         left.sort();
         left
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::extract::SourceInfo;
+
+    fn row(page: u32, attempt: Option<u32>, doc_rows: Option<u32>) -> ExtractionRecord {
+        let source = SourceInfo {
+            uri: "s3://b/inv.pdf".into(),
+            page_start: page,
+            page_end: page,
+            doc_page_count: Some(3),
+            attempt,
+            doc_rows,
+            ..SourceInfo::default()
+        };
+        ExtractionRecord::failed(
+            source,
+            ErrorKind::Generation,
+            "generation: ONNX Runtime failed",
+        )
+    }
+
+    #[test]
+    fn a_document_commits_once_all_its_rows_are_in_whatever_their_order() {
+        let mut docs = Documents::default();
+        // Page 3 (the last input, carrying the row count) finishes first.
+        let (ready, _) = docs.add(vec![row(3, None, Some(3))]);
+        assert!(ready.is_empty());
+        let (ready, _) = docs.add(vec![row(1, None, None)]);
+        assert!(ready.is_empty());
+        let (ready, _) = docs.add(vec![row(2, None, None)]);
+        let pages: Vec<u32> = ready.iter().map(|r| r.source.page_start).collect();
+        assert_eq!(pages, vec![1, 2, 3]);
+        assert!(docs.incomplete().is_empty());
+    }
+
+    #[test]
+    fn a_document_with_a_retry_row_is_written_as_one_document_level_retry_row() {
+        let mut docs = Documents::default();
+        let (ready, collapsed) = docs.add(vec![
+            row(1, Some(1), None),
+            row(2, None, None),
+            row(3, None, Some(3)),
+        ]);
+        assert_eq!(ready.len(), 1, "{ready:?}");
+        let r = &ready[0];
+        assert_eq!((r.source.page_start, r.source.attempt), (0, Some(1)));
+        assert!(r.is_retry(), "{r:?}");
+        assert!(
+            r.error_message().unwrap_or("").contains("pages 1-1"),
+            "{r:?}"
+        );
+        assert_eq!(
+            (
+                collapsed.removed_ok,
+                collapsed.removed_failed,
+                collapsed.added
+            ),
+            (0, 3, 1)
+        );
     }
 }

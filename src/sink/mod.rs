@@ -673,22 +673,43 @@ impl ParquetSink {
             Commit::Stopped => false,
             Commit::Whole => true,
             Commit::Shard { job, index, count } => {
-                // Each shard leaves a marker, then counts the markers: whichever finishes last sees all of them
-                // (object stores list what was written before, S3 and GCS strongly) and writes `_SUCCESS`. Two
-                // shards finishing together may both write it: it is the same empty object, so no conditional put
-                // is needed for it to appear exactly when the job is complete.
-                let markers = rel(&format!("_job-{job}"));
-                let marker = format!("{markers}/shard-{index}-of-{count}");
+                // Each shard leaves a marker at the output's root (shards of one job may write different
+                // partitions: a job running past midnight), naming its partition, then lists the markers: whichever
+                // finishes last sees all of them (object stores list what was written before, S3 and GCS
+                // strongly) and writes `_SUCCESS` into every partition of the job. Two shards finishing together
+                // may both write them: the same empty objects, so no conditional put is needed for `_SUCCESS` to
+                // appear exactly when the job is complete.
+                let markers = format!("_job-{job}");
+                let marker = format!("{markers}/shard-{index}-of-{count}@{}", encode_marker(&dir));
                 self.put_small(&marker, Vec::new()).await?;
                 let suffix = format!("-of-{count}");
-                let done = self
-                    .target
-                    .list_names(&markers)
-                    .await?
-                    .iter()
-                    .filter(|n| n.starts_with("shard-") && n.ends_with(&suffix))
-                    .count();
-                done as u64 >= *count
+                let mut shards = std::collections::BTreeSet::new();
+                let mut partitions = std::collections::BTreeSet::new();
+                for name in self.target.list_names(&markers).await? {
+                    let Some((shard, partition)) = name.split_once('@') else {
+                        continue;
+                    };
+                    if let Some(i) = shard
+                        .strip_prefix("shard-")
+                        .and_then(|s| s.strip_suffix(&suffix))
+                    {
+                        shards.insert(i.to_string());
+                        partitions.insert(decode_marker(partition));
+                    }
+                }
+                if shards.len() as u64 >= *count {
+                    for partition in partitions.iter().filter(|p| **p != dir) {
+                        let success = if partition.is_empty() {
+                            "_SUCCESS".to_string()
+                        } else {
+                            format!("{partition}/_SUCCESS")
+                        };
+                        self.put_small(&success, Vec::new()).await?;
+                    }
+                    true
+                } else {
+                    false
+                }
             }
         };
         if complete {
@@ -750,6 +771,21 @@ impl ParquetSink {
         }
         Ok(())
     }
+}
+
+/// A partition folder inside a marker's name: `%`, `/` and `@` escaped.
+fn encode_marker(partition: &str) -> String {
+    partition
+        .replace('%', "%25")
+        .replace('/', "%2F")
+        .replace('@', "%40")
+}
+
+fn decode_marker(encoded: &str) -> String {
+    encoded
+        .replace("%40", "@")
+        .replace("%2F", "/")
+        .replace("%25", "%")
 }
 
 fn join_key(prefix: &ObjectPath, rel: &str) -> ObjectPath {

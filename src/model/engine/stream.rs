@@ -63,6 +63,8 @@ pub struct StreamEngine {
     slots: Option<SlotState>,
     vision: Arc<Mutex<VisionEncoder>>,
     ahead: Option<VisionAhead>,
+    /// Sequences that finished in a step that then failed: handed out by the next step, never lost.
+    carry: Vec<Finished>,
     pub stats: GenerationStats,
 }
 
@@ -96,6 +98,7 @@ impl PixtralEngine {
             slots: None,
             vision: self.vision.clone(),
             ahead: None,
+            carry: Vec::new(),
             stats: GenerationStats::default(),
         }
     }
@@ -144,7 +147,7 @@ impl StreamEngine {
 
     /// Nothing waits, is staged or runs.
     pub fn is_idle(&self) -> bool {
-        self.timing.is_empty()
+        self.timing.is_empty() && self.carry.is_empty()
     }
 
     /// Sequences added and not finished.
@@ -160,21 +163,38 @@ impl StreamEngine {
         engine: &mut PixtralEngine,
         hook: &mut dyn StepHook,
     ) -> Result<Vec<Finished>, ModelError> {
-        if self.slotted {
-            self.step_slots(engine, hook)
+        let mut finished = std::mem::take(&mut self.carry);
+        let stepped = if self.slotted {
+            self.step_slots(engine, hook, &mut finished)
         } else {
-            self.step_batch(engine, hook)
+            self.step_batch(engine, hook, &mut finished)
+        };
+        match stepped {
+            Ok(()) => Ok(finished),
+            Err(e) => {
+                // What finished before the failure is still finished: the next step hands it out.
+                self.carry = finished;
+                Err(e)
+            }
         }
     }
 
-    /// Empties the engine after a failed step: every sequence in flight, by id, leaves without a result (the cache
-    /// is not trusted after a failed pass; the next step allocates it again).
+    /// After a failed step: the sequences the step had started (staged, running, in the failed batch) leave
+    /// without a result, by id; prompts still waiting stay for the next step. The cache is not trusted after a
+    /// failed pass (the next step allocates it again) and the vision thread starts afresh.
     pub fn abandon(&mut self) -> Vec<usize> {
-        let mut ids: Vec<usize> = self.timing.keys().copied().collect();
+        let waiting: std::collections::HashSet<usize> = self.scheduler.waiting_ids().collect();
+        let mut ids: Vec<usize> = self
+            .timing
+            .keys()
+            .copied()
+            .filter(|id| !waiting.contains(id))
+            .collect();
         ids.sort_unstable();
-        self.timing.clear();
-        self.prompts.clear();
-        self.scheduler = Scheduler::new(self.scheduler.policy());
+        for id in &ids {
+            self.timing.remove(id);
+            self.prompts.remove(id);
+        }
         self.slots = None;
         self.ahead = None;
         ids
@@ -209,10 +229,11 @@ impl StreamEngine {
         &mut self,
         engine: &mut PixtralEngine,
         hook: &mut dyn StepHook,
-    ) -> Result<Vec<Finished>, ModelError> {
+        finished: &mut Vec<Finished>,
+    ) -> Result<(), ModelError> {
         let ids = self.scheduler.next_batch();
         if ids.is_empty() {
-            return self.nothing_to_do();
+            return self.nothing_to_do(finished);
         }
         let prompts = ids
             .iter()
@@ -231,7 +252,6 @@ impl StreamEngine {
         let prompt_tokens = total(&|j| refs[j].ids.len());
         let generated = total(&|j| generations[j].tokens.len());
         let share = |d: Duration, part: usize, all: usize| d.mul_f64(part as f64 / all as f64);
-        let mut finished = Vec::with_capacity(ids.len());
         for (j, (id, generation)) in ids.into_iter().zip(generations).enumerate() {
             let timing = RowTiming {
                 vision: share(stats.vision, refs[j].images.len(), images),
@@ -241,7 +261,7 @@ impl StreamEngine {
             self.timing.insert(id, timing);
             finished.push(self.done(id, generation));
         }
-        Ok(finished)
+        Ok(())
     }
 
     /// Continuous batching: fill free slots, then one decode step over all of them.
@@ -249,7 +269,8 @@ impl StreamEngine {
         &mut self,
         engine: &mut PixtralEngine,
         hook: &mut dyn StepHook,
-    ) -> Result<Vec<Finished>, ModelError> {
+        finished: &mut Vec<Finished>,
+    ) -> Result<(), ModelError> {
         let policy = self.scheduler.policy();
         let PixtralEngine {
             model,
@@ -278,17 +299,18 @@ impl StreamEngine {
             config: &config,
             chunk: self.chunk,
         };
-        let mut finished = Vec::new();
-        self.fill_slots(&mut parts, hook, &mut finished)?;
+        let before = finished.len();
+        self.fill_slots(&mut parts, hook, finished)?;
         let Some(slots) = self.slots.as_mut() else {
-            return Ok(finished);
+            return Ok(());
         };
         let busy = slots.busy();
         if busy == 0 {
-            if finished.is_empty() && slots.staged().is_none() && self.scheduler.waiting() == 0 {
-                return self.nothing_to_do();
+            if finished.len() == before && slots.staged().is_none() && self.scheduler.waiting() == 0
+            {
+                return self.nothing_to_do(finished);
             }
-            return Ok(finished);
+            return Ok(());
         }
         let t = Instant::now();
         let width = policy.max_batch.max(1);
@@ -308,7 +330,7 @@ impl StreamEngine {
         for (id, generation) in done {
             finished.push(self.done(id, generation));
         }
-        Ok(finished)
+        Ok(())
     }
 
     /// Between two decode steps: stage the next prompt, prefill it within the scheduler's chunks (all of it while
@@ -387,6 +409,9 @@ impl StreamEngine {
             };
             let features = match encoded {
                 Ok(f) => f,
+                // A run that failed (the device) may pass next time: the step fails, and the prompt is the
+                // caller's to retry, rather than a permanent failure of its document.
+                Err(e) if e.is_transient() => return Err(e),
                 Err(e) => {
                     let generation = Generation::failed(prompt.ids.len(), &e);
                     finished.push(self.done(id, generation));
@@ -411,9 +436,9 @@ impl StreamEngine {
 
     /// A step that found nothing to do: fine when idle; otherwise sequences were lost track of (a bug), which is
     /// an error rather than a caller stepping forever.
-    fn nothing_to_do(&self) -> Result<Vec<Finished>, ModelError> {
-        if self.is_idle() {
-            Ok(Vec::new())
+    fn nothing_to_do(&self, finished: &[Finished]) -> Result<(), ModelError> {
+        if self.timing.is_empty() || !finished.is_empty() {
+            Ok(())
         } else {
             Err(ModelError::Graph(format!(
                 "{} sequence(s) in flight, none waiting, staged or running",
@@ -524,8 +549,10 @@ impl VisionAhead {
 
 impl Drop for VisionAhead {
     fn drop(&mut self) {
-        // Closing the channel ends the thread after the prompt it is encoding.
+        // Closing both channels ends the thread after the prompt it is encoding (with the results' receiver alive it
+        // would first encode everything still queued).
         self.to_encode = None;
+        self.encoded = mpsc::channel().1;
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
