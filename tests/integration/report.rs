@@ -124,6 +124,20 @@ fn run_report_in_headless_chromium_holds_the_runs_numbers() {
     let run_id = manifest["run_id"].as_str().unwrap().to_string();
     let run_report = partition.join(format!("_report-{run_id}.html"));
     assert!(run_report.is_file(), "{}", text(&run));
+    // The decoder's figures from the manifest: slot admissions and the idle share of row places.
+    let html = std::fs::read_to_string(&run_report).unwrap();
+    let decode = &manifest["summary"]["decode"];
+    assert_eq!(decode["batching"], "continuous", "{manifest}");
+    assert_eq!(
+        summary_value(&html, "slot_admissions"),
+        decode["admissions"].to_string(),
+        "{decode}"
+    );
+    assert_eq!(
+        summary_value(&html, "idle_row_share"),
+        format!("{:.1}%", 100.0 * decode["idle_row_share"].as_f64().unwrap()),
+        "{decode}"
+    );
     assert!(
         text(&run).contains(&format!("_report-{run_id}.html")),
         "{}",
