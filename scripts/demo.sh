@@ -6,7 +6,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-scripts/setup.sh
+# The demo needs no storage emulator (those are for the tests): no npm needed.
+PIXTRACT_SETUP_EMULATORS=0 scripts/setup.sh
 cargo build --quiet --bin pixtract
 px=target/debug/pixtract
 echo

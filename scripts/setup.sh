@@ -120,7 +120,8 @@ if [ "$emulators_only" = 1 ]; then
   exit 0
 fi
 [ "$venv_only" = 1 ] && exit 0
-install_emulators
+# The demo needs no emulator (scripts/demo.sh sets PIXTRACT_SETUP_EMULATORS=0): `make demo` works without npm.
+[ "${PIXTRACT_SETUP_EMULATORS:-1}" = 0 ] || install_emulators
 
 # Debian's chromium: the run report's test opens the report in a real headless browser. Installed when missing,
 # as root (CI runs `make test` as root on a fresh machine); silent and instant once there.
