@@ -341,49 +341,17 @@ fn run_with_signals(
     opts: RunOptions,
     cancel: Arc<AtomicBool>,
 ) -> Result<(RunSummary, tokio::runtime::Runtime), PipelineError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| PipelineError::Io {
-            what: "cannot start the async runtime",
-            source,
-        })?;
+    let rt = pixtract::pipeline::runtime()?;
     let summary = rt.block_on(async {
         // Installed before the run starts, so a signal during start-up is handled too.
         let signals = tokio::spawn(async move {
-            let term = async {
-                #[cfg(unix)]
-                if let Ok(mut s) =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                {
-                    s.recv().await;
-                    return;
-                }
-                std::future::pending::<()>().await
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term => {}
-            }
+            stop_signal().await;
             eprintln!(
                 "pixtract run: signal received: finishing documents in flight, then committing (repeat to abort)"
             );
             cancel.store(true, Ordering::SeqCst);
             // The second signal, SIGINT or SIGTERM (tokio replaced SIGTERM's default action), ends the process.
-            let term = async {
-                #[cfg(unix)]
-                if let Ok(mut s) =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                {
-                    s.recv().await;
-                    return;
-                }
-                std::future::pending::<()>().await
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term => {}
-            }
+            stop_signal().await;
             std::process::exit(130);
         });
         let summary = pixtract::pipeline::run(spec, opts).await;
@@ -391,6 +359,23 @@ fn run_with_signals(
         summary
     })?;
     Ok((summary, rt))
+}
+
+/// The next SIGINT or SIGTERM.
+async fn stop_signal() {
+    let term = async {
+        #[cfg(unix)]
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+            return;
+        }
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
 }
 
 /// Writes the run's report beside its manifest; returns its path relative to the output.

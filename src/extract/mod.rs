@@ -204,12 +204,19 @@ impl Extractor {
         let mut generations: Vec<Option<Generation>> = vec![None; n];
         let mut reports: Vec<Option<RowReport>> = vec![None; n];
         // Slots sized for the longest prompt given (a prompt's length does not depend on the stream's capacity).
-        let longest = inputs
+        // The instruction is encoded once; each page adds its `[IMG]`/`[IMG_BREAK]` grid.
+        let grids = inputs
             .iter()
             .filter_map(|i| i.as_ref().ok())
-            .map(|p| self.encode_len(engine, p).unwrap_or(0))
+            .map(|p| {
+                p.images
+                    .iter()
+                    .map(|i| (i.grid.cols + 1) * i.grid.rows)
+                    .sum::<usize>()
+            })
             .max()
             .unwrap_or(0);
+        let longest = self.instruction_tokens(engine).unwrap_or(0) + grids;
         let mut stream = self.stream(engine, longest);
         for input in inputs {
             let (id, record) = stream.add(engine, input);
@@ -239,16 +246,6 @@ impl Extractor {
             stats,
             grammar_time,
         })
-    }
-
-    /// The prompt length of a page input (its image grids and the instruction), without its pixels.
-    fn encode_len(&self, engine: &PixtralEngine, page: &PageInput) -> Result<usize, ExtractError> {
-        let tokens: usize = page
-            .images
-            .iter()
-            .map(|i| (i.grid.cols + 1) * i.grid.rows)
-            .sum();
-        Ok(self.max_prompt_tokens(engine, 0, 0)? + tokens)
     }
 
     /// Turns one generation into a record: decode, parse, validate, confidences.

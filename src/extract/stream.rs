@@ -71,13 +71,18 @@ impl Extractor {
         pages: usize,
         max_side: usize,
     ) -> Result<usize, ModelError> {
+        let patch = engine.preprocessor.patch.max(1);
+        let side = max_side.min(engine.preprocessor.max_side).div_ceil(patch);
+        Ok(self.instruction_tokens(engine)? + pages.max(1) * (side + 1) * side)
+    }
+
+    /// Tokens of a prompt without images: the chat tokens and the instruction.
+    pub(super) fn instruction_tokens(&self, engine: &PixtralEngine) -> Result<usize, ModelError> {
         let text = engine.tokenizer.encode(Prompt {
             system: None,
             parts: vec![PromptPart::Text(self.instruction())],
         })?;
-        let patch = engine.preprocessor.patch.max(1);
-        let side = max_side.min(engine.preprocessor.max_side).div_ceil(patch);
-        Ok(text.ids.len() + pages.max(1) * (side + 1) * side)
+        Ok(text.ids.len())
     }
 }
 

@@ -256,14 +256,18 @@ pub fn shard_of(uri: &str, count: u64) -> u64 {
     u64::from_be_bytes(first) % count.max(1)
 }
 
-/// Runs a pipeline to completion (or to its failure budget). Blocks the calling thread.
-pub fn run_blocking(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, PipelineError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+/// The async runtime a run needs (all drivers: timers, I/O, signals).
+pub fn runtime() -> Result<tokio::runtime::Runtime, PipelineError> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|source| PipelineError::Io {
             what: "cannot start the async runtime",
             source,
-        })?;
-    rt.block_on(run(spec, opts))
+        })
+}
+
+/// Runs a pipeline to completion (or to its failure budget). Blocks the calling thread.
+pub fn run_blocking(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, PipelineError> {
+    runtime()?.block_on(run(spec, opts))
 }

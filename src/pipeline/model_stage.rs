@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::produce::MAX_ATTEMPTS;
+use super::produce::mark_transient;
 use super::report::Progress;
 use super::{DecodeSummary, ModelInput, PipelineError, spec};
 use crate::extract::{ExtractionRecord, ExtractionStream, Extractor, Mode, Outcome, ReviewPolicy};
@@ -208,15 +208,10 @@ fn feed(
     }
 }
 
-/// A row whose engine step failed for a transient reason: `retry` (the document is not done; the next run tries
-/// it again) until its attempts run out, then a permanent error that says so.
+/// A row whose engine step failed for a transient reason (an error row, made by the stream): `retry` until its
+/// document's attempts run out.
 fn mark_retry(record: &mut ExtractionRecord) {
-    let attempt = record.source.prior_attempts + 1;
-    if attempt < MAX_ATTEMPTS {
-        record.source.attempt = Some(attempt);
-    } else if let Outcome::Failed(error) = &mut record.outcome {
-        error.push_str(&format!(
-            " (transient, but failed {attempt} attempts: recorded as failed)"
-        ));
+    if let Outcome::Failed(error) = &mut record.outcome {
+        mark_transient(&mut record.source, error);
     }
 }

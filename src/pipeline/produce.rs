@@ -23,6 +23,20 @@ use crate::source::{ListOptions, Source, SourceError};
 /// permanent (so a file that always crashes the renderer is not retried forever).
 pub const MAX_ATTEMPTS: u32 = 3;
 
+/// A transient failure of a document whose earlier runs failed `source.prior_attempts` times: a `retry` row (its
+/// attempt counted) until the attempts run out, then a permanent error whose text says so. One rule for fetch,
+/// raster and model failures.
+pub(super) fn mark_transient(source: &mut SourceInfo, error: &mut String) {
+    let attempt = source.prior_attempts + 1;
+    if attempt < MAX_ATTEMPTS {
+        source.attempt = Some(attempt);
+    } else {
+        error.push_str(&format!(
+            " (transient, but failed {attempt} attempts: recorded as failed)"
+        ));
+    }
+}
+
 /// Which listed documents this run leaves alone.
 pub(super) struct SkipRules {
     pub processed: Arc<state::ProcessedSet>,
@@ -44,11 +58,7 @@ pub(super) async fn produce(
 ) -> Result<(usize, usize, usize, usize), PipelineError> {
     let source = Source::open(&spec.source.uri)?;
     let r = &spec.raster;
-    let max_side = if r.max_side == 0 {
-        image.max_image_size as u32
-    } else {
-        r.max_side
-    };
+    let max_side = r.view_side(image.max_image_size) as u32;
     let opts = RasterOptions {
         max_side,
         max_dpi: r.max_dpi,
@@ -307,14 +317,7 @@ pub(super) async fn produce(
                     // A transient failure is left not done (status `retry`) until its attempts run out.
                     let mut row = source_info(0, 0, None);
                     if e.is_transient() {
-                        let attempt = prior_attempts + 1;
-                        if attempt < MAX_ATTEMPTS {
-                            row.attempt = Some(attempt);
-                        } else {
-                            error = format!(
-                                "{error} (transient, but failed {attempt} attempts: recorded as failed)"
-                            );
-                        }
+                        mark_transient(&mut row, &mut error);
                     }
                     reporter.event(
                         "warn",
@@ -336,19 +339,12 @@ pub(super) async fn produce(
         if !ended {
             // The renderer's stream closed before the last page (its task died): the document must not be
             // committed as complete. A transient failure of the whole document, retried by the next run.
-            let attempt = prior_attempts + 1;
             let mut row = source_info(0, 0, None);
             let mut error = format!(
                 "{}: the renderer stopped before the document's last page",
                 info.uri.escape_debug()
             );
-            if attempt < MAX_ATTEMPTS {
-                row.attempt = Some(attempt);
-            } else {
-                error.push_str(&format!(
-                    " (transient, but failed {attempt} attempts: recorded as failed)"
-                ));
-            }
+            mark_transient(&mut row, &mut error);
             let failed = FailedInput {
                 source: row,
                 kind: ErrorKind::Renderer,

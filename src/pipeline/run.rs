@@ -264,10 +264,7 @@ async fn run_under_lease(
         mode: setup.mode.clone(),
         review: setup.review.clone(),
         pages_per_prompt: spec.extract.pages_per_prompt.max(1),
-        max_side: match spec.raster.max_side {
-            0 => setup.manifest.image.max_image_size,
-            side => side as usize,
-        },
+        max_side: spec.raster.view_side(setup.manifest.image.max_image_size),
         progress: progress.clone(),
         abort: stop.abort.clone(),
     };

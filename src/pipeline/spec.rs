@@ -66,6 +66,16 @@ pub struct RasterSpec {
     pub max_pixels: u64,
 }
 
+impl RasterSpec {
+    /// The long side of the model's view: `max_side`, or the model's own image size when it is 0.
+    pub fn view_side(&self, model_max: usize) -> usize {
+        match self.max_side {
+            0 => model_max,
+            side => side as usize,
+        }
+    }
+}
+
 impl Default for RasterSpec {
     fn default() -> Self {
         RasterSpec {

@@ -119,23 +119,25 @@ fn rerun_redoes_nothing_then_only_the_changed_document(case: Case) {
     );
 }
 
+/// Writes `in/<name>` into `store` through the object_store client (S3 and Azure take its plain PUT).
+fn put_under_in(store: Arc<dyn ObjectStore>) -> impl Fn(&str, Vec<u8>) + 'static {
+    use object_store::{ObjectStoreExt, PutPayload};
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    move |name: &str, bytes: Vec<u8>| {
+        let path = ObjectPath::from(format!("in/{name}"));
+        rt.block_on(store.put(&path, PutPayload::from(bytes)))
+            .expect("put");
+    }
+}
+
 #[test]
 fn versioned_s3_rerun_redoes_nothing_and_an_overwritten_object_alone() {
-    use object_store::{ObjectStoreExt, PutPayload};
     let moto = Moto::start();
     moto.create_bucket("docs");
     // Versioned: every GET answers `x-amz-version-id`, the listing has no version.
     moto.enable_versioning("docs");
     let store = moto.store("docs");
-    let rt = Arc::new(tokio::runtime::Runtime::new().expect("runtime"));
-    let put = {
-        let (store, rt) = (store.clone(), rt.clone());
-        move |name: &str, bytes: Vec<u8>| {
-            let path = ObjectPath::from(format!("in/{name}"));
-            rt.block_on(store.put(&path, PutPayload::from(bytes)))
-                .expect("put");
-        }
-    };
+    let put = put_under_in(store.clone());
     rerun_redoes_nothing_then_only_the_changed_document(Case {
         name: "s3 (moto, versioned)",
         source: "s3://docs/in/".into(),
@@ -149,19 +151,10 @@ fn versioned_s3_rerun_redoes_nothing_and_an_overwritten_object_alone() {
 
 #[test]
 fn azure_rerun_redoes_nothing_and_an_overwritten_blob_alone() {
-    use object_store::{ObjectStoreExt, PutPayload};
     let azurite = Azurite::start();
     azurite.create_container("docs");
     let store = azurite.store("docs");
-    let rt = Arc::new(tokio::runtime::Runtime::new().expect("runtime"));
-    let put = {
-        let (store, rt) = (store.clone(), rt.clone());
-        move |name: &str, bytes: Vec<u8>| {
-            let path = ObjectPath::from(format!("in/{name}"));
-            rt.block_on(store.put(&path, PutPayload::from(bytes)))
-                .expect("put");
-        }
-    };
+    let put = put_under_in(store.clone());
     rerun_redoes_nothing_then_only_the_changed_document(Case {
         name: "az (Azurite)",
         source: "az://docs/in/".into(),

@@ -400,13 +400,14 @@ impl StreamEngine {
             let Some(id) = self.scheduler.next_to_stage() else {
                 return Ok(false);
             };
-            let prompt = self.prompts.remove(&id).ok_or_else(|| {
+            let prompt = self.prompts.get(&id).cloned().ok_or_else(|| {
                 ModelError::Graph(format!("sequence {id} was staged without its prompt"))
             })?;
             let encoded = match self.ahead.as_mut() {
-                Some(ahead) => ahead.take(id, &prompt, &self.prompts, &mut self.stats)?,
+                Some(ahead) => ahead.take(id, &self.prompts, &mut self.stats)?,
                 None => encode(&self.vision, &prompt),
             };
+            self.prompts.remove(&id);
             let features = match encoded {
                 Ok(f) => f,
                 // A run that failed (the device) may pass next time: the step fails, and the prompt is the
@@ -514,21 +515,15 @@ impl VisionAhead {
         }
     }
 
-    /// The features of `id`, the prompt being staged (the oldest waiting, so the first the thread encodes).
+    /// The features of `id`, the prompt being staged (the oldest waiting, so the first the thread encodes; it is
+    /// still in `prompts`, so topping up sends it when nothing is outstanding).
     fn take(
         &mut self,
         id: usize,
-        prompt: &Arc<EncodedPrompt>,
         prompts: &HashMap<usize, Arc<EncodedPrompt>>,
         stats: &mut GenerationStats,
     ) -> Result<Result<PromptFeatures, ModelError>, ModelError> {
-        if self.outstanding.is_empty() && self.unsent.front() == Some(&id) {
-            self.unsent.pop_front();
-            if let Some(tx) = &self.to_encode {
-                let _ = tx.send(prompt.clone());
-            }
-            self.outstanding.push_back(id);
-        }
+        self.top_up(prompts);
         if self.outstanding.front() != Some(&id) {
             return Err(ModelError::Graph(format!(
                 "the vision thread encodes {:?} next, the engine stages {id}",
