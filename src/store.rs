@@ -94,6 +94,13 @@ fn configure(e: object_store::Error) -> StoreError {
 
 /// Opens an object-store URL from the standard environment of its cloud.
 pub fn open(uri: &str) -> Result<StoreUrl, StoreError> {
+    open_with(uri, &[])
+}
+
+/// Opens an object-store URL from the standard environment of its cloud, with `options` (object_store's
+/// configuration keys of that cloud, e.g. `aws_endpoint`) set over it: one client, with the same retries and
+/// listing, for callers that configure a store explicitly.
+pub fn open_with(uri: &str, options: &[(&str, &str)]) -> Result<StoreUrl, StoreError> {
     let url = url::Url::parse(uri)?;
     let host = url.host_str().filter(|h| !h.is_empty());
     let mut pager: Option<Pager> = None;
@@ -110,17 +117,22 @@ pub fn open(uri: &str) -> Result<StoreUrl, StoreError> {
             if let Some(endpoint) = endpoint.filter(|e| is_loopback(e)) {
                 builder = builder.with_allow_http(true).with_endpoint(endpoint);
             }
+            for (key, value) in options {
+                builder = builder.with_config(key.parse().map_err(configure)?, *value);
+            }
             let store = Arc::new(builder.build().map_err(configure)?);
             pager = Some(Pager(store.clone()));
             (store, format!("s3://{bucket}"))
         }
         Some("gs") => {
             let bucket = host.ok_or(StoreError::NoBucket)?;
-            let store = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+            let mut builder = object_store::gcp::GoogleCloudStorageBuilder::from_env()
                 .with_bucket_name(bucket)
-                .with_retry(retry_config())
-                .build()
-                .map_err(configure)?;
+                .with_retry(retry_config());
+            for (key, value) in options {
+                builder = builder.with_config(key.parse().map_err(configure)?, *value);
+            }
+            let store = builder.build().map_err(configure)?;
             (Arc::new(store), format!("gs://{bucket}"))
         }
         Some(scheme @ ("az" | "azure" | "abfs" | "abfss")) => {
@@ -131,11 +143,13 @@ pub fn open(uri: &str) -> Result<StoreUrl, StoreError> {
                 "" => format!("{scheme}://{host}"),
                 container => format!("{scheme}://{container}@{host}"),
             };
-            let store = object_store::azure::MicrosoftAzureBuilder::from_env()
+            let mut builder = object_store::azure::MicrosoftAzureBuilder::from_env()
                 .with_url(base.clone())
-                .with_retry(retry_config())
-                .build()
-                .map_err(configure)?;
+                .with_retry(retry_config());
+            for (key, value) in options {
+                builder = builder.with_config(key.parse().map_err(configure)?, *value);
+            }
+            let store = builder.build().map_err(configure)?;
             (Arc::new(store), base)
         }
         Some(other) => return Err(StoreError::NotAnObjectStore(other.to_string())),

@@ -7,6 +7,7 @@ pub mod engine;
 pub mod grammar;
 pub mod pipeline;
 pub mod raster;
+pub mod state;
 
 use std::process::Command;
 

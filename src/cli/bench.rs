@@ -10,6 +10,7 @@ use crate::bench::engine::{DEFAULT_CASES, EngineBench};
 use crate::bench::grammar::GrammarBench;
 use crate::bench::pipeline::PipelineBench;
 use crate::bench::raster::RasterBench;
+use crate::bench::state::{Measure, StateBench};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum BenchCommand {
@@ -47,6 +48,14 @@ pub enum BenchCommand {
     ///
     /// Example: pixtract bench grammar --schema schemas/receipt.json --schema schemas/invoice.json
     Grammar(GrammarBenchArgs),
+    /// A run's start-up over a long output history: the time and peak memory from listing the output to knowing
+    /// which documents are done, reading every committed file (runs before the index), the index's sidecars
+    /// alone, the index as a nightly run finds it (last night's fold and one sidecar), and, as the reference,
+    /// only the last run's file. Writes a synthetic history with the production sink first (kept in --dir for
+    /// the next call); each read runs in a process of its own for its own peak RSS; medians over the rounds.
+    ///
+    /// Example: pixtract bench state --runs 365 --docs 10000 --rounds 3
+    State(StateBenchArgs),
 }
 
 /// Exit code 0 when the benchmark ran, 1 (with the reason) when it could not.
@@ -61,6 +70,7 @@ pub fn bench(command: BenchCommand) -> ExitCode {
             ("bench batching", crate::bench::batching::run(args.into()))
         }
         BenchCommand::Grammar(args) => ("bench grammar", crate::bench::grammar::run(args.into())),
+        BenchCommand::State(args) => ("bench state", args.run()),
     };
     super::report(name, outcome)
 }
@@ -321,6 +331,43 @@ impl From<BatchingBenchArgs> for BatchingBench {
             threads: a.runtime.threads,
             device: a.runtime.device,
             spin: a.runtime.spin,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StateBenchArgs {
+    /// Nightly runs in the history.
+    #[arg(long, default_value_t = 365)]
+    runs: usize,
+    /// Documents per run.
+    #[arg(long, default_value_t = 10_000)]
+    docs: usize,
+    /// Rounds of the four reads (medians reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Where the history is written and kept (a year of 10,000 documents a night takes ~300 MB).
+    #[arg(long, value_name = "DIR", default_value = "target/bench-state")]
+    dir: PathBuf,
+    /// Internal: measure one read of the history in --dir, in this process, and print it as JSON.
+    #[arg(long, hide = true, value_parser = ["files", "sidecars", "index", "last-run"])]
+    measure: Option<String>,
+}
+
+impl StateBenchArgs {
+    fn run(self) -> anyhow::Result<()> {
+        match self.measure.as_deref() {
+            Some(name) => {
+                let measure = Measure::from_name(name)
+                    .ok_or_else(|| anyhow::anyhow!("no measurement {name:?}"))?;
+                crate::bench::state::measure_here(&self.dir, measure)
+            }
+            None => crate::bench::state::run(StateBench {
+                dir: self.dir,
+                runs: self.runs,
+                docs: self.docs,
+                rounds: self.rounds.max(1),
+            }),
         }
     }
 }

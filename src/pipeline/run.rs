@@ -230,14 +230,9 @@ async fn run_under_lease(
     reporter: Reporter,
 ) -> Result<RunSummary, PipelineError> {
     let progress = Arc::new(Progress::default());
-    // What earlier runs did, from the output itself: those documents are skipped unless forced.
-    let processed = if opts.force {
-        state::ProcessedSet::default()
-    } else {
-        state::read_processed(&setup.target).await?
-    };
+    let (processed, fold) = read_state(opts, &setup, reporter).await?;
     let skip = SkipRules {
-        processed: Arc::new(processed),
+        processed,
         schema_sha: setup
             .schema
             .as_ref()
@@ -294,6 +289,7 @@ async fn run_under_lease(
     let (decode, written) = join_stages(model_thread, writer).await?;
     let counts = produced?;
     display.abort();
+    finish_fold(fold, reporter).await;
     let ran = Ran {
         decode,
         written,
@@ -302,6 +298,82 @@ async fn run_under_lease(
         started,
     };
     summarize(spec, opts, &setup, stop, lease, ran).await
+}
+
+/// What earlier runs did, from the output itself (those documents are skipped unless forced), and the writing of
+/// a new index fold when this run read files outside the last one (unsharded runs and shard 0 only: the shards of
+/// one job would all write the same fold). The fold is written while the run works; it is a cache, so its failure
+/// is a warning.
+async fn read_state(
+    opts: &RunOptions,
+    setup: &Setup,
+    reporter: Reporter,
+) -> Result<
+    (
+        Arc<state::ProcessedSet>,
+        Option<tokio::task::JoinHandle<Result<String, state::StateError>>>,
+    ),
+    PipelineError,
+> {
+    if opts.force {
+        return Ok((Arc::new(state::ProcessedSet::default()), None));
+    }
+    let read_started = Instant::now();
+    let processed = Arc::new(state::read_processed(&setup.target, state::StateRead::Index).await?);
+    let seconds = read_started.elapsed().as_secs_f64();
+    reporter.event(
+        "info",
+        "state_read",
+        || format!("output state: {} ({seconds:.2} s)", processed.describe()),
+        serde_json::json!({
+            "documents_done": processed.len(),
+            "fold": processed.fold.as_ref().map(|f| &f.0),
+            "fold_files": processed.fold.as_ref().map(|f| f.1),
+            "sidecars_read": processed.sidecars_read,
+            "files_read": processed.files_read,
+            "stale": processed.stale,
+            "seconds": seconds,
+        }),
+    );
+    let folds = opts.shard.is_none_or(|(index, _)| index == 0);
+    let fold = (folds && processed.fold_worth_writing()).then(|| {
+        let (target, set, run_id) = (
+            setup.target.clone(),
+            processed.clone(),
+            setup.ctx.run_id.clone(),
+        );
+        tokio::spawn(async move { state::write_fold(&target, &set, &run_id).await })
+    });
+    Ok((processed, fold))
+}
+
+async fn finish_fold(
+    fold: Option<tokio::task::JoinHandle<Result<String, state::StateError>>>,
+    reporter: Reporter,
+) {
+    let Some(fold) = fold else { return };
+    let result = match fold.await {
+        Ok(result) => result.map_err(|e| crate::error::chain(&e)),
+        Err(join) => Err(join.to_string()),
+    };
+    match result {
+        Ok(name) => reporter.event(
+            "info",
+            "index_folded",
+            || format!("output index written: {name}"),
+            serde_json::json!({ "fold": name }),
+        ),
+        Err(error) => reporter.event(
+            "warn",
+            "index_fold_failed",
+            || {
+                format!(
+                    "the output index could not be written (the next run reads more files): {error}"
+                )
+            },
+            serde_json::json!({ "error": error }),
+        ),
+    }
 }
 
 /// Starts the model stage's thread and waits until its engine is loaded (or failed to load: its typed error).

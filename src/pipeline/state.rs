@@ -1,40 +1,60 @@
 //! What earlier runs already did, read from the output itself (the single source of truth): every visible
 //! Parquet file is complete (files appear atomically), and its rows say which document, at which ETag/version,
 //! with which schema and model, covered which pages.
+//!
+//! The index under `_index/` ([`crate::sink::index`]) makes this cost what the new work costs: the newest fold
+//! holds every key done in the files it names, each later file has a sidecar, and only a file with neither is read
+//! itself. The index is checked against the listing: a fold naming a file the output no longer has (a partition
+//! deleted by hand to force a redo) is not used, and the state is rebuilt from the sidecars and files that remain.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use arrow::array::{Array, AsArray};
-use arrow::datatypes::Int32Type;
-use futures::TryStreamExt;
-use object_store::ObjectStore;
-use object_store::buffered::BufReader;
-use object_store::path::Path as ObjectPath;
-use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
+use futures::StreamExt;
+
+use crate::sink::SinkTarget;
+use crate::sink::committed::{Committed, Entry, ReadError};
+use crate::sink::index::{self, DoneIndex, FileCovers, IndexError, IndexedFile};
+pub use crate::sink::index::{DocKey, doc_key, normalise_etag};
 
 /// Why the output's earlier state could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("cannot list the output")]
     Store(#[from] object_store::Error),
-    #[error("cannot read a Parquet file of the output")]
-    Parquet(#[from] parquet::errors::ParquetError),
+    #[error("cannot read the output's committed files")]
+    Read(#[from] ReadError),
+    #[error("cannot write the output's index")]
+    Sink(#[from] crate::sink::SinkError),
 }
-use crate::extract::values::provenance::{
-    ATTEMPT, DOC_PAGE_COUNT, MODEL_ID, PAGE_END, PAGE_START, SCHEMA_SHA256, SOURCE_ETAG,
-    SOURCE_URI, SOURCE_VERSION, STATUS, STATUS_RETRY,
-};
-use crate::sink::SinkTarget;
 
-/// Identity of a processed document: (uri, etag or version, schema sha256, model id).
-pub type DocKey = (String, String, String, String);
+/// How the state is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StateRead {
+    /// The index where it is current, the files where it is not.
+    #[default]
+    Index,
+    /// Every committed file itself, the index ignored (how runs read the state before the index; `bench state`).
+    Files,
+}
+
+/// Sidecars fetched at once: small objects, where a store's round trip is the cost.
+const SIDECAR_FETCHES: usize = 16;
 
 #[derive(Debug, Default)]
 pub struct ProcessedSet {
-    done: HashSet<DocKey>,
-    /// Documents not done whose earlier attempts failed for transient reasons: how many attempts so far.
-    attempts: HashMap<DocKey, u32>,
+    index: DoneIndex,
+    /// Every data file whose rows the state holds, at the size the listing showed (what a fold written from this
+    /// state names).
+    files: Vec<IndexedFile>,
+    /// Folds in the output at start-up (oldest first).
+    folds: Vec<String>,
+    /// The fold used, and how many files it covered.
+    pub fold: Option<(String, usize)>,
+    /// Why the newest fold was not used (it names files the output no longer has).
+    pub stale: Option<String>,
+    /// Sidecars read (files after the fold).
+    pub sidecars_read: usize,
+    /// Data files read themselves (no index covered them).
     pub files_read: usize,
     /// `.parquet` files in the output that could not be read or are not pixtract's (ignored with a warning).
     pub skipped_files: Vec<String>,
@@ -43,234 +63,249 @@ pub struct ProcessedSet {
 impl ProcessedSet {
     /// Transient failures recorded for this document by earlier runs (0: none).
     pub fn attempts(&self, key: &DocKey) -> u32 {
-        self.attempts.get(key).copied().unwrap_or(0)
+        self.index.attempts(key)
     }
 
     pub fn contains(&self, key: &DocKey) -> bool {
-        self.done.contains(key)
+        self.index.contains(key)
     }
 
     pub fn len(&self) -> usize {
-        self.done.len()
+        self.index.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.done.is_empty()
+        self.index.is_empty()
     }
-}
 
-/// The document's key for skipping: its normalised ETag, or its version when the store gives no ETag.
-///
-/// Both sides of the comparison go through here (the state reader for the rows of earlier runs, the producer for
-/// the listing), and rows record the LISTING's identity, because stores describe one object differently in a
-/// listing and in a GET: Azure lists an ETag without the quotes its GET answers with; versioned S3 and GCS answer
-/// a GET with a version (`x-amz-version-id`, the generation) their listings leave out. The ETag comes first
-/// because every store lists one; rows written before this rule (quoted GET ETags next to GET versions) then
-/// still match their listing.
-pub fn doc_key(
-    uri: &str,
-    etag: Option<&str>,
-    version: Option<&str>,
-    schema: &str,
-    model: &str,
-) -> DocKey {
-    let identity = etag
-        .map(normalise_etag)
-        .filter(|e| !e.is_empty())
-        .or(version)
-        .unwrap_or_default();
-    (
-        uri.to_string(),
-        identity.to_string(),
-        schema.to_string(),
-        model.to_string(),
-    )
-}
+    /// Whether a new fold would spare the next run work: files were read outside the fold.
+    pub fn fold_worth_writing(&self) -> bool {
+        !self.files.is_empty() && (self.sidecars_read + self.files_read > 0 || self.stale.is_some())
+    }
 
-/// An ETag as an opaque value: without its surrounding quotes (HTTP's entity-tag syntax, which some stores keep
-/// and some drop) and without the weak-validator prefix `W/`.
-pub fn normalise_etag(etag: &str) -> &str {
-    let etag = etag.trim();
-    let etag = etag.strip_prefix("W/").unwrap_or(etag);
-    etag.strip_prefix('"')
-        .and_then(|e| e.strip_suffix('"'))
-        .unwrap_or(etag)
-}
-
-/// Reads every committed Parquet file under the target. A document counts as processed when its rows reach its
-/// last page, or when it has a document-level error row (page 0: it never rendered) that is not a transient
-/// failure (status `retry`, left for the next run). Unreadable or foreign `.parquet` files are skipped with a
-/// warning; only a listing that fails is an error.
-pub async fn read_processed(target: &SinkTarget) -> Result<ProcessedSet, StateError> {
-    let (store, prefix): (Arc<dyn ObjectStore>, Option<ObjectPath>) = match target {
-        SinkTarget::Local(dir) => {
-            if !dir.is_dir() {
-                return Ok(ProcessedSet::default());
-            }
-            let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)?;
-            (Arc::new(fs), None)
-        }
-        SinkTarget::Store { store, prefix, .. } => (
-            store.clone(),
-            (!prefix.as_ref().is_empty()).then(|| prefix.clone()),
-        ),
-    };
-    // The whole listing again when a page breaks off (object_store retries requests, not cut bodies).
-    let files: Vec<_> = crate::store::list_all(store.as_ref(), prefix.as_ref())
-        .await?
-        .into_iter()
-        .filter(|m| crate::sink::is_committed_data_file(m.location.filename().unwrap_or_default()))
-        .collect();
-    // Per key: highest page reached, page count, document-level (permanent) error seen, transient attempts.
-    let mut cover: HashMap<DocKey, Cover> = HashMap::new();
-    let mut set = ProcessedSet::default();
-    for meta in files {
-        // A stray or broken `.parquet` (zero bytes, truncated, someone else's columns) is skipped with a
-        // warning: it must never stop a run from starting.
-        // A read that failed in the storage (a request, a body cut mid-way) is made again: skipping a committed
-        // file would redo its documents. Still failing, it stops the run before anything is redone. Filling
-        // `cover` twice is harmless (maxima and flags).
-        let mut delays = crate::store::retry_delays();
-        let read = loop {
-            match read_file(&store, &meta, &mut cover).await {
-                Err(e) if crate::store::failed_in_storage(&e) => match delays.next() {
-                    Some(delay) => tokio::time::sleep(delay).await,
-                    None => return Err(e),
-                },
-                other => break other,
-            }
+    /// How the state was read, in a line.
+    pub fn describe(&self) -> String {
+        let fold = match &self.fold {
+            Some((name, files)) => format!("index {name} ({files} files)"),
+            None => "no index".to_string(),
         };
-        match read {
-            Ok(true) => set.files_read += 1,
-            Ok(false) => {
-                tracing::warn!(file = %meta.location, "not a pixtract output file (other columns): ignored");
-                set.skipped_files.push(meta.location.to_string());
-            }
-            Err(e) => {
-                tracing::warn!(file = %meta.location, error = %crate::error::chain(&e), "unreadable Parquet file in the output: ignored");
-                set.skipped_files.push(meta.location.to_string());
+        let stale = self
+            .stale
+            .as_ref()
+            .map(|s| format!("; index not used: {s}"))
+            .unwrap_or_default();
+        format!(
+            "{} documents done: {fold}, {} sidecars, {} files read{stale}",
+            self.len(),
+            self.sidecars_read,
+            self.files_read
+        )
+    }
+}
+
+/// A fold's files, checked against the listing.
+enum FoldCheck {
+    /// Every file it names is there at its size: its keys were read.
+    Current(DoneIndex, Vec<IndexedFile>),
+    /// It names a file the output no longer has, or has at another size.
+    Stale(String),
+}
+
+/// Reads the output's state: done documents and transient attempts. Unreadable or foreign `.parquet` files are
+/// skipped with a warning, unusable index objects too (their files are read instead); a listing or a read that
+/// keeps failing in the storage is an error (skipping a committed file would redo its documents).
+pub async fn read_processed(
+    target: &SinkTarget,
+    mode: StateRead,
+) -> Result<ProcessedSet, StateError> {
+    let Some(out) = Committed::open(target)? else {
+        return Ok(ProcessedSet::default());
+    };
+    let listing = out.list().await?;
+    let mut data: BTreeMap<&str, &Entry> = BTreeMap::new();
+    let mut sidecars: HashMap<String, &Entry> = HashMap::new();
+    let mut folds: Vec<&Entry> = Vec::new();
+    for entry in &listing {
+        if entry.is_data() {
+            data.insert(&entry.rel, entry);
+        } else if index::is_fold(&entry.rel) {
+            folds.push(entry);
+        } else if let Some(file) = index::data_file_of_sidecar(&entry.rel) {
+            sidecars.insert(file, entry);
+        }
+    }
+    folds.sort_by(|a, b| a.rel.cmp(&b.rel));
+    let mut set = ProcessedSet {
+        folds: folds.iter().map(|f| f.rel.clone()).collect(),
+        ..ProcessedSet::default()
+    };
+    let mut covered: HashSet<String> = HashSet::new();
+    if mode == StateRead::Index {
+        // The newest usable fold; an older one is only tried when a newer is damaged (a stale fold's elders are
+        // staler).
+        for fold in folds.iter().rev() {
+            match read_fold(&out, fold, &data).await {
+                Ok(FoldCheck::Current(index, files)) => {
+                    set.fold = Some((fold.rel.clone(), files.len()));
+                    set.index = index;
+                    covered = files.iter().map(|f| f.path.clone()).collect();
+                    set.files = files;
+                    break;
+                }
+                Ok(FoldCheck::Stale(reason)) => {
+                    tracing::info!(fold = %fold.rel, "{reason}: the state is rebuilt from the files");
+                    set.stale = Some(reason);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(fold = %fold.rel, error = %crate::error::chain(&e), "unusable index fold: ignored");
+                }
             }
         }
     }
-    for (key, c) in cover {
-        if c.doc_error || c.count.is_some_and(|n| c.reached >= n) {
-            set.done.insert(key);
-        } else if c.attempts > 0 {
-            set.attempts.insert(key, c.attempts);
+    let rest: Vec<&Entry> = data
+        .values()
+        .copied()
+        .filter(|e| !covered.contains(&e.rel))
+        .collect();
+    let (with_sidecar, mut without): (Vec<&Entry>, Vec<&Entry>) = rest
+        .into_iter()
+        .partition(|e| mode == StateRead::Index && sidecars.contains_key(&e.rel));
+    let mut fetched = futures::stream::iter(with_sidecar.into_iter().map(|file| {
+        let (out, side) = (&out, sidecars[&file.rel]);
+        async move { (file, read_sidecar(out, side, file).await) }
+    }))
+    .buffered(SIDECAR_FETCHES);
+    while let Some((file, read)) = fetched.next().await {
+        match read {
+            Ok(Some(covers)) => {
+                set.index.absorb_index(covers);
+                set.sidecars_read += 1;
+                set.files.push(indexed(file));
+            }
+            Ok(None) => without.push(file),
+            Err(e) => {
+                tracing::warn!(file = %file.rel, error = %crate::error::chain(&e), "unusable index sidecar: the file is read instead");
+                without.push(file);
+            }
+        }
+    }
+    for file in without {
+        let mut covers = FileCovers::default();
+        let mut ours = true;
+        let read = out
+            .read_parquet(
+                file,
+                &FileCovers::REQUIRED,
+                &FileCovers::OPTIONAL,
+                &mut |batch| ours &= covers.add_batch(batch),
+            )
+            .await;
+        match read {
+            Ok(true) if ours => {
+                set.index.absorb_file(covers);
+                set.files_read += 1;
+                set.files.push(indexed(file));
+            }
+            Ok(_) => {
+                tracing::warn!(file = %file.rel, "not a pixtract output file (other columns): ignored");
+                set.skipped_files.push(file.rel.clone());
+            }
+            Err(e) if e.failed_in_storage() => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(file = %file.rel, error = %crate::error::chain(&e), "unreadable Parquet file in the output: ignored");
+                set.skipped_files.push(file.rel.clone());
+            }
         }
     }
     Ok(set)
 }
 
-#[derive(Default)]
-struct Cover {
-    reached: i32,
-    count: Option<i32>,
-    doc_error: bool,
-    attempts: u32,
+fn indexed(file: &Entry) -> IndexedFile {
+    IndexedFile {
+        path: file.rel.clone(),
+        bytes: file.meta.size,
+    }
 }
 
-/// Reads one output file into `cover`. Ok(false): not one of ours (its columns differ).
-async fn read_file(
-    store: &Arc<dyn ObjectStore>,
-    meta: &object_store::ObjectMeta,
-    cover: &mut HashMap<DocKey, Cover>,
-) -> Result<bool, StateError> {
-    let reader = BufReader::new(store.clone(), meta);
-    let builder = ParquetRecordBatchStreamBuilder::new(reader).await?;
-    let columns = [
-        SOURCE_URI,
-        SOURCE_ETAG,
-        SOURCE_VERSION,
-        SCHEMA_SHA256,
-        MODEL_ID,
-        PAGE_START,
-        PAGE_END,
-        DOC_PAGE_COUNT,
-    ];
-    let schema = builder.schema().clone();
-    let mut indices = Vec::new();
-    for c in columns {
-        match schema.index_of(c) {
-            Ok(i) => indices.push(i),
-            // Not one of ours: nothing to learn from it.
-            Err(_) => return Ok(false),
+/// Why an index object was not used.
+#[derive(Debug, thiserror::Error)]
+enum UnusableIndex {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    Index(#[from] IndexError),
+}
+
+/// Reads a fold: first the files it names (checked against the listing), then, when they are all there, its keys,
+/// streamed (a year of history is tens of megabytes: never held twice).
+async fn read_fold(
+    out: &Committed,
+    fold: &Entry,
+    data: &BTreeMap<&str, &Entry>,
+) -> Result<FoldCheck, UnusableIndex> {
+    let mut reader = tokio::io::BufReader::with_capacity(1 << 20, out.reader(fold));
+    let size = fold.meta.size;
+    let files = index::read_files(&mut reader, size).await?;
+    for f in &files {
+        match data.get(f.path.as_str()) {
+            None => {
+                return Ok(FoldCheck::Stale(format!(
+                    "{} names {}, which the output no longer has",
+                    fold.rel, f.path
+                )));
+            }
+            Some(e) if e.meta.size != f.bytes => {
+                return Ok(FoldCheck::Stale(format!(
+                    "{} names {} at {} bytes, the output has {}",
+                    fold.rel, f.path, f.bytes, e.meta.size
+                )));
+            }
+            Some(_) => {}
         }
     }
-    // Newer outputs say which rows were transient failures; older ones have no such rows.
-    for c in [STATUS, ATTEMPT] {
-        if let Ok(i) = schema.index_of(c) {
-            indices.push(i);
-        }
+    let mut index = DoneIndex::default();
+    index::read_covers(&mut reader, size, &mut index).await?;
+    Ok(FoldCheck::Current(index, files))
+}
+
+/// Reads a data file's sidecar. Ok(None): it is not for this file as the listing shows it (another size).
+async fn read_sidecar(
+    out: &Committed,
+    sidecar: &Entry,
+    file: &Entry,
+) -> Result<Option<DoneIndex>, UnusableIndex> {
+    let bytes = out.get(sidecar).await?;
+    let size = bytes.len() as u64;
+    let mut reader = bytes.as_ref();
+    let files = index::read_files(&mut reader, size).await?;
+    if files != [indexed(file)] {
+        return Ok(None);
     }
-    let mask = ProjectionMask::roots(builder.parquet_schema(), indices);
-    let mut stream = builder.with_projection(mask).build()?;
-    let mut ours = true;
-    while let Some(batch) = stream.try_next().await? {
-        let text = |name: &str| {
-            batch
-                .column_by_name(name)
-                // `_opt`: a foreign file with other column types is skipped, never a panic.
-                .and_then(|c| c.as_string_opt::<i32>().cloned())
-        };
-        let int = |name: &str| {
-            batch
-                .column_by_name(name)
-                .and_then(|c| c.as_primitive_opt::<Int32Type>().cloned())
-        };
-        let (Some(uri), Some(etag), Some(version), Some(schema_sha), Some(model)) = (
-            text(SOURCE_URI),
-            text(SOURCE_ETAG),
-            text(SOURCE_VERSION),
-            text(SCHEMA_SHA256),
-            text(MODEL_ID),
-        ) else {
-            ours = false;
-            continue;
-        };
-        let (Some(start), Some(end), Some(count)) =
-            (int(PAGE_START), int(PAGE_END), int(DOC_PAGE_COUNT))
-        else {
-            ours = false;
-            continue;
-        };
-        let (status, attempt) = (text(STATUS), int(ATTEMPT));
-        for i in 0..batch.num_rows() {
-            let opt =
-                |a: &arrow::array::StringArray| (!a.is_null(i)).then(|| a.value(i).to_string());
-            let key = doc_key(
-                uri.value(i),
-                opt(&etag).as_deref(),
-                opt(&version).as_deref(),
-                &opt(&schema_sha).unwrap_or_default(),
-                &opt(&model).unwrap_or_default(),
-            );
-            let retry = status
-                .as_ref()
-                .is_some_and(|s| !s.is_null(i) && s.value(i) == STATUS_RETRY);
-            let entry = cover.entry(key).or_default();
-            if retry {
-                // A transient failure: not done; counts as one attempt.
-                let n = attempt
-                    .as_ref()
-                    .filter(|a| !a.is_null(i))
-                    .map(|a| a.value(i).max(1) as u32)
-                    .unwrap_or(1);
-                entry.attempts = entry.attempts.max(n);
-                continue;
-            }
-            if !end.is_null(i) {
-                entry.reached = entry.reached.max(end.value(i));
-            }
-            if !count.is_null(i) {
-                entry.count = Some(count.value(i));
-            }
-            if !start.is_null(i) && start.value(i) == 0 {
-                entry.doc_error = true;
-            }
-        }
+    let mut index = DoneIndex::default();
+    index::read_covers(&mut reader, size, &mut index).await?;
+    Ok(Some(index))
+}
+
+/// Writes a fold of `set` as run `run_id`'s (`_index/_fold-<run id>.pxi`), then deletes the folds older than the
+/// one `set` was read from (that one stays: a run starting now may be reading it). Returns the fold's name.
+pub async fn write_fold(
+    target: &SinkTarget,
+    set: &ProcessedSet,
+    run_id: &str,
+) -> Result<String, StateError> {
+    let name = index::fold_name(run_id);
+    let bytes = set.index.encode(&set.files);
+    target.put_whole(&name, bytes, run_id).await?;
+    let used = set.fold.as_ref().map(|(f, _)| f.as_str());
+    for old in set
+        .folds
+        .iter()
+        .filter(|f| **f < name && Some(f.as_str()) != used)
+    {
+        target.delete(old).await?;
     }
-    Ok(ours)
+    Ok(name)
 }
 
 #[cfg(test)]
@@ -280,26 +315,12 @@ mod tests {
     use arrow::array::{ArrayRef, Int32Array, RecordBatch, StringArray};
     use arrow::datatypes::{Field, Schema};
 
+    use crate::extract::values::provenance::{
+        DOC_PAGE_COUNT, MODEL_ID, PAGE_END, PAGE_START, SCHEMA_SHA256, SOURCE_ETAG, SOURCE_URI,
+        SOURCE_VERSION,
+    };
+
     use super::*;
-
-    #[test]
-    fn etags_compare_without_quotes_or_weak_prefix() {
-        for raw in ["abc", "\"abc\"", "W/\"abc\"", " \"abc\" "] {
-            assert_eq!(normalise_etag(raw), "abc", "{raw:?}");
-        }
-        // Not a pair of quotes: left as it is.
-        assert_eq!(normalise_etag("\""), "\"");
-    }
-
-    #[test]
-    fn the_etag_wins_over_the_version_and_the_version_stands_in_for_a_missing_etag() {
-        let key = |etag, version| doc_key("s3://b/a.pdf", etag, version, "s", "m").1;
-        assert_eq!(key(Some("\"e1\""), Some("v9")), "e1");
-        assert_eq!(key(Some("e1"), None), "e1");
-        assert_eq!(key(None, Some("v9")), "v9");
-        assert_eq!(key(Some(""), Some("v9")), "v9");
-        assert_eq!(key(None, None), "");
-    }
 
     /// (uri, ETag, version) of one row.
     type Row<'a> = (&'a str, Option<&'a str>, Option<&'a str>);
@@ -365,9 +386,12 @@ mod tests {
                 ),
             ],
         );
-        let set = read_processed(&SinkTarget::Local(tmp.path().to_path_buf()))
-            .await
-            .expect("read");
+        let set = read_processed(
+            &SinkTarget::Local(tmp.path().to_path_buf()),
+            StateRead::Index,
+        )
+        .await
+        .expect("read");
         assert_eq!(set.files_read, 1);
         // As the listings give them: S3 keeps the quotes and has no version; Azure drops the quotes; GCS lists
         // the ETag alone.

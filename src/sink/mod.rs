@@ -15,6 +15,8 @@
 //! Files: ZSTD (level 3 by default), page-level statistics, row groups of `row_group_size` rows, a new file every
 //! `max_rows_per_file` rows.
 
+pub mod committed;
+pub mod index;
 pub mod lease;
 
 use std::path::{Path, PathBuf};
@@ -108,42 +110,37 @@ impl SinkTarget {
     }
 
     /// `s3://bucket/prefix` on the endpoint and credentials of `cfg` (its bucket is taken from the URL), for callers
-    /// that configure S3 explicitly rather than from the environment.
+    /// that configure S3 explicitly rather than from the environment: the production client (`store::open`, its
+    /// retries and listing), with these settings over the environment's.
     pub fn s3(url: &str, cfg: &S3Config) -> Result<Self, SinkError> {
-        let rest = url.strip_prefix("s3://").ok_or_else(|| SinkError::Target {
-            target: url.into(),
-            reason: "expected s3://bucket/prefix".into(),
-        })?;
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        if bucket.is_empty() {
+        if !url.starts_with("s3://") {
             return Err(SinkError::Target {
                 target: url.into(),
-                reason: "no bucket".into(),
+                reason: "expected s3://bucket/prefix".into(),
             });
         }
-        let mut b = object_store::aws::AmazonS3Builder::from_env()
-            .with_bucket_name(bucket)
-            .with_allow_http(cfg.allow_http);
-        if let Some(e) = &cfg.endpoint {
-            b = b.with_endpoint(e).with_virtual_hosted_style_request(false);
+        let mut options: Vec<(&str, &str)> = vec![("aws_virtual_hosted_style_request", "false")];
+        if cfg.allow_http {
+            options.push(("aws_allow_http", "true"));
         }
-        if let Some(r) = &cfg.region {
-            b = b.with_region(r);
+        for (key, value) in [
+            ("aws_endpoint", &cfg.endpoint),
+            ("aws_region", &cfg.region),
+            ("aws_access_key_id", &cfg.access_key_id),
+            ("aws_secret_access_key", &cfg.secret_access_key),
+        ] {
+            if let Some(v) = value {
+                options.push((key, v));
+            }
         }
-        if let Some(k) = &cfg.access_key_id {
-            b = b.with_access_key_id(k);
-        }
-        if let Some(s) = &cfg.secret_access_key {
-            b = b.with_secret_access_key(s);
-        }
-        let store = b.build().map_err(|source| SinkError::Store {
+        let opened = crate::store::open_with(url, &options).map_err(|source| SinkError::Open {
             target: url.into(),
             source,
         })?;
         Ok(SinkTarget::Store {
-            store: Arc::new(store),
-            prefix: ObjectPath::from(prefix.trim_matches('/')),
-            url: url.trim_end_matches('/').to_string(),
+            url: opened.url(),
+            store: opened.store,
+            prefix: opened.prefix,
         })
     }
 
@@ -179,9 +176,6 @@ impl SinkTarget {
         }
     }
 
-    /// Writes a small object at `rel` (relative to the target) so that it appears whole or not at all: local via a
-    /// hidden temporary file (named with `writer`, e.g. the run id, so concurrent writers of the same name never
-    /// rename each other's file away), fsynced and renamed; object store via one PUT.
     /// Names of the objects (files) directly under `rel` (none when it does not exist).
     pub async fn list_names(&self, rel: &str) -> Result<Vec<String>, SinkError> {
         match self {
@@ -213,6 +207,33 @@ impl SinkTarget {
         }
     }
 
+    /// Deletes the object at `rel` (relative to the target); one already gone is no error.
+    pub async fn delete(&self, rel: &str) -> Result<(), SinkError> {
+        match self {
+            SinkTarget::Local(root) => {
+                let path = root.join(rel);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(source) => Err(SinkError::Io { path, source }),
+                }
+            }
+            SinkTarget::Store { store, prefix, .. } => {
+                let key = join_key(prefix, rel);
+                match crate::store::retry_transient(|| store.delete(&key)).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(source) => Err(SinkError::Object {
+                        key: key.to_string(),
+                        source,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Writes a small object at `rel` (relative to the target) so that it appears whole or not at all: local via a
+    /// hidden temporary file (named with `writer`, e.g. the run id, so concurrent writers of the same name never
+    /// rename each other's file away), fsynced and renamed; object store via one PUT.
     pub async fn put_whole(
         &self,
         rel: &str,
@@ -370,6 +391,9 @@ pub struct ParquetSink {
     run_id: String,
     started_at: DateTime<Utc>,
     current: Option<OpenFile>,
+    /// The document keys the open file's rows cover, for its index sidecar; None once a batch without pixtract's
+    /// provenance columns was written (no sidecar then: the next run reads the file itself).
+    covers: Option<index::FileCovers>,
     files: Vec<FileEntry>,
     seq: usize,
 }
@@ -403,6 +427,7 @@ impl ParquetSink {
             run_id: run_id.to_string(),
             started_at: Utc::now(),
             current: None,
+            covers: None,
             files: Vec::new(),
             seq: 0,
         })
@@ -445,6 +470,7 @@ impl ParquetSink {
             format!("{dir}/{name}")
         };
         let props = self.properties()?;
+        self.covers = Some(index::FileCovers::default());
         let perr = |file: &str| {
             let file = file.to_string();
             move |source| SinkError::Parquet { file, source }
@@ -563,6 +589,11 @@ impl ParquetSink {
                 }
                 (Ok(()), _, rows) => *rows += take as u64,
             }
+            if let Some(covers) = self.covers.as_mut()
+                && !covers.add_batch(&part)
+            {
+                self.covers = None;
+            }
             offset += take;
             if self.current.as_ref().map_or(0, OpenFile::rows)
                 >= self.config.max_rows_per_file as u64
@@ -635,8 +666,31 @@ impl ParquetSink {
                 }
             }
         };
+        self.write_sidecar(&entry).await;
         self.files.push(entry);
         Ok(())
+    }
+
+    /// The committed file's index sidecar ([`index`]). A cache: when it cannot be written the next run reads the
+    /// file itself, so a failure is a warning.
+    async fn write_sidecar(&mut self, entry: &FileEntry) {
+        let Some(covers) = self.covers.take().filter(|c| !c.is_empty()) else {
+            return;
+        };
+        let file = index::IndexedFile {
+            path: entry.path.clone(),
+            bytes: entry.bytes,
+        };
+        let name = index::sidecar_name(&entry.path);
+        // Through the target, not `put_small`: a borrow of the whole sink (not `Sync`) would make the writer's
+        // future not `Send`.
+        let written = self
+            .target
+            .put_whole(&name, covers.encode(&file), &self.run_id)
+            .await;
+        if let Err(e) = written {
+            tracing::warn!(sidecar = %name, error = %crate::error::chain(&e), "cannot write the index sidecar; the next run reads the file itself");
+        }
     }
 
     /// Completes the last file, then writes `_manifest.json` and finally, as `commit` says, `_SUCCESS` (in the

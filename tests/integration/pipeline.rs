@@ -441,6 +441,23 @@ pub fn rows_by_uri(output: &Path) -> Vec<(String, String)> {
     .collect()
 }
 
+/// Files under `dir` (recursively) whose names end with `suffix`.
+fn files_under(dir: &Path, suffix: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_under(&path, suffix));
+        } else if path.to_string_lossy().ends_with(suffix) {
+            found.push(path);
+        }
+    }
+    found
+}
+
 #[test]
 fn second_run_skips_done_documents_and_a_touched_file_is_redone() {
     let tmp = tempfile::tempdir().unwrap();
@@ -463,12 +480,26 @@ fn second_run_skips_done_documents_and_a_touched_file_is_redone() {
     );
     assert_eq!(rows_by_uri(&output).len(), 8);
 
+    // The committed file has its index sidecar; the first run found nothing to fold.
+    let sidecars = files_under(&output.join("_index"), ".pxi");
+    assert_eq!(sidecars.len(), 1, "{sidecars:?}");
+    assert!(!first.contains("output index written"), "{first}");
+
     let second = run(&[]);
     assert!(
         second.contains("0 documents (0 failed, 8 skipped as already done)"),
         "{second}"
     );
     assert_eq!(rows_by_uri(&output).len(), 8, "nothing new written");
+    // The state came from the sidecar, and the run folded it for the next.
+    assert!(
+        second.contains("8 documents done: no index, 1 sidecars, 0 files read"),
+        "{second}"
+    );
+    assert!(
+        second.contains("output index written: _index/_fold-"),
+        "{second}"
+    );
 
     // A changed file (new mtime -> new ETag) is processed again; only it.
     std::thread::sleep(std::time::Duration::from_millis(1100));
@@ -487,6 +518,54 @@ fn second_run_skips_done_documents_and_a_touched_file_is_redone() {
         "{rows:?}"
     );
     assert_eq!(rows.len(), 9);
+
+    // The fold covers the first run's file, the touched document's file has its sidecar.
+    assert!(
+        third.contains("8 documents done: index _index/_fold-"),
+        "{third}"
+    );
+
+    // A damaged fold is not used (a warning), and the sidecars say the same.
+    let fold = files_under(&output.join("_index"), ".pxi")
+        .into_iter()
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("_fold-")
+        })
+        .expect("a fold");
+    std::fs::write(&fold, b"PIXTRACT-IDX garbage").unwrap();
+    let damaged = run(&[]);
+    assert!(damaged.contains("unusable index fold"), "{damaged}");
+    assert!(
+        damaged.contains("0 documents (0 failed, 8 skipped as already done)"),
+        "{damaged}"
+    );
+
+    // A partition deleted by hand to force a redo: the fold names files that are gone, so it is not used, and
+    // every document is done again.
+    for entry in std::fs::read_dir(&output).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("dt=")
+        {
+            std::fs::remove_dir_all(&path).unwrap();
+        }
+    }
+    let redone = run(&[]);
+    assert!(
+        redone.contains("which the output no longer has"),
+        "{redone}"
+    );
+    assert!(
+        redone.contains("8 documents (0 failed, 0 skipped as already done)"),
+        "{redone}"
+    );
+    assert_eq!(rows_by_uri(&output).len(), 8);
 
     let forced = run(&["--force"]);
     assert!(

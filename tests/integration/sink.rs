@@ -170,6 +170,9 @@ async fn local_parquet_is_read_back_by_duckdb() {
     assert_eq!(
         files,
         vec![
+            // Each committed file's index sidecar (the done keys its rows cover), written right after it.
+            "_index/dt=2024-03-09/part-run-1-00000.pxi",
+            "_index/dt=2024-03-09/part-run-1-00001.pxi",
             "dt=2024-03-09/_SUCCESS",
             "dt=2024-03-09/_manifest-run-1.json",
             "dt=2024-03-09/part-run-1-00000.parquet",
@@ -346,6 +349,8 @@ async fn s3_parquet_on_moto_is_read_back_by_duckdb() {
     assert_eq!(
         listed["keys"],
         json!([
+            "extractions/receipts/_index/dt=2024-03-09/part-run-1-00000.pxi",
+            "extractions/receipts/_index/dt=2024-03-09/part-run-1-00001.pxi",
             "extractions/receipts/dt=2024-03-09/_SUCCESS",
             "extractions/receipts/dt=2024-03-09/_manifest-run-1.json",
             "extractions/receipts/dt=2024-03-09/part-run-1-00000.parquet",
