@@ -1391,3 +1391,46 @@ fn a_sharded_job_writes_success_only_when_its_last_shard_completes() {
     assert!(matches!(last.status.code(), Some(0 | 2)), "{}", text(&last));
     assert_eq!(success_markers(&output).len(), 1, "{}", text(&last));
 }
+
+/// `bench state` over a small history: each read finds every document the history holds (the fold's read covers
+/// every run but the last, whose sidecar it reads), and the reference only the last run's.
+#[test]
+fn bench_state_reads_the_whole_history_each_way() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = pixtract(
+        &[
+            "bench",
+            "state",
+            "--runs",
+            "4",
+            "--docs",
+            "50",
+            "--rounds",
+            "1",
+            "--dir",
+            tmp.path().to_str().unwrap(),
+        ],
+        &[],
+        &repo_root(),
+    );
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    let row = |label: &str| -> Vec<String> {
+        t.lines()
+            .find(|l| l.starts_with(&format!("| {label} |")))
+            .unwrap_or_else(|| panic!("no {label} row: {t}"))
+            .split('|')
+            .map(|c| c.trim().to_string())
+            .collect()
+    };
+    for label in ["files", "sidecars", "index"] {
+        assert_eq!(row(label)[2], "200", "{t}");
+    }
+    assert_eq!(row("last-run")[2], "50", "{t}");
+    assert!(
+        t.contains("round 1 index") && t.contains("0 files, 1 sidecars, fold of 3"),
+        "{t}"
+    );
+    assert!(t.contains("0 files, 4 sidecars, fold of 0"), "{t}");
+    assert!(t.contains("4 files, 0 sidecars, fold of 0"), "{t}");
+}
