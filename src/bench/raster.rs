@@ -107,8 +107,8 @@ pub fn run(args: RasterBench) -> anyhow::Result<()> {
                 p.display().to_string(),
                 bytes.len() as u64,
             ));
-            let r = rasterize_blocking(&doc, bytes, &opts, &mut |_| {
-                pages += 1;
+            let r = rasterize_blocking(&doc, bytes, &opts, &mut |page| {
+                pages += usize::from(page.is_ok());
                 true
             });
             if let Err(e) = r {
@@ -188,6 +188,7 @@ pub fn run(args: RasterBench) -> anyhow::Result<()> {
             for b in &blobs {
                 let doc = Arc::new(DocumentInfo::named("scan", b.len() as u64));
                 let _ = rasterize_blocking(&doc, b, &opts, &mut |page| {
+                    let Ok(page) = page else { return true };
                     decode += page.render_time;
                     let t = Instant::now();
                     let view = imaging::model_view(

@@ -136,6 +136,7 @@ async fn run_pages(args: PagesArgs) -> ExitCode {
         let name = source.relative_name(&doc.doc).replace('/', "__");
         let (mut n, mut render) = (0usize, Duration::ZERO);
         let mut error: Option<String> = None;
+        let mut page_errors: Vec<String> = Vec::new();
         while let Some(item) = doc.pages.recv().await {
             match item {
                 Ok(page) => {
@@ -164,6 +165,10 @@ async fn run_pages(args: PagesArgs) -> ExitCode {
                         }
                     }
                 }
+                // One page failed: said, and the document's next pages still come.
+                Err(e) if e.failed_page().is_some() => {
+                    page_errors.push(chain(&e));
+                }
                 Err(e) => {
                     error = Some(chain(&e));
                     break;
@@ -171,6 +176,12 @@ async fn run_pages(args: PagesArgs) -> ExitCode {
             }
         }
         pages_total += n;
+        for e in &page_errors {
+            println!("error  {}", e.escape_debug());
+        }
+        if error.is_none() && !page_errors.is_empty() {
+            failed += 1;
+        }
         match error {
             None => println!(
                 "ok     {}  {n} pages  {:.3} s",

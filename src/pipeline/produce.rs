@@ -261,6 +261,8 @@ pub(super) async fn produce(
         let mut held = DocumentInputs::default();
         // Whether the page stream ended as a document ends: at its last page, or with its error.
         let mut ended = false;
+        // Counted once among the failed documents, however many of its pages failed.
+        let mut doc_failed = false;
         while let Some(item) = doc.pages.recv().await {
             match item {
                 Ok(page) => {
@@ -309,10 +311,46 @@ pub(super) async fn produce(
                         held.push(&model_tx, Ok(input)).await?;
                     }
                 }
+                Err(e) if e.failed_page().is_some() => {
+                    // One page failed; the document's next pages still come. The group so far goes out first
+                    // (its row never spans the failed page), then the page's own error row.
+                    let (page, count) = e.failed_page().unwrap_or((1, 1));
+                    if !group.is_empty() {
+                        let input = PageInput {
+                            source: source_info(group_start, page - 1, Some(count)),
+                            images: std::mem::take(&mut group),
+                            fetch_ms: None,
+                            raster_ms: Some(render.as_secs_f64() * 1e3),
+                        };
+                        render = Duration::ZERO;
+                        held.push(&model_tx, Ok(input)).await?;
+                    }
+                    if !doc_failed {
+                        doc_failed = true;
+                        failed += 1;
+                        progress.failed.store(failed, Ordering::Relaxed);
+                    }
+                    let error = crate::error::chain(&e);
+                    reporter.event(
+                        "warn",
+                        "page_failed",
+                        || format!("page failed: {}", error.escape_debug()),
+                        serde_json::json!({"uri": info.uri, "page": page, "error": error}),
+                    );
+                    let failed = FailedInput {
+                        source: source_info(page, page, Some(count)),
+                        kind: error_kind(&e),
+                        error,
+                    };
+                    held.push(&model_tx, Err(failed)).await?;
+                    ended |= page >= count;
+                }
                 Err(e) => {
                     ended = true;
-                    failed += 1;
-                    progress.failed.store(failed, Ordering::Relaxed);
+                    if !doc_failed {
+                        failed += 1;
+                        progress.failed.store(failed, Ordering::Relaxed);
+                    }
                     let mut error = crate::error::chain(&e);
                     // A transient failure is left not done (status `retry`) until its attempts run out.
                     let mut row = source_info(0, 0, None);

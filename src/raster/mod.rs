@@ -177,10 +177,13 @@ pub enum RasterError {
     WrongPassword { uri: String },
     #[error("{uri}: not a readable PDF: {reason}")]
     PdfUnreadable { uri: String, reason: String },
+    /// One page of a document that rendered otherwise: its neighbours still get their rows.
     #[error("{uri}: page {page}: cannot render: {reason}")]
     PdfPage {
         uri: String,
         page: usize,
+        /// The document's page count.
+        count: usize,
         reason: String,
     },
     #[error("{uri}: cannot decode the {kind} image: {reason}")]
@@ -236,6 +239,14 @@ impl RasterError {
             Renderer { .. } => None,
         }
     }
+
+    /// (page, page count) when this is one page's failure, after which the document's other pages still come.
+    pub fn failed_page(&self) -> Option<(usize, usize)> {
+        match self {
+            RasterError::PdfPage { page, count, .. } => Some((*page, *count)),
+            _ => None,
+        }
+    }
 }
 
 /// Checks that apply before any decoding: size, emptiness, type.
@@ -277,20 +288,22 @@ fn describe_head(bytes: &[u8]) -> String {
 }
 
 /// Rasterizes one document in this process, handing each page to `on_page` as soon as it is ready (return
-/// `false` to stop). PDFs go through this process's pdfium: use [`Rasterizer`] for crash isolation.
+/// `false` to stop): a page, or one page's failure ([`RasterError::failed_page`]) after which the next page
+/// still comes. A failure of the whole document is the returned error. PDFs go through this process's pdfium:
+/// use [`Rasterizer`] for crash isolation.
 pub fn rasterize_blocking(
     doc: &Arc<DocumentInfo>,
     bytes: &[u8],
     opts: &RasterOptions,
-    on_page: &mut dyn FnMut(PageRaster) -> bool,
+    on_page: &mut dyn FnMut(Result<PageRaster, RasterError>) -> bool,
 ) -> Result<(), RasterError> {
     let kind = precheck(doc, bytes, opts)?;
     match kind {
         DocumentKind::Pdf => pdf::render(doc, bytes, opts, on_page),
-        DocumentKind::Tiff => scan::decode_tiff(doc, bytes, opts, on_page),
+        DocumentKind::Tiff => scan::decode_tiff(doc, bytes, opts, &mut |page| on_page(Ok(page))),
         DocumentKind::Jpeg | DocumentKind::Png | DocumentKind::WebP => {
             let page = scan::decode_single(doc, kind, bytes, opts)?;
-            on_page(page);
+            on_page(Ok(page));
             Ok(())
         }
     }
@@ -380,7 +393,7 @@ impl Rasterizer {
                     let err_tx = tx.clone();
                     let joined = tokio::task::spawn_blocking(move || {
                         rasterize_blocking(&task_doc, &bytes, &opts, &mut |page| {
-                            tx.blocking_send(Ok(page)).is_ok()
+                            tx.blocking_send(page).is_ok()
                         })
                     })
                     .await;

@@ -98,12 +98,13 @@ fn describe(e: &PdfiumError) -> String {
     }
 }
 
-/// Renders every page of a PDF in this process.
+/// Renders every page of a PDF in this process. A page that cannot be rendered is handed on as its error
+/// ([`RasterError::PdfPage`]) and the next page is tried: one damaged page must not cost the document's others.
 pub fn render(
     doc: &Arc<DocumentInfo>,
     bytes: &[u8],
     opts: &RasterOptions,
-    on_page: &mut dyn FnMut(PageRaster) -> bool,
+    on_page: &mut dyn FnMut(Result<PageRaster, RasterError>) -> bool,
 ) -> Result<(), RasterError> {
     let pdfium = pdfium()?;
     let document = pdfium
@@ -143,44 +144,54 @@ pub fn render(
     }
     for index in 0..count {
         let start = Instant::now();
-        let page_err = |reason: String| RasterError::PdfPage {
-            uri: doc.uri.clone(),
-            page: index + 1,
-            reason,
-        };
-        let page = pages
-            .get(index as PdfPageIndex)
-            .map_err(|e| page_err(describe(&e)))?;
-        let (w, h) = render_size(page.width().value, page.height().value, opts)
-            .ok_or_else(|| page_err("the page has an empty or invalid size".into()))?;
-        let config = PdfRenderConfig::new()
-            .set_target_size(w as Pixels, h as Pixels)
-            .set_maximum_width(opts.max_side as Pixels)
-            .set_maximum_height(opts.max_side as Pixels)
-            // 24-bit, with pdfium writing R,G,B in that order (FPDF_REVERSE_BYTE_ORDER): each row is already the
-            // RgbImage's row, so the copy below is one memcpy per row, no per-pixel shuffle.
-            .set_format(PdfBitmapFormat::BGR)
-            .set_reverse_byte_order(true)
-            .set_clear_color(PdfColor::WHITE);
-        let bitmap = page
-            .render_with_config(&config)
-            .map_err(|e| page_err(describe(&e)))?;
-        let image = rgb_rows(&bitmap).ok_or_else(|| page_err("unexpected bitmap layout".into()))?;
-        drop(bitmap);
-        drop(page);
-        let keep_going = on_page(PageRaster {
+        let rendered = render_page(doc, &pages, index, count, opts);
+        let keep_going = on_page(rendered.map(|image| PageRaster {
             doc: doc.clone(),
             kind: DocumentKind::Pdf,
             page_index: index,
             page_count: count,
             image,
             render_time: start.elapsed(),
-        });
+        }));
         if !keep_going {
             break;
         }
     }
     Ok(())
+}
+
+/// One page at model size.
+fn render_page(
+    doc: &DocumentInfo,
+    pages: &PdfPages,
+    index: usize,
+    count: usize,
+    opts: &RasterOptions,
+) -> Result<RgbImage, RasterError> {
+    let page_err = |reason: String| RasterError::PdfPage {
+        uri: doc.uri.clone(),
+        page: index + 1,
+        count,
+        reason,
+    };
+    let page = pages
+        .get(index as PdfPageIndex)
+        .map_err(|e| page_err(describe(&e)))?;
+    let (w, h) = render_size(page.width().value, page.height().value, opts)
+        .ok_or_else(|| page_err("the page has an empty or invalid size".into()))?;
+    let config = PdfRenderConfig::new()
+        .set_target_size(w as Pixels, h as Pixels)
+        .set_maximum_width(opts.max_side as Pixels)
+        .set_maximum_height(opts.max_side as Pixels)
+        // 24-bit, with pdfium writing R,G,B in that order (FPDF_REVERSE_BYTE_ORDER): each row is already the
+        // RgbImage's row, so the copy below is one memcpy per row, no per-pixel shuffle.
+        .set_format(PdfBitmapFormat::BGR)
+        .set_reverse_byte_order(true)
+        .set_clear_color(PdfColor::WHITE);
+    let bitmap = page
+        .render_with_config(&config)
+        .map_err(|e| page_err(describe(&e)))?;
+    rgb_rows(&bitmap).ok_or_else(|| page_err("unexpected bitmap layout".into()))
 }
 
 /// The bitmap's rows without stride padding (24-bit RGB, see the render config).

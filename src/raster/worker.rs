@@ -50,6 +50,8 @@ pub enum Reply {
         height: u32,
         render_ns: u64,
     },
+    /// One page failed; the document's next pages follow.
+    PageError(RasterError),
     Done,
     Error(RasterError),
 }
@@ -174,15 +176,21 @@ pub fn run_worker() -> ExitCode {
         let doc = Arc::new(request.doc);
         let mut io_error = None;
         let result = super::pdf::render(&doc, &payload, &request.opts, &mut |page| {
-            let reply = Reply::Page {
-                index: page.page_index,
-                count: page.page_count,
-                width: page.image.width(),
-                height: page.image.height(),
-                render_ns: page.render_time.as_nanos() as u64,
+            let (reply, pixels) = match &page {
+                Ok(page) => (
+                    Reply::Page {
+                        index: page.page_index,
+                        count: page.page_count,
+                        width: page.image.width(),
+                        height: page.image.height(),
+                        render_ns: page.render_time.as_nanos() as u64,
+                    },
+                    page.image.as_raw().as_slice(),
+                ),
+                Err(e) => (Reply::PageError(e.clone()), &[][..]),
             };
             let header = serde_json::to_vec(&reply).unwrap_or_default();
-            match write_frame(&mut stdout, &header, page.image.as_raw()) {
+            match write_frame(&mut stdout, &header, pixels) {
                 Ok(()) => true,
                 Err(e) => {
                     io_error = Some(e);
@@ -399,6 +407,11 @@ impl WorkerPool {
                         render_time: Duration::from_nanos(render_ns),
                     };
                     if tx.send(Ok(page)).await.is_err() {
+                        return Err(SessionEnd::ConsumerGone);
+                    }
+                }
+                Reply::PageError(e) => {
+                    if tx.send(Err(e)).await.is_err() {
                         return Err(SessionEnd::ConsumerGone);
                     }
                 }

@@ -1434,3 +1434,70 @@ fn bench_state_reads_the_whole_history_each_way() {
     assert!(t.contains("0 files, 4 sidecars, fold of 0"), "{t}");
     assert!(t.contains("4 files, 0 sidecars, fold of 0"), "{t}");
 }
+
+/// A PDF whose page 2 of 3 cannot be rendered: page 2 gets its error row, pages 1 and 3 their answers, in one run
+/// and with two pages per prompt; the document then counts as done (nothing redone by a rerun).
+#[test]
+fn a_page_that_fails_to_render_costs_only_its_own_row() {
+    for pages_per_prompt in [1, 2] {
+        let tmp = tempfile::tempdir().unwrap();
+        let inputs = tmp.path().join("in");
+        std::fs::create_dir(&inputs).unwrap();
+        let pages: Vec<PdfPage> = (1..=3)
+            .map(|p| PdfPage::new(612.0, 792.0, invoice_content(&format!("INV p{p}"), 2)))
+            .collect();
+        std::fs::write(
+            inputs.join("broken.pdf"),
+            crate::util::make_pdf_with_broken_page(&pages, Some(1)),
+        )
+        .unwrap();
+        let output = tmp.path().join("out");
+        let spec = write_spec(tmp.path(), &inputs, &output);
+        let text_spec = std::fs::read_to_string(&spec).unwrap();
+        std::fs::write(
+            &spec,
+            text_spec.replace(
+                "[extract]\n",
+                &format!("[extract]\npages_per_prompt = {pages_per_prompt}\n"),
+            ),
+        )
+        .unwrap();
+        let out = pixtract(&["run", spec.to_str().unwrap()], &[], &repo_root());
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(2), "a page failed: {t}");
+        assert!(
+            t.contains("page failed:") && t.contains("page 2: cannot render"),
+            "{t}"
+        );
+        let glob = format!("{}/**/*.parquet", output.display());
+        let rows = duckdb(&format!(
+            "SELECT page_start, page_end, raw_output IS NOT NULL, coalesce(error, ''), coalesce(error_kind, '') FROM read_parquet('{glob}') ORDER BY page_start"
+        ));
+        let rows: Vec<Vec<&str>> = rows.lines().map(|l| l.split('|').collect()).collect();
+        // With two pages per prompt too: page 1 goes alone (its group never spans the failed page), page 3 is the
+        // last group.
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        for (start, end) in [("1", "1"), ("3", "3")] {
+            assert!(
+                // The random tiny model's answer may not parse; that it answered is what counts here.
+                rows.iter()
+                    .any(|r| r[0] == start && r[1] == end && r[2] == "True"),
+                "no answered row for pages {start}-{end}: {rows:?}"
+            );
+        }
+        let failed = rows.iter().find(|r| r[0] == "2").expect("a row for page 2");
+        assert_eq!(
+            (failed[1], failed[2], failed[4]),
+            ("2", "False", "unreadable"),
+            "{rows:?}"
+        );
+        assert!(failed[3].contains("page 2: cannot render"), "{rows:?}");
+
+        let again = pixtract(&["run", spec.to_str().unwrap()], &[], &repo_root());
+        let t = text(&again);
+        assert!(
+            t.contains("0 documents (0 failed, 1 skipped as already done)"),
+            "{t}"
+        );
+    }
+}

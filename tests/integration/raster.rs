@@ -22,14 +22,68 @@ fn doc(name: &str, bytes: &[u8]) -> Arc<DocumentInfo> {
     ))
 }
 
-/// In-process rasterization of one document: all pages or the error.
+/// In-process rasterization of one document: all pages, or the first error (of the document or of a page).
 fn raster(name: &str, bytes: &[u8], opts: &RasterOptions) -> Result<Vec<PageRaster>, RasterError> {
+    raster_each(name, bytes, opts)?.into_iter().collect()
+}
+
+/// In-process rasterization of one document: each page or its error, or the document's error.
+fn raster_each(
+    name: &str,
+    bytes: &[u8],
+    opts: &RasterOptions,
+) -> Result<Vec<Result<PageRaster, RasterError>>, RasterError> {
     let mut pages = Vec::new();
     rasterize_blocking(&doc(name, bytes), bytes, opts, &mut |p| {
         pages.push(p);
         true
     })?;
     Ok(pages)
+}
+
+/// A page pdfium cannot load is that page's error, and the pages after it still render (in-process and in the
+/// worker processes `pixtract run` uses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_that_fails_costs_only_itself() {
+    let pages: Vec<PdfPage> = (1..=3)
+        .map(|i| PdfPage::new(612.0, 792.0, util::invoice_content(&format!("P{i}"), 2)))
+        .collect();
+    let pdf = util::make_pdf_with_broken_page(&pages, Some(1));
+    let opts = RasterOptions::default();
+    let each = raster_each("broken.pdf", &pdf, &opts).expect("the document opens");
+    let seen: Vec<String> = each
+        .iter()
+        .map(|p| match p {
+            Ok(page) => format!("ok {}/{}", page.page_index + 1, page.page_count),
+            Err(e) => format!("failed {:?}", e.failed_page()),
+        })
+        .collect();
+    assert_eq!(seen, ["ok 1/3", "failed Some((2, 3))", "ok 3/3"]);
+    let error = each[1].as_ref().unwrap_err();
+    assert_clean_message(error, "mem://broken.pdf");
+    assert!(
+        error.to_string().contains("page 2: cannot render"),
+        "{error}"
+    );
+
+    let mode = PdfMode::Workers {
+        exe: PathBuf::from(env!("CARGO_BIN_EXE_pixtract")),
+        workers: 1,
+        timeout: std::time::Duration::from_secs(60),
+    };
+    let rasterizer = Rasterizer::new(opts, mode).unwrap();
+    let mut doc_pages = rasterizer.document(
+        DocumentInfo::named("mem://broken.pdf", pdf.len() as u64),
+        bytes::Bytes::from(pdf),
+    );
+    let mut seen = Vec::new();
+    while let Some(item) = doc_pages.pages.recv().await {
+        seen.push(match item {
+            Ok(page) => format!("ok {}/{}", page.page_index + 1, page.page_count),
+            Err(e) => format!("failed {:?}", e.failed_page()),
+        });
+    }
+    assert_eq!(seen, ["ok 1/3", "failed Some((2, 3))", "ok 3/3"], "worker");
 }
 
 fn dark(p: &Rgb<u8>) -> bool {

@@ -191,6 +191,12 @@ pub fn top_left_marker(page_height: f32) -> String {
 
 /// A minimal, valid PDF (classic xref table) written by hand.
 pub fn make_pdf(pages: &[PdfPage]) -> Vec<u8> {
+    make_pdf_with_broken_page(pages, None)
+}
+
+/// Like [`make_pdf`], with page `broken` (0-based) pointing at an object the file does not have: the page tree
+/// still counts it, and pdfium fails to load that page alone ("Failed to load page"), the others render.
+pub fn make_pdf_with_broken_page(pages: &[PdfPage], broken: Option<usize>) -> Vec<u8> {
     let mut objects: Vec<Vec<u8>> = Vec::new();
     // 1: catalog, 2: pages, 3: font; then per page: page, content, [image].
     let mut kids = Vec::new();
@@ -201,7 +207,11 @@ pub fn make_pdf(pages: &[PdfPage]) -> Vec<u8> {
         let content_id = next + 1;
         let image_id = p.scan.as_ref().map(|_| next + 2);
         next += if image_id.is_some() { 3 } else { 2 };
-        kids.push(format!("{page_id} 0 R"));
+        kids.push(if broken == Some(kids.len()) {
+            "999 0 R".to_string()
+        } else {
+            format!("{page_id} 0 R")
+        });
         let mut content = p.content.clone();
         let resources = match image_id {
             Some(id) => {
