@@ -144,7 +144,7 @@ pub fn render(
     }
     for index in 0..count {
         let start = Instant::now();
-        let rendered = render_page(doc, &pages, index, count, opts);
+        let rendered = render_page(doc, pages, index, count, opts);
         let keep_going = on_page(rendered.map(|image| PageRaster {
             doc: doc.clone(),
             kind: DocumentKind::Pdf,
