@@ -35,6 +35,12 @@ import urllib.parse
 
 FAULT_KINDS = ("503", "reset", "stall", "truncate")
 
+DENIED_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n'
+    b"<Error><Code>AccessDenied</Code>"
+    b"<Message>Access Denied</Message></Error>"
+)
+
 SLOWDOWN_BODY = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n'
     b"<Error><Code>SlowDown</Code>"
@@ -70,6 +76,12 @@ fault kinds (--kinds, comma separated; a faulty request gets exactly one):
   always do.  For a client, a reset or a truncated response is ambiguous:
   the request may or may not have been executed.
 
+denied writes (--deny-writes-to SUBSTR, with --deny-after K): a PUT or POST
+  whose path contains SUBSTR, after the first K such writes, is not
+  forwarded; the proxy answers "403 Forbidden" with an S3 AccessDenied XML
+  body (a permanent refusal: a bucket policy changed mid-run, say).  Applies
+  whatever --fault-share says; logged with "fault": "deny".
+
 log: one JSON line per request to --log (default: stderr):
   {"n": 1, "method": "PUT", "path": "/bucket/key", "fault": null|"503"|...,
    "status": <upstream status, or null when not forwarded/failed>}
@@ -90,6 +102,9 @@ class FaultPlan:
         self.n = 0
         self.counts = {k: 0 for k in FAULT_KINDS}
         self.errors = 0
+        self.deny_to = None
+        self.deny_after = 0
+        self.deny_seen = 0
 
     def decide_from(self, r):
         if self.share > 0 and r < self.share and self.kinds:
@@ -104,6 +119,14 @@ class FaultPlan:
             if fault:
                 self.counts[fault] += 1
             return self.n, fault
+
+    def deny(self, method, path):
+        """Whether this write is refused (--deny-writes-to / --deny-after)."""
+        if not self.deny_to or method not in ("PUT", "POST") or self.deny_to not in path:
+            return False
+        with self.lock:
+            self.deny_seen += 1
+            return self.deny_seen > self.deny_after
 
     def note_error(self):
         with self.lock:
@@ -328,6 +351,15 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                 ("Content-Length", str(len(msg))),
                                 ("Connection", "close")], msg)
                 return
+            if self.plan.deny(self.command, self.path):
+                rec["fault"] = "deny"
+                hdrs = [("Content-Type", "application/xml"),
+                        ("Content-Length", str(len(DENIED_BODY))),
+                        ("x-amz-request-id", f"FAULTPROXY{n:08d}")]
+                if self.close_connection:
+                    hdrs.append(("Connection", "close"))
+                self._send_raw(403, "Forbidden", hdrs, DENIED_BODY)
+                return
             if fault == "503":
                 hdrs = [("Content-Type", "application/xml"),
                         ("Content-Length", str(len(SLOWDOWN_BODY))),
@@ -436,6 +468,11 @@ def main(argv=None):
     p.add_argument("--log", default=None,
                    help="append one JSON line per request to this file "
                         "(default: stderr)")
+    p.add_argument("--deny-writes-to", default=None, metavar="SUBSTR",
+                   help="refuse PUT/POST requests whose path contains SUBSTR with 403 "
+                        "AccessDenied (after --deny-after of them passed)")
+    p.add_argument("--deny-after", type=int, default=0, metavar="K",
+                   help="matching writes that pass before the refusals begin (default 0)")
     p.add_argument("--print-plan", type=int, default=0, metavar="N",
                    help="print the fault decisions for requests 1..N as JSON lines "
                         "and exit (no server)")
@@ -447,6 +484,8 @@ def main(argv=None):
     upstream = (up.hostname, up.port or 80)
 
     plan = FaultPlan(args.seed, args.fault_share, args.kinds)
+    plan.deny_to = args.deny_writes_to
+    plan.deny_after = args.deny_after
     if args.print_plan:
         for _ in range(args.print_plan):
             n, fault = plan.next()

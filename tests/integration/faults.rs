@@ -29,6 +29,18 @@ impl FaultProxy {
         log: &Path,
         dir: &Path,
     ) -> FaultProxy {
+        Self::start_with(upstream, seed, share, kinds, log, dir, &[])
+    }
+
+    fn start_with(
+        upstream: &str,
+        seed: u64,
+        share: f64,
+        kinds: &str,
+        log: &Path,
+        dir: &Path,
+        extra: &[&str],
+    ) -> FaultProxy {
         let script = repo_root().join("tests/fault_proxy.py");
         assert!(script.is_file(), "{} missing", script.display());
         let port_file = dir.join("proxy.port");
@@ -37,6 +49,7 @@ impl FaultProxy {
             .args(["--upstream", upstream, "--seed", &seed.to_string()])
             .args(["--fault-share", &share.to_string()])
             .args(["--kinds", kinds, "--stall-s", "1.0"])
+            .args(extra)
             .arg("--port-file")
             .arg(&port_file)
             .arg("--log")
@@ -247,4 +260,105 @@ fn faulty_storage_phase(share: f64, seed: u64, kinds: &str, max_runs: usize, exi
         final_errors.trim().is_empty(),
         "a storage fault became a document's final error: {final_errors}\n{runs}"
     );
+}
+
+/// The output's storage refuses writes mid-run (a bucket policy changed: 403 AccessDenied on every data file after
+/// the first): the run ends with exit 1 and a message that carries the storage's own words, the data file it was
+/// writing, and nothing half-written is visible; the committed file's documents are done, and once the storage
+/// takes writes again the next run does the rest, each page exactly once.
+#[test]
+fn an_output_that_refuses_writes_mid_run_is_the_runs_error() {
+    let moto = crate::util::Moto::start();
+    moto.create_bucket("lake");
+    let store = moto.store("lake");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    put_inputs(&rt, &store, 8);
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("proxy.jsonl");
+    let spec = write_spec(
+        tmp.path(),
+        Path::new("s3://lake/in/"),
+        Path::new("s3://lake/out/"),
+    );
+    let mut text_spec = std::fs::read_to_string(&spec).unwrap();
+    text_spec.push_str("max_rows_per_file = 2\n");
+    std::fs::write(&spec, text_spec).unwrap();
+    let run = |endpoint: &str| {
+        let env: Vec<(&str, &str)> = vec![
+            ("AWS_ENDPOINT_URL", endpoint),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+        ];
+        pixtract(&["run", spec.to_str().unwrap()], &env, &repo_root())
+    };
+    {
+        let proxy = FaultProxy::start_with(
+            &moto.endpoint(),
+            0,
+            0.0,
+            "503",
+            &log,
+            tmp.path(),
+            &["--deny-writes-to", "/lake/out/dt", "--deny-after", "1"],
+        );
+        let out = run(&proxy.endpoint());
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{t}");
+        let error = t
+            .lines()
+            .find(|l| l.starts_with("pixtract run: error:"))
+            .unwrap_or_else(|| panic!("no error line: {t}"));
+        eprintln!("{error}");
+        assert!(
+            error.contains("AccessDenied"),
+            "the storage's words: {error}"
+        );
+        assert!(
+            error.contains(".parquet"),
+            "the file being written: {error}"
+        );
+        assert!(
+            !error.contains("the writer stopped"),
+            "the cause, not its symptom: {error}"
+        );
+    }
+    let denied = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"deny\""))
+        .count();
+    assert!(denied >= 1, "no write was refused");
+    // The one file that passed is committed (whole documents, one page each); the rest of the run is not.
+    let committed = duckdb_rows(&rt, &store);
+    assert!((1..8).contains(&committed), "{committed} rows committed");
+    let out = run(&moto.endpoint());
+    let t = text(&out);
+    assert!(
+        t.contains(&format!(
+            "{} documents (0 failed, {committed} skipped as already done)",
+            8 - committed
+        )),
+        "{t}"
+    );
+    assert_eq!(duckdb_rows(&rt, &store), 8, "each page exactly once");
+}
+
+/// Rows in the committed data files under `out/`.
+fn duckdb_rows(
+    rt: &tokio::runtime::Runtime,
+    store: &std::sync::Arc<dyn object_store::ObjectStore>,
+) -> usize {
+    let dir = tempfile::tempdir().unwrap();
+    let objects = download_parquet(rt, store, "out/", dir.path());
+    if !objects.iter().any(|o| o.ends_with(".parquet")) {
+        return 0;
+    }
+    duckdb(&format!(
+        "SELECT count(*) FROM read_parquet('{}/**/*.parquet')",
+        dir.path().display()
+    ))
+    .trim()
+    .parse()
+    .unwrap()
 }
