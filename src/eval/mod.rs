@@ -57,12 +57,14 @@ pub enum EvalError {
         #[source]
         source: parquet::errors::ParquetError,
     },
-    #[error("cannot open {uri}")]
-    Store {
+    #[error("cannot open the output {uri}")]
+    Output {
         uri: String,
         #[source]
-        source: crate::store::StoreError,
+        source: Box<crate::sink::SinkError>,
     },
+    #[error("cannot read the output")]
+    Committed(#[from] crate::sink::committed::ReadError),
     #[error("object store: {key}")]
     Object {
         key: String,

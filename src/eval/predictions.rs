@@ -15,6 +15,8 @@ use super::items::Item;
 use super::normalise::FieldKind;
 use super::{EvalError, document_key};
 use crate::extract::values::provenance;
+use crate::sink::SinkTarget;
+use crate::sink::committed::{Columns, Committed, Entry, OnBatches};
 
 #[derive(Debug, Clone, Default)]
 pub struct Prediction {
@@ -61,104 +63,75 @@ fn kind_of_type(t: &DataType) -> Option<FieldKind> {
     }
 }
 
-fn parquet_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), EvalError> {
-    if path.is_file() {
-        out.push(path.to_path_buf());
-        return Ok(());
-    }
-    let entries = std::fs::read_dir(path).map_err(|source| EvalError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    for entry in entries {
-        let entry = entry.map_err(|source| EvalError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let p = entry.path();
-        let name = entry.file_name().to_string_lossy().to_string();
-        // Hidden folders hold nobody's committed output; files follow the sink's rule.
-        if p.is_dir() {
-            if !name.starts_with('.') && !name.starts_with('_') {
-                parquet_files(&p, out)?;
-            }
-        } else if crate::sink::is_committed_data_file(&name) {
-            out.push(p);
-        }
-    }
-    Ok(())
-}
-
 impl Predictions {
-    /// Reads every committed Parquet file under `path`: a local folder or file (`file://` accepted), or an
-    /// object-store prefix or object (`s3://`, `gs://`, `az://`; credentials from the store's environment).
+    /// Reads every committed Parquet file under `path`: a local folder (`file://` accepted) or an object-store
+    /// prefix (`s3://`, `gs://`, `az://`; credentials from the store's environment), through the one reader of
+    /// committed output the runs' state and `report` use; or one local `.parquet` file named on its own.
     pub fn load(path: &str) -> Result<Predictions, EvalError> {
-        if crate::store::is_object_store(path) {
-            return Self::load_store(path);
-        }
-        let path = PathBuf::from(path.strip_prefix("file://").unwrap_or(path));
-        let mut files = Vec::new();
-        parquet_files(&path, &mut files)?;
-        files.sort();
-        if files.is_empty() {
-            return Err(EvalError::Input(format!(
-                "{}: no Parquet files (a pixtract output folder or one .parquet file)",
-                path.display()
-            )));
-        }
-        let mut out = Predictions::default();
-        for file in &files {
-            let f = File::open(file).map_err(|source| EvalError::Read {
-                path: file.clone(),
+        let local = PathBuf::from(path.strip_prefix("file://").unwrap_or(path));
+        if !crate::store::is_object_store(path) && local.is_file() {
+            let mut out = Predictions::default();
+            let f = File::open(&local).map_err(|source| EvalError::Read {
+                path: local.clone(),
                 source,
             })?;
-            out.add_parquet(f, file)?;
+            out.add_parquet(f, &local)?;
+            return Ok(out);
         }
-        Ok(out)
-    }
-
-    fn load_store(uri: &str) -> Result<Predictions, EvalError> {
-        let opened = crate::store::open(uri).map_err(|source| EvalError::Store {
-            uri: uri.to_string(),
-            source,
+        if !crate::store::is_object_store(path) && !local.is_dir() {
+            return Err(EvalError::Input(format!(
+                "{}: no such folder or file (a pixtract output folder or one .parquet file)",
+                local.display()
+            )));
+        }
+        let target = SinkTarget::parse(path).map_err(|source| EvalError::Output {
+            uri: path.to_string(),
+            source: Box::new(source),
         })?;
-        let object_error = |key: &str, source| EvalError::Object {
-            key: format!("{}/{key}", opened.base),
-            source,
-        };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|source| EvalError::Read {
-                path: PathBuf::from(uri),
+                path: PathBuf::from(path),
                 source,
             })?;
-        runtime.block_on(async {
-            let prefix = (!opened.prefix.as_ref().is_empty()).then_some(&opened.prefix);
-            let listed: Vec<object_store::ObjectMeta> =
-                crate::store::list_all(opened.store.as_ref(), prefix)
-                    .await
-                    .map_err(|e| object_error(opened.prefix.as_ref(), e))?;
-            let mut files: Vec<object_store::path::Path> = listed
-                .into_iter()
-                .map(|m| m.location)
-                .filter(|l| crate::sink::is_committed_data_file(l.filename().unwrap_or_default()))
-                .collect();
-            files.sort();
-            if files.is_empty() {
-                return Err(EvalError::Input(format!(
-                    "{uri}: no Parquet files under this prefix (a pixtract output)"
-                )));
+        runtime.block_on(Self::load_committed(&target))
+    }
+
+    async fn load_committed(target: &SinkTarget) -> Result<Predictions, EvalError> {
+        let listing_error = |source| EvalError::Object {
+            key: target.url(),
+            source,
+        };
+        let Some(out) = Committed::open(target).map_err(listing_error)? else {
+            return Err(EvalError::Input(format!(
+                "{}: no such folder (a pixtract output)",
+                target.url()
+            )));
+        };
+        let listing = out.list().await.map_err(listing_error)?;
+        let mut files: Vec<&Entry> = listing.iter().filter(|e| e.is_data()).collect();
+        files.sort_by(|a, b| a.rel.cmp(&b.rel));
+        if files.is_empty() {
+            return Err(EvalError::Input(format!(
+                "{}: no Parquet files (a pixtract output)",
+                target.url()
+            )));
+        }
+        let mut predictions = Predictions::default();
+        for entry in files {
+            // A file's batches are held until it is read whole: a read made again after a storage failure must
+            // not add its first rows twice.
+            let mut batches = FileBatches::default();
+            out.read_parquet(entry, Columns::AllBut(&[]), &mut batches)
+                .await?;
+            let name = PathBuf::from(format!("{}/{}", target.url(), entry.rel));
+            for batch in &batches.0 {
+                predictions.add_batch(batch, &name)?;
             }
-            let mut out = Predictions::default();
-            for location in &files {
-                let bytes = crate::store::read_all(opened.store.as_ref(), location)
-                    .await
-                    .map_err(|e| object_error(location.as_ref(), e))?;
-                out.add_parquet(bytes, Path::new(&format!("{}/{location}", opened.base)))?;
-            }
-            Ok(out)
-        })
+            predictions.files += 1;
+        }
+        Ok(predictions)
     }
 
     /// Adds every row of one Parquet file (a local file or an object's bytes); `name` is for messages.
@@ -395,4 +368,19 @@ fn list_items(
             )
         })
         .collect())
+}
+
+/// One file's batches, in order.
+#[derive(Default)]
+struct FileBatches(Vec<RecordBatch>);
+
+impl OnBatches for FileBatches {
+    fn restart(&mut self) {
+        self.0.clear();
+    }
+
+    fn batch(&mut self, batch: &RecordBatch) -> bool {
+        self.0.push(batch.clone());
+        true
+    }
 }

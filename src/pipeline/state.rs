@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use futures::StreamExt;
 
 use crate::sink::SinkTarget;
-use crate::sink::committed::{Committed, Entry, ReadError};
+use crate::sink::committed::{Columns, Committed, Entry, OnBatches, ReadError};
 use crate::sink::index::{self, DoneIndex, FileCovers, IndexError, IndexedFile};
 pub use crate::sink::index::{DocKey, doc_key, normalise_etag};
 
@@ -191,19 +191,14 @@ pub async fn read_processed(
         }
     }
     for file in without {
-        let mut covers = FileCovers::default();
-        let mut ours = true;
-        let read = out
-            .read_parquet(
-                file,
-                &FileCovers::REQUIRED,
-                &FileCovers::OPTIONAL,
-                &mut |batch| ours &= covers.add_batch(batch),
-            )
-            .await;
-        match read {
-            Ok(true) if ours => {
-                set.index.absorb_file(covers);
+        let mut covers = CoverBatches::default();
+        let columns = Columns::Named {
+            required: &FileCovers::REQUIRED,
+            optional: &FileCovers::OPTIONAL,
+        };
+        match out.read_parquet(file, columns, &mut covers).await {
+            Ok(true) => {
+                set.index.absorb_file(covers.0);
                 set.files_read += 1;
                 set.files.push(indexed(file));
             }
@@ -219,6 +214,20 @@ pub async fn read_processed(
         }
     }
     Ok(set)
+}
+
+/// A data file's rows read into covers; stops at a batch that is not pixtract's.
+#[derive(Default)]
+struct CoverBatches(FileCovers);
+
+impl OnBatches for CoverBatches {
+    fn restart(&mut self) {
+        self.0 = FileCovers::default();
+    }
+
+    fn batch(&mut self, batch: &arrow::array::RecordBatch) -> bool {
+        self.0.add_batch(batch)
+    }
 }
 
 fn indexed(file: &Entry) -> IndexedFile {

@@ -30,23 +30,13 @@ pub enum ReportError {
     RunNotFound { run: String, runs: Vec<String> },
     #[error("cannot list the output")]
     List(#[source] object_store::Error),
-    #[error("cannot read {key}")]
-    Object {
-        key: String,
-        #[source]
-        source: object_store::Error,
-    },
+    #[error("cannot read the output")]
+    Committed(#[from] crate::sink::committed::ReadError),
     #[error("{key} is not a pixtract manifest")]
     Manifest {
         key: String,
         #[source]
         source: serde_json::Error,
-    },
-    #[error("cannot read Parquet file {file}")]
-    Parquet {
-        file: String,
-        #[source]
-        source: parquet::errors::ParquetError,
     },
     #[error("{file} has no column '{column}' of pixtract's type: not a pixtract output file")]
     NotOurs { file: String, column: String },

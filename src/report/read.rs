@@ -3,22 +3,17 @@
 //! field whether it holds a value and how sure the model was).
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StructArray};
 use arrow::datatypes::{DataType, Float32Type, Int32Type, TimestampMicrosecondType};
 use chrono::{DateTime, Utc};
-use futures::TryStreamExt;
-use object_store::buffered::BufReader;
-use object_store::path::Path as ObjectPath;
-use object_store::{ObjectMeta, ObjectStore};
-use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
 use serde::Deserialize;
 
 use super::ReportError;
 use crate::extract::values::provenance::{
     ERROR_KIND, PAGE_END, PAGE_START, SOURCE_URI, STATUS, is_reserved,
 };
+use crate::sink::committed::{Columns, Committed, OnBatches};
 use crate::sink::{SinkManifest, SinkTarget};
 
 /// The confidence struct column: per field `{min, mean}`.
@@ -145,43 +140,18 @@ fn run_of_manifest(name: &str) -> Option<&str> {
     name.strip_prefix("_manifest-")?.strip_suffix(".json")
 }
 
-/// The store and the prefix under which the output lives.
-fn store_of(
-    target: &SinkTarget,
-) -> Result<(Arc<dyn ObjectStore>, Option<ObjectPath>), ReportError> {
-    match target {
-        SinkTarget::Local(dir) => {
-            if !dir.is_dir() {
-                return Err(ReportError::NoOutput(dir.display().to_string()));
-            }
-            let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
-                .map_err(ReportError::List)?;
-            Ok((Arc::new(fs), None))
-        }
-        SinkTarget::Store { store, prefix, .. } => Ok((
-            store.clone(),
-            (!prefix.as_ref().is_empty()).then(|| prefix.clone()),
-        )),
-    }
-}
-
 /// Reads run `run_id` (or the latest run in the output) from `target`.
 pub async fn read_run(target: &SinkTarget, run_id: Option<&str>) -> Result<RunOutput, ReportError> {
-    let (store, prefix) = store_of(target)?;
-    let listing: Vec<ObjectMeta> = crate::store::list_all(store.as_ref(), prefix.as_ref())
-        .await
-        .map_err(ReportError::List)?;
-    let mut runs = BTreeSet::new();
-    for meta in &listing {
-        let name = meta.location.filename().unwrap_or_default();
-        // Dot-files are uncommitted writes; they are never read.
-        if name.starts_with('.') {
-            continue;
-        }
-        if let Some(run) = run_of_file(name).or_else(|| run_of_manifest(name)) {
-            runs.insert(run.to_string());
-        }
-    }
+    let out = Committed::open(target)
+        .map_err(ReportError::List)?
+        .ok_or_else(|| ReportError::NoOutput(target.url()))?;
+    let listing = out.list().await.map_err(ReportError::List)?;
+    // Hidden objects (uncommitted writes) are not listed.
+    let runs: BTreeSet<String> = listing
+        .iter()
+        .filter_map(|e| run_of_file(e.name()).or_else(|| run_of_manifest(e.name())))
+        .map(str::to_string)
+        .collect();
     let run_id = match run_id {
         Some(r) if runs.contains(r) => r.to_string(),
         Some(r) => {
@@ -199,32 +169,20 @@ pub async fn read_run(target: &SinkTarget, run_id: Option<&str>) -> Result<RunOu
     };
     let mut manifest = None;
     let mut data_files = Vec::new();
-    for meta in &listing {
-        let name = meta.location.filename().unwrap_or_default();
-        if name.starts_with('.') {
-            continue;
-        }
-        if run_of_manifest(name) == Some(run_id.as_str()) {
-            let object_error = |source| ReportError::Object {
-                key: meta.location.to_string(),
-                source,
-            };
-            let bytes = crate::store::read_all(store.as_ref(), &meta.location)
-                .await
-                .map_err(object_error)?;
+    for entry in &listing {
+        if run_of_manifest(entry.name()) == Some(run_id.as_str()) {
+            let bytes = out.get(entry).await?;
             let parsed: SinkManifest =
                 serde_json::from_slice(&bytes).map_err(|source| ReportError::Manifest {
-                    key: meta.location.to_string(),
+                    key: entry.rel.clone(),
                     source,
                 })?;
             manifest = Some(parsed);
-        } else if crate::sink::is_committed_data_file(name)
-            && run_of_file(name) == Some(run_id.as_str())
-        {
-            data_files.push(meta.clone());
+        } else if entry.is_data() && run_of_file(entry.name()) == Some(run_id.as_str()) {
+            data_files.push(entry);
         }
     }
-    data_files.sort_by(|a, b| a.location.cmp(&b.location));
+    data_files.sort_by(|a, b| a.rel.cmp(&b.rel));
     let summary = manifest
         .as_ref()
         .map(|m| {
@@ -236,27 +194,15 @@ pub async fn read_run(target: &SinkTarget, run_id: Option<&str>) -> Result<RunOu
             })
         })
         .transpose()?;
-    let mut field_names = Vec::new();
-    let mut rows = Vec::new();
-    for meta in &data_files {
-        // A read that failed in the storage (a request, a body cut mid-way) is made again from the start of the
-        // file, its rows so far dropped; a damaged file fails the same way every time and is reported.
-        let mut delays = crate::store::retry_delays();
-        loop {
-            let before = rows.len();
-            match read_file(&store, meta, &mut field_names, &mut rows).await {
-                Err(e) if crate::store::failed_in_storage(&e) => {
-                    rows.truncate(before);
-                    match delays.next() {
-                        Some(delay) => tokio::time::sleep(delay).await,
-                        None => return Err(e),
-                    }
-                }
-                read => {
-                    read?;
-                    break;
-                }
-            }
+    let mut read = RunRows::default();
+    for entry in &data_files {
+        read.file = entry.rel.clone();
+        read.mark = read.rows.len();
+        // Everything but the raw answer, the largest column and one the report never shows.
+        out.read_parquet(entry, Columns::AllBut(&["raw_output"]), &mut read)
+            .await?;
+        if let Some(e) = read.error.take() {
+            return Err(e);
         }
     }
     Ok(RunOutput {
@@ -265,10 +211,44 @@ pub async fn read_run(target: &SinkTarget, run_id: Option<&str>) -> Result<RunOu
         runs: runs.into_iter().collect(),
         manifest,
         summary,
-        field_names,
-        rows,
-        files: data_files.iter().map(|m| m.location.to_string()).collect(),
+        field_names: read.field_names,
+        rows: read.rows,
+        files: data_files.iter().map(|e| e.rel.clone()).collect(),
     })
+}
+
+/// The rows of a run's files as they are read: a read made again (it failed in the storage) drops the rows of its
+/// file read so far.
+#[derive(Default)]
+struct RunRows {
+    field_names: Vec<String>,
+    rows: Vec<RowFacts>,
+    /// The file being read, and the rows before it.
+    file: String,
+    mark: usize,
+    error: Option<ReportError>,
+}
+
+impl OnBatches for RunRows {
+    fn restart(&mut self) {
+        self.rows.truncate(self.mark);
+    }
+
+    fn batch(&mut self, batch: &RecordBatch) -> bool {
+        for field in batch.schema().fields() {
+            let name = field.name();
+            if !name.starts_with('_') && !is_reserved(name) && !self.field_names.contains(name) {
+                self.field_names.push(name.clone());
+            }
+        }
+        match rows_of(batch, &self.field_names, &self.file, &mut self.rows) {
+            Ok(()) => true,
+            Err(e) => {
+                self.error = Some(e);
+                false
+            }
+        }
+    }
 }
 
 /// Whether the schema field's value in `column` at `i` counts as filled: not null, a string not blank, a list not
@@ -296,45 +276,6 @@ fn confidence(conf: Option<&StructArray>, field: &str, i: usize) -> Option<f32> 
         .column_by_name("min")?
         .as_primitive_opt::<Float32Type>()?;
     (!min.is_null(i)).then(|| min.value(i))
-}
-
-async fn read_file(
-    store: &Arc<dyn ObjectStore>,
-    meta: &ObjectMeta,
-    field_names: &mut Vec<String>,
-    rows: &mut Vec<RowFacts>,
-) -> Result<(), ReportError> {
-    let file = meta.location.to_string();
-    let perr = |source| ReportError::Parquet {
-        file: file.clone(),
-        source,
-    };
-    let reader = BufReader::new(store.clone(), meta);
-    let builder = ParquetRecordBatchStreamBuilder::new(reader)
-        .await
-        .map_err(perr)?;
-    let schema = builder.schema().clone();
-    // Everything but the raw answer, the largest column and one the report never shows.
-    let keep: Vec<usize> = (0..schema.fields().len())
-        .filter(|&i| schema.field(i).name() != "raw_output")
-        .collect();
-    let fields: Vec<String> = schema
-        .fields()
-        .iter()
-        .map(|f| f.name().clone())
-        .filter(|n| !n.starts_with('_') && !is_reserved(n))
-        .collect();
-    for f in &fields {
-        if !field_names.contains(f) {
-            field_names.push(f.clone());
-        }
-    }
-    let mask = ProjectionMask::roots(builder.parquet_schema(), keep);
-    let mut stream = builder.with_projection(mask).build().map_err(perr)?;
-    while let Some(batch) = stream.try_next().await.map_err(perr)? {
-        rows_of(&batch, field_names, &file, rows)?;
-    }
-    Ok(())
 }
 
 fn rows_of(

@@ -127,20 +127,19 @@ impl Committed {
         BufReader::new(self.store.clone(), &entry.meta)
     }
 
-    /// Reads the columns `required` (and those of `optional` the file has) of a Parquet file, batch by batch.
-    /// Ok(false): the file lacks a required column (not one of ours), nothing was handed on. A read that failed
-    /// in the storage is made again from the start (object_store retries requests, not bodies cut mid-way), so
-    /// `on_batch` must tolerate seeing a batch twice.
+    /// Reads a Parquet file's `columns`, batch by batch, into `on`. Ok(false): the file lacks a required column
+    /// (not one of ours), or `on` stopped the read. A read that failed in the storage is made again from the start
+    /// (object_store retries requests, not bodies cut mid-way), `on.restart()` called before each attempt.
     pub async fn read_parquet(
         &self,
         entry: &Entry,
-        required: &[&str],
-        optional: &[&str],
-        on_batch: &mut (dyn FnMut(&RecordBatch) + Send),
+        columns: Columns<'_>,
+        on: &mut dyn OnBatches,
     ) -> Result<bool, ReadError> {
         let mut delays = crate::store::retry_delays();
         loop {
-            match self.read_once(entry, required, optional, on_batch).await {
+            on.restart();
+            match self.read_once(entry, columns, on).await {
                 Err(e) if e.failed_in_storage() => match delays.next() {
                     Some(delay) => tokio::time::sleep(delay).await,
                     None => return Err(e),
@@ -153,9 +152,8 @@ impl Committed {
     async fn read_once(
         &self,
         entry: &Entry,
-        required: &[&str],
-        optional: &[&str],
-        on_batch: &mut (dyn FnMut(&RecordBatch) + Send),
+        columns: Columns<'_>,
+        on: &mut dyn OnBatches,
     ) -> Result<bool, ReadError> {
         let perr = |source| ReadError::Parquet {
             file: entry.rel.clone(),
@@ -166,18 +164,48 @@ impl Committed {
             .map_err(perr)?;
         let schema = builder.schema().clone();
         let mut indices = Vec::new();
-        for c in required {
-            match schema.index_of(c) {
-                Ok(i) => indices.push(i),
-                Err(_) => return Ok(false),
+        match columns {
+            Columns::Named { required, optional } => {
+                for c in required {
+                    match schema.index_of(c) {
+                        Ok(i) => indices.push(i),
+                        Err(_) => return Ok(false),
+                    }
+                }
+                indices.extend(optional.iter().filter_map(|c| schema.index_of(c).ok()));
             }
+            Columns::AllBut(left_out) => indices.extend(
+                (0..schema.fields().len())
+                    .filter(|&i| !left_out.contains(&schema.field(i).name().as_str())),
+            ),
         }
-        indices.extend(optional.iter().filter_map(|c| schema.index_of(c).ok()));
         let mask = ProjectionMask::roots(builder.parquet_schema(), indices);
         let mut stream = builder.with_projection(mask).build().map_err(perr)?;
         while let Some(batch) = stream.try_next().await.map_err(perr)? {
-            on_batch(&batch);
+            if !on.batch(&batch) {
+                return Ok(false);
+            }
         }
         Ok(true)
     }
+}
+
+/// Which columns a read takes (the fewer, the less is read: Parquet is columnar).
+#[derive(Debug, Clone, Copy)]
+pub enum Columns<'a> {
+    /// These, and those of `optional` the file has; a file without one of `required` is not read.
+    Named {
+        required: &'a [&'a str],
+        optional: &'a [&'a str],
+    },
+    /// Every column but these.
+    AllBut(&'a [&'a str]),
+}
+
+/// What a read hands its batches to.
+pub trait OnBatches: Send {
+    /// Before each attempt: a read made again starts from the file's first batch.
+    fn restart(&mut self) {}
+    /// One batch; false stops the read (the receiver keeps why).
+    fn batch(&mut self, batch: &RecordBatch) -> bool;
 }

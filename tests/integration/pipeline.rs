@@ -139,13 +139,13 @@ fn run_turns_a_folder_into_parquet_with_error_rows_for_bad_documents() {
         .collect();
     let partition = entries
         .iter()
-        .find(|p| p.is_dir())
+        .find(|p| p.is_dir() && p.file_name().unwrap().to_string_lossy().starts_with("dt="))
         .unwrap_or_else(|| panic!("no partition folder: {entries:?}"))
         .clone();
     assert!(
-        entries
-            .iter()
-            .all(|p| p == &partition || p.file_name().is_some_and(|n| n == ".pixtract-lease")),
+        entries.iter().all(|p| p == &partition
+            || p.file_name()
+                .is_some_and(|n| n == ".pixtract-lease" || n == "_index")),
         "{entries:?}"
     );
     assert!(partition.join("_SUCCESS").is_file());

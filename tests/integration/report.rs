@@ -106,7 +106,7 @@ fn run_report_in_headless_chromium_holds_the_runs_numbers() {
     let partition = std::fs::read_dir(&output)
         .unwrap()
         .flatten()
-        .find(|e| e.path().is_dir())
+        .find(|e| e.path().is_dir() && e.file_name().to_string_lossy().starts_with("dt="))
         .expect("partition directory")
         .path();
     let manifest_path = std::fs::read_dir(&partition)
