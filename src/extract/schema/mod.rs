@@ -144,9 +144,16 @@ pub struct ExtractionSchema {
     pub sha256: String,
     /// The schema as written.
     pub source: Value,
+    /// How each top-level field's windows merge in document mode (`x-merge`, or the default), in field order.
+    merge: Vec<super::merge::MergeRule>,
 }
 
 impl ExtractionSchema {
+    /// Each top-level field's merge rule (document mode), in field order.
+    pub fn merge_rules(&self) -> impl Iterator<Item = super::merge::MergeRule> + '_ {
+        self.merge.iter().copied()
+    }
+
     /// Reads and checks a JSON Schema file; the name is the file stem.
     pub fn load(path: &Path) -> Result<Self, ExtractError> {
         let text = std::fs::read_to_string(path).map_err(|source| ExtractError::SchemaRead {
@@ -198,7 +205,10 @@ impl ExtractionSchema {
                 ));
             }
         }
+        let merge = super::merge::rules_of(&value, &fields)
+            .map_err(|(path, reason)| loader.err(&path, &reason))?;
         Ok(ExtractionSchema {
+            merge,
             name: name.to_string(),
             title: value
                 .get("title")
