@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use super::answer::{Node, NodeValue};
+use super::rows::{ExtractionRecord, Outcome, StageLatency};
 use super::schema::{ExtractionSchema, FieldDef, FieldType};
 
 /// How the windows' values of one field become the document's value.
@@ -244,6 +245,148 @@ fn format_decimal(value: i128, scale: u32) -> String {
     let digits = format!("{digits:0>width$}", width = scale as usize + 1);
     let (int, frac) = digits.split_at(digits.len() - scale as usize);
     format!("{sign}{int}.{frac}")
+}
+
+/// A document's one row from its windows' rows (document mode). Every window answered: the answers merged
+/// ([`merge_windows`]; free text joined in page order). A window failed: the document's row is an error row naming
+/// the pages of each failed window (a transient failure keeps its `retry`: the next run tries the document again).
+/// Either way the row covers the whole document (`page_start` 1, `page_end` its last page).
+pub fn merge_document(
+    schema: Option<&ExtractionSchema>,
+    mut windows: Vec<ExtractionRecord>,
+) -> Option<ExtractionRecord> {
+    windows.sort_by_key(|w| w.source.page_start);
+    let first = windows.first()?.clone();
+    if windows.len() == 1 && first.source.page_start <= 1 {
+        return Some(first);
+    }
+    let mut row = first.clone();
+    row.source.page_start = windows
+        .iter()
+        .map(|w| w.source.page_start)
+        .min()
+        .unwrap_or(1)
+        .min(1);
+    row.source.page_end = windows.iter().map(|w| w.source.page_end).max().unwrap_or(0);
+    row.source.doc_rows = Some(1);
+    row.processed_at = windows
+        .iter()
+        .map(|w| w.processed_at)
+        .max()
+        .unwrap_or(first.processed_at);
+    let sum = |f: &dyn Fn(&ExtractionRecord) -> Option<u32>| -> Option<u32> {
+        windows
+            .iter()
+            .map(f)
+            .try_fold(0u32, |a, b| b.map(|b| a + b))
+    };
+    row.prompt_tokens = sum(&|w| w.prompt_tokens);
+    row.generated_tokens = sum(&|w| w.generated_tokens);
+    let ms = |f: &dyn Fn(&StageLatency) -> Option<f64>| -> Option<f64> {
+        windows
+            .iter()
+            .map(|w| f(&w.latency))
+            .reduce(|a, b| match (a, b) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            })?
+    };
+    row.latency = StageLatency {
+        fetch_ms: ms(&|l| l.fetch_ms),
+        raster_ms: ms(&|l| l.raster_ms),
+        vision_ms: ms(&|l| l.vision_ms),
+        prefill_ms: ms(&|l| l.prefill_ms),
+        decode_ms: ms(&|l| l.decode_ms),
+        grammar_ms: ms(&|l| l.grammar_ms),
+        parse_ms: ms(&|l| l.parse_ms),
+    };
+    let pages =
+        |w: &ExtractionRecord| format!("pages {}-{}", w.source.page_start, w.source.page_end);
+    // Each window's raw answer on a line of its own, in page order.
+    let raw: Vec<String> = windows
+        .iter()
+        .filter_map(|w| w.raw_output.as_ref().map(|r| format!("[{}] {r}", pages(w))))
+        .collect();
+    row.raw_output = (!raw.is_empty()).then(|| raw.join("\n"));
+    row.finish_reason = if windows.iter().any(|w| w.finish_reason.is_none()) {
+        None
+    } else if windows
+        .iter()
+        .any(|w| w.finish_reason.as_deref() == Some("length"))
+    {
+        Some("length".into())
+    } else {
+        windows.last().and_then(|w| w.finish_reason.clone())
+    };
+    let warnings: Vec<String> = windows
+        .iter()
+        .filter_map(|w| w.warning.as_ref().map(|m| format!("{}: {m}", pages(w))))
+        .collect();
+    row.warning = (!warnings.is_empty()).then(|| warnings.join("; "));
+    row.error_kind = windows.iter().find_map(|w| w.error_kind);
+    row.review = windows.iter().flat_map(|w| w.review.clone()).collect();
+    row.review.sort();
+    row.review.dedup();
+    let failures: Vec<String> = windows
+        .iter()
+        .filter_map(|w| match &w.outcome {
+            Outcome::Failed(e) => Some(format!("{}: {e}", pages(w))),
+            _ => None,
+        })
+        .collect();
+    if !failures.is_empty() {
+        row.outcome = Outcome::Failed(failures.join("; "));
+        row.source.attempt = windows.iter().find_map(|w| match w.outcome {
+            Outcome::Failed(_) => w.source.attempt,
+            _ => None,
+        });
+        row.warning = None;
+        return Some(row);
+    }
+    row.outcome = match schema {
+        Some(schema) => {
+            let answers: Vec<WindowAnswer> = windows
+                .iter()
+                .filter_map(|w| match &w.outcome {
+                    Outcome::Extracted(answer) => Some(WindowAnswer {
+                        page_start: w.source.page_start,
+                        page_end: w.source.page_end,
+                        answer: answer.clone(),
+                    }),
+                    _ => None,
+                })
+                .collect();
+            Outcome::Extracted(merge_windows(schema, &answers).answer)
+        }
+        None => {
+            let texts: Vec<&str> = windows
+                .iter()
+                .filter_map(|w| match &w.outcome {
+                    Outcome::Text { text: Some(t), .. } => Some(t.as_str()),
+                    _ => None,
+                })
+                .collect();
+            let parts: Vec<(f32, f32)> = windows
+                .iter()
+                .filter_map(|w| match &w.outcome {
+                    Outcome::Text { confidence, .. } => *confidence,
+                    _ => None,
+                })
+                .collect();
+            let confidence = (!parts.is_empty()).then(|| {
+                let min = parts.iter().map(|c| c.0).fold(f32::INFINITY, f32::min);
+                (
+                    min,
+                    parts.iter().map(|c| c.1).sum::<f32>() / parts.len() as f32,
+                )
+            });
+            Outcome::Text {
+                text: Some(texts.join("\n\n")),
+                confidence,
+            }
+        }
+    };
+    Some(row)
 }
 
 /// The rules of a schema's top-level fields: `x-merge` where stated (checked), the default elsewhere. Err: (the

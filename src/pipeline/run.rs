@@ -267,6 +267,7 @@ async fn run_under_lease(
     let writer = Writer {
         sink,
         schema: setup.schema.clone(),
+        per_document: spec.extract.unit == super::spec::Unit::Document,
         ctx: setup.ctx.clone(),
         limits: spec.limits.clone(),
         reporter,

@@ -143,9 +143,18 @@ pub struct ExtractSpec {
     /// "schema" (default when a schema is given) or "free-text".
     #[serde(default)]
     pub mode: Option<String>,
-    /// Pages of one document sent together as one prompt (1: page by page).
+    /// Pages of one document sent together as one prompt (1: page by page). Page mode only.
     #[serde(default = "default_pages_per_prompt")]
     pub pages_per_prompt: usize,
+    /// "page" (default): a row per page (or per `pages_per_prompt` pages). "document": one row per document, its
+    /// pages in one prompt when they fit `max_prompt_tokens`, else in windows of pages whose answers merge by the
+    /// schema's `x-merge` rules.
+    #[serde(default)]
+    pub unit: Unit,
+    /// Document mode: the most tokens one prompt (a window of pages) may hold, instruction and images together.
+    /// Unset: `[model] token_budget` (one window is prefilled within the padded-token bound of one prefill).
+    #[serde(default)]
+    pub max_prompt_tokens: Option<usize>,
     /// Confidence threshold for every field (0-1, the `min` of its `_confidence`): a value below it is written as
     /// null and its field named in the row's `_review` list. Unset: values are written as they are.
     #[serde(default)]
@@ -153,6 +162,15 @@ pub struct ExtractSpec {
     /// Per-field thresholds by path (`total`, `items.total_price`), overriding `min_confidence`.
     #[serde(default)]
     pub min_confidence_fields: std::collections::BTreeMap<String, f32>,
+}
+
+/// What one output row stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unit {
+    #[default]
+    Page,
+    Document,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -295,6 +313,12 @@ impl PipelineSpec {
         }
         if self.extract.pages_per_prompt == 0 {
             return Err("extract.pages_per_prompt must be at least 1".into());
+        }
+        if self.extract.unit == Unit::Document && self.extract.pages_per_prompt != 1 {
+            return Err("extract.pages_per_prompt has no meaning with unit = \"document\" (a document's pages go together, in windows of max_prompt_tokens): remove it".into());
+        }
+        if self.extract.max_prompt_tokens.is_some() && self.extract.unit != Unit::Document {
+            return Err("extract.max_prompt_tokens applies to unit = \"document\" only".into());
         }
         match (self.extract.mode.as_deref(), &self.extract.schema) {
             (None | Some("schema"), Some(_)) | (Some("free-text"), None) => {}

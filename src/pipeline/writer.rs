@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use super::PipelineError;
 use super::report::{Progress, Reporter, Stage};
 use super::spec::LimitsSpec;
+use crate::extract::merge::merge_document;
 use crate::extract::{
     ErrorKind, ExtractionRecord, ExtractionSchema, RunContext, to_record_batch_per_row,
 };
@@ -21,6 +22,8 @@ pub(super) type ModelOutput = (Vec<ExtractionRecord>, Duration);
 pub(super) struct Writer {
     pub sink: ParquetSink,
     pub schema: Option<ExtractionSchema>,
+    /// Document mode: a document's windows become its one row when all are in.
+    pub per_document: bool,
     pub ctx: RunContext,
     pub limits: LimitsSpec,
     pub reporter: Reporter,
@@ -56,7 +59,10 @@ impl Writer {
     ) -> Result<Written, PipelineError> {
         let mut tally = RowTally::default();
         let mut failure: Option<String> = None;
-        let mut held = Documents::default();
+        let mut held = Documents {
+            per_document: self.per_document,
+            ..Documents::default()
+        };
         while let Some((records, busy)) = rows_rx.recv().await {
             tally.busy += busy;
             self.progress.add_busy(Stage::Model, busy);
@@ -108,13 +114,15 @@ impl Writer {
             // and a kill between two commits never leaves half a document committed (the next run would redo the
             // document and duplicate the committed half). Rows finish out of order in a stream: those of a
             // document still in progress wait in `held` until all of them are in.
-            let (ready, collapsed) = held.add(records);
-            // A document's retry rows became one document-level retry row: the tally follows what is written.
+            let (ready, collapsed) = held.add(records, self.schema.as_ref());
+            // A document's retry rows became one document-level retry row, a document's windows its one row: the
+            // tally follows what is written.
             tally.rows -= collapsed.removed_ok + collapsed.removed_failed;
             tally.ok -= collapsed.removed_ok;
             tally.failed -= collapsed.removed_failed;
-            tally.rows += collapsed.added;
+            tally.rows += collapsed.added + collapsed.added_ok;
             tally.failed += collapsed.added;
+            tally.ok += collapsed.added_ok;
             if !ready.is_empty() {
                 let finished = ready.iter().filter(|r| r.source.doc_rows.is_some()).count();
                 self.progress
@@ -174,7 +182,36 @@ impl Writer {
 struct Collapsed {
     removed_ok: usize,
     removed_failed: usize,
+    /// Failed rows put in.
     added: usize,
+    added_ok: usize,
+}
+
+/// Document mode: a complete document's rows (its windows) become its one row ([`merge_document`]).
+fn merge_whole(
+    rows: Vec<ExtractionRecord>,
+    schema: Option<&ExtractionSchema>,
+    collapsed: &mut Collapsed,
+) -> Vec<ExtractionRecord> {
+    if rows.len() < 2 {
+        return rows;
+    }
+    for r in &rows {
+        if r.is_ok() {
+            collapsed.removed_ok += 1;
+        } else {
+            collapsed.removed_failed += 1;
+        }
+    }
+    let Some(merged) = merge_document(schema, rows) else {
+        return Vec::new();
+    };
+    if merged.is_ok() {
+        collapsed.added_ok += 1;
+    } else {
+        collapsed.added += 1;
+    }
+    vec![merged]
 }
 
 /// A complete document with a `retry` row (a transient failure of some of its pages) is written as one
@@ -211,6 +248,8 @@ fn retry_whole(rows: Vec<ExtractionRecord>, collapsed: &mut Collapsed) -> Vec<Ex
 /// Rows of documents not yet complete, by document URI.
 #[derive(Default)]
 struct Documents {
+    /// Document mode: each complete document is merged into one row.
+    per_document: bool,
     rows: HashMap<String, Vec<ExtractionRecord>>,
     /// Row counts of documents whose last row (the one carrying `doc_rows`) has come.
     expected: HashMap<String, usize>,
@@ -219,7 +258,11 @@ struct Documents {
 impl Documents {
     /// Takes rows in any order; returns the rows of every document now complete, each document's rows together,
     /// in page order, and what replacing retry rows changed.
-    fn add(&mut self, records: Vec<ExtractionRecord>) -> (Vec<ExtractionRecord>, Collapsed) {
+    fn add(
+        &mut self,
+        records: Vec<ExtractionRecord>,
+        schema: Option<&ExtractionSchema>,
+    ) -> (Vec<ExtractionRecord>, Collapsed) {
         let mut collapsed = Collapsed::default();
         let mut touched = Vec::new();
         for r in records {
@@ -241,7 +284,12 @@ impl Documents {
                 let mut rows = self.rows.remove(&uri).unwrap_or_default();
                 // Page order, a document-level error row (page 0) after the pages before it.
                 rows.sort_by_key(|r| (r.source.page_start == 0, r.source.page_start));
-                ready.extend(retry_whole(rows, &mut collapsed));
+                let rows = retry_whole(rows, &mut collapsed);
+                if self.per_document {
+                    ready.extend(merge_whole(rows, schema, &mut collapsed));
+                } else {
+                    ready.extend(rows);
+                }
             }
         }
         (ready, collapsed)
@@ -285,24 +333,93 @@ mod tests {
     fn a_document_commits_once_all_its_rows_are_in_whatever_their_order() {
         let mut docs = Documents::default();
         // Page 3 (the last input, carrying the row count) finishes first.
-        let (ready, _) = docs.add(vec![row(3, None, Some(3))]);
+        let (ready, _) = docs.add(vec![row(3, None, Some(3))], None);
         assert!(ready.is_empty());
-        let (ready, _) = docs.add(vec![row(1, None, None)]);
+        let (ready, _) = docs.add(vec![row(1, None, None)], None);
         assert!(ready.is_empty());
-        let (ready, _) = docs.add(vec![row(2, None, None)]);
+        let (ready, _) = docs.add(vec![row(2, None, None)], None);
         let pages: Vec<u32> = ready.iter().map(|r| r.source.page_start).collect();
         assert_eq!(pages, vec![1, 2, 3]);
         assert!(docs.incomplete().is_empty());
     }
 
+    /// Document mode: the windows of a document (arriving out of order) become one row over all its pages.
+    #[test]
+    fn document_mode_writes_one_row_per_document_from_its_windows() {
+        let schema = ExtractionSchema::from_value(
+            "s",
+            serde_json::json!({
+                "type": "object",
+                "properties": {
+                    "invoice_id": {"type": ["string", "null"]},
+                    "invoice_total": {"type": ["number", "null"]},
+                    "items": {"type": "array", "items": {"type": "string"}}
+                },
+                "required": ["invoice_id", "invoice_total", "items"],
+                "additionalProperties": false
+            }),
+        )
+        .expect("schema");
+        let window = |start: u32, end: u32, text: &str, doc_rows: Option<u32>| {
+            let mut r = row(start, None, doc_rows);
+            r.source.page_end = end;
+            r.source.doc_page_count = Some(4);
+            r.outcome =
+                crate::extract::Outcome::Extracted(crate::extract::answer::parse(text).unwrap());
+            r.error_kind = None;
+            r.prompt_tokens = Some(100);
+            r
+        };
+        let mut docs = Documents {
+            per_document: true,
+            ..Documents::default()
+        };
+        let (ready, collapsed) = docs.add(
+            vec![
+                window(
+                    3,
+                    4,
+                    r#"{"invoice_id": null, "invoice_total": 12.50, "items": ["c"]}"#,
+                    Some(2),
+                ),
+                window(
+                    1,
+                    2,
+                    r#"{"invoice_id": "INV-1", "invoice_total": null, "items": ["a", "b"]}"#,
+                    None,
+                ),
+            ],
+            Some(&schema),
+        );
+        assert_eq!(ready.len(), 1, "{ready:?}");
+        let r = &ready[0];
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!((r.source.page_start, r.source.page_end), (1, 4));
+        assert_eq!(r.prompt_tokens, Some(200));
+        let crate::extract::Outcome::Extracted(answer) = &r.outcome else {
+            panic!("{r:?}")
+        };
+        assert_eq!(
+            answer.to_value(),
+            serde_json::json!({"invoice_id": "INV-1", "invoice_total": 12.50, "items": ["a", "b", "c"]})
+        );
+        assert_eq!(
+            (collapsed.removed_ok, collapsed.added_ok, collapsed.added),
+            (2, 1, 0)
+        );
+    }
+
     #[test]
     fn a_document_with_a_retry_row_is_written_as_one_document_level_retry_row() {
         let mut docs = Documents::default();
-        let (ready, collapsed) = docs.add(vec![
-            row(1, Some(1), None),
-            row(2, None, None),
-            row(3, None, Some(3)),
-        ]);
+        let (ready, collapsed) = docs.add(
+            vec![
+                row(1, Some(1), None),
+                row(2, None, None),
+                row(3, None, Some(3)),
+            ],
+            None,
+        );
         assert_eq!(ready.len(), 1, "{ready:?}");
         let r = &ready[0];
         assert_eq!((r.source.page_start, r.source.attempt), (0, Some(1)));
