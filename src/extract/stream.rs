@@ -77,7 +77,7 @@ impl Extractor {
     }
 
     /// Tokens of a prompt without images: the chat tokens and the instruction.
-    pub(super) fn instruction_tokens(&self, engine: &PixtralEngine) -> Result<usize, ModelError> {
+    pub fn instruction_tokens(&self, engine: &PixtralEngine) -> Result<usize, ModelError> {
         let text = engine.tokenizer.encode(Prompt {
             system: None,
             parts: vec![PromptPart::Text(self.instruction())],

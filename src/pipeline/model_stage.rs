@@ -24,6 +24,8 @@ pub(super) struct ModelStageConfig {
     pub review: ReviewPolicy,
     /// Pages per prompt and the long side of a page: the longest prompt, which sizes the KV-cache slots.
     pub pages_per_prompt: usize,
+    /// Document mode: the longest prompt (a window of pages), instead of `pages_per_prompt` pages.
+    pub max_prompt_tokens: Option<usize>,
     pub max_side: usize,
     /// Where the decode counters go for the progress line.
     pub progress: std::sync::Arc<Progress>,
@@ -41,22 +43,31 @@ pub(super) fn model_stage(
     config: ModelStageConfig,
     inputs: mpsc::Receiver<ModelInput>,
     rows: mpsc::Sender<(Vec<ExtractionRecord>, Duration)>,
-    ready: std::sync::mpsc::Sender<bool>,
+    ready: std::sync::mpsc::Sender<Option<usize>>,
 ) -> Result<DecodeSummary, PipelineError> {
-    let (_rt, mut engine, extractor) = match start(&config) {
+    let started = start(&config).and_then(|(rt, engine, extractor)| {
+        let instruction = extractor
+            .instruction_tokens(&engine)
+            .map_err(PipelineError::Model)?;
+        Ok((rt, engine, extractor, instruction))
+    });
+    let (_rt, mut engine, extractor, instruction) = match started {
         Ok(v) => {
-            let _ = ready.send(true);
+            let _ = ready.send(Some(v.3));
             v
         }
         Err(e) => {
             // The run takes the typed error from this thread's result.
-            let _ = ready.send(false);
+            let _ = ready.send(None);
             return Err(e);
         }
     };
-    let max_prompt = extractor
-        .max_prompt_tokens(&engine, config.pages_per_prompt, config.max_side)
-        .map_err(PipelineError::Model)?;
+    let max_prompt = match config.max_prompt_tokens {
+        Some(tokens) => tokens.max(instruction + 1),
+        None => extractor
+            .max_prompt_tokens(&engine, config.pages_per_prompt, config.max_side)
+            .map_err(PipelineError::Model)?,
+    };
     let mut stream = extractor.stream(&engine, max_prompt);
     // (input id = arrival order, answer length): the ceiling groups static batches in arrival order.
     let mut answers: Vec<(usize, u32)> = Vec::new();

@@ -253,17 +253,25 @@ async fn run_under_lease(
 
     let (model_tx, model_rx) = mpsc::channel::<ModelInput>(spec.model.batch_size * 2);
     let (rows_tx, rows_rx) = mpsc::channel::<ModelOutput>(4);
+    let max_prompt_tokens = (spec.extract.unit == super::spec::Unit::Document).then(|| {
+        spec.extract
+            .max_prompt_tokens
+            .unwrap_or(spec.model.token_budget)
+    });
     let stage = ModelStageConfig {
         spec: spec.model.clone(),
         device: setup.device,
         mode: setup.mode.clone(),
         review: setup.review.clone(),
         pages_per_prompt: spec.extract.pages_per_prompt.max(1),
+        max_prompt_tokens,
         max_side: spec.raster.view_side(setup.manifest.image.max_image_size),
         progress: progress.clone(),
         abort: stop.abort.clone(),
     };
-    let model_thread = start_model_stage(stage, model_rx, rows_tx)?;
+    let (model_thread, instruction_tokens) = start_model_stage(stage, model_rx, rows_tx)?;
+    // Document mode: the image tokens a window of pages may hold.
+    let window_tokens = max_prompt_tokens.map(|t| t.saturating_sub(instruction_tokens));
     let writer = Writer {
         sink,
         schema: setup.schema.clone(),
@@ -377,13 +385,17 @@ async fn finish_fold(
     }
 }
 
+/// The model stage's thread, running.
+type ModelThread = std::thread::JoinHandle<Result<DecodeSummary, PipelineError>>;
+
 /// Starts the model stage's thread and waits until its engine is loaded (or failed to load: its typed error).
+/// Returns the thread and the tokens of a prompt without images (what a window of pages leaves to its images).
 fn start_model_stage(
     stage: ModelStageConfig,
     model_rx: mpsc::Receiver<ModelInput>,
     rows_tx: mpsc::Sender<ModelOutput>,
-) -> Result<std::thread::JoinHandle<Result<DecodeSummary, PipelineError>>, PipelineError> {
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<bool>();
+) -> Result<(ModelThread, usize), PipelineError> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Option<usize>>();
     let model_thread = std::thread::Builder::new()
         .name("pixtract-model".into())
         .spawn(move || model_stage(stage, model_rx, rows_tx, ready_tx))
@@ -391,14 +403,14 @@ fn start_model_stage(
             what: "cannot start the model thread",
             source,
         })?;
-    if ready_rx.recv() != Ok(true) {
+    let Ok(Some(instruction_tokens)) = ready_rx.recv() else {
         return Err(match model_thread.join() {
             Ok(Err(e)) => e,
             Ok(Ok(_)) => PipelineError::Stopped("the model thread ended during start-up"),
             Err(panic) => PipelineError::ModelPanicked(panic_message(panic.as_ref())),
         });
-    }
-    Ok(model_thread)
+    };
+    Ok((model_thread, instruction_tokens))
 }
 
 /// Waits for the model stage, then the writer. The model's outcome first: when it failed, the producer and the
