@@ -4,19 +4,22 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use image::DynamicImage;
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use image::{DynamicImage, RgbImage};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use super::report::{Progress, Reporter, Stage};
 use super::{ModelInput, PipelineError, PipelineSpec, shard_of, state};
 use crate::document::{DocumentInfo, FetchError};
 use crate::extract::{ErrorKind, FailedInput, PageInput, SourceInfo};
-use crate::model::ImagePreprocessor;
-use crate::raster::{PdfMode, RasterError, RasterOptions, Rasterizer};
+use crate::model::manifest::ImageConfig;
+use crate::model::{ImagePreprocessor, ModelError, PreparedImage};
+use crate::raster::{PageRaster, PdfMode, RasterError, RasterOptions, Rasterizer};
 use crate::source::{ListOptions, Source, SourceError};
 
 /// How many runs try a document that keeps failing for transient reasons before its failure is recorded as
@@ -38,6 +41,7 @@ pub(super) fn mark_transient(source: &mut SourceInfo, error: &mut String) {
 }
 
 /// Which listed documents this run leaves alone.
+#[derive(Clone)]
 pub(super) struct SkipRules {
     pub processed: Arc<state::ProcessedSet>,
     pub schema_sha: String,
@@ -45,11 +49,77 @@ pub(super) struct SkipRules {
     pub shard: Option<(u64, u64)>,
 }
 
+impl SkipRules {
+    fn in_shard(&self, uri: &str) -> bool {
+        self.shard.is_none_or(|(i, n)| shard_of(uri, n) == i)
+    }
+
+    /// Whether this run processes a listed document: in its shard and not already in the output.
+    /// Returns (processed by this run, left out as already in the output).
+    fn wanted(&self, doc: &DocumentInfo) -> (bool, bool) {
+        let in_shard = self.in_shard(&doc.uri);
+        let key = state::doc_key(
+            &doc.uri,
+            doc.etag.as_deref(),
+            doc.version.as_deref(),
+            &self.schema_sha,
+            &self.model_id,
+        );
+        let done = in_shard && self.processed.contains(&key);
+        (in_shard && !done, done)
+    }
+
+    /// Whether an entry that failed in the listing (no ETag) is already recorded as failed for good.
+    fn entry_done(&self, e: &SourceError) -> bool {
+        e.uri().is_some_and(|uri| {
+            !self.in_shard(uri)
+                || self.processed.contains(&state::doc_key(
+                    uri,
+                    None,
+                    None,
+                    &self.schema_sha,
+                    &self.model_id,
+                ))
+        })
+    }
+
+    /// Whether a listing item goes on to be fetched; one left out as already done is counted in `skipped`.
+    fn keeps(&self, item: &Result<DocumentInfo, SourceError>, skipped: &AtomicUsize) -> bool {
+        match item {
+            Err(e) => {
+                let done = self.entry_done(e);
+                if done {
+                    skipped.fetch_add(1, Ordering::SeqCst);
+                }
+                !done
+            }
+            Ok(doc) => {
+                let (keep, done) = self.wanted(doc);
+                if done {
+                    skipped.fetch_add(1, Ordering::SeqCst);
+                }
+                keep
+            }
+        }
+    }
+
+    /// Transient failures earlier runs recorded for the document (its rows carry them, for [`mark_transient`]).
+    fn prior_attempts(&self, info: &DocumentInfo) -> u32 {
+        self.processed.attempts(&state::doc_key(
+            &info.uri,
+            info.etag.as_deref(),
+            info.version.as_deref(),
+            &self.schema_sha,
+            &self.model_id,
+        ))
+    }
+}
+
 /// Lists, fetches and rasterizes documents, groups pages into prompts and prepares their pixels.
 /// Returns (documents, documents failed, pages, documents skipped as already processed).
 pub(super) async fn produce(
     spec: &PipelineSpec,
-    image: &crate::model::manifest::ImageConfig,
+    image: &ImageConfig,
     skip: &SkipRules,
     progress: Arc<Progress>,
     reporter: Reporter,
@@ -57,6 +127,42 @@ pub(super) async fn produce(
     abort: Arc<AtomicBool>,
 ) -> Result<(usize, usize, usize, usize), PipelineError> {
     let source = Source::open(&spec.source.uri)?;
+    let (rasterizer, max_side) = build_rasterizer(spec, image)?;
+    let failed_docs = FailedFetches::default();
+    let listing = listing(spec, &source, skip, &progress)?;
+    let fetched = fetch_ahead(listing.documents, &source, spec, &progress, &failed_docs);
+    let mut feed = PageFeed::new(spec, image, max_side, &progress, reporter, &model_tx);
+    let mut documents = 0usize;
+    let mut docs = std::pin::pin!(rasterizer.documents(fetched, spec.raster.workers.max(1)));
+    while let Some(mut doc) = docs.next().await {
+        if abort.load(Ordering::SeqCst)
+            || (spec.limits.max_documents > 0 && documents >= spec.limits.max_documents)
+        {
+            break;
+        }
+        documents += 1;
+        progress.documents.store(documents, Ordering::Relaxed);
+        let info = listed_info(&failed_docs, &doc.doc);
+        let prior_attempts = skip.prior_attempts(&info);
+        DocumentFeed::new(&mut feed, info, prior_attempts)
+            .feed(&mut doc.pages)
+            .await?;
+    }
+    listing.counting.abort();
+    let fatal = listing.fatal.lock().ok().and_then(|mut f| f.take());
+    if let Some(e) = fatal {
+        return Err(PipelineError::Source(e));
+    }
+    let skipped = listing.skipped.load(Ordering::SeqCst);
+    Ok((documents, feed.failed, feed.pages, skipped))
+}
+
+/// The rasterizer `[raster]` describes, and the long side of the model's view it renders at (the preprocessor's
+/// limit for scans too).
+fn build_rasterizer(
+    spec: &PipelineSpec,
+    image: &ImageConfig,
+) -> Result<(Rasterizer, u32), PipelineError> {
     let r = &spec.raster;
     let max_side = r.view_side(image.max_image_size) as u32;
     let opts = RasterOptions {
@@ -72,315 +178,409 @@ pub(super) async fn produce(
     };
     let mode = PdfMode::workers(r.workers, Duration::from_secs(r.timeout_s.max(1)))?;
     let rasterizer = Rasterizer::new(opts, mode)?;
-    // The size limit is applied below, where the listed document (and its ETag) is at hand: its error row then
-    // carries the ETag, and the next run recognises it as done instead of adding a new error row every night.
+    Ok((rasterizer, max_side))
+}
+
+/// Listed documents whose fetch failed, by URI: their error rows carry the listing's ETag and version.
+type FailedFetches = Arc<std::sync::Mutex<HashMap<String, DocumentInfo>>>;
+
+/// The listing this run works through, and what `produce` reads from it once the documents are done.
+struct Listing<S> {
+    /// Listing -> shard and already-done filters (before any fetch).
+    documents: S,
+    /// Where a listing that cannot go on leaves its error.
+    fatal: Arc<std::sync::Mutex<Option<SourceError>>>,
+    /// The counting pass ([`count_wanted`]), stopped once the documents are done.
+    counting: JoinHandle<()>,
+    /// Documents left out as already in the output.
+    skipped: Arc<AtomicUsize>,
+}
+
+/// Lists the source's documents, leaving out (before any fetch) those of other shards and those already done, and
+/// starts the counting pass for the progress display.
+fn listing(
+    spec: &PipelineSpec,
+    source: &Source,
+    skip: &SkipRules,
+    progress: &Arc<Progress>,
+) -> Result<Listing<impl Stream<Item = Result<DocumentInfo, SourceError>> + use<>>, PipelineError> {
+    // The size limit is applied in `fetch_listed`, where the listed document (and its ETag) is at hand: its error
+    // row then carries the ETag, and the next run recognises it as done instead of adding a new error row every
+    // night.
     let list = ListOptions {
         include: spec.source.include.clone(),
         exclude: spec.source.exclude.clone(),
         max_bytes: u64::MAX,
     };
-    // Listed documents whose fetch failed, by URI: their error rows carry the listing's ETag and version.
-    let failed_docs: Arc<std::sync::Mutex<HashMap<String, DocumentInfo>>> = Arc::default();
-    // Listing -> shard and already-done filters (before any fetch) -> bounded concurrent fetches.
-    let skipped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let skipped = Arc::new(AtomicUsize::new(0));
     // A listing that cannot go on ends the document stream here; the run fails once the documents before it are
     // done (no `_SUCCESS`). Errors of single entries flow on and become error rows.
-    let (listing, fatal) = crate::source::stop_at_fatal(source.list(&list)?);
-    let (processed, schema_sha, model_id, shard) = (
-        skip.processed.clone(),
-        skip.schema_sha.clone(),
-        skip.model_id.clone(),
-        skip.shard,
-    );
+    let (listed, fatal) = crate::source::stop_at_fatal(source.list(&list)?);
+    let rules = Arc::new(skip.clone());
+    let counting = count_wanted(source.list(&list)?, rules.clone(), progress.clone());
     let skipped_count = skipped.clone();
-    let fetch_source = source.clone();
-    let max_bytes = r.max_bytes;
-    // Whether this run processes a listed document: in its shard and not already in the output.
-    let done_processed = processed.clone();
-    let done_keys = (schema_sha.clone(), model_id.clone());
-    // Whether an entry that failed in the listing (no ETag) is already recorded as failed for good.
-    let entry_done = move |e: &SourceError| -> bool {
-        e.uri().is_some_and(|uri| {
-            let in_shard = shard.is_none_or(|(i, n)| shard_of(uri, n) == i);
-            !in_shard
-                || done_processed.contains(&state::doc_key(
-                    uri,
-                    None,
-                    None,
-                    &done_keys.0,
-                    &done_keys.1,
-                ))
-        })
-    };
-    let wanted = Arc::new(move |doc: &DocumentInfo| -> (bool, bool) {
-        let in_shard = shard.is_none_or(|(i, n)| shard_of(&doc.uri, n) == i);
-        let key = state::doc_key(
-            &doc.uri,
-            doc.etag.as_deref(),
-            doc.version.as_deref(),
-            &schema_sha,
-            &model_id,
-        );
-        let done = in_shard && processed.contains(&key);
-        (in_shard && !done, done)
-    });
-    // A second, counting pass over the listing gives the progress display its total (and so an ETA) without
-    // holding the listing in memory; it ends with the listing (one LIST request per 1,000 keys on S3).
-    let counting = {
-        let (wanted, progress) = (wanted.clone(), progress.clone());
-        let counted = source.list(&list)?;
-        tokio::spawn(async move {
-            let mut n = 0;
-            let mut counted = std::pin::pin!(counted);
-            while let Some(item) = counted.next().await {
-                if item.as_ref().map_or(true, |doc| wanted(doc).0) {
-                    n += 1;
-                }
+    let documents =
+        listed.filter(move |item| futures::future::ready(rules.keeps(item, &skipped_count)));
+    Ok(Listing {
+        documents,
+        fatal,
+        counting,
+        skipped,
+    })
+}
+
+/// A second, counting pass over the listing gives the progress display its total (and so an ETA) without
+/// holding the listing in memory; it ends with the listing (one LIST request per 1,000 keys on S3).
+fn count_wanted(
+    counted: futures::stream::BoxStream<'static, Result<DocumentInfo, SourceError>>,
+    rules: Arc<SkipRules>,
+    progress: Arc<Progress>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut n = 0;
+        let mut counted = std::pin::pin!(counted);
+        while let Some(item) = counted.next().await {
+            if item.as_ref().map_or(true, |doc| rules.wanted(doc).0) {
+                n += 1;
             }
-            progress.set_total(n);
-        })
-    };
-    let fetched = listing
-        .filter(move |item| {
-            let keep = match item {
-                Err(e) => {
-                    let done = entry_done(e);
-                    if done {
-                        skipped_count.fetch_add(1, Ordering::SeqCst);
-                    }
-                    !done
-                }
-                Ok(doc) => {
-                    let (keep, done) = wanted(doc);
-                    if done {
-                        skipped_count.fetch_add(1, Ordering::SeqCst);
-                    }
-                    keep
-                }
-            };
-            futures::future::ready(keep)
-        })
-        .map({
+        }
+        progress.set_total(n);
+    })
+}
+
+/// Bounded concurrent fetches: up to `[source] fetch_concurrency` listed documents are fetched ahead of the
+/// rasterizer, delivered in listing order.
+fn fetch_ahead<S>(
+    listed: S,
+    source: &Source,
+    spec: &PipelineSpec,
+    progress: &Arc<Progress>,
+    failed_docs: &FailedFetches,
+) -> impl Stream<Item = Result<(DocumentInfo, Bytes), RasterError>> + use<S>
+where
+    S: Stream<Item = Result<DocumentInfo, SourceError>>,
+{
+    let fetch_source = source.clone();
+    let max_bytes = spec.raster.max_bytes;
+    let progress = progress.clone();
+    let failed_docs = failed_docs.clone();
+    listed
+        .map(move |item| {
+            let source = fetch_source.clone();
             let progress = progress.clone();
             let failed_docs = failed_docs.clone();
-            move |item| {
-                let source = fetch_source.clone();
-                let progress = progress.clone();
-                let failed_docs = failed_docs.clone();
-                async move {
-                    let item = match item {
-                        Ok(doc) if doc.size > max_bytes => Err((
-                            doc.clone(),
-                            SourceError::TooLarge {
-                                uri: doc.uri.clone(),
-                                size: doc.size,
-                                limit: max_bytes,
-                            },
-                        )),
-                        Ok(doc) => Ok(doc),
-                        Err(e) => return Err(e),
-                    };
-                    let fetched = match item {
-                        // A task of its own: the fetch runs to completion while the consumer is busy (the
-                        // `buffered` window is a prefetch), and its time is the fetch's, not the wait for a poll.
-                        Ok(doc) => {
-                            let uri = doc.uri.clone();
-                            let doc_for_error = doc.clone();
-                            tokio::spawn(async move {
-                                let t = Instant::now();
-                                let fetched = source.fetch_as_listed(&doc, max_bytes).await;
-                                progress.add_busy(Stage::Fetch, t.elapsed());
-                                fetched
-                            })
-                            .await
-                            .unwrap_or_else(|e| {
-                                Err(SourceError::Fetch {
-                                    uri,
-                                    reason: format!("fetch task failed: {e}"),
-                                })
-                            })
-                            .map_err(|e| (doc_for_error, e))
-                        }
-                        Err(failed) => Err(failed),
-                    };
-                    fetched.map_err(|(doc, e)| {
-                        if let Ok(mut m) = failed_docs.lock() {
-                            m.insert(doc.uri.clone(), doc);
-                        }
-                        e
-                    })
-                }
-            }
+            fetch_listed(source, item, max_bytes, progress, failed_docs)
         })
         .buffered(spec.source.fetch_concurrency.max(1))
-        .map(|item| item.map_err(|e| RasterError::from(FetchError::from(e))));
-    // Scans reach the model unscaled; `[raster] max_side` is the long side of the model's view for them too (run.rs
-    // checked it is not above the model's own image size).
-    let mut preprocessor = ImagePreprocessor::from_config(image);
-    preprocessor.max_side = max_side as usize;
-    let per_prompt = spec.extract.pages_per_prompt.max(1);
-    let (mut documents, mut failed, mut pages) = (0usize, 0usize, 0usize);
-    let mut docs = std::pin::pin!(rasterizer.documents(fetched, r.workers.max(1)));
-    while let Some(mut doc) = docs.next().await {
-        if abort.load(Ordering::SeqCst)
-            || (spec.limits.max_documents > 0 && documents >= spec.limits.max_documents)
-        {
-            break;
+        .map(|item| item.map_err(|e| RasterError::from(FetchError::from(e))))
+}
+
+/// One listing item's bytes: a document over `max_bytes` fails without a fetch, and a document whose fetch failed
+/// is noted in `failed_docs` (its error row then carries the listed ETag and version); the listing's own errors
+/// pass through.
+async fn fetch_listed(
+    source: Source,
+    item: Result<DocumentInfo, SourceError>,
+    max_bytes: u64,
+    progress: Arc<Progress>,
+    failed_docs: FailedFetches,
+) -> Result<(DocumentInfo, Bytes), SourceError> {
+    let item = match item {
+        Ok(doc) if doc.size > max_bytes => Err((
+            doc.clone(),
+            SourceError::TooLarge {
+                uri: doc.uri.clone(),
+                size: doc.size,
+                limit: max_bytes,
+            },
+        )),
+        Ok(doc) => Ok(doc),
+        Err(e) => return Err(e),
+    };
+    let fetched = match item {
+        // A task of its own: the fetch runs to completion while the consumer is busy (the
+        // `buffered` window is a prefetch), and its time is the fetch's, not the wait for a poll.
+        Ok(doc) => {
+            let uri = doc.uri.clone();
+            let doc_for_error = doc.clone();
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let fetched = source.fetch_as_listed(&doc, max_bytes).await;
+                progress.add_busy(Stage::Fetch, t.elapsed());
+                fetched
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(SourceError::Fetch {
+                    uri,
+                    reason: format!("fetch task failed: {e}"),
+                })
+            })
+            .map_err(|e| (doc_for_error, e))
         }
-        documents += 1;
-        progress.documents.store(documents, Ordering::Relaxed);
-        // A document whose fetch failed: its listed provenance (ETag, version) rather than just its name.
-        let listed = failed_docs
-            .lock()
-            .ok()
-            .and_then(|mut m| m.remove(&doc.doc.uri));
-        let info = listed.map(Arc::new).unwrap_or_else(|| doc.doc.clone());
-        let prior_attempts = skip.processed.attempts(&state::doc_key(
-            &info.uri,
-            info.etag.as_deref(),
-            info.version.as_deref(),
-            &skip.schema_sha,
-            &skip.model_id,
-        ));
-        let source_info = |start: usize, end: usize, count: Option<usize>| SourceInfo {
-            uri: info.uri.clone(),
-            etag: info.etag.clone(),
-            version: info.version.clone(),
+        Err(failed) => Err(failed),
+    };
+    fetched.map_err(|(doc, e)| {
+        if let Ok(mut m) = failed_docs.lock() {
+            m.insert(doc.uri.clone(), doc);
+        }
+        e
+    })
+}
+
+/// The document as its rows name it. A document whose fetch failed: its listed provenance (ETag, version) rather
+/// than just its name.
+fn listed_info(failed_docs: &FailedFetches, doc: &Arc<DocumentInfo>) -> Arc<DocumentInfo> {
+    let listed = failed_docs.lock().ok().and_then(|mut m| m.remove(&doc.uri));
+    listed.map(Arc::new).unwrap_or_else(|| doc.clone())
+}
+
+/// What every document's pages share on their way to the model stage (how they are prepared and grouped, where
+/// they go), and the run's counts of failed documents and pages.
+struct PageFeed<'a> {
+    preprocessor: ImagePreprocessor,
+    per_prompt: usize,
+    progress: &'a Progress,
+    reporter: Reporter,
+    model_tx: &'a mpsc::Sender<ModelInput>,
+    failed: usize,
+    pages: usize,
+}
+
+impl<'a> PageFeed<'a> {
+    fn new(
+        spec: &PipelineSpec,
+        image: &ImageConfig,
+        max_side: u32,
+        progress: &'a Progress,
+        reporter: Reporter,
+        model_tx: &'a mpsc::Sender<ModelInput>,
+    ) -> Self {
+        // Scans reach the model unscaled; `[raster] max_side` is the long side of the model's view for them too
+        // (run.rs checked it is not above the model's own image size).
+        let mut preprocessor = ImagePreprocessor::from_config(image);
+        preprocessor.max_side = max_side as usize;
+        PageFeed {
+            preprocessor,
+            per_prompt: spec.extract.pages_per_prompt.max(1),
+            progress,
+            reporter,
+            model_tx,
+            failed: 0,
+            pages: 0,
+        }
+    }
+
+    /// Prepares a page's pixels on the blocking pool (CPU work that must not stall the async stages), its time
+    /// counted as the preprocess stage's.
+    async fn prepare(
+        &self,
+        image: RgbImage,
+    ) -> Result<Result<PreparedImage, ModelError>, PipelineError> {
+        let pre = self.preprocessor.clone();
+        let (prepared, took) = tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            let prepared = pre.prepare(&DynamicImage::ImageRgb8(image));
+            (prepared, t.elapsed())
+        })
+        .await
+        .map_err(|source| PipelineError::Task {
+            what: "preprocessing",
+            source,
+        })?;
+        self.progress.add_busy(Stage::Preprocess, took);
+        Ok(prepared)
+    }
+}
+
+/// One document's pages, as the renderer sends them, turned into model inputs: prepared pages grouped into prompts,
+/// and an error row for each failed page or for the failed document.
+struct DocumentFeed<'f, 'a> {
+    feed: &'f mut PageFeed<'a>,
+    info: Arc<DocumentInfo>,
+    prior_attempts: u32,
+    /// Prepared pages not yet sent, the first of them page `group_start` (1-based).
+    group: Vec<PreparedImage>,
+    group_start: usize,
+    /// Render time of the group's pages.
+    render: Duration,
+    /// Each input waits here until the next one of its document is known, so that the last one goes out marked
+    /// with the document's row count: the writer commits a document only once it holds all its rows.
+    held: DocumentInputs,
+    /// Whether the page stream ended as a document ends: at its last page, or with its error.
+    ended: bool,
+    /// Counted once among the failed documents, however many of its pages failed.
+    doc_failed: bool,
+}
+
+impl<'f, 'a> DocumentFeed<'f, 'a> {
+    fn new(feed: &'f mut PageFeed<'a>, info: Arc<DocumentInfo>, prior_attempts: u32) -> Self {
+        DocumentFeed {
+            feed,
+            info,
+            prior_attempts,
+            group: Vec::new(),
+            group_start: 1,
+            render: Duration::ZERO,
+            held: DocumentInputs::default(),
+            ended: false,
+            doc_failed: false,
+        }
+    }
+
+    /// Takes the document's pages until its stream ends or the document fails, then sends its last input.
+    async fn feed(
+        mut self,
+        pages: &mut mpsc::Receiver<Result<PageRaster, RasterError>>,
+    ) -> Result<(), PipelineError> {
+        while let Some(item) = pages.recv().await {
+            match item {
+                Ok(page) => self.page(page).await?,
+                Err(e) if e.failed_page().is_some() => self.failed_page(&e).await?,
+                Err(e) => {
+                    self.failed(&e).await?;
+                    break;
+                }
+            }
+        }
+        self.finish().await
+    }
+
+    /// A row's provenance: the document as listed, pages `start..=end` of `count` (0, 0: the whole document).
+    fn source_info(&self, start: usize, end: usize, count: Option<usize>) -> SourceInfo {
+        SourceInfo {
+            uri: self.info.uri.clone(),
+            etag: self.info.etag.clone(),
+            version: self.info.version.clone(),
             page_start: start as u32,
             page_end: end as u32,
             doc_page_count: count.map(|c| c as u32),
             attempt: None,
             doc_rows: None,
-            prior_attempts,
-        };
-        let mut group = Vec::new();
-        let mut group_start = 1;
-        let mut render = Duration::ZERO;
-        // Each input waits here until the next one of its document is known, so that the last one goes out marked
-        // with the document's row count: the writer commits a document only once it holds all its rows.
-        let mut held = DocumentInputs::default();
-        // Whether the page stream ended as a document ends: at its last page, or with its error.
-        let mut ended = false;
-        // Counted once among the failed documents, however many of its pages failed.
-        let mut doc_failed = false;
-        while let Some(item) = doc.pages.recv().await {
-            match item {
-                Ok(page) => {
-                    pages += 1;
-                    progress.pages.store(pages, Ordering::Relaxed);
-                    render += page.render_time;
-                    progress.add_busy(Stage::Raster, page.render_time);
-                    let (index, count, last) = (page.page_index, page.page_count, page.is_last());
-                    if group.is_empty() {
-                        group_start = index + 1;
-                    }
-                    let pre = preprocessor.clone();
-                    let (prepared, took) = tokio::task::spawn_blocking(move || {
-                        let t = Instant::now();
-                        let prepared = pre.prepare(&DynamicImage::ImageRgb8(page.image));
-                        (prepared, t.elapsed())
-                    })
-                    .await
-                    .map_err(|source| PipelineError::Task {
-                        what: "preprocessing",
-                        source,
-                    })?;
-                    progress.add_busy(Stage::Preprocess, took);
-                    match prepared {
-                        Ok(p) => group.push(p),
-                        Err(e) => {
-                            let input = Err(FailedInput {
-                                source: source_info(index + 1, index + 1, Some(count)),
-                                kind: ErrorKind::Image,
-                                error: crate::error::chain(&e),
-                            });
-                            held.push(&model_tx, input).await?;
-                        }
-                    }
-                    // The group goes out when full or at the document's last page, whether or not that page
-                    // itself could be prepared (the group's earlier pages always get their row).
-                    ended |= last;
-                    if !group.is_empty() && (group.len() == per_prompt || last) {
-                        let input = PageInput {
-                            source: source_info(group_start, index + 1, Some(count)),
-                            images: std::mem::take(&mut group),
-                            fetch_ms: None,
-                            raster_ms: Some(render.as_secs_f64() * 1e3),
-                        };
-                        render = Duration::ZERO;
-                        held.push(&model_tx, Ok(input)).await?;
-                    }
-                }
-                Err(e) if e.failed_page().is_some() => {
-                    // One page failed; the document's next pages still come. The group so far goes out first
-                    // (its row never spans the failed page), then the page's own error row.
-                    let (page, count) = e.failed_page().unwrap_or((1, 1));
-                    if !group.is_empty() {
-                        let input = PageInput {
-                            source: source_info(group_start, page - 1, Some(count)),
-                            images: std::mem::take(&mut group),
-                            fetch_ms: None,
-                            raster_ms: Some(render.as_secs_f64() * 1e3),
-                        };
-                        render = Duration::ZERO;
-                        held.push(&model_tx, Ok(input)).await?;
-                    }
-                    if !doc_failed {
-                        doc_failed = true;
-                        failed += 1;
-                        progress.failed.store(failed, Ordering::Relaxed);
-                    }
-                    let error = crate::error::chain(&e);
-                    reporter.event(
-                        "warn",
-                        "page_failed",
-                        || format!("page failed: {}", error.escape_debug()),
-                        serde_json::json!({"uri": info.uri, "page": page, "error": error}),
-                    );
-                    let failed = FailedInput {
-                        source: source_info(page, page, Some(count)),
-                        kind: error_kind(&e),
-                        error,
-                    };
-                    held.push(&model_tx, Err(failed)).await?;
-                    ended |= page >= count;
-                }
-                Err(e) => {
-                    ended = true;
-                    if !doc_failed {
-                        failed += 1;
-                        progress.failed.store(failed, Ordering::Relaxed);
-                    }
-                    let mut error = crate::error::chain(&e);
-                    // A transient failure is left not done (status `retry`) until its attempts run out.
-                    let mut row = source_info(0, 0, None);
-                    if e.is_transient() {
-                        mark_transient(&mut row, &mut error);
-                    }
-                    reporter.event(
-                        "warn",
-                        "document_failed",
-                        // Names are printed escaped (a tab or newline in a name must not forge log lines).
-                        || format!("document failed: {}", error.escape_debug()),
-                        serde_json::json!({"uri": info.uri, "error": error}),
-                    );
-                    let failed = FailedInput {
-                        source: row,
-                        kind: error_kind(&e),
-                        error,
-                    };
-                    held.push(&model_tx, Err(failed)).await?;
-                    break;
-                }
+            prior_attempts: self.prior_attempts,
+        }
+    }
+
+    async fn push(&mut self, input: ModelInput) -> Result<(), PipelineError> {
+        self.held.push(self.feed.model_tx, input).await
+    }
+
+    /// A rendered page: prepared, added to the group, and the group sent when full or at the document's last page.
+    async fn page(&mut self, page: PageRaster) -> Result<(), PipelineError> {
+        self.feed.pages += 1;
+        self.feed
+            .progress
+            .pages
+            .store(self.feed.pages, Ordering::Relaxed);
+        self.render += page.render_time;
+        self.feed.progress.add_busy(Stage::Raster, page.render_time);
+        let (index, count, last) = (page.page_index, page.page_count, page.is_last());
+        if self.group.is_empty() {
+            self.group_start = index + 1;
+        }
+        match self.feed.prepare(page.image).await? {
+            Ok(p) => self.group.push(p),
+            Err(e) => {
+                let input = Err(FailedInput {
+                    source: self.source_info(index + 1, index + 1, Some(count)),
+                    kind: ErrorKind::Image,
+                    error: crate::error::chain(&e),
+                });
+                self.push(input).await?;
             }
         }
-        if !ended {
+        // The group goes out when full or at the document's last page, whether or not that page
+        // itself could be prepared (the group's earlier pages always get their row).
+        self.ended |= last;
+        if !self.group.is_empty() && (self.group.len() == self.feed.per_prompt || last) {
+            self.send_group(index + 1, count).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the group, pages `group_start..=end` of `count`, as one prompt's input.
+    async fn send_group(&mut self, end: usize, count: usize) -> Result<(), PipelineError> {
+        let input = PageInput {
+            source: self.source_info(self.group_start, end, Some(count)),
+            images: std::mem::take(&mut self.group),
+            fetch_ms: None,
+            raster_ms: Some(self.render.as_secs_f64() * 1e3),
+        };
+        self.render = Duration::ZERO;
+        self.push(Ok(input)).await
+    }
+
+    fn count_failed(&mut self) {
+        if !self.doc_failed {
+            self.doc_failed = true;
+            self.feed.failed += 1;
+            self.feed
+                .progress
+                .failed
+                .store(self.feed.failed, Ordering::Relaxed);
+        }
+    }
+
+    /// One page failed; the document's next pages still come. The group so far goes out first (its row never
+    /// spans the failed page), then the page's own error row.
+    async fn failed_page(&mut self, e: &RasterError) -> Result<(), PipelineError> {
+        let (page, count) = e.failed_page().unwrap_or((1, 1));
+        if !self.group.is_empty() {
+            self.send_group(page - 1, count).await?;
+        }
+        self.count_failed();
+        let error = crate::error::chain(e);
+        self.feed.reporter.event(
+            "warn",
+            "page_failed",
+            || format!("page failed: {}", error.escape_debug()),
+            serde_json::json!({"uri": self.info.uri, "page": page, "error": error}),
+        );
+        let failed = FailedInput {
+            source: self.source_info(page, page, Some(count)),
+            kind: error_kind(e),
+            error,
+        };
+        self.push(Err(failed)).await?;
+        self.ended |= page >= count;
+        Ok(())
+    }
+
+    /// The document failed as a whole (fetch, limits, unreadable, renderer): one error row for it, page 0, and no
+    /// more of its pages.
+    async fn failed(&mut self, e: &RasterError) -> Result<(), PipelineError> {
+        self.ended = true;
+        self.count_failed();
+        let mut error = crate::error::chain(e);
+        // A transient failure is left not done (status `retry`) until its attempts run out.
+        let mut row = self.source_info(0, 0, None);
+        if e.is_transient() {
+            mark_transient(&mut row, &mut error);
+        }
+        self.feed.reporter.event(
+            "warn",
+            "document_failed",
+            // Names are printed escaped (a tab or newline in a name must not forge log lines).
+            || format!("document failed: {}", error.escape_debug()),
+            serde_json::json!({"uri": self.info.uri, "error": error}),
+        );
+        let failed = FailedInput {
+            source: row,
+            kind: error_kind(e),
+            error,
+        };
+        self.push(Err(failed)).await
+    }
+
+    /// The page stream is over: the document's last input goes out, marked with its row count.
+    async fn finish(mut self) -> Result<(), PipelineError> {
+        if !self.ended {
             // The renderer's stream closed before the last page (its task died): the document must not be
             // committed as complete. A transient failure of the whole document, retried by the next run.
-            let mut row = source_info(0, 0, None);
+            let mut row = self.source_info(0, 0, None);
             let mut error = format!(
                 "{}: the renderer stopped before the document's last page",
-                info.uri.escape_debug()
+                self.info.uri.escape_debug()
             );
             mark_transient(&mut row, &mut error);
             let failed = FailedInput {
@@ -388,16 +588,10 @@ pub(super) async fn produce(
                 kind: ErrorKind::Renderer,
                 error,
             };
-            held.push(&model_tx, Err(failed)).await?;
+            self.push(Err(failed)).await?;
         }
-        held.finish(&model_tx).await?;
+        self.held.finish(self.feed.model_tx).await
     }
-    counting.abort();
-    let fatal = fatal.lock().ok().and_then(|mut f| f.take());
-    if let Some(e) = fatal {
-        return Err(PipelineError::Source(e));
-    }
-    Ok((documents, failed, pages, skipped.load(Ordering::SeqCst)))
 }
 
 /// The `error_kind` of a document the raster stage (or the fetch before it) could not turn into pages.

@@ -7,6 +7,7 @@ use super::ReportError;
 use super::RunReport;
 use super::charts;
 use super::figures::{CONFIDENCE_BINS, pages_of};
+use super::{EvalFigures, RunOutput};
 
 /// Text made safe for HTML element content and attribute values.
 pub fn escape(text: &str) -> String {
@@ -63,7 +64,33 @@ fn data(inner: String) -> String {
     format!("<details><summary>numbers plotted</summary>{inner}</details>")
 }
 
+/// The page, section by section in reading order; a section the run has nothing for is left out (confidence
+/// without schema fields, accuracy without `pixtract eval --json` output, the run list for an output of one run).
 pub fn render(report: &RunReport) -> Result<String, ReportError> {
+    let run = &report.run;
+    let mut page = header(report);
+    page.push_str(&summary(run));
+    page.push_str(&throughput(report)?);
+    page.push_str(&stage_shares(run)?);
+    page.push_str(&errors(report));
+    page.push_str(&fill_rates(report)?);
+    if !report.fields.is_empty() {
+        page.push_str(&confidence(report)?);
+    }
+    // Accuracy, when `pixtract eval --json` output was given.
+    if let Some(eval) = &report.eval {
+        page.push_str(&accuracy(eval)?);
+    }
+    // The other runs in the same output.
+    if run.runs.len() > 1 {
+        page.push_str(&other_runs(run));
+    }
+    page.push_str("</body></html>\n");
+    Ok(page)
+}
+
+/// The document's head, the title, where the run's output is and when it ran, and why it stopped early if it did.
+fn header(report: &RunReport) -> String {
     let run = &report.run;
     let mut page = String::new();
     let _ = write!(
@@ -109,8 +136,27 @@ pub fn render(report: &RunReport) -> Result<String, ReportError> {
             escape(reason)
         );
     }
+    page
+}
 
-    // Summary: counted from the rows, with the run summary's own figures beside them when it finished.
+/// Summary: counted from the rows, with the run summary's own figures beside them when it finished.
+fn summary(run: &RunOutput) -> String {
+    let mut page =
+        String::from("<section id=\"summary\"><h2>Summary</h2><table id=\"summary-table\"><tbody>");
+    for (key, value) in &summary_rows(run) {
+        let _ = write!(
+            page,
+            "<tr><th>{}</th><td class=\"n\" data-key=\"{key}\">{value}</td></tr>",
+            key.replace('_', " ")
+        );
+    }
+    page.push_str("</tbody></table></section>");
+    page
+}
+
+/// The summary table's (key, value) rows: counts from the rows, then the run summary's figures (and its decode
+/// figures) when there is one.
+fn summary_rows(run: &RunOutput) -> Vec<(&'static str, String)> {
     let rows = &run.rows;
     let count = |status: &str| rows.iter().filter(|r| r.status == status).count();
     let mut documents: Vec<&str> = rows.iter().map(|r| r.source_uri.as_str()).collect();
@@ -149,18 +195,12 @@ pub fn render(report: &RunReport) -> Result<String, ReportError> {
             ]);
         }
     }
-    page.push_str("<section id=\"summary\"><h2>Summary</h2><table id=\"summary-table\"><tbody>");
-    for (key, value) in &summary_rows {
-        let _ = write!(
-            page,
-            "<tr><th>{}</th><td class=\"n\" data-key=\"{key}\">{value}</td></tr>",
-            key.replace('_', " ")
-        );
-    }
-    page.push_str("</tbody></table></section>");
+    summary_rows
+}
 
-    // Throughput.
-    page.push_str("<section id=\"throughput\"><h2>Throughput</h2>");
+/// Throughput: rows and pages over the run's time.
+fn throughput(report: &RunReport) -> Result<String, ReportError> {
+    let mut page = String::from("<section id=\"throughput\"><h2>Throughput</h2>");
     if report.throughput.is_empty() {
         page.push_str("<p>No rows.</p>");
     } else {
@@ -188,9 +228,12 @@ pub fn render(report: &RunReport) -> Result<String, ReportError> {
         )));
     }
     page.push_str("</section>");
+    Ok(page)
+}
 
-    // Stage busy shares, from the run summary.
-    page.push_str("<section id=\"stages\"><h2>Stage busy shares</h2>");
+/// Stage busy shares, from the run summary.
+fn stage_shares(run: &RunOutput) -> Result<String, ReportError> {
+    let mut page = String::from("<section id=\"stages\"><h2>Stage busy shares</h2>");
     match run.summary.as_ref().filter(|s| !s.stages.is_empty()) {
         Some(s) => {
             page.push_str(&charts::stage_shares(&s.stages)?);
@@ -219,9 +262,12 @@ pub fn render(report: &RunReport) -> Result<String, ReportError> {
         None => page.push_str("<p>Not recorded: the run has no manifest.</p>"),
     }
     page.push_str("</section>");
+    Ok(page)
+}
 
-    // Errors by cause.
-    page.push_str("<section id=\"errors\"><h2>Errors by cause</h2>");
+/// Errors by cause.
+fn errors(report: &RunReport) -> String {
+    let mut page = String::from("<section id=\"errors\"><h2>Errors by cause</h2>");
     if report.errors.is_empty() {
         page.push_str("<p id=\"no-errors\">Every row is ok.</p>");
     } else {
@@ -263,9 +309,12 @@ pub fn render(report: &RunReport) -> Result<String, ReportError> {
         );
     }
     page.push_str("</section>");
+    page
+}
 
-    // Fill rates and confidences.
-    page.push_str("<section id=\"fill\"><h2>Fill rate per field</h2>");
+/// Fill rates per field.
+fn fill_rates(report: &RunReport) -> Result<String, ReportError> {
+    let mut page = String::from("<section id=\"fill\"><h2>Fill rate per field</h2>");
     if report.fields.is_empty() {
         page.push_str("<p>No schema fields (free-text output).</p>");
     } else {
@@ -305,132 +354,142 @@ pub fn render(report: &RunReport) -> Result<String, ReportError> {
         ));
     }
     page.push_str("</section>");
-    if !report.fields.is_empty() {
-        page.push_str("<section id=\"confidence\"><h2>Confidence per field</h2>");
-        page.push_str(&charts::confidence_histograms(&report.fields)?);
-        page.push_str(
-            "<p class=\"note\">Filled values by their confidence: the probability of the least probable token \
-             behind the value (<code>_confidence.&lt;field&gt;.min</code>), in bins of 0.1.</p>",
-        );
-        let mut head: Vec<String> = vec!["field".into()];
-        head.extend((0..CONFIDENCE_BINS).map(|i| {
-            format!(
-                "{:.1}-{:.1}",
-                i as f64 / CONFIDENCE_BINS as f64,
-                (i + 1) as f64 / CONFIDENCE_BINS as f64
-            )
-        }));
-        head.push("no confidence".into());
-        let head: Vec<&str> = head.iter().map(String::as_str).collect();
-        let cells: Vec<Vec<String>> = report
-            .fields
-            .iter()
-            .map(|f| {
-                let mut row = vec![escape(&f.field)];
-                row.extend(f.confidence_bins.iter().map(|c| c.to_string()));
-                row.push(f.without_confidence.to_string());
-                row
-            })
-            .collect();
-        let numeric: Vec<usize> = (1..=CONFIDENCE_BINS + 1).collect();
-        page.push_str(&data(table("confidence-table", &head, &cells, &numeric)));
-        page.push_str("</section>");
-    }
-
-    // Accuracy, when `pixtract eval --json` output was given.
-    if let Some(eval) = &report.eval {
-        page.push_str("<section id=\"eval\"><h2>Accuracy against labels</h2>");
-        let _ = write!(
-            page,
-            "<p>micro: precision <span id=\"micro-precision\">{:.3}</span>, recall {:.3}, F1 \
-             <span id=\"micro-f1\">{:.3}</span> over {} labelled values; macro F1 {:.3}; expected calibration \
-             error <span id=\"ece\">{:.3}</span> over {} values.</p>",
-            eval.micro.precision,
-            eval.micro.recall,
-            eval.micro.f1,
-            eval.micro.labelled,
-            eval.macro_f1,
-            eval.calibration.ece,
-            eval.calibration.values
-        );
-        page.push_str(&charts::eval_scores(&eval.fields)?);
-        let cells: Vec<Vec<String>> = eval
-            .fields
-            .iter()
-            .map(|f| {
-                vec![
-                    escape(&f.field),
-                    f.labelled.to_string(),
-                    f.correct.to_string(),
-                    f.wrong.to_string(),
-                    f.missed.to_string(),
-                    f.spurious.to_string(),
-                    format!("{:.3}", f.precision),
-                    format!("{:.3}", f.recall),
-                    format!("{:.3}", f.f1),
-                ]
-            })
-            .collect();
-        page.push_str(&table(
-            "eval-table",
-            &[
-                "field",
-                "labelled",
-                "right",
-                "wrong",
-                "missed",
-                "spurious",
-                "precision",
-                "recall",
-                "F1",
-            ],
-            &cells,
-            &[1, 2, 3, 4, 5, 6, 7, 8],
-        ));
-        page.push_str("<h3>Calibration</h3>");
-        page.push_str(&charts::reliability(&eval.calibration)?);
-        let cells: Vec<Vec<String>> = eval
-            .thresholds
-            .iter()
-            .map(|t| {
-                vec![
-                    escape(&t.field),
-                    t.threshold
-                        .map_or_else(|| "none reaches it".into(), |v| format!("{v:.3}")),
-                    format!("{:.3}", t.precision),
-                    pct(Some(t.kept)),
-                ]
-            })
-            .collect();
-        let _ = write!(
-            page,
-            "<p>Confidence threshold per field for a precision of {:.2}:</p>",
-            eval.target_precision
-        );
-        page.push_str(&table(
-            "threshold-table",
-            &["field", "threshold", "precision", "values kept"],
-            &cells,
-            &[1, 2, 3],
-        ));
-        page.push_str("</section>");
-    }
-
-    // The other runs in the same output.
-    if run.runs.len() > 1 {
-        page.push_str("<section id=\"runs\"><h2>Runs in this output</h2><ul>");
-        for r in &run.runs {
-            let mark = if *r == run.run_id {
-                " (this report)"
-            } else {
-                ""
-            };
-            let _ = write!(page, "<li><code>{}</code>{mark}</li>", escape(r));
-        }
-        page.push_str(
-            "</ul><p class=\"note\"><code>pixtract report OUTPUT --run RUN_ID</code> reports another.</p></section>",
-        );
-    }
-    page.push_str("</body></html>\n");
     Ok(page)
+}
+
+/// Confidences per field (only for schema fields).
+fn confidence(report: &RunReport) -> Result<String, ReportError> {
+    let mut page = String::from("<section id=\"confidence\"><h2>Confidence per field</h2>");
+    page.push_str(&charts::confidence_histograms(&report.fields)?);
+    page.push_str(
+        "<p class=\"note\">Filled values by their confidence: the probability of the least probable token \
+         behind the value (<code>_confidence.&lt;field&gt;.min</code>), in bins of 0.1.</p>",
+    );
+    let mut head: Vec<String> = vec!["field".into()];
+    head.extend((0..CONFIDENCE_BINS).map(|i| {
+        format!(
+            "{:.1}-{:.1}",
+            i as f64 / CONFIDENCE_BINS as f64,
+            (i + 1) as f64 / CONFIDENCE_BINS as f64
+        )
+    }));
+    head.push("no confidence".into());
+    let head: Vec<&str> = head.iter().map(String::as_str).collect();
+    let cells: Vec<Vec<String>> = report
+        .fields
+        .iter()
+        .map(|f| {
+            let mut row = vec![escape(&f.field)];
+            row.extend(f.confidence_bins.iter().map(|c| c.to_string()));
+            row.push(f.without_confidence.to_string());
+            row
+        })
+        .collect();
+    let numeric: Vec<usize> = (1..=CONFIDENCE_BINS + 1).collect();
+    page.push_str(&data(table("confidence-table", &head, &cells, &numeric)));
+    page.push_str("</section>");
+    Ok(page)
+}
+
+/// Accuracy against labels: the micro and macro figures, the scores per field, then calibration.
+fn accuracy(eval: &EvalFigures) -> Result<String, ReportError> {
+    let mut page = String::from("<section id=\"eval\"><h2>Accuracy against labels</h2>");
+    let _ = write!(
+        page,
+        "<p>micro: precision <span id=\"micro-precision\">{:.3}</span>, recall {:.3}, F1 \
+         <span id=\"micro-f1\">{:.3}</span> over {} labelled values; macro F1 {:.3}; expected calibration \
+         error <span id=\"ece\">{:.3}</span> over {} values.</p>",
+        eval.micro.precision,
+        eval.micro.recall,
+        eval.micro.f1,
+        eval.micro.labelled,
+        eval.macro_f1,
+        eval.calibration.ece,
+        eval.calibration.values
+    );
+    page.push_str(&charts::eval_scores(&eval.fields)?);
+    let cells: Vec<Vec<String>> = eval
+        .fields
+        .iter()
+        .map(|f| {
+            vec![
+                escape(&f.field),
+                f.labelled.to_string(),
+                f.correct.to_string(),
+                f.wrong.to_string(),
+                f.missed.to_string(),
+                f.spurious.to_string(),
+                format!("{:.3}", f.precision),
+                format!("{:.3}", f.recall),
+                format!("{:.3}", f.f1),
+            ]
+        })
+        .collect();
+    page.push_str(&table(
+        "eval-table",
+        &[
+            "field",
+            "labelled",
+            "right",
+            "wrong",
+            "missed",
+            "spurious",
+            "precision",
+            "recall",
+            "F1",
+        ],
+        &cells,
+        &[1, 2, 3, 4, 5, 6, 7, 8],
+    ));
+    page.push_str(&calibration(eval)?);
+    page.push_str("</section>");
+    Ok(page)
+}
+
+/// Calibration: the reliability chart, and the confidence threshold per field that reaches the target precision.
+fn calibration(eval: &EvalFigures) -> Result<String, ReportError> {
+    let mut page = String::from("<h3>Calibration</h3>");
+    page.push_str(&charts::reliability(&eval.calibration)?);
+    let cells: Vec<Vec<String>> = eval
+        .thresholds
+        .iter()
+        .map(|t| {
+            vec![
+                escape(&t.field),
+                t.threshold
+                    .map_or_else(|| "none reaches it".into(), |v| format!("{v:.3}")),
+                format!("{:.3}", t.precision),
+                pct(Some(t.kept)),
+            ]
+        })
+        .collect();
+    let _ = write!(
+        page,
+        "<p>Confidence threshold per field for a precision of {:.2}:</p>",
+        eval.target_precision
+    );
+    page.push_str(&table(
+        "threshold-table",
+        &["field", "threshold", "precision", "values kept"],
+        &cells,
+        &[1, 2, 3],
+    ));
+    Ok(page)
+}
+
+/// The runs in this output, this report's marked.
+fn other_runs(run: &RunOutput) -> String {
+    let mut page = String::from("<section id=\"runs\"><h2>Runs in this output</h2><ul>");
+    for r in &run.runs {
+        let mark = if *r == run.run_id {
+            " (this report)"
+        } else {
+            ""
+        };
+        let _ = write!(page, "<li><code>{}</code>{mark}</li>", escape(r));
+    }
+    page.push_str(
+        "</ul><p class=\"note\"><code>pixtract report OUTPUT --run RUN_ID</code> reports another.</p></section>",
+    );
+    page
 }
