@@ -117,21 +117,30 @@ impl SkipRules {
 
 /// Lists, fetches and rasterizes documents, groups pages into prompts and prepares their pixels.
 /// Returns (documents, documents failed, pages, documents skipped as already processed).
+/// What the prompts are made of: the model's image settings and, in document mode, the image tokens a window of
+/// pages may hold.
+pub(super) struct PromptShape<'a> {
+    pub image: &'a ImageConfig,
+    pub window_tokens: Option<usize>,
+}
+
 pub(super) async fn produce(
     spec: &PipelineSpec,
-    image: &ImageConfig,
+    shape: PromptShape<'_>,
     skip: &SkipRules,
     progress: Arc<Progress>,
     reporter: Reporter,
     model_tx: mpsc::Sender<ModelInput>,
     abort: Arc<AtomicBool>,
 ) -> Result<(usize, usize, usize, usize), PipelineError> {
+    let (image, window_tokens) = (shape.image, shape.window_tokens);
     let source = Source::open(&spec.source.uri)?;
     let (rasterizer, max_side) = build_rasterizer(spec, image)?;
     let failed_docs = FailedFetches::default();
     let listing = listing(spec, &source, skip, &progress)?;
     let fetched = fetch_ahead(listing.documents, &source, spec, &progress, &failed_docs);
     let mut feed = PageFeed::new(spec, image, max_side, &progress, reporter, &model_tx);
+    feed.window_tokens = window_tokens;
     let mut documents = 0usize;
     let mut docs = std::pin::pin!(rasterizer.documents(fetched, spec.raster.workers.max(1)));
     while let Some(mut doc) = docs.next().await {
@@ -340,6 +349,8 @@ fn listed_info(failed_docs: &FailedFetches, doc: &Arc<DocumentInfo>) -> Arc<Docu
 struct PageFeed<'a> {
     preprocessor: ImagePreprocessor,
     per_prompt: usize,
+    /// Document mode: the image tokens one window of pages may hold (a window takes at least one page).
+    window_tokens: Option<usize>,
     progress: &'a Progress,
     reporter: Reporter,
     model_tx: &'a mpsc::Sender<ModelInput>,
@@ -363,6 +374,7 @@ impl<'a> PageFeed<'a> {
         PageFeed {
             preprocessor,
             per_prompt: spec.extract.pages_per_prompt.max(1),
+            window_tokens: None,
             progress,
             reporter,
             model_tx,
@@ -402,6 +414,8 @@ struct DocumentFeed<'f, 'a> {
     /// Prepared pages not yet sent, the first of them page `group_start` (1-based).
     group: Vec<PreparedImage>,
     group_start: usize,
+    /// Image tokens of the group (document mode's windows).
+    group_tokens: usize,
     /// Render time of the group's pages.
     render: Duration,
     /// Each input waits here until the next one of its document is known, so that the last one goes out marked
@@ -421,6 +435,7 @@ impl<'f, 'a> DocumentFeed<'f, 'a> {
             prior_attempts,
             group: Vec::new(),
             group_start: 1,
+            group_tokens: 0,
             render: Duration::ZERO,
             held: DocumentInputs::default(),
             ended: false,
@@ -475,11 +490,25 @@ impl<'f, 'a> DocumentFeed<'f, 'a> {
         self.render += page.render_time;
         self.feed.progress.add_busy(Stage::Raster, page.render_time);
         let (index, count, last) = (page.page_index, page.page_count, page.is_last());
+        let prepared = self.feed.prepare(page.image).await?;
+        // Document mode: a page that would overflow the window closes it first (pages before it go together).
+        let tokens = prepared
+            .as_ref()
+            .map_or(0, |p| p.grid.rows * (p.grid.cols + 1));
+        if let Some(window) = self.feed.window_tokens
+            && !self.group.is_empty()
+            && self.group_tokens + tokens > window
+        {
+            self.send_group(index, count).await?;
+        }
         if self.group.is_empty() {
             self.group_start = index + 1;
         }
-        match self.feed.prepare(page.image).await? {
-            Ok(p) => self.group.push(p),
+        match prepared {
+            Ok(p) => {
+                self.group_tokens += tokens;
+                self.group.push(p);
+            }
             Err(e) => {
                 let input = Err(FailedInput {
                     source: self.source_info(index + 1, index + 1, Some(count)),
@@ -492,7 +521,8 @@ impl<'f, 'a> DocumentFeed<'f, 'a> {
         // The group goes out when full or at the document's last page, whether or not that page
         // itself could be prepared (the group's earlier pages always get their row).
         self.ended |= last;
-        if !self.group.is_empty() && (self.group.len() == self.feed.per_prompt || last) {
+        let full = self.feed.window_tokens.is_none() && self.group.len() == self.feed.per_prompt;
+        if !self.group.is_empty() && (full || last) {
             self.send_group(index + 1, count).await?;
         }
         Ok(())
@@ -507,6 +537,7 @@ impl<'f, 'a> DocumentFeed<'f, 'a> {
             raster_ms: Some(self.render.as_secs_f64() * 1e3),
         };
         self.render = Duration::ZERO;
+        self.group_tokens = 0;
         self.push(Ok(input)).await
     }
 

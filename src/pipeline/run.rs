@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::model_stage::{ModelStageConfig, model_stage};
-use super::produce::{SkipRules, produce};
+use super::produce::{PromptShape, SkipRules, produce};
 use super::report::{Progress, Reporter};
 use super::writer::{ModelOutput, Writer, Written};
 use super::{
@@ -272,6 +272,14 @@ async fn run_under_lease(
     let (model_thread, instruction_tokens) = start_model_stage(stage, model_rx, rows_tx)?;
     // Document mode: the image tokens a window of pages may hold.
     let window_tokens = max_prompt_tokens.map(|t| t.saturating_sub(instruction_tokens));
+    if let (Some(max), Some(images)) = (max_prompt_tokens, window_tokens) {
+        reporter.event(
+            "info",
+            "document_windows",
+            || format!("one row per document: windows of pages up to {max} prompt tokens ({instruction_tokens} instruction, {images} image tokens)"),
+            serde_json::json!({"max_prompt_tokens": max, "instruction_tokens": instruction_tokens, "window_image_tokens": images}),
+        );
+    }
     let writer = Writer {
         sink,
         schema: setup.schema.clone(),
@@ -284,10 +292,13 @@ async fn run_under_lease(
     };
     let writer = tokio::spawn(writer.run(rows_rx));
     let display = reporter.spawn_progress(progress.clone(), started);
-    let image = &setup.manifest.image;
+    let shape = PromptShape {
+        image: &setup.manifest.image,
+        window_tokens,
+    };
     let produced = produce(
         spec,
-        image,
+        shape,
         &skip,
         progress.clone(),
         reporter,

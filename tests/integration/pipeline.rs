@@ -1501,3 +1501,103 @@ fn a_page_that_fails_to_render_costs_only_its_own_row() {
         );
     }
 }
+
+/// The windows each document row was answered in, from its `raw_output` (one `[pages a-b] ...` line per window;
+/// a one-window document has its answer alone).
+fn windows_of(raw: &str) -> usize {
+    let prefixed = raw.lines().filter(|l| l.starts_with("[pages ")).count();
+    prefixed.max(1)
+}
+
+/// Document mode over generated multi-page invoices (1-12 pages, line items across page breaks): one row per
+/// document covering all its pages, under budgets that make windows of 1, 2 and 4 pages; and a one-page document
+/// gets page mode's very answer.
+#[test]
+fn document_mode_writes_one_row_per_invoice_in_windows_of_pages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = tmp.path().join("in");
+    let made = std::process::Command::new(crate::util::python())
+        .arg(repo_root().join("scripts/make_samples.py"))
+        .arg(&inputs)
+        .arg("--multipage")
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", text(&made));
+    std::fs::remove_file(inputs.join("ground_truth.json")).unwrap();
+    // `invoice_05_pages.pdf`: 5 pages.
+    let pages_of = |name: &str| -> i64 { name.split('_').nth(1).unwrap().parse().unwrap() };
+    let run = |name: &str, extract: &str| -> (String, Vec<(String, i64, i64, String, i64)>) {
+        let output = tmp.path().join(name);
+        let spec = write_spec(tmp.path(), &inputs, &output);
+        let text_spec = std::fs::read_to_string(&spec)
+            .unwrap()
+            .replace("[extract]\n", &format!("[extract]\n{extract}\n"))
+            .replace("[raster]\n", "[raster]\nmax_side = 256\n")
+            .replace("receipt.json", "invoice.json")
+            .replace(
+                &tiny_model().display().to_string(),
+                &crate::util::tiny_gqa_model().display().to_string(),
+            );
+        std::fs::write(&spec, text_spec).unwrap();
+        let out = pixtract(&["run", spec.to_str().unwrap()], &[], &repo_root());
+        let t = text(&out);
+        assert!(matches!(out.status.code(), Some(0 | 2)), "{t}");
+        let glob = format!("{}/**/*.parquet", output.display());
+        let rows = duckdb(&format!(
+            "SELECT regexp_replace(source_uri, '.*/', ''), page_start, page_end, replace(coalesce(raw_output, ''), chr(10), '\\n'), generated_tokens FROM read_parquet('{glob}') ORDER BY 1, 2"
+        ));
+        let rows = rows
+            .lines()
+            .map(|l| {
+                let c: Vec<&str> = l.split('|').collect();
+                (
+                    c[0].to_string(),
+                    c[1].parse().unwrap(),
+                    c[2].parse().unwrap(),
+                    c[3].replace("\\n", "\n"),
+                    c[4].parse().unwrap_or(0),
+                )
+            })
+            .collect();
+        (t, rows)
+    };
+    // The instruction's tokens, from a first run's log; a page at max_side 256 is 16 x 14 = 224 image tokens.
+    let (t, whole) = run("whole", "unit = \"document\"\nmax_prompt_tokens = 60000");
+    let instruction: usize = t
+        .split("tokens (")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no window line: {t}"));
+    assert_eq!(whole.len(), 6, "one row per document: {whole:?}");
+    for (uri, start, end, raw, _) in &whole {
+        assert_eq!((*start, *end), (1, pages_of(uri)), "{uri}");
+        assert_eq!(windows_of(raw), 1, "{uri}: {raw}");
+    }
+    for per_window in [1usize, 2, 4] {
+        let budget = instruction + per_window * 224;
+        let (_, rows) = run(
+            &format!("w{per_window}"),
+            &format!("unit = \"document\"\nmax_prompt_tokens = {budget}"),
+        );
+        assert_eq!(rows.len(), 6, "{rows:?}");
+        for (uri, start, end, raw, _) in &rows {
+            let pages = pages_of(uri);
+            assert_eq!((*start, *end), (1, pages), "{uri}");
+            assert_eq!(
+                windows_of(raw),
+                (pages as usize).div_ceil(per_window),
+                "{uri} with {per_window} pages per window: {raw}"
+            );
+        }
+    }
+    // A one-page document: document mode's row is page mode's answer, token for token.
+    let (_, pages) = run("pages", "unit = \"page\"");
+    let single = |rows: &[(String, i64, i64, String, i64)]| {
+        rows.iter()
+            .find(|r| r.0 == "invoice_01_pages.pdf")
+            .map(|r| (r.3.clone(), r.4))
+            .unwrap()
+    };
+    assert_eq!(single(&whole), single(&pages));
+}
