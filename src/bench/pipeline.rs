@@ -10,7 +10,7 @@ use std::process::Command;
 
 use anyhow::bail;
 
-use pixtract::pipeline::{LogFormat, PipelineSpec, RunOptions, run_blocking};
+use pixtract::pipeline::{Events, PipelineSpec, RunOptions, run_blocking};
 
 const SUFFIXES: [&str; 7] = ["pdf", "jpg", "jpeg", "png", "tif", "tiff", "webp"];
 
@@ -62,7 +62,7 @@ pub fn run(args: PipelineBench) -> anyhow::Result<()> {
         RunOptions {
             force: true,
             shard: None,
-            log: LogFormat::Quiet,
+            events: Events::default(),
             ..RunOptions::default()
         },
     )?;

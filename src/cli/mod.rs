@@ -4,6 +4,7 @@
 mod bench;
 mod doctor;
 mod eval;
+mod events;
 mod generate;
 mod pages;
 mod report;

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use pixtract::error::chain;
-use pixtract::pipeline::{LogFormat, PipelineError, PipelineSpec, RunOptions, RunSummary};
+use pixtract::pipeline::{Events, PipelineError, PipelineSpec, RunOptions, RunSummary};
+
+use super::events::{LogFormat, StderrEvents};
 use pixtract::sink::SinkTarget;
 
 /// `--log-format`: how progress and events go to stderr.
@@ -221,17 +223,20 @@ pub fn run(args: RunArgs) -> ExitCode {
         );
     }
     let cancel = Arc::new(AtomicBool::new(false));
+    let events = Arc::new(StderrEvents::new(log_format));
     let opts = RunOptions {
         force,
         shard,
-        log: log_format,
+        events: Events(Some(events.clone())),
         lease_wait,
         cancel: Some(cancel.clone()),
         job,
     };
     let json = log_format == LogFormat::Json;
     let (report_to, output_uri) = (spec.output.report, spec.output.uri.clone());
-    let result = run_with_signals(spec, opts, cancel).map(|(mut s, rt)| {
+    let result = run_with_signals(spec, opts, cancel);
+    events.finish();
+    let result = result.map(|(mut s, rt)| {
         // The run's rows are committed by now: a report that cannot be written is a warning, not a failed run.
         if report_to {
             match rt.block_on(write_report(&output_uri, &s)) {

@@ -21,7 +21,7 @@ use crate::raster::RasterError;
 use crate::sink::SinkError;
 use crate::source::SourceError;
 
-pub use report::{LogFormat, StageBusy};
+pub use report::{EventSink, Events, StageBusy};
 pub use run::run;
 pub use spec::PipelineSpec;
 
@@ -222,8 +222,8 @@ pub struct RunOptions {
     pub force: bool,
     /// Process only documents whose stable URI hash falls in shard `index` of `count`.
     pub shard: Option<(u64, u64)>,
-    /// How progress and events are reported on stderr.
-    pub log: LogFormat,
+    /// Where progress and events go (none: the run reports nothing; the binary prints them on stderr).
+    pub events: Events,
     /// How long to wait while another run holds the output's lease (None: `[output] lease_wait_s`, else as long
     /// as it takes).
     pub lease_wait: Option<std::time::Duration>,

@@ -1,26 +1,11 @@
-//! What a run tells its operator while it runs: live counters, per-stage busy time, progress and events,
-//! as a terminal spinner, plain lines (logs of scheduled jobs) or JSON lines (log pipelines: Loki, CloudWatch,
-//! Datadog parse one object per line).
+//! What a run tells its operator while it runs: live counters, per-stage busy time, progress and events, handed to
+//! the caller's [`EventSink`] (the binary draws them as a terminal spinner, plain lines or JSON lines).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::{Value, json};
-
-/// How `pixtract run` reports on stderr.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LogFormat {
-    /// A live spinner on a terminal, plain lines otherwise.
-    #[default]
-    Auto,
-    /// Plain lines: a progress line every 10 s, one line per failed document.
-    Plain,
-    /// One JSON object per line: run_started, progress (every 10 s), document_failed, row_failed, run_finished.
-    Json,
-    /// Nothing but errors that stop the run (benchmarks).
-    Quiet,
-}
 
 /// Live counters and per-stage busy time, shared by the stages and the progress display.
 #[derive(Debug, Default)]
@@ -161,80 +146,63 @@ impl Progress {
     }
 }
 
-/// Writes events in the chosen format. Plain lines start with `pixtract run:`; JSON lines carry `ts`, `level`
-/// and `event` plus the event's fields.
-#[derive(Debug, Clone, Copy)]
+/// Where a run's events go. The library only reports; the caller decides what an event becomes: the binary prints
+/// plain lines, JSON lines or a spinner on stderr (`--log-format`), a library user may collect them. Each event
+/// has a name (`run_started`, `state_read`, `document_failed`, `page_failed`, `row_failed`, `run_finished`, ...), a
+/// sentence, and its fields as a JSON object.
+pub trait EventSink: Send + Sync {
+    /// One event: its level (`info`, `warn`), its name (`run_started`, `document_failed`, ...), a sentence, and its
+    /// fields.
+    fn event(&self, level: &str, name: &str, text: &str, fields: &Value);
+
+    /// The live counters (a sentence and the `progress` event's fields), about five times a second while the run
+    /// works: a spinner redraws at that rate, a log writes one line every so many seconds.
+    fn progress(&self, _line: &str, _fields: &Value, _elapsed: Duration) {}
+}
+
+/// The sink a run was given (none: the run reports nothing).
+#[derive(Clone, Default)]
+pub struct Events(pub Option<std::sync::Arc<dyn EventSink>>);
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Events(sink)"
+        } else {
+            "Events(none)"
+        })
+    }
+}
+
+/// How the stages report: through the run's [`EventSink`], the sentence made only when there is one.
+#[derive(Debug, Clone, Default)]
 pub struct Reporter {
-    pub format: LogFormat,
+    pub events: Events,
 }
 
 impl Reporter {
     pub fn event(&self, level: &str, event: &str, text: impl FnOnce() -> String, fields: Value) {
-        match self.format {
-            LogFormat::Json => {
-                let mut obj = serde_json::Map::new();
-                obj.insert(
-                    "ts".into(),
-                    chrono::Utc::now()
-                        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-                        .into(),
-                );
-                obj.insert("level".into(), level.into());
-                obj.insert("event".into(), event.into());
-                if let Value::Object(f) = fields {
-                    obj.extend(f);
-                }
-                eprintln!("{}", Value::Object(obj));
-            }
-            LogFormat::Auto | LogFormat::Plain => eprintln!("pixtract run: {}", text()),
-            LogFormat::Quiet => {}
+        if let Some(sink) = &self.events.0 {
+            sink.event(level, event, &text(), &fields);
         }
     }
 
-    /// A spinner with live counts on a terminal (auto); a progress event every 10 s otherwise.
+    /// The live counters to the sink, every 200 ms.
     pub(crate) fn spawn_progress(
-        self,
+        &self,
         progress: std::sync::Arc<Progress>,
         started: Instant,
     ) -> tokio::task::JoinHandle<()> {
-        use std::io::IsTerminal;
+        let sink = self.events.0.clone();
         tokio::spawn(async move {
-            if self.format == LogFormat::Quiet {
-                return;
-            }
-            if self.format == LogFormat::Auto && std::io::stderr().is_terminal() {
-                let bar = indicatif::ProgressBar::new_spinner();
-                bar.set_style(
-                    indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
-                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            let Some(sink) = sink else { return };
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                sink.progress(
+                    &progress.line(started),
+                    &progress.fields(started),
+                    started.elapsed(),
                 );
-                loop {
-                    bar.set_message(progress.line(started));
-                    bar.tick();
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            } else {
-                // Every 10 s by default; PIXTRACT_PROGRESS_SECONDS sets another period (log volume vs detail).
-                let every = std::env::var("PIXTRACT_PROGRESS_SECONDS")
-                    .ok()
-                    .and_then(|v| v.trim().parse::<f64>().ok())
-                    .filter(|s| *s > 0.0)
-                    .unwrap_or(10.0);
-                loop {
-                    tokio::time::sleep(Duration::from_secs_f64(every)).await;
-                    self.event(
-                        "info",
-                        "progress",
-                        || {
-                            format!(
-                                "[{:.0} s] {}",
-                                started.elapsed().as_secs_f64(),
-                                progress.line(started)
-                            )
-                        },
-                        progress.fields(started),
-                    );
-                }
             }
         })
     }

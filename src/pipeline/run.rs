@@ -24,13 +24,15 @@ use crate::sink::{Commit, ParquetSink, SinkConfig, SinkTarget};
 pub async fn run(spec: PipelineSpec, opts: RunOptions) -> Result<RunSummary, PipelineError> {
     let started = Instant::now();
     let run_id = new_run_id();
-    let reporter = Reporter { format: opts.log };
-    announce(&spec, &opts, &run_id, reporter);
+    let reporter = Reporter {
+        events: opts.events.clone(),
+    };
+    announce(&spec, &opts, &run_id, &reporter);
     let stop = Stop::watching(opts.cancel.clone());
     let setup = prepare(&spec, &opts, &run_id)?;
-    let lease = acquire_lease(&spec, &opts, &setup.target, &run_id, &stop, reporter).await?;
+    let lease = acquire_lease(&spec, &opts, &setup.target, &run_id, &stop, &reporter).await?;
     // Everything after the lease is taken runs here, so the lease is given back on every way out.
-    let result = run_under_lease(&spec, &opts, setup, &stop, &lease, started, reporter).await;
+    let result = run_under_lease(&spec, &opts, setup, &stop, &lease, started, &reporter).await;
     stop.watcher.abort();
     if let Err(e) = lease.release().await {
         let error = crate::error::chain(&e);
@@ -74,7 +76,7 @@ impl Stop {
     }
 }
 
-fn announce(spec: &PipelineSpec, opts: &RunOptions, run_id: &str, reporter: Reporter) {
+fn announce(spec: &PipelineSpec, opts: &RunOptions, run_id: &str, reporter: &Reporter) {
     reporter.event(
         "info",
         "run_started",
@@ -190,7 +192,7 @@ async fn acquire_lease(
     target: &SinkTarget,
     run_id: &str,
     stop: &Stop,
-    reporter: Reporter,
+    reporter: &Reporter,
 ) -> Result<Lease, PipelineError> {
     let holder = Holder::this_process(run_id, Duration::from_secs(spec.output.lease_ttl_s));
     let lease_wait = opts
@@ -227,7 +229,7 @@ async fn run_under_lease(
     stop: &Stop,
     lease: &Lease,
     started: Instant,
-    reporter: Reporter,
+    reporter: &Reporter,
 ) -> Result<RunSummary, PipelineError> {
     let progress = Arc::new(Progress::default());
     let (processed, fold) = read_state(opts, &setup, reporter).await?;
@@ -286,7 +288,7 @@ async fn run_under_lease(
         per_document: spec.extract.unit == super::spec::Unit::Document,
         ctx: setup.ctx.clone(),
         limits: spec.limits.clone(),
-        reporter,
+        reporter: reporter.clone(),
         progress: progress.clone(),
         abort: stop.abort.clone(),
     };
@@ -301,7 +303,7 @@ async fn run_under_lease(
         shape,
         &skip,
         progress.clone(),
-        reporter,
+        reporter.clone(),
         model_tx,
         stop.abort.clone(),
     )
@@ -327,7 +329,7 @@ async fn run_under_lease(
 async fn read_state(
     opts: &RunOptions,
     setup: &Setup,
-    reporter: Reporter,
+    reporter: &Reporter,
 ) -> Result<
     (
         Arc<state::ProcessedSet>,
@@ -369,7 +371,7 @@ async fn read_state(
 
 async fn finish_fold(
     fold: Option<tokio::task::JoinHandle<Result<String, state::StateError>>>,
-    reporter: Reporter,
+    reporter: &Reporter,
 ) {
     let Some(fold) = fold else { return };
     let result = match fold.await {

@@ -1502,6 +1502,10 @@ fn a_page_that_fails_to_render_costs_only_its_own_row() {
     }
 }
 
+/// A document row as the document-mode test reads it: file name, page_start, page_end, raw_output,
+/// generated_tokens.
+type DocRow = (String, i64, i64, String, i64);
+
 /// The windows each document row was answered in, from its `raw_output` (one `[pages a-b] ...` line per window;
 /// a one-window document has its answer alone).
 fn windows_of(raw: &str) -> usize {
@@ -1526,7 +1530,7 @@ fn document_mode_writes_one_row_per_invoice_in_windows_of_pages() {
     std::fs::remove_file(inputs.join("ground_truth.json")).unwrap();
     // `invoice_05_pages.pdf`: 5 pages.
     let pages_of = |name: &str| -> i64 { name.split('_').nth(1).unwrap().parse().unwrap() };
-    let run = |name: &str, extract: &str| -> (String, Vec<(String, i64, i64, String, i64)>) {
+    let run = |name: &str, extract: &str| -> (String, Vec<DocRow>) {
         let output = tmp.path().join(name);
         let spec = write_spec(tmp.path(), &inputs, &output);
         let text_spec = std::fs::read_to_string(&spec)
@@ -1593,7 +1597,7 @@ fn document_mode_writes_one_row_per_invoice_in_windows_of_pages() {
     }
     // A one-page document: document mode's row is page mode's answer, token for token.
     let (_, pages) = run("pages", "unit = \"page\"");
-    let single = |rows: &[(String, i64, i64, String, i64)]| {
+    let single = |rows: &[DocRow]| {
         rows.iter()
             .find(|r| r.0 == "invoice_01_pages.pdf")
             .map(|r| (r.3.clone(), r.4))

@@ -19,6 +19,7 @@
 
 mod grammar;
 mod load;
+mod merge_rule;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -32,6 +33,7 @@ use sha2::{Digest, Sha256};
 use super::ExtractError;
 use super::values::provenance;
 use load::Loader;
+pub use merge_rule::MergeRule;
 
 /// Name of the per-object confidence child (top-level column and inside every struct).
 pub const CONFIDENCE: &str = "_confidence";
@@ -145,12 +147,12 @@ pub struct ExtractionSchema {
     /// The schema as written.
     pub source: Value,
     /// How each top-level field's windows merge in document mode (`x-merge`, or the default), in field order.
-    merge: Vec<super::merge::MergeRule>,
+    merge: Vec<MergeRule>,
 }
 
 impl ExtractionSchema {
     /// Each top-level field's merge rule (document mode), in field order.
-    pub fn merge_rules(&self) -> impl Iterator<Item = super::merge::MergeRule> + '_ {
+    pub fn merge_rules(&self) -> impl Iterator<Item = MergeRule> + '_ {
         self.merge.iter().copied()
     }
 
@@ -205,7 +207,7 @@ impl ExtractionSchema {
                 ));
             }
         }
-        let merge = super::merge::rules_of(&value, &fields)
+        let merge = merge_rule::rules_of(&value, &fields)
             .map_err(|(path, reason)| loader.err(&path, &reason))?;
         Ok(ExtractionSchema {
             merge,
