@@ -200,8 +200,34 @@ fn shipped_schemas_load_with_line_items() {
     }
     let r = load("receipt");
     assert_eq!(field_type(&r, "transaction_date"), DataType::Date32);
-    assert_eq!(field_type(&r, "total"), DataType::Float64);
+    // Money as money: amounts DECIMAL(18, 3) (every ISO 4217 minor unit), unit prices and quantities with 4 places
+    // (fuel at 1.899 a litre), so `sum(total)` is exact.
+    assert_eq!(field_type(&r, "total"), DataType::Decimal128(18, 3));
     let i = load("invoice");
+    assert_eq!(field_type(&i, "invoice_total"), DataType::Decimal128(18, 3));
+    let DataType::List(item) = field_type(&i, "items") else {
+        panic!("items is a list")
+    };
+    let DataType::Struct(members) = item.data_type() else {
+        panic!("items are structs")
+    };
+    let member = |name: &str| {
+        members
+            .iter()
+            .find(|f| f.name() == name)
+            .unwrap()
+            .data_type()
+            .clone()
+    };
+    assert_eq!(member("unit_price"), DataType::Decimal128(18, 4));
+    assert_eq!(member("amount"), DataType::Decimal128(18, 3));
+    // Document mode: the invoice says how each field merges.
+    let rules: Vec<_> = i.merge_rules().collect();
+    let rule = |name: &str| rules[i.fields.iter().position(|f| f.name == name).unwrap()];
+    use pixtract::extract::schema::MergeRule;
+    assert_eq!(rule("invoice_id"), MergeRule::First);
+    assert_eq!(rule("invoice_total"), MergeRule::Last);
+    assert_eq!(rule("items"), MergeRule::Concat);
     assert!(matches!(
         field_type(&i, "service_period"),
         DataType::Struct(_)
