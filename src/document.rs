@@ -42,6 +42,13 @@ pub enum FetchError {
     Unavailable { uri: String, reason: String },
 }
 
+impl crate::error::Retryable for FetchError {
+    /// The storage was unavailable after its own retries.
+    fn is_retryable(&self) -> bool {
+        matches!(self, FetchError::Unavailable { .. })
+    }
+}
+
 impl FetchError {
     pub fn uri(&self) -> &str {
         match self {

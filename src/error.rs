@@ -10,6 +10,15 @@
 use std::borrow::Cow;
 use std::error::Error;
 
+/// Whether a failure is worth another attempt, decided from the error's type, never from its text. Every module
+/// boundary that can fail for a passing reason answers it for its own error: the source's fetch (storage
+/// unavailable after its retries), the renderer (crash, timeout), the model (an ONNX Runtime run), the output's
+/// storage and its committed files. A retryable failure of a document becomes a `retry` row (attempts counted);
+/// a permanent one an `error` row, recorded once.
+pub trait Retryable {
+    fn is_retryable(&self) -> bool;
+}
+
 /// `error: cause: cause of the cause ...`, each message once, storage response bodies reduced by [`redact`].
 pub fn chain(e: &(dyn Error + 'static)) -> String {
     let mut out = redact(&e.to_string()).into_owned();

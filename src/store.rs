@@ -191,6 +191,14 @@ pub fn retry_delays() -> impl Iterator<Item = std::time::Duration> {
     .take(8)
 }
 
+impl crate::error::Retryable for object_store::Error {
+    /// Anything but a missing object, refused credentials or access, an invalid path, an unsupported operation or
+    /// a refused condition.
+    fn is_retryable(&self) -> bool {
+        worth_retrying(self)
+    }
+}
+
 /// Whether a storage error may pass if the request is made again (not a refused condition).
 pub fn worth_retrying(e: &object_store::Error) -> bool {
     use object_store::Error as E;

@@ -3,6 +3,7 @@
 //! from its channel (a page arriving while rows decode takes the next free slot); [`Extractor::run`] adds a whole
 //! list and steps until it is done.
 
+use crate::error::Retryable;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -184,7 +185,7 @@ impl ExtractionStream<'_> {
                 })
                 .collect(),
             Err(e) => {
-                let transient = e.is_transient();
+                let transient = e.is_retryable();
                 let error = format!("generation: {}", crate::error::chain(&e));
                 self.engine
                     .abandon()

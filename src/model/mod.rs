@@ -135,11 +135,10 @@ pub enum ModelError {
     AllMasked { row: usize },
 }
 
-impl ModelError {
-    /// Whether a later run may succeed where this failed: an ONNX Runtime run that failed (device memory, a
-    /// kernel, the driver) is worth another try; a model that does not match its manifest, or an input the model
-    /// refuses, fails the same way every time.
-    pub fn is_transient(&self) -> bool {
+impl crate::error::Retryable for ModelError {
+    /// An ONNX Runtime run that failed (device memory, a kernel, the driver) is worth another try; a model that does
+    /// not match its manifest, or an input the model refuses, fails the same way every time.
+    fn is_retryable(&self) -> bool {
         matches!(self, ModelError::Ort { .. })
     }
 }

@@ -2,6 +2,7 @@
 //! those already in the output, fetches a bounded number ahead, rasterizes them, groups pages into prompts and
 //! prepares their pixels. A document that fails becomes an error input, never a gap.
 
+use crate::error::Retryable;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -585,7 +586,7 @@ impl<'f, 'a> DocumentFeed<'f, 'a> {
         let mut error = crate::error::chain(e);
         // A transient failure is left not done (status `retry`) until its attempts run out.
         let mut row = self.source_info(0, 0, None);
-        if e.is_transient() {
+        if e.is_retryable() {
             mark_transient(&mut row, &mut error);
         }
         self.feed.reporter.event(

@@ -7,6 +7,7 @@
 //! itself. The index is checked against the listing: a fold naming a file the output no longer has (a partition
 //! deleted by hand to force a redo) is not used, and the state is rebuilt from the sidecars and files that remain.
 
+use crate::error::Retryable;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use futures::StreamExt;
@@ -206,7 +207,7 @@ pub async fn read_processed(
                 tracing::warn!(file = %file.rel, "not a pixtract output file (other columns): ignored");
                 set.skipped_files.push(file.rel.clone());
             }
-            Err(e) if e.failed_in_storage() => return Err(e.into()),
+            Err(e) if e.is_retryable() => return Err(e.into()),
             Err(e) => {
                 tracing::warn!(file = %file.rel, error = %crate::error::chain(&e), "unreadable Parquet file in the output: ignored");
                 set.skipped_files.push(file.rel.clone());

@@ -205,19 +205,21 @@ pub enum RasterError {
     Renderer { reason: String },
 }
 
-impl RasterError {
-    /// Whether a later attempt may succeed (renderer crash or timeout, renderer unavailable, storage unavailable):
-    /// such a document is left not done for the next run. Everything else is permanent: recorded once.
-    pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
+impl crate::error::Retryable for RasterError {
+    /// A later attempt may succeed (renderer crash or timeout, renderer unavailable, storage unavailable): such a
+    /// document is left not done for the next run. Everything else is permanent: recorded once.
+    fn is_retryable(&self) -> bool {
+        match self {
             RasterError::WorkerCrashed { .. }
-                | RasterError::Timeout { .. }
-                | RasterError::Renderer { .. }
-                | RasterError::Fetch(FetchError::Unavailable { .. })
-        )
+            | RasterError::Timeout { .. }
+            | RasterError::Renderer { .. } => true,
+            RasterError::Fetch(e) => crate::error::Retryable::is_retryable(e),
+            _ => false,
+        }
     }
+}
 
+impl RasterError {
     /// The document the error is about (None for errors of the renderer itself).
     pub fn uri(&self) -> Option<&str> {
         use RasterError::*;

@@ -2,6 +2,7 @@
 //! `eval`): one listing, one rule for which files are committed data, and one Parquet read that is made again
 //! when it failed in the storage.
 
+use crate::error::Retryable;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
@@ -30,9 +31,10 @@ pub enum ReadError {
     },
 }
 
-impl ReadError {
-    /// The read failed in the storage for a reason that may pass (decided from the typed source).
-    pub fn failed_in_storage(&self) -> bool {
+impl crate::error::Retryable for ReadError {
+    /// The read failed in the storage for a reason that may pass (decided from the typed source); a damaged file
+    /// fails the same way every time.
+    fn is_retryable(&self) -> bool {
         match self {
             ReadError::Store { source, .. } => crate::store::worth_retrying(source),
             ReadError::Parquet { source, .. } => crate::store::failed_in_storage(source),
@@ -140,7 +142,7 @@ impl Committed {
         loop {
             on.restart();
             match self.read_once(entry, columns, on).await {
-                Err(e) if e.failed_in_storage() => match delays.next() {
+                Err(e) if e.is_retryable() => match delays.next() {
                     Some(delay) => tokio::time::sleep(delay).await,
                     None => return Err(e),
                 },

@@ -73,6 +73,18 @@ pub enum SinkError {
     Config(String),
 }
 
+impl crate::error::Retryable for SinkError {
+    /// A write or read the storage failed for a passing reason (decided from the object_store error inside);
+    /// a bad target, a local I/O error (a full disk) or a schema mismatch fails the same way again.
+    fn is_retryable(&self) -> bool {
+        match self {
+            SinkError::Object { source, .. } => crate::store::worth_retrying(source),
+            SinkError::Parquet { source, .. } => crate::store::failed_in_storage(source),
+            _ => false,
+        }
+    }
+}
+
 /// S3 (or S3-compatible) connection settings.
 #[derive(Debug, Clone, Default)]
 pub struct S3Config {

@@ -59,6 +59,13 @@ pub enum SourceError {
     TooLarge { uri: String, size: u64, limit: u64 },
 }
 
+impl crate::error::Retryable for SourceError {
+    /// A fetch the storage failed for a passing reason after its own retries.
+    fn is_retryable(&self) -> bool {
+        matches!(self, SourceError::Unavailable { .. })
+    }
+}
+
 impl SourceError {
     pub fn uri(&self) -> Option<&str> {
         match self {

@@ -12,6 +12,7 @@
 //! [`step`]: StreamEngine::step
 //! [`has_capacity`]: StreamEngine::has_capacity
 
+use crate::error::Retryable;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
@@ -412,7 +413,7 @@ impl StreamEngine {
                 Ok(f) => f,
                 // A run that failed (the device) may pass next time: the step fails, and the prompt is the
                 // caller's to retry, rather than a permanent failure of its document.
-                Err(e) if e.is_transient() => return Err(e),
+                Err(e) if e.is_retryable() => return Err(e),
                 Err(e) => {
                     let generation = Generation::failed(prompt.ids.len(), &e);
                     finished.push(self.done(id, generation));
