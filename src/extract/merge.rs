@@ -283,10 +283,11 @@ pub fn merge_document(
         .collect();
     if !failures.is_empty() {
         row.outcome = Outcome::Failed(failures.join("; "));
-        row.source.attempt = windows.iter().find_map(|w| match w.outcome {
-            Outcome::Failed(_) => w.source.attempt,
-            _ => None,
-        });
+        let failed = windows
+            .iter()
+            .filter(|w| matches!(w.outcome, Outcome::Failed(_)));
+        row.source.attempt = failed.clone().find_map(|w| w.source.attempt);
+        row.error_kind = failed.clone().find_map(|w| w.error_kind);
         row.warning = None;
         return Some(row);
     }
@@ -482,6 +483,41 @@ mod tests {
             merged.answer.get("pages_total").unwrap().value,
             NodeValue::Number("2.50".into())
         );
+    }
+
+    /// A window that failed makes the document's row an error row over the whole document, naming the failed
+    /// window's pages; a transient failure keeps its attempt (status `retry`).
+    #[test]
+    fn a_failed_window_makes_the_documents_row_an_error_naming_its_pages() {
+        use crate::extract::{ErrorKind, SourceInfo};
+        let source = |start: u32, end: u32| SourceInfo {
+            uri: "s3://b/inv.pdf".into(),
+            page_start: start,
+            page_end: end,
+            doc_page_count: Some(6),
+            ..SourceInfo::default()
+        };
+        let mut answered = ExtractionRecord::failed(source(1, 3), ErrorKind::Generation, "x");
+        answered.outcome = Outcome::Extracted(
+            parse_answer(r#"{"invoice_id": "A", "vendor": null, "notes": null, "pages_total": null, "invoice_total": 1, "items": []}"#)
+                .unwrap(),
+        );
+        answered.error_kind = None;
+        let mut failed_source = source(4, 6);
+        failed_source.attempt = Some(1);
+        let failed = ExtractionRecord::failed(
+            failed_source,
+            ErrorKind::Generation,
+            "generation: ONNX Runtime failed",
+        );
+        let row = merge_document(Some(&schema()), vec![failed, answered]).expect("a row");
+        assert_eq!((row.source.page_start, row.source.page_end), (1, 6));
+        assert!(row.is_retry(), "{row:?}");
+        assert_eq!(
+            row.error_message(),
+            Some("pages 4-6: generation: ONNX Runtime failed")
+        );
+        assert_eq!(row.error_kind, Some(ErrorKind::Generation));
     }
 
     #[test]

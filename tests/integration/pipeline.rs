@@ -127,7 +127,7 @@ fn run_turns_a_folder_into_parquet_with_error_rows_for_bad_documents() {
          WHERE column_name IN ('transaction_date', 'total', 'items', 'dt', 'processed_at')"
     ));
     assert!(types.contains("transaction_date|DATE"), "{types}");
-    assert!(types.contains("total|DOUBLE"), "{types}");
+    assert!(types.contains("total|DECIMAL(18,3)"), "{types}");
     assert!(types.contains("items|STRUCT("), "{types}");
     assert!(types.contains("dt|DATE"), "{types}");
     // Manifest and _SUCCESS written last, next to the data.
@@ -1527,7 +1527,9 @@ fn document_mode_writes_one_row_per_invoice_in_windows_of_pages() {
         .output()
         .unwrap();
     assert!(made.status.success(), "{}", text(&made));
-    std::fs::remove_file(inputs.join("ground_truth.json")).unwrap();
+    // The labels go beside the inputs, not among them (a .json is not a document).
+    let labels = tmp.path().join("labels.json");
+    std::fs::rename(inputs.join("ground_truth.json"), &labels).unwrap();
     // `invoice_05_pages.pdf`: 5 pages.
     let pages_of = |name: &str| -> i64 { name.split('_').nth(1).unwrap().parse().unwrap() };
     let run = |name: &str, extract: &str| -> (String, Vec<DocRow>) {
@@ -1574,6 +1576,30 @@ fn document_mode_writes_one_row_per_invoice_in_windows_of_pages() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no window line: {t}"));
     assert_eq!(whole.len(), 6, "one row per document: {whole:?}");
+    // `eval` joins each document row to its document's labels, line items scored as sets over the whole invoice.
+    let eval = pixtract(
+        &[
+            "eval",
+            "--predictions",
+            tmp.path().join("whole").to_str().unwrap(),
+            "--labels",
+            labels.to_str().unwrap(),
+            "--map",
+            "items=items",
+            "--map",
+            "invoice_id=invoice_id",
+        ],
+        &[],
+        &repo_root(),
+    );
+    let t = text(&eval);
+    assert_eq!(eval.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("6 labelled documents, 6 predicted (6 rows"),
+        "{t}"
+    );
+    // 10 + 24 + 46 + 90 + 156 + 244 items across the six invoices' pages.
+    assert!(t.contains("over 6 documents: 570 labelled"), "{t}");
     for (uri, start, end, raw, _) in &whole {
         assert_eq!((*start, *end), (1, pages_of(uri)), "{uri}");
         assert_eq!(windows_of(raw), 1, "{uri}: {raw}");

@@ -78,7 +78,8 @@ dts = [str(r[0]) for r in con.execute("SELECT DISTINCT dt FROM r").fetchall()]
 types = con.execute("SELECT typeof(transaction_date), typeof(total), typeof(items), typeof(processed_at), typeof(dt) FROM r LIMIT 1").fetchone()
 err = con.execute("SELECT source_uri, error FROM r WHERE status = 'error'").fetchall()
 print(json.dumps({"describe": describe, "count": list(count), "per_day": [[m, str(d), t, n] for m, d, t, n in per_day],
-  "items": list(items), "conf": list(conf), "dts": dts, "types": list(types), "errors": [list(e) for e in err]}))
+  "items": list(items), "conf": list(conf), "dts": dts, "types": list(types), "errors": [list(e) for e in err]},
+  default=str))
 "#;
 
 fn check_duckdb_result(v: &Value) {
@@ -93,23 +94,24 @@ fn check_duckdb_result(v: &Value) {
         v["types"],
         json!([
             "DATE",
-            "DOUBLE",
-            "STRUCT(description VARCHAR, quantity DOUBLE, unit_price DOUBLE, total_price DOUBLE, _confidence STRUCT(description STRUCT(min FLOAT, mean FLOAT), quantity STRUCT(min FLOAT, mean FLOAT), unit_price STRUCT(min FLOAT, mean FLOAT), total_price STRUCT(min FLOAT, mean FLOAT)))[]",
+            "DECIMAL(18,3)",
+            "STRUCT(description VARCHAR, quantity DECIMAL(18,4), unit_price DECIMAL(18,4), total_price DECIMAL(18,3), _confidence STRUCT(description STRUCT(min FLOAT, mean FLOAT), quantity STRUCT(min FLOAT, mean FLOAT), unit_price STRUCT(min FLOAT, mean FLOAT), total_price STRUCT(min FLOAT, mean FLOAT)))[]",
             "TIMESTAMP WITH TIME ZONE",
             "DATE"
         ])
     );
+    // Amounts are DECIMAL: DuckDB's sums are exact (Python's Decimal, written as its text).
     assert_eq!(
         v["per_day"],
         json!([
-            ["Bäckerei Müller", "2024-03-07", 4.8, 1],
-            ["Café Lumière", "2024-03-07", 19.75, 2],
-            ["Café Lumière", "2024-03-08", 3.0, 1],
-            ["東京ストア", "2024-03-08", 2000.0, 2]
+            ["Bäckerei Müller", "2024-03-07", "4.800", 1],
+            ["Café Lumière", "2024-03-07", "19.750", 2],
+            ["Café Lumière", "2024-03-08", "3.000", 1],
+            ["東京ストア", "2024-03-08", "2000.000", 2]
         ])
     );
     assert_eq!(v["items"][0], json!(10));
-    assert!((v["items"][1].as_f64().unwrap() - 2027.55).abs() < 1e-6);
+    assert_eq!(v["items"][1], json!("2027.550"));
     assert_eq!(v["conf"], json!([0.75, 0.75]));
     assert_eq!(
         v["errors"],
