@@ -107,7 +107,12 @@ fn merge_field(rule: MergeRule, values: &[(&WindowAnswer, &Node)]) -> (Node, Opt
 
 /// The least of the parts' minima and the mean of their means.
 fn combined_confidence(values: &[(&WindowAnswer, &Node)]) -> Option<(f32, f32)> {
-    let parts: Vec<(f32, f32)> = values.iter().filter_map(|(_, n)| n.confidence).collect();
+    min_and_mean(values.iter().filter_map(|(_, n)| n.confidence))
+}
+
+/// (least of the minima, mean of the means) of (min, mean) confidences; None when there are none.
+fn min_and_mean(parts: impl Iterator<Item = (f32, f32)>) -> Option<(f32, f32)> {
+    let parts: Vec<(f32, f32)> = parts.collect();
     if parts.is_empty() {
         return None;
     }
@@ -314,20 +319,10 @@ pub fn merge_document(
                     _ => None,
                 })
                 .collect();
-            let parts: Vec<(f32, f32)> = windows
-                .iter()
-                .filter_map(|w| match &w.outcome {
-                    Outcome::Text { confidence, .. } => *confidence,
-                    _ => None,
-                })
-                .collect();
-            let confidence = (!parts.is_empty()).then(|| {
-                let min = parts.iter().map(|c| c.0).fold(f32::INFINITY, f32::min);
-                (
-                    min,
-                    parts.iter().map(|c| c.1).sum::<f32>() / parts.len() as f32,
-                )
-            });
+            let confidence = min_and_mean(windows.iter().filter_map(|w| match &w.outcome {
+                Outcome::Text { confidence, .. } => *confidence,
+                _ => None,
+            }));
             Outcome::Text {
                 text: Some(texts.join("\n\n")),
                 confidence,

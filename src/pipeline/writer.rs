@@ -187,6 +187,19 @@ struct Collapsed {
     added_ok: usize,
 }
 
+impl Collapsed {
+    /// Counts rows taken out of what is written, by outcome.
+    fn take_out(&mut self, rows: &[ExtractionRecord]) {
+        for r in rows {
+            if r.is_ok() {
+                self.removed_ok += 1;
+            } else {
+                self.removed_failed += 1;
+            }
+        }
+    }
+}
+
 /// Document mode: a complete document's rows (its windows) become its one row ([`merge_document`]).
 fn merge_whole(
     rows: Vec<ExtractionRecord>,
@@ -196,13 +209,7 @@ fn merge_whole(
     if rows.len() < 2 {
         return rows;
     }
-    for r in &rows {
-        if r.is_ok() {
-            collapsed.removed_ok += 1;
-        } else {
-            collapsed.removed_failed += 1;
-        }
-    }
+    collapsed.take_out(&rows);
     let Some(merged) = merge_document(schema, rows) else {
         return Vec::new();
     };
@@ -234,13 +241,7 @@ fn retry_whole(rows: Vec<ExtractionRecord>, collapsed: &mut Collapsed) -> Vec<Ex
         "pages {start}-{end}: {} (the whole document is left for the next run)",
         retry.error_message().unwrap_or("failed")
     );
-    for r in &rows {
-        if r.is_ok() {
-            collapsed.removed_ok += 1;
-        } else {
-            collapsed.removed_failed += 1;
-        }
-    }
+    collapsed.take_out(&rows);
     collapsed.added += 1;
     vec![ExtractionRecord::failed(source, kind, error)]
 }

@@ -279,16 +279,20 @@ impl DoneIndex {
         let merged = self.open.entry(key).or_default();
         merged.merge(cover);
         if merged.complete() {
-            self.open.remove(&key);
-            self.done.insert(key);
+            self.mark_done(key);
         }
+    }
+
+    /// Done in one file is done: what other files said of the key no longer matters.
+    fn mark_done(&mut self, key: KeyHash) {
+        self.open.remove(&key);
+        self.done.insert(key);
     }
 
     /// Combines another index (a sidecar's) with this one.
     pub fn absorb_index(&mut self, other: DoneIndex) {
         for key in other.done {
-            self.open.remove(&key);
-            self.done.insert(key);
+            self.mark_done(key);
         }
         for (key, cover) in other.open {
             self.absorb(key, &cover);
@@ -380,13 +384,10 @@ pub fn encode<'a>(
 impl FileCovers {
     /// A sidecar for one data file.
     pub fn encode(&self, file: &IndexedFile) -> Vec<u8> {
-        let done: Vec<(&KeyHash, &Cover)> =
-            self.covers.iter().filter(|(_, c)| c.complete()).collect();
-        let open: Vec<(&KeyHash, &Cover)> =
-            self.covers.iter().filter(|(_, c)| !c.complete()).collect();
+        let (done, open): (Vec<_>, Vec<_>) = self.covers.iter().partition(|(_, c)| c.complete());
         encode(
             std::slice::from_ref(file),
-            done.iter().map(|(k, _)| *k).collect::<Vec<_>>().into_iter(),
+            done.into_iter().map(|(k, _)| k),
             open.into_iter(),
         )
     }
@@ -461,9 +462,7 @@ pub async fn read_covers<R: AsyncRead + Unpin>(
             let mut key = [0u8; 16];
             key.copy_from_slice(raw);
             let key = u128::from_le_bytes(key);
-            // Done in one file is done; what other files said of it no longer matters.
-            index.open.remove(&key);
-            index.done.insert(key);
+            index.mark_done(key);
         }
         left -= take;
     }
