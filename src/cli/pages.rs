@@ -105,6 +105,7 @@ async fn run_pages(args: PagesArgs) -> ExitCode {
         max_bytes: args.max_bytes,
         max_pages: args.max_pages,
         max_pixels: args.max_pixels,
+        text_layer: false,
     };
     let mode = match PdfMode::workers(args.workers, Duration::from_secs(args.timeout.max(1))) {
         Ok(m) => m,

@@ -3,6 +3,8 @@
 
 use serde_json::Value;
 
+use crate::raster::text::Location;
+
 /// A parsed JSON value with the byte range `[start, end)` of its text in the answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Node {
@@ -11,6 +13,11 @@ pub struct Node {
     pub end: usize,
     /// (min, mean) probability of the tokens that produced this value; set by [`Node::attach_confidence`].
     pub confidence: Option<(f32, f32)>,
+    /// Where the value is printed (its page, and its box when the text layer holds it): set by grounding
+    /// ([`super::ground`]).
+    pub location: Option<Location>,
+    /// Whether the pages' text layer holds the value; None where it cannot say (no text layer, a derived field).
+    pub grounded: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -241,6 +248,8 @@ impl Parser<'_> {
             start,
             end: self.i,
             confidence: None,
+            location: None,
+            grounded: None,
         })
     }
 

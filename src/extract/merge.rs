@@ -65,6 +65,8 @@ fn node(value: NodeValue, confidence: Option<(f32, f32)>) -> Node {
         start: 0,
         end: 0,
         confidence,
+        location: None,
+        grounded: None,
     }
 }
 

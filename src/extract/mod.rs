@@ -12,6 +12,7 @@
 
 pub mod answer;
 pub mod constraint;
+pub mod ground;
 pub mod merge;
 pub mod prompt;
 pub mod review;

@@ -169,6 +169,7 @@ pub(crate) fn text_fields() -> Vec<FieldDef> {
         required: true,
         ty: FieldType::Utf8,
         constraints: Default::default(),
+        grounding: false,
     }]
 }
 
@@ -257,6 +258,7 @@ pub fn to_record_batch(
                 required: true,
                 ty: FieldType::Struct(s.fields.clone()),
                 constraints: Default::default(),
+                grounding: false,
             };
             let array = build_array(&root, &roots, "$")?;
             let Some(st) = array.as_any().downcast_ref::<StructArray>() else {

@@ -185,6 +185,7 @@ fn build_rasterizer(
         max_bytes: r.max_bytes,
         max_pages: r.max_pages as usize,
         max_pixels: r.max_pixels,
+        text_layer: spec.extract.grounding && spec.extract.mode.as_deref() != Some("free-text"),
     };
     let mode = PdfMode::workers(r.workers, Duration::from_secs(r.timeout_s.max(1)))?;
     let rasterizer = Rasterizer::new(opts, mode)?;

@@ -11,6 +11,7 @@
 
 pub mod pdf;
 pub mod scan;
+pub mod text;
 pub mod worker;
 
 use std::path::PathBuf;
@@ -37,6 +38,9 @@ pub struct PageRaster {
     pub image: RgbImage,
     /// Time spent rendering or decoding this page.
     pub render_time: Duration,
+    /// The page's text with character boxes (PDF pages with text, when [`RasterOptions::text_layer`] asks for it);
+    /// None for scans and for pages without text.
+    pub text: Option<Arc<text::TextLayer>>,
 }
 
 impl PageRaster {
@@ -120,6 +124,8 @@ pub struct RasterOptions {
     pub max_pages: usize,
     /// Images with more pixels than this are refused before decoding (decompression bombs).
     pub max_pixels: u64,
+    /// Read each PDF page's text layer too (for grounding extracted values on the page).
+    pub text_layer: bool,
 }
 
 impl Default for RasterOptions {
@@ -131,6 +137,7 @@ impl Default for RasterOptions {
             max_bytes: 256 << 20,
             max_pages: 2000,
             max_pixels: 100_000_000,
+            text_layer: false,
         }
     }
 }

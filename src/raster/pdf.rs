@@ -6,6 +6,7 @@ use std::time::Instant;
 use image::RgbImage;
 use pdfium_render::prelude::*;
 
+use super::text::TextLayer;
 use super::{DocumentInfo, DocumentKind, PageRaster, RasterError, RasterOptions};
 use crate::native::{NativeLibrary, SearchPaths};
 
@@ -145,13 +146,14 @@ pub fn render(
     for index in 0..count {
         let start = Instant::now();
         let rendered = render_page(doc, pages, index, count, opts);
-        let keep_going = on_page(rendered.map(|image| PageRaster {
+        let keep_going = on_page(rendered.map(|(image, text)| PageRaster {
             doc: doc.clone(),
             kind: DocumentKind::Pdf,
             page_index: index,
             page_count: count,
             image,
             render_time: start.elapsed(),
+            text,
         }));
         if !keep_going {
             break;
@@ -160,14 +162,14 @@ pub fn render(
     Ok(())
 }
 
-/// One page at model size.
+/// One page at model size, with its text layer when asked.
 fn render_page(
     doc: &DocumentInfo,
     pages: &PdfPages,
     index: usize,
     count: usize,
     opts: &RasterOptions,
-) -> Result<RgbImage, RasterError> {
+) -> Result<(RgbImage, Option<Arc<TextLayer>>), RasterError> {
     let page_err = |reason: String| RasterError::PdfPage {
         uri: doc.uri.clone(),
         page: index + 1,
@@ -191,7 +193,13 @@ fn render_page(
     let bitmap = page
         .render_with_config(&config)
         .map_err(|e| page_err(describe(&e)))?;
-    rgb_rows(&bitmap).ok_or_else(|| page_err("unexpected bitmap layout".into()))
+    let image = rgb_rows(&bitmap).ok_or_else(|| page_err("unexpected bitmap layout".into()))?;
+    let text = if opts.text_layer {
+        super::text::page_text(&page)
+    } else {
+        None
+    };
+    Ok((image, text))
 }
 
 /// The bitmap's rows without stride padding (24-bit RGB, see the render config).

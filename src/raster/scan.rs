@@ -179,6 +179,7 @@ pub fn decode_single(
         page_count: 1,
         image: into_rgb_on_white(img),
         render_time: start.elapsed(),
+        text: None,
     })
 }
 
@@ -256,6 +257,7 @@ pub fn decode_tiff(
             page_count: count,
             image: into_rgb_on_white(img),
             render_time: start.elapsed(),
+            text: None,
         };
         if !on_page(page) {
             break;

@@ -7,7 +7,7 @@
 //!
 //! Protocol over the child's stdin/stdout, both ways the same frame: `u32 LE` header length, header (JSON),
 //! `u64 LE` payload length, payload. Request: header [`Request`], payload the document bytes. Replies, in order:
-//! [`Reply::Page`] (payload: RGB8 pixels, row-major) per page, then [`Reply::Done`] or [`Reply::Error`].
+//! [`Reply::Page`] (payload: RGB8 pixels, row-major, then the page's text layer if it has one) per page, then [`Reply::Done`] or [`Reply::Error`].
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -22,6 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::{Semaphore, mpsc};
 
+use super::text::{MAX_CHARS_PER_PAGE, TextLayer};
 use super::{DocumentInfo, DocumentKind, PageRaster, RasterError, RasterOptions};
 use crate::native::{NativeLibrary, SearchPaths};
 
@@ -49,6 +50,10 @@ pub enum Reply {
         width: u32,
         height: u32,
         render_ns: u64,
+        /// Characters of the page's text layer after the pixels in the payload ([`TextLayer::encode`]); None
+        /// when the page has none.
+        #[serde(default)]
+        text_chars: Option<usize>,
     },
     /// One page failed; the document's next pages follow.
     PageError(RasterError),
@@ -175,22 +180,28 @@ pub fn run_worker() -> ExitCode {
         }
         let doc = Arc::new(request.doc);
         let mut io_error = None;
+        let mut payload_out = Vec::new();
         let result = super::pdf::render(&doc, &payload, &request.opts, &mut |page| {
-            let (reply, pixels) = match &page {
-                Ok(page) => (
+            payload_out.clear();
+            let reply = match &page {
+                Ok(page) => {
+                    payload_out.extend_from_slice(page.image.as_raw());
+                    if let Some(text) = &page.text {
+                        text.encode(&mut payload_out);
+                    }
                     Reply::Page {
                         index: page.page_index,
                         count: page.page_count,
                         width: page.image.width(),
                         height: page.image.height(),
                         render_ns: page.render_time.as_nanos() as u64,
-                    },
-                    page.image.as_raw().as_slice(),
-                ),
-                Err(e) => (Reply::PageError(e.clone()), &[][..]),
+                        text_chars: page.text.as_ref().map(|t| t.chars.len()),
+                    }
+                }
+                Err(e) => Reply::PageError(e.clone()),
             };
             let header = serde_json::to_vec(&reply).unwrap_or_default();
-            match write_frame(&mut stdout, &header, pixels) {
+            match write_frame(&mut stdout, &header, &payload_out) {
                 Ok(()) => true,
                 Err(e) => {
                     io_error = Some(e);
@@ -371,8 +382,10 @@ impl WorkerPool {
         budget = budget.saturating_sub(started.elapsed());
         loop {
             let started = Instant::now();
-            // No page is larger than max_side x max_side RGB: a longer frame is garbage, never allocated.
-            let max_payload = (opts.max_side as u64 + 1).pow(2) * 3;
+            // No page is larger than max_side x max_side RGB plus its capped text layer: a longer frame is garbage,
+            // never allocated.
+            let max_payload = (opts.max_side as u64 + 1).pow(2) * 3
+                + TextLayer::encoded_len(MAX_CHARS_PER_PAGE) as u64;
             let frame = match tokio::time::timeout(
                 budget,
                 read_frame_async(&mut worker.stdout, max_payload),
@@ -394,7 +407,28 @@ impl WorkerPool {
                     width,
                     height,
                     render_ns,
+                    text_chars,
                 } => {
+                    let mut payload = payload;
+                    let pixels = (width as usize) * (height as usize) * 3;
+                    if payload.len() < pixels {
+                        return Err(SessionEnd::Broken(
+                            "page pixels do not match the page size".into(),
+                        ));
+                    }
+                    let text_bytes = payload.split_off(pixels);
+                    let text = match text_chars {
+                        None if text_bytes.is_empty() => None,
+                        None => {
+                            return Err(SessionEnd::Broken(
+                                "page payload longer than its pixels".into(),
+                            ));
+                        }
+                        Some(n) => Some(Arc::new(
+                            TextLayer::decode(&text_bytes, n)
+                                .ok_or_else(|| SessionEnd::Broken("garbled text layer".into()))?,
+                        )),
+                    };
                     let image = RgbImage::from_raw(width, height, payload).ok_or_else(|| {
                         SessionEnd::Broken("page pixels do not match the page size".into())
                     })?;
@@ -405,6 +439,7 @@ impl WorkerPool {
                         page_count: count,
                         image,
                         render_time: Duration::from_nanos(render_ns),
+                        text,
                     };
                     if tx.send(Ok(page)).await.is_err() {
                         return Err(SessionEnd::ConsumerGone);

@@ -87,6 +87,13 @@ impl<'a> Loader<'a> {
         let (base, nullable) = self.type_of(obj, path)?;
         let constraints = self.constraints(obj, path)?;
         let ty = self.field_type(obj, base, path)?;
+        let grounding = match obj.get("x-grounding") {
+            None => !matches!(ty, FieldType::Boolean),
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(self.err(&format!("{path}.x-grounding"), "must be true or false"));
+            }
+        };
         let f = FieldDef {
             name: name.to_string(),
             title: obj.get("title").and_then(Value::as_str).map(str::to_string),
@@ -98,6 +105,7 @@ impl<'a> Loader<'a> {
             required: true,
             ty,
             constraints,
+            grounding,
         };
         self.check_enum(&f, path)?;
         Ok(f)
@@ -133,6 +141,7 @@ impl<'a> Loader<'a> {
         if let Some(d) = obj.get("description").and_then(Value::as_str) {
             f.description = Some(d.to_string());
         }
+        self.grounding_beside(&mut f, obj, path)?;
         for k in obj.keys() {
             if k != "$ref" && !ANNOTATIONS.contains(&k.as_str()) && !k.starts_with("x-") {
                 return Err(self.err(path, &format!("keyword {k:?} beside $ref is not supported")));
@@ -523,6 +532,24 @@ impl<'a> Loader<'a> {
         if let Some(d) = obj.get("description").and_then(Value::as_str) {
             f.description = Some(d.to_string());
         }
+        self.grounding_beside(&mut f, obj, path)?;
         Ok(f)
+    }
+
+    /// `x-grounding` beside a `$ref` or a nullable union overrides the target's.
+    fn grounding_beside(
+        &self,
+        f: &mut FieldDef,
+        obj: &Map<String, Value>,
+        path: &str,
+    ) -> Result<(), ExtractError> {
+        match obj.get("x-grounding") {
+            None => Ok(()),
+            Some(Value::Bool(b)) => {
+                f.grounding = *b;
+                Ok(())
+            }
+            Some(_) => Err(self.err(&format!("{path}.x-grounding"), "must be true or false")),
+        }
     }
 }

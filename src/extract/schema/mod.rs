@@ -80,6 +80,9 @@ pub struct FieldDef {
     pub required: bool,
     pub ty: FieldType,
     pub constraints: Constraints,
+    /// Whether the value is printed on the page and can be looked up there (`x-grounding`, default true except
+    /// for booleans): false for values the model derives (a currency code from a symbol, a sign turned around).
+    pub grounding: bool,
 }
 
 impl FieldDef {
