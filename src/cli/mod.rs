@@ -6,6 +6,7 @@ mod doctor;
 mod eval;
 mod events;
 mod generate;
+mod locate;
 mod pages;
 mod report;
 mod run;
@@ -63,6 +64,20 @@ enum Command {
     ///
     ///   AWS_ENDPOINT_URL=http://127.0.0.1:9000 pixtract pages s3://mail/2024/ --include '*.pdf' --out /tmp/p
     Pages(pages::PagesArgs),
+    /// Find values in a PDF's text layer: the page and box where each is printed, whatever its notation.
+    ///
+    /// The same locator `pixtract run` uses to fill `_location` and `_grounded`: numbers in any common notation,
+    /// dates in any usual form, strings case- and space-folded with a small edit distance, a value printed in
+    /// several places decided by its label or its line item's line, else reported ambiguous. Works on PDFs with
+    /// a text layer (born-digital); scans have none. Exit code 0: every value found in one place; 2: some
+    /// ambiguous or not found; 1: the document could not be read or has no text layer.
+    ///
+    /// Examples:
+    ///
+    ///   pixtract locate invoice.pdf --value invoice_id=INV-2024-0042 --value total=1234.50 --value date=2024-03-01
+    ///
+    ///   pixtract locate s3://mail/inv.pdf --value 'items[0].description=Widget A' --value 'items[0].amount=40' --json
+    Locate(locate::LocateArgs),
     /// Run Pixtral on images and a prompt; print the answer, then per-phase timings on stderr.
     ///
     /// Images are preprocessed exactly as mistral-common does (Pixtral's reference), the prompt follows Pixtral's
@@ -123,6 +138,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Doctor(args) => doctor::doctor(args),
         Command::Pages(args) => pages::pages(args),
+        Command::Locate(args) => locate::locate(args),
         Command::Generate(args) => report("generate", generate::generate(args)),
         Command::Verify(args) => verify::verify(args),
         Command::Eval(args) => report("eval", eval::eval(args)),

@@ -6,6 +6,7 @@
 //! Every document ends as rows: pages that rendered become extractions, a failure becomes an error row.
 
 mod model_stage;
+pub mod pages;
 mod produce;
 pub mod report;
 mod run;

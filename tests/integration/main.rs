@@ -9,6 +9,7 @@ mod eval;
 mod exporter;
 mod extract;
 mod faults;
+mod grounding;
 mod interrupts;
 mod layers;
 mod lease;

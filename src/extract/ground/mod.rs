@@ -125,43 +125,49 @@ fn parse_date(v: &str) -> Option<NaiveDate> {
 /// Every place the value is printed, by its kind.
 fn candidates(pages: &[PageText], lookup: &Lookup) -> Vec<Candidate> {
     let value = lookup.value.trim();
-    let mut out = Vec::new();
-    for (p, page) in pages.iter().enumerate() {
-        let spans = match lookup.kind {
-            ValueKind::Number => match notation::canonical_number(value) {
-                Some(want) => page
-                    .number_tokens()
+    let on_pages = |f: &dyn Fn(&PageText) -> Vec<Span>| -> Vec<Candidate> {
+        pages
+            .iter()
+            .enumerate()
+            .flat_map(|(p, page)| f(page).into_iter().map(move |s| (p, s)))
+            .collect()
+    };
+    let mut out = match lookup.kind {
+        ValueKind::Number => match notation::canonical_number(value) {
+            Some(want) => on_pages(&|page| {
+                page.number_tokens()
                     .into_iter()
                     .filter(|(token, _)| notation::readings(token).contains(&want))
                     .map(|(_, span)| span)
-                    .collect(),
-                None => text_spans(page, value),
-            },
-            ValueKind::Date => match parse_date(value) {
-                Some(date) => notation::date_forms(date)
+                    .collect()
+            }),
+            None => text_candidates(pages, value),
+        },
+        ValueKind::Date => match parse_date(value) {
+            Some(date) => {
+                let forms: Vec<Vec<char>> = notation::date_forms(date)
                     .iter()
-                    .flat_map(|f| page.find(&f.chars().collect::<Vec<_>>(), true))
-                    .collect(),
-                None => text_spans(page, value),
-            },
-            ValueKind::Currency => {
-                let code = page.find(&fold(value), true);
-                if code.is_empty() {
+                    .map(|f| f.chars().collect())
+                    .collect();
+                on_pages(&|page| forms.iter().flat_map(|f| page.find(f, true)).collect())
+            }
+            None => text_candidates(pages, value),
+        },
+        ValueKind::Currency => {
+            let code = on_pages(&|page| page.find(&fold(value), true));
+            if code.is_empty() {
+                on_pages(&|page| {
                     notation::currency_symbols(value)
                         .iter()
-                        .flat_map(|s| {
-                            let letters = s.chars().any(char::is_alphabetic);
-                            page.find(&fold(s), letters)
-                        })
+                        .flat_map(|s| page.find(&fold(s), s.chars().any(char::is_alphabetic)))
                         .collect()
-                } else {
-                    code
-                }
+                })
+            } else {
+                code
             }
-            ValueKind::Text => text_spans(page, value),
-        };
-        out.extend(spans.into_iter().map(|s| (p, s)));
-    }
+        }
+        ValueKind::Text => text_candidates(pages, value),
+    };
     out.sort_by_key(|(p, s)| (*p, s.first, s.last));
     out.dedup();
     // A span inside another (a date form matching part of a longer one) is the same place.
@@ -173,31 +179,50 @@ fn candidates(pages: &[PageText], lookup: &Lookup) -> Vec<Candidate> {
     out
 }
 
-/// A string: exactly (folded, any spacing), else within a small edit distance, else line by line.
-fn text_spans(page: &PageText, value: &str) -> Vec<Span> {
+/// A string on any of the pages: exactly (folded, any spacing); else, on no page exactly, the places within the
+/// least edit distance allowed; else line by line.
+fn text_candidates(pages: &[PageText], value: &str) -> Vec<Candidate> {
     let needle = fold(value);
     if needle.is_empty() {
         return Vec::new();
     }
-    let edges_alnum = needle.first().is_some_and(|c| c.is_alphanumeric())
+    let whole = needle.first().is_some_and(|c| c.is_alphanumeric())
         && needle.last().is_some_and(|c| c.is_alphanumeric());
-    let exact = page.find(&needle, edges_alnum);
+    let exact: Vec<Candidate> = pages
+        .iter()
+        .enumerate()
+        .flat_map(|(p, page)| page.find(&needle, whole).into_iter().map(move |s| (p, s)))
+        .collect();
     if !exact.is_empty() {
         return exact;
     }
     // One edit per 8 characters: a misread letter or two in a name, not another word.
     let n = needle.len();
     if (5..=120).contains(&n) {
-        let fuzzy = page.find_fuzzy(&needle, n / 8 + usize::from(n >= 12));
+        let max_edits = n / 8 + usize::from(n >= 12);
+        let fuzzy: Vec<(Candidate, usize)> = pages
+            .iter()
+            .enumerate()
+            .flat_map(|(p, page)| {
+                page.find_fuzzy(&needle, max_edits)
+                    .into_iter()
+                    .filter(move |(s, _)| !whole || page.stands_alone(*s))
+                    .map(move |(s, d)| ((p, s), d))
+            })
+            .collect();
         if let Some(best) = fuzzy.iter().map(|(_, d)| *d).min() {
             return fuzzy
                 .into_iter()
                 .filter(|(_, d)| *d == best)
-                .map(|(s, _)| s)
+                .map(|(c, _)| c)
                 .collect();
         }
     }
-    parts_span(page, value).into_iter().collect()
+    pages
+        .iter()
+        .enumerate()
+        .filter_map(|(p, page)| parts_span(page, value).map(|s| (p, s)))
+        .collect()
 }
 
 /// A multi-line value (an address) printed line by line: every part found on the page, each part's occurrence
@@ -254,6 +279,11 @@ pub fn locate(
         .iter()
         .map(|&(p, span)| pages[p].location(span))
         .collect();
+    if let Some(first) = running_header(pages, &found, &boxes) {
+        return at(found[first]).unwrap_or(Found::Ambiguous {
+            places: found.len(),
+        });
+    }
     let all: Vec<usize> = (0..found.len()).collect();
     let on_lines = on_anchor_lines(&boxes, anchors);
     let by_label = |among: &[usize]| nearest_label(pages, &found, &boxes, &lookup.labels, among);
@@ -278,6 +308,50 @@ pub fn locate(
             places: found.len(),
         },
     }
+}
+
+/// Locates the values of one object together: each on its own first, then those printed in several places again,
+/// with the places of the others as anchors (`in_list`: a line item, whose row decides before its labels).
+pub fn locate_group(pages: &[PageText], lookups: &[Lookup], in_list: bool) -> Vec<Found> {
+    let mut found: Vec<Found> = lookups
+        .iter()
+        .map(|l| locate(pages, l, &[], in_list))
+        .collect();
+    let anchors: Vec<Location> = found
+        .iter()
+        .filter_map(|f| match f {
+            Found::At { location, .. } => Some(*location),
+            _ => None,
+        })
+        .collect();
+    if !anchors.is_empty() {
+        for (f, l) in found.iter_mut().zip(lookups) {
+            if matches!(f, Found::Ambiguous { .. }) {
+                *f = locate(pages, l, &anchors, in_list);
+            }
+        }
+    }
+    found
+}
+
+/// A value printed once per page at the same place with the same text (a header or footer repeated on every
+/// page: the invoice number, the vendor): the first page's.
+fn running_header(
+    pages: &[PageText],
+    found: &[Candidate],
+    boxes: &[Option<Location>],
+) -> Option<usize> {
+    let first = boxes.first()?.as_ref()?.bbox?;
+    let text = pages[found[0].0].text_of(found[0].1);
+    let mut seen = std::collections::HashSet::new();
+    for (i, (p, span)) in found.iter().enumerate() {
+        let b = boxes[i]?.bbox?;
+        let same_box = (0..4).all(|k| (b[k] - first[k]).abs() < 0.005);
+        if !seen.insert(*p) || !same_box || pages[*p].text_of(*span) != text {
+            return None;
+        }
+    }
+    Some(0)
 }
 
 /// Vertical overlap of two boxes, as a share of the shorter one's height.
@@ -306,7 +380,7 @@ fn on_anchor_lines(boxes: &[Option<Location>], anchors: &[Location]) -> Vec<usiz
 
 /// Of the candidates `among`, the one nearest a label word to its left on its line or above it (a column
 /// header: page-relative distance, the vertical part counting double, plus the horizontal offset from the
-/// header); chosen only when clearly nearer than the next (the second at least 1.5 times as far).
+/// header); chosen only when clearly nearer than the next.
 fn nearest_label(
     pages: &[PageText],
     found: &[Candidate],
@@ -355,7 +429,8 @@ fn nearest_label(
     match scored.as_slice() {
         [] => None,
         [(_, i)] => Some(*i),
-        [(d1, i), (d2, _), ..] => (*d2 >= 1.5 * d1 + 0.005).then_some(*i),
+        // Clearly nearer: half as far again, or 2% of the page nearer (columns under one header line).
+        [(d1, i), (d2, _), ..] => (*d2 >= 1.5 * d1 + 0.005 || *d2 - *d1 >= 0.02).then_some(*i),
     }
 }
 
@@ -386,10 +461,8 @@ fn ground_members(
     let NodeValue::Object(members) = &mut node.value else {
         return;
     };
-    // First each scalar on its own; then the ambiguous ones again with the located ones as anchors.
-    let mut pending: Vec<(usize, Lookup)> = Vec::new();
-    let mut anchors: Vec<Location> = Vec::new();
-    let mut results: Vec<(usize, Found)> = Vec::new();
+    let mut at: Vec<usize> = Vec::new();
+    let mut lookups: Vec<Lookup> = Vec::new();
     for (i, (name, value)) in members.iter().enumerate() {
         let Some(field) = fields.iter().find(|f| &f.name == name) else {
             continue;
@@ -400,22 +473,11 @@ fn ground_members(
         if !field.grounding || pages.is_empty() {
             continue;
         }
-        let lookup = Lookup::new(text, kind, &field.name, field.title.as_deref());
-        let found = locate(pages, &lookup, &[], in_list);
-        if let Found::At { location, .. } = &found {
-            anchors.push(*location);
-        }
-        if matches!(found, Found::Ambiguous { .. }) {
-            pending.push((i, lookup));
-        }
-        results.push((i, found));
+        at.push(i);
+        lookups.push(Lookup::new(text, kind, &field.name, field.title.as_deref()));
     }
-    for (i, lookup) in &pending {
-        let found = locate(pages, lookup, &anchors, in_list);
-        if let Some(r) = results.iter_mut().find(|(j, _)| j == i) {
-            r.1 = found;
-        }
-    }
+    let found = locate_group(pages, &lookups, in_list);
+    let results: Vec<(usize, Found)> = at.into_iter().zip(found).collect();
     for (i, found) in results {
         let value = &mut members[i].1;
         match found {

@@ -42,7 +42,8 @@ pub fn readings(token: &str) -> Vec<String> {
         }
     }
     groups.push(&token[start..]);
-    if groups.iter().any(|g| g.is_empty()) {
+    // "03", "0042": an identifier's digits (an invoice or part number), not an amount.
+    if groups.iter().any(|g| g.is_empty()) || (groups[0].len() > 1 && groups[0].starts_with('0')) {
         return Vec::new();
     }
     let mut out = Vec::new();
@@ -177,6 +178,10 @@ mod tests {
         assert_eq!(one("1,234"), vec!["1234", "1.234"]);
         assert!(one("1.2.3").is_empty(), "two decimal marks");
         assert!(one("12,34,56").is_empty());
+        assert!(
+            one("03").is_empty() && one("0042").is_empty(),
+            "identifiers"
+        );
         assert_eq!(canonical_number("-004.100"), Some("4.1".into()));
         assert_eq!(canonical_number("12"), Some("12".into()));
         assert_eq!(canonical_number("1e5"), None);

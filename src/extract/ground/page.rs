@@ -246,6 +246,22 @@ impl<'a> PageText<'a> {
                 token.push(if c.is_whitespace() { ' ' } else { c });
                 end += 1;
             }
+            // A space may group thousands ("12 345,60") or part two numbers ("12 115,50": a quantity and a
+            // price): both readings are offered, the whole run and each part.
+            if token.contains(' ') {
+                let mut at = start;
+                for piece in token.split(' ') {
+                    let n = piece.chars().count();
+                    out.push((
+                        piece.to_string(),
+                        Span {
+                            first: at,
+                            last: at + n - 1,
+                        },
+                    ));
+                    at += n + 1;
+                }
+            }
             out.push((
                 token,
                 Span {
