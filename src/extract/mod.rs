@@ -27,6 +27,8 @@ use std::time::Instant;
 
 use chrono::Utc;
 
+use crate::raster::text::TextLayer;
+
 pub use constraint::{GrammarEnv, RowReport, SchemaConstraint, StepTrace};
 pub use review::ReviewPolicy;
 pub use rows::{
@@ -102,6 +104,8 @@ pub enum Mode {
 pub struct PageInput {
     pub source: SourceInfo,
     pub images: Vec<PreparedImage>,
+    /// Each page's number (1-based) and text layer (None: a scan, or grounding off), for grounding the answer.
+    pub text_layers: Vec<(u32, Option<Arc<TextLayer>>)>,
     pub fetch_ms: Option<f64>,
     pub raster_ms: Option<f64>,
 }
@@ -126,6 +130,26 @@ pub struct ExtractionOutput {
     pub stats: GenerationStats,
     /// Time spent in llguidance (masks + token consumption).
     pub grammar_time: std::time::Duration,
+}
+
+/// Grounds an answer against its prompt's pages ([`ground`]); a one-page prompt's values all come from that page,
+/// which their `_location` says even where no box was found.
+fn ground(
+    node: &mut answer::Node,
+    fields: &[FieldDef],
+    text_layers: &[(u32, Option<Arc<TextLayer>>)],
+) {
+    let pages: Vec<ground::PageText> = text_layers
+        .iter()
+        .filter_map(|(page, layer)| Some(ground::PageText::new(*page, layer.as_deref()?)))
+        .collect();
+    if !pages.is_empty() {
+        let complete = pages.len() == text_layers.len();
+        ground::ground_object(node, fields, &pages, complete);
+    }
+    if let [(page, _)] = text_layers {
+        ground::set_page(node, *page);
+    }
 }
 
 pub struct Extractor {
@@ -250,13 +274,15 @@ impl Extractor {
         })
     }
 
-    /// Turns one generation into a record: decode, parse, validate, confidences.
+    /// Turns one generation into a record: decode, parse, validate, confidences, grounding against the prompt's
+    /// pages' text layers (`text_layers`: each page's number and layer), thresholds.
     pub fn record(
         &self,
         engine: &PixtralEngine,
         source: SourceInfo,
         generation: &Generation,
         report: Option<&RowReport>,
+        text_layers: &[(u32, Option<Arc<TextLayer>>)],
         mut latency: StageLatency,
     ) -> ExtractionRecord {
         let t0 = Instant::now();
@@ -311,6 +337,7 @@ impl Extractor {
                         )),
                         Ok(()) => {
                             node.attach_confidence(&ends, &probs);
+                            ground(&mut node, &schema.fields, text_layers);
                             rec.review = self.review.apply(&mut node, &schema.fields);
                             Outcome::Extracted(node)
                         }
@@ -342,7 +369,10 @@ impl Extractor {
                         );
                         rec.raw_output = Some(text.clone());
                         rec.outcome = if self.review.review_text(conf) {
-                            rec.review = vec!["text".to_string()];
+                            rec.review = vec![review::Flagged {
+                                path: "text".to_string(),
+                                reason: review::ReviewReason::LowConfidence,
+                            }];
                             Outcome::Text {
                                 text: None,
                                 confidence: conf,

@@ -13,11 +13,38 @@ use super::ExtractError;
 use super::answer::{Node, NodeValue};
 use super::schema::{ExtractionSchema, FieldDef, FieldType};
 
-/// Per-field confidence thresholds: a default for every scalar field and overrides by path.
+/// Per-field confidence thresholds: a default for every scalar field and overrides by path; and whether a value
+/// its pages' text layer does not hold is withheld too (`[extract] require_grounding`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ReviewPolicy {
     default: Option<f32>,
     per_field: BTreeMap<String, f32>,
+    pub require_grounding: bool,
+}
+
+/// Why a value was withheld: `_review_reasons`, in the order of `_review`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ReviewReason {
+    /// Below its field's confidence threshold.
+    LowConfidence,
+    /// Not in the text layer of a page that has one (`require_grounding`).
+    Ungrounded,
+}
+
+impl ReviewReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReviewReason::LowConfidence => "low_confidence",
+            ReviewReason::Ungrounded => "ungrounded",
+        }
+    }
+}
+
+/// A withheld value: its path (indices included: `items[2].total_price`) and why.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Flagged {
+    pub path: String,
+    pub reason: ReviewReason,
 }
 
 fn check_threshold(what: &str, value: f32) -> Result<f32, ExtractError> {
@@ -72,7 +99,11 @@ impl ReviewPolicy {
                 )));
             }
         }
-        Ok(ReviewPolicy { default, per_field })
+        Ok(ReviewPolicy {
+            default,
+            per_field,
+            require_grounding: false,
+        })
     }
 
     /// [`ReviewPolicy::new`] over the extraction's fields: the schema's, or free text's one field `text`.
@@ -87,18 +118,19 @@ impl ReviewPolicy {
         }
     }
 
-    /// No threshold at all: values are written as they are.
+    /// No threshold and no grounding requirement: values are written as they are.
     pub fn is_empty(&self) -> bool {
-        self.default.is_none() && self.per_field.is_empty()
+        self.default.is_none() && self.per_field.is_empty() && !self.require_grounding
     }
 
     fn threshold(&self, path: &str) -> Option<f32> {
         self.per_field.get(path).copied().or(self.default)
     }
 
-    /// Nulls every value below its field's threshold; returns the values' paths (indices included), in answer
-    /// order. `fields` describes `node`'s members.
-    pub fn apply(&self, node: &mut Node, fields: &[FieldDef]) -> Vec<String> {
+    /// Nulls every value below its field's threshold, and with `require_grounding` every value found in no text
+    /// layer (`grounded == false`); returns the values' paths (indices included) and why, in answer order.
+    /// `fields` describes `node`'s members.
+    pub fn apply(&self, node: &mut Node, fields: &[FieldDef]) -> Vec<Flagged> {
         let mut flagged = Vec::new();
         if !self.is_empty() {
             self.apply_object(node, fields, "", "", &mut flagged);
@@ -118,7 +150,7 @@ impl ReviewPolicy {
         fields: &[FieldDef],
         key_prefix: &str,
         shown_prefix: &str,
-        flagged: &mut Vec<String>,
+        flagged: &mut Vec<Flagged>,
     ) {
         let NodeValue::Object(members) = &mut node.value else {
             return;
@@ -139,7 +171,7 @@ impl ReviewPolicy {
         ty: &FieldType,
         key: &str,
         shown: &str,
-        flagged: &mut Vec<String>,
+        flagged: &mut Vec<Flagged>,
     ) {
         match ty {
             FieldType::Struct(children) => self.apply_object(value, children, key, shown, flagged),
@@ -151,16 +183,24 @@ impl ReviewPolicy {
                 }
             }
             _ => {
-                let Some(threshold) = self.threshold(key) else {
-                    return;
-                };
                 if value.is_null() {
                     return;
                 }
-                if value.confidence.is_none_or(|(min, _)| min < threshold) {
-                    value.value = NodeValue::Null;
-                    flagged.push(shown.to_string());
-                }
+                let low = self
+                    .threshold(key)
+                    .is_some_and(|t| value.confidence.is_none_or(|(min, _)| min < t));
+                let reason = if low {
+                    ReviewReason::LowConfidence
+                } else if self.require_grounding && value.grounded == Some(false) {
+                    ReviewReason::Ungrounded
+                } else {
+                    return;
+                };
+                value.value = NodeValue::Null;
+                flagged.push(Flagged {
+                    path: shown.to_string(),
+                    reason,
+                });
             }
         }
     }
@@ -187,7 +227,7 @@ impl ReviewPolicy {
             FieldType::Struct(children) => self.relax(children, key),
             FieldType::List(item) => self.relax_type(item, key),
             _ => {
-                if self.threshold(key).is_some() {
+                if self.threshold(key).is_some() || (self.require_grounding && f.grounding) {
                     f.nullable = true;
                 }
             }

@@ -22,15 +22,18 @@ use chrono::{DateTime, Utc};
 
 use super::ExtractError;
 use super::answer::{Node, NodeValue};
+use super::review::Flagged;
 use super::schema::{
-    ExtractionSchema, FieldDef, FieldType, confidence_field, confidence_pair_type, struct_fields,
+    ExtractionSchema, FieldDef, FieldType, confidence_field, confidence_pair_type, grounded_field,
+    location_field, location_type, struct_fields,
 };
 use super::values::provenance::{
     ATTEMPT, DOC_PAGE_COUNT, ERROR_KIND, ErrorKind, MODEL_ID, PAGE_END, PAGE_START, PROVENANCE,
-    ProvenanceColumn, REVIEW, SCHEMA_SHA256, SOURCE_ETAG, SOURCE_URI, SOURCE_VERSION, STATUS_OK,
-    STATUS_RETRY,
+    ProvenanceColumn, REVIEW, REVIEW_REASONS, SCHEMA_SHA256, SOURCE_ETAG, SOURCE_URI,
+    SOURCE_VERSION, STATUS_OK, STATUS_RETRY,
 };
 use super::values::{parse_date, parse_decimal, parse_timestamp};
+use crate::raster::text::Location;
 
 /// Where a row's pages came from.
 #[derive(Debug, Clone, Default)]
@@ -106,8 +109,9 @@ pub struct ExtractionRecord {
     pub prompt_tokens: Option<u32>,
     pub generated_tokens: Option<u32>,
     pub latency: StageLatency,
-    /// Paths of the values withheld by a confidence threshold (`_review`); see [`super::review`].
-    pub review: Vec<String>,
+    /// The values withheld by a confidence threshold or for want of grounding (`_review`, `_review_reasons`);
+    /// see [`super::review`].
+    pub review: Vec<Flagged>,
 }
 
 impl ExtractionRecord {
@@ -299,6 +303,16 @@ pub fn to_record_batch(
                 StructArray::try_new(fields.clone(), vec![pair], Some(NullBuffer::from(present)))
                     .map_err(ExtractError::Arrow)?,
             ));
+            // A transcription is not grounded: its `_location` and `_grounded` are null.
+            for field in [
+                location_field(&text_fields()),
+                grounded_field(&text_fields()),
+            ] {
+                columns.push(arrow::array::new_null_array(
+                    field.data_type(),
+                    records.len(),
+                ));
+            }
         }
     }
     let schema_name = schema.map(|s| s.name.clone()).unwrap_or(FREE_TEXT.into());
@@ -346,7 +360,8 @@ pub fn to_record_batch(
             ),
             "status" => strs(&|r| Some(r.status().to_string())),
             ATTEMPT => ints(&|r| r.source.attempt),
-            REVIEW => review_array(records)?,
+            REVIEW => review_array(records, REVIEW, |f| f.path.as_str())?,
+            REVIEW_REASONS => review_array(records, REVIEW_REASONS, |f| f.reason.as_str())?,
             "error" => strs(&|r| match &r.outcome {
                 Outcome::Failed(e) => Some(e.clone()),
                 _ => r.warning.clone(),
@@ -372,16 +387,21 @@ pub fn to_record_batch(
     RecordBatch::try_new(arrow_schema, columns).map_err(ExtractError::Arrow)
 }
 
-/// `_review`: the withheld fields of each answered row (empty when none), null for failed rows.
-fn review_array(records: &[ExtractionRecord]) -> Result<ArrayRef, ExtractError> {
+/// `_review` (the withheld fields' paths) or `_review_reasons` (why each was withheld) of each answered row
+/// (empty when none), null for failed rows.
+fn review_array(
+    records: &[ExtractionRecord],
+    column: &str,
+    part: impl Fn(&Flagged) -> &str,
+) -> Result<ArrayRef, ExtractError> {
     let mut offsets = vec![0i32];
     let mut names: Vec<&str> = Vec::new();
     for r in records {
         if !matches!(r.outcome, Outcome::Failed(_)) {
-            names.extend(r.review.iter().map(String::as_str));
+            names.extend(r.review.iter().map(&part));
         }
         offsets.push(i32::try_from(names.len()).map_err(|_| ExtractError::Shape {
-            path: REVIEW.to_string(),
+            path: column.to_string(),
             reason: "too many withheld fields in one batch".into(),
         })?);
     }
@@ -430,6 +450,32 @@ fn pair_array(confs: &[Option<(f32, f32)>]) -> ArrayRef {
     Arc::new(StructArray::new(
         fields,
         vec![Arc::new(min), Arc::new(mean)],
+        Some(valid),
+    ))
+}
+
+/// One `{page, x0, y0, x1, y1}` per node (null where the value has no location).
+fn location_array(nodes: &[Option<&Node>]) -> ArrayRef {
+    let DataType::Struct(fields) = location_type() else {
+        unreachable!("location type is a struct")
+    };
+    let locs: Vec<Option<Location>> = nodes.iter().map(|n| n.and_then(|n| n.location)).collect();
+    let page = Int32Array::from(
+        locs.iter()
+            .map(|l| l.map_or(0, |l| l.page.min(i32::MAX as u32) as i32))
+            .collect::<Vec<_>>(),
+    );
+    let coord = |k: usize| -> ArrayRef {
+        Arc::new(Float32Array::from(
+            locs.iter()
+                .map(|l| l.and_then(|l| l.bbox).map(|b| b[k]))
+                .collect::<Vec<_>>(),
+        ))
+    };
+    let valid = NullBuffer::from(locs.iter().map(Option::is_some).collect::<Vec<_>>());
+    Arc::new(StructArray::new(
+        fields,
+        vec![Arc::new(page), coord(0), coord(1), coord(2), coord(3)],
         Some(valid),
     ))
 }
@@ -537,6 +583,40 @@ fn build_array(
                 StructArray::try_new(conf_fields.clone(), pairs, Some(valid.clone()))
                     .map_err(ExtractError::Arrow)?,
             ));
+            // _location and _grounded: one per member, from grounding.
+            let member = |c: &FieldDef| -> Vec<Option<&Node>> {
+                objects
+                    .iter()
+                    .map(|o| o.and_then(|n| n.get(&c.name)))
+                    .collect()
+            };
+            let locations: Vec<ArrayRef> = children
+                .iter()
+                .map(|c| location_array(&member(c)))
+                .collect();
+            let grounded: Vec<ArrayRef> = children
+                .iter()
+                .map(|c| -> ArrayRef {
+                    Arc::new(BooleanArray::from(
+                        member(c)
+                            .iter()
+                            .map(|m| m.and_then(|n| n.grounded))
+                            .collect::<Vec<_>>(),
+                    ))
+                })
+                .collect();
+            for (field, children_arrays) in [
+                (location_field(children), locations),
+                (grounded_field(children), grounded),
+            ] {
+                let DataType::Struct(fields) = field.data_type() else {
+                    return Err(ExtractError::Internal("a per-member child is not a struct"));
+                };
+                arrays.push(Arc::new(
+                    StructArray::try_new(fields.clone(), children_arrays, Some(valid.clone()))
+                        .map_err(ExtractError::Arrow)?,
+                ));
+            }
             let fields: Fields = struct_fields(children);
             Arc::new(
                 StructArray::try_new(fields, arrays, Some(valid)).map_err(ExtractError::Arrow)?,

@@ -32,6 +32,7 @@ pub struct Extracted {
 /// What an input in the engine carries to its record.
 struct Pending {
     source: SourceInfo,
+    text_layers: Vec<(u32, Option<std::sync::Arc<crate::raster::text::TextLayer>>)>,
     fetch_ms: Option<f64>,
     raster_ms: Option<f64>,
 }
@@ -125,6 +126,7 @@ impl ExtractionStream<'_> {
         }
         let pending = Pending {
             source: page.source,
+            text_layers: page.text_layers,
             fetch_ms: page.fetch_ms,
             raster_ms: page.raster_ms,
         };
@@ -173,6 +175,7 @@ impl ExtractionStream<'_> {
                         pending.source,
                         &f.generation,
                         report.as_ref(),
+                        &pending.text_layers,
                         latency,
                     );
                     Some(Extracted {

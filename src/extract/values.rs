@@ -59,6 +59,8 @@ pub mod provenance {
     pub const ATTEMPT: &str = "attempt";
     /// The fields whose values a confidence threshold withheld (written as null): what a person should check.
     pub const REVIEW: &str = "_review";
+    /// Why each `_review` value was withheld, in the same order: `low_confidence` or `ungrounded`.
+    pub const REVIEW_REASONS: &str = "_review_reasons";
     /// `status` of a usable row.
     pub const STATUS_OK: &str = "ok";
     /// `status` of a transient failure's row: the document is not done, the next run retries it.
@@ -170,6 +172,7 @@ pub mod provenance {
         col(ERROR_KIND, Utf8, true),
         col(ATTEMPT, Int32, true),
         col(REVIEW, Utf8List, true),
+        col(REVIEW_REASONS, Utf8List, true),
         col("finish_reason", Utf8, true),
         col("raw_output", Utf8, true),
         col("prompt_tokens", Int32, true),

@@ -20,6 +20,7 @@ use crate::document::{DocumentInfo, FetchError};
 use crate::extract::{ErrorKind, FailedInput, PageInput, SourceInfo};
 use crate::model::manifest::ImageConfig;
 use crate::model::{ImagePreprocessor, ModelError, PreparedImage};
+use crate::raster::text::TextLayer;
 use crate::raster::{PageRaster, PdfMode, RasterError, RasterOptions, Rasterizer};
 use crate::source::{ListOptions, Source, SourceError};
 
@@ -415,6 +416,8 @@ struct DocumentFeed<'f, 'a> {
     prior_attempts: u32,
     /// Prepared pages not yet sent, the first of them page `group_start` (1-based).
     group: Vec<PreparedImage>,
+    /// The group's pages' numbers and text layers.
+    group_text: Vec<(u32, Option<Arc<TextLayer>>)>,
     group_start: usize,
     /// Image tokens of the group (document mode's windows).
     group_tokens: usize,
@@ -436,6 +439,7 @@ impl<'f, 'a> DocumentFeed<'f, 'a> {
             info,
             prior_attempts,
             group: Vec::new(),
+            group_text: Vec::new(),
             group_start: 1,
             group_tokens: 0,
             render: Duration::ZERO,
@@ -492,6 +496,7 @@ impl<'f, 'a> DocumentFeed<'f, 'a> {
         self.render += page.render_time;
         self.feed.progress.add_busy(Stage::Raster, page.render_time);
         let (index, count, last) = (page.page_index, page.page_count, page.is_last());
+        let text = page.text.clone();
         let prepared = self.feed.prepare(page.image).await?;
         // Document mode: a page that would overflow the window closes it first (pages before it go together).
         let tokens = prepared
@@ -510,6 +515,7 @@ impl<'f, 'a> DocumentFeed<'f, 'a> {
             Ok(p) => {
                 self.group_tokens += tokens;
                 self.group.push(p);
+                self.group_text.push((index as u32 + 1, text));
             }
             Err(e) => {
                 let input = Err(FailedInput {
@@ -535,6 +541,7 @@ impl<'f, 'a> DocumentFeed<'f, 'a> {
         let input = PageInput {
             source: self.source_info(self.group_start, end, Some(count)),
             images: std::mem::take(&mut self.group),
+            text_layers: std::mem::take(&mut self.group_text),
             fetch_ms: None,
             raster_ms: Some(self.render.as_secs_f64() * 1e3),
         };

@@ -137,12 +137,13 @@ fn prepare(spec: &PipelineSpec, opts: &RunOptions, run_id: &str) -> Result<Setup
         Mode::Schema(s) => Some((**s).clone()),
         Mode::FreeText => None,
     };
-    let review = ReviewPolicy::for_schema(
+    let mut review = ReviewPolicy::for_schema(
         spec.extract.min_confidence,
         spec.extract.min_confidence_fields.clone(),
         schema.as_ref(),
     )
     .map_err(PipelineError::Extract)?;
+    review.require_grounding = spec.extract.require_grounding && spec.extract.grounding;
     let schema = schema.map(|s| review.output_schema(&s));
     let ctx = RunContext {
         pipeline: spec.name.clone(),

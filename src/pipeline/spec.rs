@@ -331,6 +331,12 @@ impl PipelineSpec {
         if self.extract.unit == Unit::Document && self.extract.pages_per_prompt != 1 {
             return Err("extract.pages_per_prompt has no meaning with unit = \"document\" (a document's pages go together, in windows of max_prompt_tokens): remove it".into());
         }
+        if self.extract.require_grounding && !self.extract.grounding {
+            return Err("extract.require_grounding = true needs extract.grounding = true (a value cannot be checked against a text layer that is not read)".into());
+        }
+        if self.extract.require_grounding && self.extract.mode.as_deref() == Some("free-text") {
+            return Err("extract.require_grounding applies to schema extraction (a transcription is not looked up on the page)".into());
+        }
         if self.extract.max_prompt_tokens.is_some() && self.extract.unit != Unit::Document {
             return Err("extract.max_prompt_tokens applies to unit = \"document\" only".into());
         }

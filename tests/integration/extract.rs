@@ -591,6 +591,7 @@ fn page_inputs(pages: &[(String, PreparedImage)]) -> Vec<Result<PageInput, Faile
     pages
         .iter()
         .map(|(uri, img)| PageInput {
+            text_layers: Vec::new(),
             source: source(uri),
             images: vec![img.clone()],
             fetch_ms: None,
@@ -923,6 +924,7 @@ fn free_text_mode_and_failed_inputs_still_give_rows() {
     let ex = Extractor::new(&engine, Mode::FreeText, config, BatchPolicy::default()).unwrap();
     let inputs = vec![
         Ok(PageInput {
+            text_layers: Vec::new(),
             source: source(&pages[0].0),
             images: vec![pages[0].1.clone()],
             fetch_ms: Some(1.0),

@@ -163,3 +163,170 @@ fn locate_reads_the_pages_notation_and_says_what_it_cannot() {
         text(&out)
     );
 }
+
+/// A schema whose values the grammar forces (each an `enum` of one value), so the tiny random model answers
+/// exactly these and what grounding does with them is known: the acme invoice's printed values, a vendor it
+/// does not print, a currency marked `x-grounding: false`, and one line item.
+fn forced_schema(dir: &Path) -> PathBuf {
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "invoice_id": {"type": "string", "enum": ["INV-2024-0042"]},
+            "vendor_name": {"type": "string", "enum": ["Initech LLC"]},
+            "invoice_date": {"type": "string", "format": "date", "pattern": "^2024-03-01$"},
+            "invoice_total": {"type": "number", "enum": [165.41]},
+            "currency": {"type": "string", "enum": ["EUR"], "x-grounding": false},
+            "items": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
+                "type": "object",
+                "properties": {
+                    "description": {"type": "string", "enum": ["Service B"]},
+                    "quantity": {"type": "number", "enum": [1]},
+                    "amount": {"type": "number", "enum": [99]}
+                },
+                "required": ["description", "quantity", "amount"]
+            }}
+        },
+        "required": ["invoice_id", "vendor_name", "invoice_date", "invoice_total", "currency", "items"]
+    });
+    let path = dir.join("forced.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&schema).unwrap()).unwrap();
+    path
+}
+
+fn run_spec(dir: &Path, inputs: &Path, output: &Path, extract: &str) -> std::process::Output {
+    let spec = format!(
+        "name = \"grounding\"\n[source]\nuri = \"{}\"\n[raster]\nworkers = 1\nmax_side = 512\n[model]\ndir = \"{}\"\n\
+         batch_size = 2\nmax_new_tokens = 600\n[extract]\nschema = \"{}\"\n{extract}\n[output]\nuri = \"{}\"\n",
+        inputs.display(),
+        crate::util::tiny_model().display(),
+        forced_schema(dir).display(),
+        output.display()
+    );
+    let path = dir.join(format!(
+        "{}.toml",
+        output.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::write(&path, spec).unwrap();
+    pixtract(&["run", path.to_str().unwrap()], &[], &repo_root())
+}
+
+/// `pixtract run` over a born-digital invoice and a scan: `_location` and `_grounded` read back with DuckDB
+/// (boxes where the generator drew the values, the line item's values on its own line, the unprinted vendor
+/// `false`, the derived currency and every scan value null), then `require_grounding` writing the ungrounded
+/// vendor as null, named in `_review` with the reason `ungrounded`.
+#[test]
+fn run_writes_where_each_value_is_printed_and_require_grounding_withholds_the_rest() {
+    use crate::pipeline::duckdb;
+    let tmp = tempfile::tempdir().unwrap();
+    let (samples, truth) = digital_samples(&tmp.path().join("digital"));
+    let inputs = tmp.path().join("in");
+    std::fs::create_dir(&inputs).unwrap();
+    std::fs::copy(
+        samples.join("digital_acme_invoice.pdf"),
+        inputs.join("acme.pdf"),
+    )
+    .unwrap();
+    image::RgbImage::from_pixel(400, 300, image::Rgb([250, 250, 250]))
+        .save(inputs.join("scan.png"))
+        .unwrap();
+    let drawn = &truth["digital_acme_invoice.pdf"]["_locations"];
+
+    let output = tmp.path().join("out");
+    let out = run_spec(tmp.path(), &inputs, &output, "");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let glob = format!("{}/**/*.parquet", output.display());
+    let rows = duckdb(&format!(
+        "SELECT regexp_replace(source_uri, '.*/', ''), invoice_id, vendor_name, \
+         _grounded.invoice_id, _grounded.vendor_name, _grounded.invoice_date, _grounded.invoice_total, \
+         _grounded.currency, items[1]._grounded.quantity, \
+         _location.invoice_id.page, _location.invoice_id.x0, _location.invoice_id.y0, \
+         _location.invoice_id.x1, _location.invoice_id.y1, \
+         _location.invoice_total.x0, _location.invoice_total.y0, _location.invoice_total.x1, \
+         _location.invoice_total.y1, \
+         items[1]._location.description.y0, items[1]._location.quantity.y0, items[1]._location.amount.y0, \
+         items[1]._location.quantity.x0, items[1]._location.quantity.x1, \
+         _location.vendor_name.page, _location.vendor_name.x0, len(_review) \
+         FROM read_parquet('{glob}', hive_partitioning = true) ORDER BY 1"
+    ));
+    let lines: Vec<Vec<&str>> = rows.lines().map(|l| l.split('|').collect()).collect();
+    assert_eq!(lines.len(), 2, "{rows}");
+    let (acme, scan) = (&lines[0], &lines[1]);
+    assert_eq!(acme[0], "acme.pdf");
+    // Printed values found; the vendor the page does not print is false; the derived currency unknown.
+    assert_eq!(
+        acme[1..9],
+        [
+            "INV-2024-0042",
+            "Initech LLC",
+            "True",
+            "False",
+            "True",
+            "True",
+            "None",
+            "True"
+        ],
+        "{rows}"
+    );
+    let f = |s: &str| -> f64 { s.parse().unwrap_or_else(|_| panic!("{s:?} in {rows}")) };
+    let holds = |b: &[&str], key: &str| {
+        let t = &drawn[key]["box"];
+        let (cx, cy) = (
+            (t[0].as_f64().unwrap() + t[2].as_f64().unwrap()) / 2.0,
+            (t[1].as_f64().unwrap() + t[3].as_f64().unwrap()) / 2.0,
+        );
+        f(b[0]) <= cx && cx <= f(b[2]) && f(b[1]) <= cy && cy <= f(b[3])
+    };
+    assert_eq!(acme[9], "1");
+    assert!(
+        holds(&acme[10..14], "invoice_id"),
+        "invoice_id box {:?} vs {}",
+        &acme[10..14],
+        drawn["invoice_id"]
+    );
+    assert!(
+        holds(&acme[14..18], "invoice_total"),
+        "total box {:?} vs {}",
+        &acme[14..18],
+        drawn["invoice_total"]
+    );
+    // The line item's quantity "1" is printed in many places: its row (Service B's line) decides.
+    let line = drawn["items[1].quantity"]["box"][1].as_f64().unwrap();
+    for y in &acme[18..21] {
+        assert!(
+            (f(y) - line).abs() < 0.01,
+            "item values not on the Service B line: {:?} vs {line}",
+            &acme[18..21]
+        );
+    }
+    assert!(holds(
+        &[
+            acme[21],
+            acme[18],
+            acme[22],
+            &(f(acme[18]) + 0.02).to_string()
+        ],
+        "items[1].quantity"
+    ));
+    // Not found: only the page is known (a one-page row), no box.
+    assert_eq!(acme[23..], ["1", "None", "0"], "{rows}");
+    // A scan: no text layer, nothing grounded either way; its values came from its one page.
+    assert_eq!(scan[0], "scan.png");
+    assert_eq!(scan[3..9], ["None"; 6], "{rows}");
+    assert_eq!(scan[9..11], ["1", "None"], "{rows}");
+
+    let strict = tmp.path().join("strict");
+    let out = run_spec(tmp.path(), &inputs, &strict, "require_grounding = true");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let glob = format!("{}/**/*.parquet", strict.display());
+    let rows = duckdb(&format!(
+        "SELECT regexp_replace(source_uri, '.*/', ''), invoice_id, coalesce(vendor_name, 'NULL'), \
+         _review, _review_reasons, _grounded.vendor_name, status \
+         FROM read_parquet('{glob}', hive_partitioning = true) ORDER BY 1"
+    ));
+    assert_eq!(
+        rows.trim(),
+        "acme.pdf|INV-2024-0042|NULL|['vendor_name']|['ungrounded']|False|ok\n\
+         scan.png|INV-2024-0042|Initech LLC|[]|[]|None|ok",
+        "{rows}"
+    );
+}

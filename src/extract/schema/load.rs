@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value, json};
 
-use super::{CONFIDENCE, Constraints, FieldDef, FieldType};
+use super::{Constraints, FieldDef, FieldType, OBJECT_CHILDREN};
 use crate::extract::ExtractError;
 
 const ANNOTATIONS: &[&str] = &[
@@ -346,7 +346,7 @@ impl<'a> Loader<'a> {
         }
         let mut children = Vec::new();
         for (k, v) in props {
-            if k.is_empty() || k == CONFIDENCE {
+            if k.is_empty() || OBJECT_CHILDREN.contains(&k.as_str()) {
                 return Err(self.err(
                     &format!("{path}.properties.{k}"),
                     "this property name is reserved or empty",

@@ -37,6 +37,12 @@ pub use merge_rule::MergeRule;
 
 /// Name of the per-object confidence child (top-level column and inside every struct).
 pub const CONFIDENCE: &str = "_confidence";
+/// Name of the per-object location child: where each member's value is printed (`{page, x0, y0, x1, y1}`).
+pub const LOCATION: &str = "_location";
+/// Name of the per-object grounding child: whether each member's value is in its pages' text layer.
+pub const GROUNDED: &str = "_grounded";
+/// The children pixtract adds to every object, after its members: no property may take these names.
+pub const OBJECT_CHILDREN: [&str; 3] = [CONFIDENCE, LOCATION, GROUNDED];
 
 /// Column type of one field.
 #[derive(Debug, Clone, PartialEq)]
@@ -129,10 +135,44 @@ pub fn confidence_field(children: &[FieldDef]) -> Field {
     Field::new(CONFIDENCE, DataType::Struct(Fields::from(fields)), true)
 }
 
-/// Arrow fields of an object: its members, then `_confidence`.
+/// `{page, x0, y0, x1, y1}`: the page (1-based) and the box (0-1, origin top-left of the page as rendered; null
+/// when only the page is known).
+pub fn location_type() -> DataType {
+    let coord = |n: &str| Field::new(n, DataType::Float32, true);
+    DataType::Struct(Fields::from(vec![
+        Field::new("page", DataType::Int32, false),
+        coord("x0"),
+        coord("y0"),
+        coord("x1"),
+        coord("y1"),
+    ]))
+}
+
+/// The `_location` struct of an object with `children`: one location per field (null for objects and lists,
+/// whose own members carry theirs).
+pub fn location_field(children: &[FieldDef]) -> Field {
+    let fields: Vec<Field> = children
+        .iter()
+        .map(|c| Field::new(&c.name, location_type(), true))
+        .collect();
+    Field::new(LOCATION, DataType::Struct(Fields::from(fields)), true)
+}
+
+/// The `_grounded` struct of an object with `children`: one boolean per field.
+pub fn grounded_field(children: &[FieldDef]) -> Field {
+    let fields: Vec<Field> = children
+        .iter()
+        .map(|c| Field::new(&c.name, DataType::Boolean, true))
+        .collect();
+    Field::new(GROUNDED, DataType::Struct(Fields::from(fields)), true)
+}
+
+/// Arrow fields of an object: its members, then `_confidence`, `_location` and `_grounded`.
 pub fn struct_fields(children: &[FieldDef]) -> Fields {
     let mut fields: Vec<Field> = children.iter().map(FieldDef::arrow_field).collect();
     fields.push(confidence_field(children));
+    fields.push(location_field(children));
+    fields.push(grounded_field(children));
     Fields::from(fields)
 }
 
@@ -203,7 +243,7 @@ impl ExtractionSchema {
             return Err(loader.err("$.properties", "the schema declares no properties"));
         }
         for f in &fields {
-            if provenance::is_reserved(&f.name) || f.name == CONFIDENCE {
+            if provenance::is_reserved(&f.name) || OBJECT_CHILDREN.contains(&f.name.as_str()) {
                 return Err(loader.err(
                     &format!("$.properties.{}", f.name),
                     "this name is one of pixtract's own columns; rename the property",
