@@ -41,6 +41,13 @@ pub struct EvalArgs {
     /// Print the report as one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// Also score grounding, per field: how often a predicted value found on its page (`_grounded`) is right
+    /// against one that is not, and the labelled values located in their documents' text layers (documents
+    /// re-read from each row's source_uri; scans are skipped): found, ambiguous, missing, and where the labels
+    /// say where each value is drawn (`_locations`, as `scripts/make_samples.py --digital` writes), the share
+    /// of boxes found there.
+    #[arg(long)]
+    grounding: bool,
     /// Also write one row per document and field (document, field, predicted, expected, outcome, confidence)
     /// to this Parquet file.
     #[arg(long, value_name = "FILE.parquet")]
@@ -63,7 +70,26 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         target_precision: args.target_precision,
         bins: args.bins,
     };
-    let report = eval::evaluate(&predictions, &labels, &opts)?;
+    let mut report = eval::evaluate(&predictions, &labels, &opts)?;
+    let mut grounding_note = None;
+    if args.grounding {
+        let mut scores = eval::grounding::of_predictions(&report, &predictions);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        let (searched, skipped) = runtime.block_on(eval::grounding::locate_labels(
+            &labels,
+            &predictions,
+            &opts.mapping,
+            &mut scores,
+        ))?;
+        grounding_note = Some(format!(
+            "grounding: labelled values located in {searched} documents' text layers ({skipped} without one or unreadable)\n{}",
+            eval::grounding::table(&scores)
+        ));
+        report.grounding = Some(scores.into_values().collect());
+    }
     if let Some(path) = &args.out_parquet {
         eval::write_outcomes(&report, path)?;
     }
@@ -79,6 +105,9 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
             report.unlabelled_documents
         );
         print!("{}", report.table());
+        if let Some(note) = &grounding_note {
+            print!("{note}");
+        }
         if let Some(path) = &args.out_parquet {
             println!("per-field outcomes: {}", path.display());
         }

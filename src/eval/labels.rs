@@ -19,6 +19,37 @@ pub struct LabelSet {
     pub documents: BTreeMap<String, Labels>,
     /// Document key -> list key -> its items (arrays of objects in the label).
     pub lists: BTreeMap<String, BTreeMap<String, Vec<Labels>>>,
+    /// Document key -> label path (`total`, `items[2].quantity`) -> where the value is printed, when the label
+    /// says (`"_locations": {"total": {"page": 1, "box": [x0, y0, x1, y1]}}`, as `scripts/make_samples.py
+    /// --digital` writes): for scoring the locator's boxes.
+    pub locations: BTreeMap<String, BTreeMap<String, DrawnAt>>,
+}
+
+/// Where a label says its value is printed: page (1-based) and box (0-1, origin top-left).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DrawnAt {
+    pub page: u32,
+    pub bbox: [f64; 4],
+}
+
+fn locations_of(object: &serde_json::Map<String, Value>) -> BTreeMap<String, DrawnAt> {
+    let Some(Value::Object(locs)) = object.get("_locations") else {
+        return BTreeMap::new();
+    };
+    locs.iter()
+        .filter_map(|(k, v)| {
+            let page = u32::try_from(v.get("page")?.as_u64()?).ok()?;
+            let b = v.get("box")?.as_array()?;
+            let c = |i: usize| b.get(i).and_then(Value::as_f64);
+            Some((
+                k.clone(),
+                DrawnAt {
+                    page,
+                    bbox: [c(0)?, c(1)?, c(2)?, c(3)?],
+                },
+            ))
+        })
+        .collect()
 }
 
 fn text_of(value: &Value) -> Option<String> {
@@ -222,6 +253,10 @@ impl LabelSet {
         let lists = lists_of(object);
         if !lists.is_empty() {
             self.lists.insert(key.to_string(), lists);
+        }
+        let locations = locations_of(object);
+        if !locations.is_empty() {
+            self.locations.insert(key.to_string(), locations);
         }
     }
 

@@ -9,6 +9,7 @@
 //! `absent` (neither: not counted). Line items (a label's array of objects against a `List<Struct>` column) are
 //! scored as sets of leaves with Donut's field F1 and tree-edit-distance accuracy ([`items`]).
 
+pub mod grounding;
 mod items;
 mod labels;
 mod normalise;
@@ -18,11 +19,12 @@ mod report;
 use std::path::PathBuf;
 
 pub use items::{Item, ItemScore, ted_accuracy};
-pub use labels::{LabelSet, Labels};
+pub use labels::{DrawnAt, LabelSet, Labels};
 pub use normalise::{FieldKind, normalise};
 pub use predictions::{Prediction, Predictions, page_key};
 pub use report::{
-    Calibration, FieldOutcome, FieldScore, Outcome, Report, Threshold, write_outcomes,
+    Calibration, FieldOutcome, FieldScore, GroundingScore, Outcome, Report, Threshold,
+    write_outcomes,
 };
 
 #[derive(Debug, thiserror::Error)]

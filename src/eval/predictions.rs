@@ -26,6 +26,8 @@ pub struct Prediction {
     pub values: BTreeMap<String, Option<String>>,
     /// Field -> the least probable token's probability behind its value.
     pub confidence: BTreeMap<String, Option<f64>>,
+    /// Field -> whether its value was found in its pages' text layer (`_grounded`; None: unknown).
+    pub grounded: BTreeMap<String, Option<bool>>,
     /// List-of-struct field (line items) -> its items, member -> value as text (None: null list).
     pub lists: BTreeMap<String, Option<Vec<Item>>>,
 }
@@ -239,7 +241,22 @@ impl Predictions {
                         })
                         .collect()
                 });
-            fields.push((name.clone(), text(name)?.unwrap_or_default(), conf));
+            let grounded: Option<Vec<Option<bool>>> = batch
+                .column_by_name("_grounded")
+                .and_then(|c| c.as_any().downcast_ref::<StructArray>())
+                .and_then(|g| g.column_by_name(name))
+                .and_then(|c| c.as_boolean_opt())
+                .map(|b| {
+                    (0..b.len())
+                        .map(|i| (!b.is_null(i)).then(|| b.value(i)))
+                        .collect()
+                });
+            fields.push((
+                name.clone(),
+                text(name)?.unwrap_or_default(),
+                conf,
+                grounded,
+            ));
         }
         for (row, uri) in uris.into_iter().enumerate() {
             self.rows += 1;
@@ -278,9 +295,15 @@ impl Predictions {
                 p.lists
                     .insert(name.clone(), items.get(row).cloned().flatten());
             }
-            for (name, values, conf) in &fields {
+            for (name, values, conf, grounded) in &fields {
                 p.values
                     .insert(name.clone(), values.get(row).cloned().flatten());
+                p.grounded.insert(
+                    name.clone(),
+                    grounded
+                        .as_ref()
+                        .and_then(|g| g.get(row).copied().flatten()),
+                );
                 p.confidence.insert(
                     name.clone(),
                     conf.as_ref().and_then(|c| c.get(row).copied().flatten()),

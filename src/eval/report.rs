@@ -108,6 +108,29 @@ pub struct Threshold {
     pub kept: f64,
 }
 
+/// One field's grounding figures.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GroundingScore {
+    pub field: String,
+    /// Predicted (non-null) values, by their `_grounded`.
+    pub grounded: usize,
+    pub ungrounded: usize,
+    pub unknown: usize,
+    /// Of the predicted values with a label: the share right among the grounded ones, and among the ungrounded.
+    pub correct_when_grounded: Option<f64>,
+    pub correct_when_ungrounded: Option<f64>,
+    /// Labelled values searched in the text layers of their documents (documents with a text layer only).
+    pub labelled: usize,
+    /// Found in one place, in several places (ambiguous), nowhere.
+    pub found: usize,
+    pub ambiguous: usize,
+    pub not_found: usize,
+    /// Values found in one place whose label says where they are drawn, and of those, how many boxes hold the
+    /// centre of the drawn box on the same page.
+    pub boxes_checked: usize,
+    pub boxes_right: usize,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub fields: Vec<FieldScore>,
@@ -127,6 +150,10 @@ pub struct Report {
     pub unlabelled_documents: usize,
     /// Line items scored as sets (Donut's field F1 and tree-edit-distance accuracy), one per list field.
     pub items: Vec<super::items::ItemScore>,
+    /// `--grounding`: per field, the predictions' `_grounded` against the labels, and the labels located in
+    /// their documents' text layers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grounding: Option<Vec<GroundingScore>>,
     #[serde(skip)]
     pub outcomes: Vec<FieldOutcome>,
 }
@@ -188,6 +215,7 @@ impl Report {
             unmatched_documents,
             unlabelled_documents,
             items: Vec::new(),
+            grounding: None,
             outcomes,
         }
     }

@@ -114,7 +114,7 @@ impl ReviewPolicy {
     ) -> Result<ReviewPolicy, ExtractError> {
         match schema {
             Some(s) => Self::new(default, per_field, &s.fields),
-            None => Self::new(default, per_field, &super::rows::text_fields()),
+            None => Self::new(default, per_field, &super::schema::text_fields()),
         }
     }
 

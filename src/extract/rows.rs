@@ -25,7 +25,7 @@ use super::answer::{Node, NodeValue};
 use super::review::Flagged;
 use super::schema::{
     ExtractionSchema, FieldDef, FieldType, confidence_field, confidence_pair_type, grounded_field,
-    location_field, location_type, struct_fields,
+    location_field, location_type, struct_fields, text_fields,
 };
 use super::values::provenance::{
     ATTEMPT, DOC_PAGE_COUNT, ERROR_KIND, ErrorKind, MODEL_ID, PAGE_END, PAGE_START, PROVENANCE,
@@ -163,19 +163,6 @@ impl ExtractionRecord {
 
 /// Name used in `schema_name` for free-text rows.
 pub const FREE_TEXT: &str = "free_text";
-
-pub(crate) fn text_fields() -> Vec<FieldDef> {
-    vec![FieldDef {
-        name: "text".into(),
-        title: None,
-        description: None,
-        nullable: true,
-        required: true,
-        ty: FieldType::Utf8,
-        constraints: Default::default(),
-        grounding: false,
-    }]
-}
 
 /// The full row schema: extracted columns (every top-level one nullable: failed rows) then provenance.
 pub fn row_schema(schema: Option<&ExtractionSchema>) -> Schema {

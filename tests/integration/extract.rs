@@ -39,6 +39,32 @@ fn field_type(schema: &ExtractionSchema, name: &str) -> DataType {
         .clone()
 }
 
+/// `_location`: per member `{page, x0, y0, x1, y1}`.
+fn location_of(names: &[&str]) -> Field {
+    let coord = |n: &str| Field::new(n, DataType::Float32, true);
+    let loc = DataType::Struct(Fields::from(vec![
+        Field::new("page", DataType::Int32, false),
+        coord("x0"),
+        coord("y0"),
+        coord("x1"),
+        coord("y1"),
+    ]));
+    let members: Vec<Field> = names
+        .iter()
+        .map(|n| Field::new(*n, loc.clone(), true))
+        .collect();
+    Field::new("_location", DataType::Struct(Fields::from(members)), true)
+}
+
+/// `_grounded`: per member a boolean.
+fn grounded_of(names: &[&str]) -> Field {
+    let members: Vec<Field> = names
+        .iter()
+        .map(|n| Field::new(*n, DataType::Boolean, true))
+        .collect();
+    Field::new("_grounded", DataType::Struct(Fields::from(members)), true)
+}
+
 fn conf_of(names: &[&str]) -> Field {
     Field::new(
         "_confidence",
@@ -93,6 +119,8 @@ fn arrow_mapping_covers_every_construct() {
         DataType::Struct(Fields::from(vec![
             Field::new("x", DataType::Int64, false),
             conf_of(&["x"]),
+            location_of(&["x"]),
+            grounded_of(&["x"]),
         ]))
     );
     assert_eq!(
@@ -104,6 +132,8 @@ fn arrow_mapping_covers_every_construct() {
         // Not required: may be absent, so nullable.
         Field::new("p", DataType::Decimal128(12, 2), true),
         conf_of(&["q", "p"]),
+        location_of(&["q", "p"]),
+        grounded_of(&["q", "p"]),
     ]));
     assert_eq!(
         field_type(&schema, "lines"),
@@ -120,11 +150,12 @@ fn arrow_mapping_covers_every_construct() {
         Some("an amount"),
         "$ref target's annotations"
     );
-    // The row layout: extracted columns (all nullable at top level: failed rows), _confidence, provenance.
+    // The row layout: extracted columns (all nullable at top level: failed rows), _confidence, _location,
+    // _grounded, provenance.
     let row = pixtract::extract::row_schema(Some(&schema));
     let names: Vec<&str> = row.fields().iter().map(|f| f.name().as_str()).collect();
     assert_eq!(
-        &names[..12],
+        &names[..14],
         &[
             "s",
             "i",
@@ -137,7 +168,9 @@ fn arrow_mapping_covers_every_construct() {
             "obj",
             "tags",
             "lines",
-            "_confidence"
+            "_confidence",
+            "_location",
+            "_grounded"
         ]
     );
     for col in [

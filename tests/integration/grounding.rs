@@ -314,6 +314,65 @@ fn run_writes_where_each_value_is_printed_and_require_grounding_withholds_the_re
     assert_eq!(scan[3..9], ["None"; 6], "{rows}");
     assert_eq!(scan[9..11], ["1", "None"], "{rows}");
 
+    // `pixtract eval --grounding`: the grounded invoice number is right, the ungrounded vendor wrong; the labels
+    // located in the invoice's text layer where the generator drew them. The scan has no label (not scored).
+    let labels = tmp.path().join("labels.json");
+    std::fs::write(
+        &labels,
+        serde_json::json!({"acme.pdf": truth["digital_acme_invoice.pdf"]}).to_string(),
+    )
+    .unwrap();
+    let out = pixtract(
+        &[
+            "eval",
+            "--predictions",
+            output.to_str().unwrap(),
+            "--labels",
+            labels.to_str().unwrap(),
+            "--grounding",
+            "--json",
+        ],
+        &[],
+        &repo_root(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let report: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    let field = |name: &str| -> &Value {
+        report["grounding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["field"] == name)
+            .unwrap_or_else(|| panic!("{name}: {report}"))
+    };
+    assert_eq!(
+        (
+            field("invoice_id")["grounded"].as_u64(),
+            field("invoice_id")["correct_when_grounded"].as_f64()
+        ),
+        (Some(1), Some(1.0))
+    );
+    assert_eq!(
+        (
+            field("vendor_name")["ungrounded"].as_u64(),
+            field("vendor_name")["correct_when_ungrounded"].as_f64()
+        ),
+        (Some(1), Some(0.0))
+    );
+    for name in ["invoice_id", "vendor_name", "invoice_total", "invoice_date"] {
+        let g = field(name);
+        assert_eq!(
+            (
+                g["labelled"].as_u64(),
+                g["found"].as_u64(),
+                g["boxes_right"].as_u64()
+            ),
+            (Some(1), Some(1), Some(1)),
+            "{name}: {g}"
+        );
+    }
+
     let strict = tmp.path().join("strict");
     let out = run_spec(tmp.path(), &inputs, &strict, "require_grounding = true");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));

@@ -95,7 +95,9 @@ fn check_duckdb_result(v: &Value) {
         json!([
             "DATE",
             "DECIMAL(18,3)",
-            "STRUCT(description VARCHAR, quantity DECIMAL(18,4), unit_price DECIMAL(18,4), total_price DECIMAL(18,3), _confidence STRUCT(description STRUCT(min FLOAT, mean FLOAT), quantity STRUCT(min FLOAT, mean FLOAT), unit_price STRUCT(min FLOAT, mean FLOAT), total_price STRUCT(min FLOAT, mean FLOAT)))[]",
+            "STRUCT(description VARCHAR, quantity DECIMAL(18,4), unit_price DECIMAL(18,4), total_price DECIMAL(18,3), _confidence STRUCT(description STRUCT(min FLOAT, mean FLOAT), quantity STRUCT(min FLOAT, mean FLOAT), unit_price STRUCT(min FLOAT, mean FLOAT), total_price STRUCT(min FLOAT, mean FLOAT)), \
+             _location STRUCT(description STRUCT(page INTEGER, x0 FLOAT, y0 FLOAT, x1 FLOAT, y1 FLOAT), quantity STRUCT(page INTEGER, x0 FLOAT, y0 FLOAT, x1 FLOAT, y1 FLOAT), unit_price STRUCT(page INTEGER, x0 FLOAT, y0 FLOAT, x1 FLOAT, y1 FLOAT), total_price STRUCT(page INTEGER, x0 FLOAT, y0 FLOAT, x1 FLOAT, y1 FLOAT)), \
+             _grounded STRUCT(description BOOLEAN, quantity BOOLEAN, unit_price BOOLEAN, total_price BOOLEAN))[]",
             "TIMESTAMP WITH TIME ZONE",
             "DATE"
         ])

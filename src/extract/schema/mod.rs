@@ -176,6 +176,20 @@ pub fn struct_fields(children: &[FieldDef]) -> Fields {
     Fields::from(fields)
 }
 
+/// Free-text mode's one field, `text`: the row layout of a transcription.
+pub fn text_fields() -> Vec<FieldDef> {
+    vec![FieldDef {
+        name: "text".into(),
+        title: None,
+        description: None,
+        nullable: true,
+        required: true,
+        ty: FieldType::Utf8,
+        constraints: Default::default(),
+        grounding: false,
+    }]
+}
+
 /// A loaded, checked extraction schema.
 #[derive(Debug, Clone)]
 pub struct ExtractionSchema {
