@@ -9,6 +9,7 @@ mod generate;
 mod locate;
 mod pages;
 mod report;
+mod review;
 mod run;
 mod verify;
 
@@ -125,6 +126,18 @@ enum Command {
     ///
     ///   pixtract eval --predictions out/r --labels labels/ --json > eval.json; pixtract report out/r --eval eval.json
     Report(report::ReportArgs),
+    /// Write the values a person should check as one static HTML page: each row with a value withheld
+    /// (`_review`: low confidence, or not on the page under `require_grounding`) or not found on its page
+    /// (`_grounded = false`), its pages re-rendered from the source documents with a box around every located
+    /// value, and the values beside them. A document whose ETag changed since its row is not shown (the page
+    /// says why). Exit code 0 when written, 1 when it could not be.
+    ///
+    /// Examples:
+    ///
+    ///   pixtract review out/invoices --out review.html
+    ///
+    ///   pixtract review s3://lake/invoices/ --out /tmp/review.html --max-rows 20
+    Review(review::ReviewArgs),
     /// Benchmarks, each against its reference in the same run, reported as ratios.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -143,6 +156,7 @@ pub fn main() -> ExitCode {
         Command::Verify(args) => verify::verify(args),
         Command::Eval(args) => report("eval", eval::eval(args)),
         Command::Report(args) => report("report", report::report(args)),
+        Command::Review(args) => report("review", review::review(args)),
         Command::Bench(command) => bench::bench(command),
         Command::RasterWorker => pixtract::raster::worker::run_worker(),
     }

@@ -134,8 +134,9 @@ impl ToDisplay {
         )
     }
 
-    /// A user-space rectangle as a displayed box (the four corners' bounds: a rotation swaps the axes).
-    fn rect(&self, r: &PdfRect) -> [f32; 4] {
+    /// A user-space rectangle as a displayed box (the four corners' bounds: a rotation swaps the axes); None
+    /// when its centre lies off the page (text outside the crop box prints nothing a reader can see).
+    fn rect(&self, r: &PdfRect) -> Option<[f32; 4]> {
         let corners = [
             self.point(r.left().value, r.bottom().value),
             self.point(r.right().value, r.bottom().value),
@@ -143,14 +144,19 @@ impl ToDisplay {
             self.point(r.right().value, r.top().value),
         ];
         let fold = |f: fn(f64, f64) -> f64, pick: fn(&(f64, f64)) -> f64, init: f64| {
-            corners.iter().map(pick).fold(init, f).clamp(0.0, 1.0) as f32
+            corners.iter().map(pick).fold(init, f)
         };
-        [
+        let b = [
             fold(f64::min, |c| c.0, f64::INFINITY),
             fold(f64::min, |c| c.1, f64::INFINITY),
             fold(f64::max, |c| c.0, f64::NEG_INFINITY),
             fold(f64::max, |c| c.1, f64::NEG_INFINITY),
-        ]
+        ];
+        let (cx, cy) = ((b[0] + b[2]) / 2.0, (b[1] + b[3]) / 2.0);
+        if !((0.0..=1.0).contains(&cx) && (0.0..=1.0).contains(&cy)) {
+            return None;
+        }
+        Some(b.map(|v| v.clamp(0.0, 1.0) as f32))
     }
 }
 
@@ -167,7 +173,10 @@ pub fn page_text(page: &PdfPage) -> Option<Arc<TextLayer>> {
             [0.0; 4]
         } else {
             match c.loose_bounds() {
-                Ok(r) => map.rect(&r),
+                Ok(r) => match map.rect(&r) {
+                    Some(b) => b,
+                    None => continue,
+                },
                 Err(_) => [0.0; 4],
             }
         };

@@ -11,6 +11,7 @@ pub mod eval;
 pub mod figures;
 mod html;
 pub mod read;
+pub mod review;
 
 use std::path::PathBuf;
 

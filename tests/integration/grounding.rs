@@ -124,7 +124,7 @@ fn locate_reads_the_pages_notation_and_says_what_it_cannot() {
         ("invoice_total", "4261.39"),
         ("invoice_date", "2024-03-07"),
         ("due_date", "2024-04-06"),
-        ("vendor_name", "Muller & Sohne GmbH"),
+        ("vendor_name", "Müller & Sohne GmbH"),
     ]
     .map(|(k, v)| (k.to_string(), v.to_string()));
     let (out, results) = locate_json(&doc, &pairs);
@@ -387,5 +387,136 @@ fn run_writes_where_each_value_is_printed_and_require_grounding_withholds_the_re
         "acme.pdf|INV-2024-0042|NULL|['vendor_name']|['ungrounded']|False|ok\n\
          scan.png|INV-2024-0042|Initech LLC|[]|[]|None|ok",
         "{rows}"
+    );
+}
+
+/// `pixtract review` in a real browser: the invoice whose vendor `require_grounding` withheld, its page
+/// re-rendered with a box where each located value is printed (the box's place on the image agrees with
+/// `_location`, and holds where the generator drew the value), the withheld vendor marked with its reason; the
+/// scan (nothing to check) left out; then the document changed on disk: its pages refused, saying why.
+#[test]
+fn review_page_boxes_each_value_where_it_is_printed() {
+    use crate::browser::Browser;
+    let tmp = tempfile::tempdir().unwrap();
+    let (samples, truth) = digital_samples(&tmp.path().join("digital"));
+    let inputs = tmp.path().join("in");
+    std::fs::create_dir(&inputs).unwrap();
+    std::fs::copy(
+        samples.join("digital_acme_invoice.pdf"),
+        inputs.join("acme.pdf"),
+    )
+    .unwrap();
+    image::RgbImage::from_pixel(400, 300, image::Rgb([250, 250, 250]))
+        .save(inputs.join("scan.png"))
+        .unwrap();
+    let output = tmp.path().join("out");
+    let out = run_spec(tmp.path(), &inputs, &output, "require_grounding = true");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let page = tmp.path().join("review.html");
+    let review = |page: &Path| {
+        let out = pixtract(
+            &[
+                "review",
+                output.to_str().unwrap(),
+                "--out",
+                page.to_str().unwrap(),
+            ],
+            &[],
+            &repo_root(),
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        text(&out)
+    };
+    let said = review(&page);
+    assert!(
+        said.contains("1 rows to review (0 more not shown, 0 without their pages)"),
+        "{said}"
+    );
+
+    let mut browser = Browser::start();
+    let url = browser.open(&page);
+    let rows = browser.eval("[...document.querySelectorAll('h2')].map(h => h.textContent)");
+    assert_eq!(rows.as_array().unwrap().len(), 1, "{rows}");
+    assert!(rows[0].as_str().unwrap().contains("acme.pdf"), "{rows}");
+    // Each box's place on the page image, as shares of the image (what the reader sees), by value path.
+    let boxes = browser.eval(
+        "Object.fromEntries([...document.querySelectorAll('.page .box')].map(b => { \
+           const img = b.parentElement.querySelector('img').getBoundingClientRect(); \
+           const r = b.getBoundingClientRect(); \
+           return [b.dataset.path, [(r.left - img.left) / img.width, (r.top - img.top) / img.height, \
+                   (r.right - img.left) / img.width, (r.bottom - img.top) / img.height, b.className]]; }))",
+    );
+    let drawn = &truth["digital_acme_invoice.pdf"]["_locations"];
+    for (path, label) in [
+        ("invoice_id", "invoice_id"),
+        ("invoice_total", "invoice_total"),
+        ("invoice_date", "invoice_date"),
+        ("items[0].description", "items[1].description"),
+        ("items[0].quantity", "items[1].quantity"),
+        ("items[0].amount", "items[1].amount"),
+    ] {
+        let b = boxes[path]
+            .as_array()
+            .unwrap_or_else(|| panic!("no box for {path}: {boxes}"));
+        let t = &drawn[label]["box"];
+        let centre = |i: usize| (t[i].as_f64().unwrap() + t[i + 2].as_f64().unwrap()) / 2.0;
+        let (x0, y0, x1, y1) = (
+            b[0].as_f64().unwrap(),
+            b[1].as_f64().unwrap(),
+            b[2].as_f64().unwrap(),
+            b[3].as_f64().unwrap(),
+        );
+        assert!(
+            x0 <= centre(0) && centre(0) <= x1 && y0 <= centre(1) && centre(1) <= y1,
+            "{path}: box on screen {b:?}, drawn at {t}"
+        );
+        assert_eq!(b[4], "box", "{path} is not to check");
+    }
+    assert!(
+        boxes.get("vendor_name").is_none(),
+        "the vendor was not found: no box"
+    );
+    let flagged = browser.eval(
+        "[...document.querySelectorAll('tr.check')].map(tr => [...tr.children].map(td => td.textContent))",
+    );
+    assert_eq!(
+        flagged,
+        serde_json::json!([[
+            "vendor_name",
+            "null",
+            "not found",
+            "withheld: not on the page"
+        ]])
+    );
+    let screenshot = browser.screenshot(1200);
+    assert!(browser.log.errors.is_empty(), "{:?}", browser.log.errors);
+    // The page images are data: URLs inside the file; nothing else is requested.
+    let fetched: Vec<&String> = browser
+        .log
+        .requests
+        .iter()
+        .filter(|r| !r.starts_with("data:"))
+        .collect();
+    assert_eq!(fetched, vec![&url], "a static page: nothing fetched");
+    let shot = repo_root().join("target/review-test/review.png");
+    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
+    std::fs::write(&shot, &screenshot).unwrap();
+    eprintln!("screenshot: {}", shot.display());
+
+    // The document changed since the run: its pages are not shown, and the page says why.
+    let mut bytes = std::fs::read(inputs.join("acme.pdf")).unwrap();
+    bytes.extend_from_slice(b"\n% edited\n");
+    std::fs::write(inputs.join("acme.pdf"), bytes).unwrap();
+    let changed = tmp.path().join("changed.html");
+    let said = review(&changed);
+    assert!(said.contains("1 without their pages"), "{said}");
+    let html = std::fs::read_to_string(&changed).unwrap();
+    assert!(
+        html.contains("the document changed since this row was written"),
+        "{html}"
+    );
+    assert!(
+        !html.contains("<img"),
+        "no page image of a changed document"
     );
 }

@@ -196,10 +196,11 @@ fn text_candidates(pages: &[PageText], value: &str) -> Vec<Candidate> {
     if !exact.is_empty() {
         return exact;
     }
-    // One edit per 8 characters: a misread letter or two in a name, not another word.
+    // One edit per 10 characters: a misread letter in a name, not another name. Never in a value with digits
+    // (an IBAN, an invoice number): one digit off is another value.
     let n = needle.len();
-    if (5..=120).contains(&n) {
-        let max_edits = n / 8 + usize::from(n >= 12);
+    if (10..=120).contains(&n) && !needle.iter().any(char::is_ascii_digit) {
+        let max_edits = n / 10;
         let fuzzy: Vec<(Candidate, usize)> = pages
             .iter()
             .enumerate()
@@ -285,7 +286,11 @@ pub fn locate(
         });
     }
     let all: Vec<usize> = (0..found.len()).collect();
-    let on_lines = on_anchor_lines(&boxes, anchors);
+    // A place another value of the item already holds is not this value's.
+    let on_lines: Vec<usize> = on_anchor_lines(&boxes, anchors)
+        .into_iter()
+        .filter(|&i| !anchors.iter().any(|a| Some(*a) == boxes[i]))
+        .collect();
     let by_label = |among: &[usize]| nearest_label(pages, &found, &boxes, &lookup.labels, among);
     let pick = if anchors_first && anchors.is_empty() {
         // Wait for the row's other values: the nearest header alone would pick the first row.
@@ -298,7 +303,7 @@ pub fn locate(
             by_label(&on_lines)
         }
     } else {
-        by_label(&all).or_else(|| (on_lines.len() == 1).then(|| on_lines[0]))
+        by_label(&all)
     };
     match pick {
         Some(i) => at(found[i]).unwrap_or(Found::Ambiguous {
@@ -317,13 +322,21 @@ pub fn locate_group(pages: &[PageText], lookups: &[Lookup], in_list: bool) -> Ve
         .iter()
         .map(|l| locate(pages, l, &[], in_list))
         .collect();
-    let anchors: Vec<Location> = found
+    // Header values are decided by their labels alone: another field's place says nothing about theirs (two
+    // fields with the same date would take each other's place).
+    if !in_list {
+        return found;
+    }
+    let mut anchors: Vec<Location> = found
         .iter()
         .filter_map(|f| match f {
             Found::At { location, .. } => Some(*location),
             _ => None,
         })
         .collect();
+    if anchors.is_empty() {
+        anchors.extend(shared_line(pages, lookups));
+    }
     if !anchors.is_empty() {
         for (f, l) in found.iter_mut().zip(lookups) {
             if matches!(f, Found::Ambiguous { .. }) {
@@ -332,6 +345,53 @@ pub fn locate_group(pages: &[PageText], lookups: &[Lookup], in_list: bool) -> Ve
         }
     }
     found
+}
+
+/// A line item none of whose values is printed only once: the one line where more of its values are printed
+/// than on any other (at least two), as an anchor spanning the line.
+fn shared_line(pages: &[PageText], lookups: &[Lookup]) -> Option<Location> {
+    let places: Vec<Vec<Location>> = lookups
+        .iter()
+        .map(|l| {
+            candidates(pages, l)
+                .into_iter()
+                .filter_map(|(p, span)| pages[p].location(span))
+                .collect()
+        })
+        .collect();
+    let mut best: Vec<(usize, Location)> = Vec::new();
+    for (i, own) in places.iter().enumerate() {
+        for place in own {
+            let Some(b) = place.bbox else { continue };
+            let others = places
+                .iter()
+                .enumerate()
+                .filter(|(j, theirs)| {
+                    *j != i
+                        && theirs.iter().any(|t| {
+                            t.page == place.page && t.bbox.is_some_and(|tb| same_line(&tb, &b))
+                        })
+                })
+                .count();
+            best.push((others, *place));
+        }
+    }
+    let top = best.iter().map(|(n, _)| *n).max().filter(|n| *n >= 1)?;
+    let lines: Vec<&Location> = best
+        .iter()
+        .filter(|(n, _)| *n == top)
+        .map(|(_, l)| l)
+        .collect();
+    let first = lines[0];
+    let fb = first.bbox?;
+    // Every place with the top count must be on that one line, else two lines tie.
+    let one_line = lines
+        .iter()
+        .all(|l| l.page == first.page && l.bbox.is_some_and(|b| same_line(&b, &fb)));
+    one_line.then_some(Location {
+        page: first.page,
+        bbox: Some([0.0, fb[1], 1.0, fb[3]]),
+    })
 }
 
 /// A value printed once per page at the same place with the same text (a header or footer repeated on every
@@ -434,10 +494,11 @@ fn nearest_label(
     }
 }
 
-/// The text a scalar node holds, as a page would print it; None for null, booleans and containers.
+/// The text a scalar node holds, as a page would print it; None for null, empty strings (nothing to look for:
+/// the same as null), booleans and containers.
 fn node_text(node: &Node) -> Option<&str> {
     match &node.value {
-        NodeValue::String(s) => Some(s),
+        NodeValue::String(s) if !s.trim().is_empty() => Some(s),
         NodeValue::Number(n) => Some(n),
         _ => None,
     }
