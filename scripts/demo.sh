@@ -16,6 +16,10 @@ $px doctor
 echo
 echo "== sample documents"
 .venv/bin/python scripts/make_samples.py out/demo/inputs
+# Born-digital PDFs (real text, not images) with where every value is printed: the run grounds their answers.
+.venv/bin/python scripts/make_samples.py out/demo/digital --digital
+mkdir -p out/demo/inputs/digital
+cp -f out/demo/digital/*.pdf out/demo/inputs/digital/
 corpus=../shared/corpus/receipts-sroie
 if [ -d "$corpus" ]; then
   # A few real scans nobody here made, beside the synthetic ones.
@@ -50,3 +54,13 @@ echo "== pixtract eval: the output against the samples' ground truth (out/demo/i
 $px eval --predictions out/demo/parquet --labels out/demo/inputs/ground_truth.json
 echo "(random weights, so accuracy near 0 is the expected result: the same command on a real model's output is"
 echo " how you measure it; see docs/eval.md)"
+echo
+echo "== grounding: where a value is printed on a born-digital page (pixtract locate)"
+$px locate out/demo/digital/digital_mueller_rechnung.pdf --value invoice_total=4261.39 \
+  --value invoice_date=2024-03-07 --value vendor_name="Müller & Söhne GmbH" --value "items[0].unit_price=115.5" \
+  --value "items[0].description=Beratung (Stunden)" || true
+echo "(found in the page's own notation: 4.261,39 and 07.03.2024; the run writes the same into _location / _grounded)"
+echo
+echo "== pixtract review: the values to check, boxed on their pages"
+$px review out/demo/parquet --out out/demo/review.html --max-rows 10
+echo "(the tiny model's noise is not printed on any page: every answer of a born-digital page is listed as ungrounded)"

@@ -117,6 +117,29 @@ pub fn run(args: RasterBench) -> anyhow::Result<()> {
         }
     }
     let one = pages as f64 / started.elapsed().as_secs_f64();
+    // The same with each page's text layer read too (grounding: what `[extract] grounding` adds per page).
+    let with_text = RasterOptions {
+        text_layer: true,
+        ..opts.clone()
+    };
+    let (mut text_pages, mut chars) = (0usize, 0usize);
+    let started = Instant::now();
+    for _ in 0..repeat {
+        for (p, bytes) in &docs {
+            let doc = Arc::new(DocumentInfo::named(
+                p.display().to_string(),
+                bytes.len() as u64,
+            ));
+            let _ = rasterize_blocking(&doc, bytes, &with_text, &mut |page| {
+                if let Ok(page) = page {
+                    text_pages += 1;
+                    chars += page.text.as_ref().map_or(0, |t| t.chars.len());
+                }
+                true
+            });
+        }
+    }
+    let one_text = text_pages as f64 / started.elapsed().as_secs_f64();
     // pixtract, N worker processes.
     let runtime = tokio::runtime::Runtime::new()?;
     let mode = PdfMode::workers(args.workers, Duration::from_secs(120))?;
@@ -163,6 +186,11 @@ pub fn run(args: RasterBench) -> anyhow::Result<()> {
         args.max_side
     );
     println!("  pixtract 1 process     {one:8.1} pages/s");
+    println!(
+        "  + text layer           {one_text:8.1} pages/s ({:.2} ms more per page, {} characters per page)",
+        (1.0 / one_text - 1.0 / one) * 1e3,
+        chars / text_pages.max(1)
+    );
     println!("  pdftoppm 1 process     {p1:8.1} pages/s");
     println!("  ratio                  {:8.2}x", one / p1);
     println!("  pixtract {} workers     {par:8.1} pages/s", args.workers);
