@@ -520,3 +520,75 @@ fn review_page_boxes_each_value_where_it_is_printed() {
         "no page image of a changed document"
     );
 }
+
+/// Document mode (issue: one row per invoice) keeps where each merged value came from: a 3-page born-digital
+/// invoice answered in windows of one page, the grammar forcing the invoice's own number and total into every
+/// window's answer. The number merges `first` (window 1: page 1, where the header prints it), the total `last`
+/// (window 3: page 3, the only page printing it), each with its box; the windows that do not print the total
+/// are not what the row keeps.
+#[test]
+fn document_mode_keeps_the_page_each_merged_value_came_from() {
+    use crate::pipeline::duckdb;
+    let tmp = tempfile::tempdir().unwrap();
+    let (samples, truth) = digital_samples(&tmp.path().join("digital"));
+    let inputs = tmp.path().join("in");
+    std::fs::create_dir(&inputs).unwrap();
+    std::fs::copy(
+        samples.join("digital_invoice_03_pages.pdf"),
+        inputs.join("three.pdf"),
+    )
+    .unwrap();
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "invoice_id": {"type": "string", "enum": ["MP-03-2024"], "x-merge": "first"},
+            "invoice_total": {"type": "number", "enum": [6004.8], "x-merge": "last"}
+        },
+        "required": ["invoice_id", "invoice_total"]
+    });
+    let schema_path = tmp.path().join("three.json");
+    std::fs::write(&schema_path, schema.to_string()).unwrap();
+    let output = tmp.path().join("out");
+    // A page at 512 px is 32 rows of 26 tokens (832) plus the instruction: 1,700 tokens hold one page, not two.
+    let spec = format!(
+        "name = \"doc\"\n[source]\nuri = \"{}\"\n[raster]\nworkers = 1\nmax_side = 512\n[model]\ndir = \"{}\"\n\
+         batch_size = 2\nmax_new_tokens = 200\n[extract]\nschema = \"{}\"\nunit = \"document\"\n\
+         max_prompt_tokens = 1700\n[output]\nuri = \"{}\"\n",
+        inputs.display(),
+        crate::util::tiny_model().display(),
+        schema_path.display(),
+        output.display()
+    );
+    let spec_path = tmp.path().join("doc.toml");
+    std::fs::write(&spec_path, spec).unwrap();
+    let out = pixtract(&["run", spec_path.to_str().unwrap()], &[], &repo_root());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let glob = format!("{}/**/*.parquet", output.display());
+    let rows = duckdb(&format!(
+        "SELECT page_start, page_end, len(string_split(raw_output, '[pages ')) - 1, \
+         _location.invoice_id.page, _location.invoice_id.x0, _location.invoice_id.y0, \
+         _location.invoice_id.x1, _location.invoice_id.y1, _grounded.invoice_id, \
+         _location.invoice_total.page, _location.invoice_total.x0, _location.invoice_total.y0, \
+         _location.invoice_total.x1, _location.invoice_total.y1, _grounded.invoice_total \
+         FROM read_parquet('{glob}', hive_partitioning = true)"
+    ));
+    let row: Vec<&str> = rows.trim().split('|').collect();
+    assert_eq!(
+        row[..4],
+        ["1", "3", "3", "1"],
+        "one row, three windows: {rows}"
+    );
+    let drawn = &truth["digital_invoice_03_pages.pdf"]["_locations"];
+    let holds = |b: &[&str], key: &str| {
+        let f = |s: &str| -> f64 { s.parse().unwrap_or_else(|_| panic!("{s:?} in {rows}")) };
+        let t = &drawn[key]["box"];
+        let cx = (t[0].as_f64().unwrap() + t[2].as_f64().unwrap()) / 2.0;
+        let cy = (t[1].as_f64().unwrap() + t[3].as_f64().unwrap()) / 2.0;
+        f(b[0]) <= cx && cx <= f(b[2]) && f(b[1]) <= cy && cy <= f(b[3])
+    };
+    assert!(holds(&row[4..8], "invoice_id"), "{rows}");
+    assert_eq!(row[8], "True");
+    assert_eq!(row[9], "3", "the total came from the last window: {rows}");
+    assert!(holds(&row[10..14], "invoice_total"), "{rows}");
+    assert_eq!(row[14], "True");
+}

@@ -1502,6 +1502,63 @@ fn a_page_that_fails_to_render_costs_only_its_own_row() {
     }
 }
 
+/// Document mode: a document whose page 2 cannot be rendered still gets its one row, an error row covering pages
+/// 1-3 that names the failed page; the rerun does not redo it (an unreadable page is not transient).
+#[test]
+fn document_mode_a_failed_page_makes_the_documents_row_an_error_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = tmp.path().join("in");
+    std::fs::create_dir(&inputs).unwrap();
+    let pages: Vec<PdfPage> = (1..=3)
+        .map(|p| PdfPage::new(612.0, 792.0, invoice_content(&format!("INV p{p}"), 2)))
+        .collect();
+    std::fs::write(
+        inputs.join("broken.pdf"),
+        crate::util::make_pdf_with_broken_page(&pages, Some(1)),
+    )
+    .unwrap();
+    let output = tmp.path().join("out");
+    let spec = write_spec(tmp.path(), &inputs, &output);
+    let text_spec = std::fs::read_to_string(&spec).unwrap();
+    std::fs::write(
+        &spec,
+        text_spec
+            .replace("[extract]\n", "[extract]\nunit = \"document\"\n")
+            .replace("receipt.json", "invoice.json"),
+    )
+    .unwrap();
+    let out = pixtract(&["run", spec.to_str().unwrap()], &[], &repo_root());
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "a page failed: {t}");
+    let glob = format!("{}/**/*.parquet", output.display());
+    let rows = duckdb(&format!(
+        "SELECT page_start, page_end, status, coalesce(error_kind, ''), coalesce(error, '') \
+         FROM read_parquet('{glob}')"
+    ));
+    let row: Vec<&str> = rows.trim().split('|').collect();
+    assert_eq!(
+        row[..3],
+        ["1", "3", "error"],
+        "one error row for the document: {rows}"
+    );
+    // The row names the failed window's pages and cause (beside whatever the random tiny model's own windows did;
+    // `error_kind` is the first failed window's).
+    assert!(
+        row[4].contains("pages 2-2: ") && row[4].contains("page 2: cannot render"),
+        "{rows}"
+    );
+    assert!(
+        ["unreadable", "answer", "budget"].contains(&row[3]),
+        "{rows}"
+    );
+    let again = pixtract(&["run", spec.to_str().unwrap()], &[], &repo_root());
+    assert!(
+        text(&again).contains("0 documents (0 failed, 1 skipped as already done)"),
+        "{}",
+        text(&again)
+    );
+}
+
 /// A document row as the document-mode test reads it: file name, page_start, page_end, raw_output,
 /// generated_tokens.
 type DocRow = (String, i64, i64, String, i64);
