@@ -281,6 +281,19 @@ fn check_model(
     // What memory a batch will want beside the weights: the figure users size `batch_size` by.
     let per_token = m.kv_cache_bytes_per_token();
     let page = m.max_image_tokens();
+    let layout = m.image_layout();
+    lines.push(format!(
+        "family {} (manifest version {}): {}-px patches{}, {} image tokens for a full-size page",
+        m.family(),
+        m.format_version,
+        layout.patch_size,
+        if layout.spatial_merge > 1 {
+            format!(", {0}x{0} merged per token", layout.spatial_merge)
+        } else {
+            String::new()
+        },
+        page
+    ));
     lines.push(format!(
         "KV cache {} per token ({}); a full-size page ({page} image tokens) {} per sequence in flight",
         human_bytes(per_token as u64),

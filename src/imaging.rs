@@ -16,6 +16,8 @@ pub struct PatchGrid {
     pub cols: usize,
     pub rows: usize,
     pub patch: usize,
+    /// Patches merged into one token per side (1: Pixtral; the model's `image_tokens.spatial_merge`).
+    pub merge: usize,
 }
 
 impl PatchGrid {
@@ -33,6 +35,7 @@ impl PatchGrid {
             cols: (w - 1) / patch + 1,
             rows: (h - 1) / patch + 1,
             patch,
+            merge: 1,
         }
     }
 
@@ -44,9 +47,11 @@ impl PatchGrid {
         self.rows * self.patch
     }
 
-    /// Image tokens in the prompt: `rows` rows of `cols` [IMG] plus one [IMG_BREAK] (the last one is [IMG_END]).
+    /// Image tokens in the prompt: a row of [IMG] per row of (merged) patches, each closed by one [IMG_BREAK]
+    /// (the last one is [IMG_END]).
     pub fn num_tokens(&self) -> usize {
-        (self.cols + 1) * self.rows
+        let m = self.merge.max(1);
+        (self.cols / m + 1) * (self.rows / m)
     }
 }
 
@@ -242,6 +247,23 @@ mod tests {
         assert_eq!(
             PatchGrid::for_image(1024, 1024, 1024, 16).num_tokens(),
             4160
+        );
+    }
+
+    #[test]
+    fn a_patch_merger_counts_one_token_per_merged_square() {
+        // The Mistral 3 family's layout: 14-px patches, 2x2 merged. A 1024-px page: 74 patches a side, 37 tokens
+        // a side plus a break per row; at the family's 1540 px: 110 -> 55.
+        let merged = |side: u32, max: usize| PatchGrid {
+            merge: 2,
+            ..PatchGrid::for_image(side, side, max, 14)
+        };
+        assert_eq!(merged(1024, 1540).num_tokens(), 37 * 38);
+        assert_eq!(merged(1540, 1540).num_tokens(), 55 * 56);
+        // Pixtral's, for comparison: 4,160 for a 1024-px page.
+        assert_eq!(
+            PatchGrid::for_image(1024, 1024, 1024, 16).num_tokens(),
+            64 * 65
         );
     }
 

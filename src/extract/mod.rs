@@ -234,12 +234,7 @@ impl Extractor {
         let grids = inputs
             .iter()
             .filter_map(|i| i.as_ref().ok())
-            .map(|p| {
-                p.images
-                    .iter()
-                    .map(|i| (i.grid.cols + 1) * i.grid.rows)
-                    .sum::<usize>()
-            })
+            .map(|p| p.images.iter().map(|i| i.grid.num_tokens()).sum::<usize>())
             .max()
             .unwrap_or(0);
         let longest = self.instruction_tokens(engine).unwrap_or(0) + grids;

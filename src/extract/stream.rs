@@ -73,9 +73,10 @@ impl Extractor {
         pages: usize,
         max_side: usize,
     ) -> Result<usize, ModelError> {
-        let patch = engine.preprocessor.patch.max(1);
-        let side = max_side.min(engine.preprocessor.max_side).div_ceil(patch);
-        Ok(self.instruction_tokens(engine)? + pages.max(1) * (side + 1) * side)
+        let pre = &engine.preprocessor;
+        let side = max_side.min(pre.max_side) as u32;
+        let page = pre.grid_for(side, side).num_tokens();
+        Ok(self.instruction_tokens(engine)? + pages.max(1) * page)
     }
 
     /// Tokens of a prompt without images: the chat tokens and the instruction.

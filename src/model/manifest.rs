@@ -13,7 +13,14 @@ use super::runtime::Device;
 
 pub const MANIFEST_FILE: &str = "pixtract-model.json";
 const FORMAT: &str = "pixtract-model";
-const FORMAT_VERSION: u32 = 1;
+/// Manifest versions this pixtract reads: 1 (every Pixtral export before the family split: Pixtral implied) and 2
+/// (the family and its image-token layout recorded).
+const FORMAT_VERSIONS: [u32; 2] = [1, 2];
+/// Model families this pixtract runs.
+pub const FAMILIES: [&str; 1] = ["pixtral"];
+/// How to make a manifest this pixtract reads.
+const EXPORT_HINT: &str = "re-export it with this checkout's onnx-export: `.venv/bin/python onnx-export/export.py \
+     export --checkpoint CHECKPOINT_DIR --out MODEL_DIR`";
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ModelManifest {
@@ -38,6 +45,22 @@ pub struct ModelManifest {
     pub tokenizer: FileEntry,
     pub graphs: Graphs,
     pub exporter: serde_json::Value,
+    /// The model family (version 2; version 1 manifests are Pixtral's).
+    #[serde(default)]
+    pub family: Option<String>,
+    /// How an image's patches become prompt tokens (version 2; version 1: Pixtral's, no merge).
+    #[serde(default)]
+    pub image_tokens: Option<ImageTokenLayout>,
+}
+
+/// How an image's patch grid becomes prompt tokens: `spatial_merge` x `spatial_merge` patches make one token
+/// (1: Pixtral; 2: the Mistral 3 family's patch merger), each row of tokens closed by `[IMG_BREAK]` when
+/// `break_tokens` (the last by `[IMG_END]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct ImageTokenLayout {
+    pub patch_size: usize,
+    pub spatial_merge: usize,
+    pub break_tokens: bool,
 }
 
 /// Weight-only quantization record written by `onnx-export quantize`.
@@ -67,11 +90,27 @@ impl ModelManifest {
         t.num_layers * 2 * t.num_key_value_heads * t.head_dim * float_bytes
     }
 
-    /// Prompt tokens of the largest image preprocessing lets through: a square of `max_image_size`, each patch row
-    /// `[IMG]` tokens closed by `[IMG_BREAK]` (`[IMG_END]` on the last).
+    /// The model family ("pixtral" for version 1 manifests).
+    pub fn family(&self) -> &str {
+        self.family.as_deref().unwrap_or("pixtral")
+    }
+
+    /// How images become prompt tokens: the manifest's, or Pixtral's (no merge, row breaks) for version 1.
+    pub fn image_layout(&self) -> ImageTokenLayout {
+        self.image_tokens.unwrap_or(ImageTokenLayout {
+            patch_size: self.image.patch_size,
+            spatial_merge: 1,
+            break_tokens: true,
+        })
+    }
+
+    /// Prompt tokens of the largest image preprocessing lets through: a square of `max_image_size`, each row of
+    /// (merged) patches `[IMG]` tokens closed by `[IMG_BREAK]` (`[IMG_END]` on the last).
     pub fn max_image_tokens(&self) -> usize {
-        let side = self.image.max_image_size / self.image.patch_size.max(1);
-        side * (side + 1)
+        let layout = self.image_layout();
+        let side =
+            self.image.max_image_size / self.image.patch_size.max(1) / layout.spatial_merge.max(1);
+        side * (side + usize::from(layout.break_tokens))
     }
 
     /// One line on what the weights hold, e.g. "q4f16: decoder MatMuls 4-bit, block 32".
@@ -255,11 +294,36 @@ impl ModelDir {
             path: path.clone(),
             reason,
         };
-        if manifest.format != FORMAT || manifest.format_version != FORMAT_VERSION {
+        if manifest.format != FORMAT || !FORMAT_VERSIONS.contains(&manifest.format_version) {
             return Err(invalid(format!(
-                "format {:?} version {}, this pixtract reads {FORMAT:?} version {FORMAT_VERSION}; re-export \
-                 the model with this checkout's onnx-export",
+                "format {:?} version {}, this pixtract reads {FORMAT:?} versions {FORMAT_VERSIONS:?}; {EXPORT_HINT}",
                 manifest.format, manifest.format_version
+            )));
+        }
+        if manifest.format_version >= 2
+            && (manifest.family.is_none() || manifest.image_tokens.is_none())
+        {
+            return Err(invalid(format!(
+                "version {} names no family or image-token layout; {EXPORT_HINT}",
+                manifest.format_version
+            )));
+        }
+        if !FAMILIES.contains(&manifest.family()) {
+            return Err(invalid(format!(
+                "model family {:?}: this pixtract runs {}; {EXPORT_HINT}",
+                manifest.family(),
+                FAMILIES.join(", ")
+            )));
+        }
+        let layout = manifest.image_layout();
+        if layout.patch_size != manifest.image.patch_size
+            || layout.spatial_merge != 1
+            || !layout.break_tokens
+        {
+            return Err(invalid(format!(
+                "image-token layout {layout:?} is not {}'s (patch {}, no merge, row breaks)",
+                manifest.family(),
+                manifest.image.patch_size
             )));
         }
         let t = &manifest.text;

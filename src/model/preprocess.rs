@@ -33,6 +33,8 @@ impl PreparedImage {
 pub struct ImagePreprocessor {
     pub max_side: usize,
     pub patch: usize,
+    /// Patches per token side ([`super::manifest::ImageTokenLayout::spatial_merge`]).
+    pub merge: usize,
     pub mean: [f32; 3],
     pub std: [f32; 3],
 }
@@ -42,13 +44,17 @@ impl ImagePreprocessor {
         ImagePreprocessor {
             max_side: config.max_image_size,
             patch: config.patch_size,
+            merge: 1,
             mean: config.mean,
             std: config.std,
         }
     }
 
     pub fn grid_for(&self, width: u32, height: u32) -> PatchGrid {
-        PatchGrid::for_image(width, height, self.max_side, self.patch)
+        PatchGrid {
+            merge: self.merge.max(1),
+            ..PatchGrid::for_image(width, height, self.max_side, self.patch)
+        }
     }
 
     /// Fails only for an image without pixels (0 wide or 0 high).

@@ -499,9 +499,7 @@ impl<'f, 'a> DocumentFeed<'f, 'a> {
         let text = page.text.clone();
         let prepared = self.feed.prepare(page.image).await?;
         // Document mode: a page that would overflow the window closes it first (pages before it go together).
-        let tokens = prepared
-            .as_ref()
-            .map_or(0, |p| p.grid.rows * (p.grid.cols + 1));
+        let tokens = prepared.as_ref().map_or(0, |p| p.grid.num_tokens());
         if let Some(window) = self.feed.window_tokens
             && !self.group.is_empty()
             && self.group_tokens + tokens > window

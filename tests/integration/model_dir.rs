@@ -92,6 +92,44 @@ fn broken_manifests_are_refused_with_the_reason() {
         "{err}"
     );
 
+    // Version 2 names the family and its image-token layout; version 1 (no family) is Pixtral's.
+    let mut v2 = manifest.clone();
+    v2["format_version"] = serde_json::json!(2);
+    v2["family"] = serde_json::json!("pixtral");
+    v2["image_tokens"] =
+        serde_json::json!({"patch_size": 16, "spatial_merge": 1, "break_tokens": true});
+    let mut v1 = manifest.clone();
+    v1["format_version"] = serde_json::json!(1);
+    if let Some(o) = v1.as_object_mut() {
+        o.remove("family");
+        o.remove("image_tokens");
+    }
+    for accepted in [&v1, &v2] {
+        write(accepted);
+        let err = ModelDir::open(dir.path()).unwrap_err().to_string();
+        // The manifest is read; what is missing is the graphs (this folder holds the manifest alone).
+        assert!(err.contains("missing or unreadable"), "{err}");
+    }
+    let mut unnamed = v2.clone();
+    unnamed.as_object_mut().unwrap().remove("family");
+    write(&unnamed);
+    let err = ModelDir::open(dir.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("names no family") && err.contains("export.py"),
+        "{err}"
+    );
+    let mut other = v2.clone();
+    other["family"] = serde_json::json!("mistral3");
+    other["image_tokens"]["spatial_merge"] = serde_json::json!(2);
+    write(&other);
+    let err = ModelDir::open(dir.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("model family \"mistral3\"")
+            && err.contains("runs pixtral")
+            && err.contains("export.py"),
+        "{err}"
+    );
+
     let mut fewer_layers = manifest.clone();
     fewer_layers["text"]["num_layers"] = serde_json::json!(3);
     write(&fewer_layers);

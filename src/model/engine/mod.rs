@@ -73,7 +73,10 @@ impl PixtralEngine {
         let embed = open(&m.graphs.embed_tokens.file)?;
         let decoder = Decoder::new(open(&m.graphs.decoder.file)?, m, opts.device)?;
         let tokenizer = PixtralTokenizer::from_file(&model.path_of(&m.tokenizer.file), m.tokens)?;
-        let preprocessor = ImagePreprocessor::from_config(&m.image);
+        let preprocessor = ImagePreprocessor {
+            merge: m.image_layout().spatial_merge,
+            ..ImagePreprocessor::from_config(&m.image)
+        };
         Ok(PixtralEngine {
             model,
             tokenizer,

@@ -47,7 +47,9 @@ impl VisionEncoder {
             .run(ort::inputs!["pixel_values" => pixels])
             .map_err(ort_err("vision encoder"))?;
         let (shape, data) = read_floats(&outputs[0], "vision features")?;
-        let expected = (image.grid.cols * image.grid.rows) as i64;
+        // One feature per (merged) patch.
+        let m = image.grid.merge.max(1);
+        let expected = ((image.grid.cols / m) * (image.grid.rows / m)) as i64;
         let hidden = self.hidden as i64;
         if shape != [expected, hidden] {
             return Err(ModelError::Graph(format!(
