@@ -26,11 +26,16 @@ pub struct PagesArgs {
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// Long side of the model's view in pixels (Pixtral: 1024). PDFs are rendered at this size directly.
+    /// With --model: the model's.
     #[arg(long, default_value_t = 1024)]
     max_side: u32,
-    /// Patch size the model view is rounded up to (Pixtral: 16).
+    /// Patch size the model view is rounded up to (Pixtral: 16). With --model: the model's.
     #[arg(long, default_value_t = 16)]
     patch: usize,
+    /// A model folder: its manifest gives the view (long side, patch size, patches merged per token), and each
+    /// page's line says how many prompt tokens it costs that model.
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
     /// Cap on the PDF render resolution in DPI (small pages are not enlarged past it).
     #[arg(long)]
     max_dpi: Option<f32>,
@@ -85,12 +90,24 @@ pub fn pages(args: PagesArgs) -> ExitCode {
     runtime.block_on(run_pages(args))
 }
 
-async fn run_pages(args: PagesArgs) -> ExitCode {
+async fn run_pages(mut args: PagesArgs) -> ExitCode {
     let started = Instant::now();
     let fatal = |msg: String| {
         eprintln!("error: {msg}");
         ExitCode::FAILURE
     };
+    let mut merge = 1;
+    if let Some(dir) = &args.model {
+        match pixtract::model::ModelDir::open(dir) {
+            Ok(model) => {
+                let m = &model.manifest;
+                args.max_side = m.image.max_image_size as u32;
+                args.patch = m.image.patch_size;
+                merge = m.image_layout().spatial_merge;
+            }
+            Err(e) => return fatal(chain(&e)),
+        }
+    }
     if let Err(e) = std::fs::create_dir_all(&args.out) {
         return fatal(format!("cannot create {}: {e}", args.out.display()));
     }
@@ -135,7 +152,7 @@ async fn run_pages(args: PagesArgs) -> ExitCode {
     while let Some(mut doc) = stream.next().await {
         docs += 1;
         let name = source.relative_name(&doc.doc).replace('/', "__");
-        let (mut n, mut render) = (0usize, Duration::ZERO);
+        let (mut n, mut render, mut tokens) = (0usize, Duration::ZERO, 0usize);
         let mut error: Option<String> = None;
         let mut page_errors: Vec<String> = Vec::new();
         while let Some(item) = doc.pages.recv().await {
@@ -146,6 +163,16 @@ async fn run_pages(args: PagesArgs) -> ExitCode {
                         .out
                         .join(format!("{name}.p{:04}.png", page.page_index + 1));
                     let (max_side, patch) = (args.max_side as usize, args.patch);
+                    let grid = imaging::PatchGrid {
+                        merge,
+                        ..imaging::PatchGrid::for_image(
+                            page.image.width(),
+                            page.image.height(),
+                            max_side,
+                            patch,
+                        )
+                    };
+                    tokens += grid.num_tokens();
                     let written = tokio::task::spawn_blocking(move || {
                         let view = imaging::model_view(
                             &DynamicImage::ImageRgb8(page.image),
@@ -185,8 +212,9 @@ async fn run_pages(args: PagesArgs) -> ExitCode {
         }
         match error {
             None => println!(
-                "ok     {}  {n} pages  {:.3} s",
+                "ok     {}  {n} pages  {tokens} image tokens ({} a page)  {:.3} s",
                 doc.doc.uri.escape_debug(),
+                tokens / n.max(1),
                 render.as_secs_f64()
             ),
             Some(e) => {

@@ -998,3 +998,42 @@ fn raster_corpus_receipts_decode_and_fit_the_model() {
         assert!(view.width().is_multiple_of(16) && view.height().is_multiple_of(16));
     }
 }
+
+/// `pixtract pages --model DIR` takes the model's view from its manifest and says what each document costs in
+/// prompt tokens: a US-letter page rendered at 1024 px is 791 x 1024, 50 x 64 patches of 16 px, 64 rows of 50
+/// `[IMG]` and a break (3,264 tokens); a 1024 x 1024 scan 64 x 65 = 4,160.
+#[test]
+fn pages_cli_says_the_image_tokens_each_page_costs_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = dir.path().join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    let pages: Vec<PdfPage> = (0..2)
+        .map(|_| PdfPage::new(612.0, 792.0, util::invoice_content("TOKENS", 2)))
+        .collect();
+    std::fs::write(docs.join("letter.pdf"), util::make_pdf(&pages)).unwrap();
+    RgbImage::from_pixel(1024, 1024, Rgb([255, 255, 255]))
+        .save(docs.join("square.png"))
+        .unwrap();
+    let out = util::pixtract(
+        &[
+            "pages",
+            docs.to_str().unwrap(),
+            "--out",
+            dir.path().join("out").to_str().unwrap(),
+            "--model",
+            util::tiny_model().to_str().unwrap(),
+        ],
+        &[],
+        dir.path(),
+    );
+    let text = util::text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("letter.pdf  2 pages  6528 image tokens (3264 a page)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("square.png  1 pages  4160 image tokens (4160 a page)"),
+        "{text}"
+    );
+}
