@@ -2,5 +2,5 @@
 
 __version__ = "0.1.0"
 
-# Decoder attention kinds of `export --attention` (graphs.py builds them; cli.py offers them without importing torch).
+# Decoder attention kinds of `export --attention` (families/ build them; cli.py offers them without importing torch).
 ATTENTION_KINDS = ("eager", "gqa")

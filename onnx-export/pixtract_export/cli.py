@@ -8,7 +8,7 @@ import os
 import sys
 
 from . import ATTENTION_KINDS
-from .model import ExportError
+from .files import ExportError
 
 DESCRIPTION = """\
 Turn Pixtral (the Hugging Face layout of mistral-community/pixtral-12b, or Mistral's consolidated layout of
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
 
             return run_fidelity(args)
         if args.command == "random-checkpoint":
-            from .checkpoint import run_random_checkpoint
+            from .random_checkpoint import run_random_checkpoint
 
             return run_random_checkpoint(args)
         if args.command == "sizes":

@@ -8,47 +8,48 @@ import time
 
 import torch
 
+from . import families
+from .files import ExportError, check_free_space, partial_output
 from .graphs import export_graphs
+from .layouts import checkpoint_layout, load_checkpoint, write_tokenizer
 from .manifest import build_manifest, write_manifest
-from .model import (TINY_SEED, ExportError, build_tiny_model, check_free_space, checkpoint_layout, load_checkpoint,
-                    memory_note, partial_output, run_peak_gb, write_tokenizer)
+from .memory import memory_note, run_peak_gb
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
-def load_source(args_checkpoint, tiny_seed, dtype):
+def load_source(family, args_checkpoint, tiny_seed, dtype):
     """The torch model and the manifest's "source" section."""
     if args_checkpoint:
-        model = load_checkpoint(os.path.abspath(args_checkpoint), dtype)
+        model = load_checkpoint(os.path.abspath(args_checkpoint), dtype, family)
         name = os.path.basename(os.path.normpath(args_checkpoint))
         return model, {"kind": "checkpoint", "model_id": name, "path": os.path.abspath(args_checkpoint),
                        "layout": checkpoint_layout(args_checkpoint)}
-    seed = TINY_SEED if tiny_seed is None else tiny_seed
-    model = build_tiny_model(seed).to(dtype)
-    return model, {"kind": "tiny", "model_id": f"pixtral-tiny-random-{seed}", "seed": seed}
+    seed = family.tiny_seed if tiny_seed is None else tiny_seed
+    model = family.build_tiny_model(seed).to(dtype)
+    return model, {"kind": "tiny", "model_id": f"{family.name}-tiny-random-{seed}", "seed": seed}
 
 
 def model_from_manifest(manifest: dict, checkpoint: str | None, dtype=torch.float32):
     """Rebuild the torch model a manifest was exported from (for verify/reference)."""
     src = manifest["source"]
+    family = families.get(manifest.get("family", families.PIXTRAL.name))
     if checkpoint:
-        return load_checkpoint(os.path.abspath(checkpoint), dtype)
+        return load_checkpoint(os.path.abspath(checkpoint), dtype, family)
     if src["kind"] == "tiny":
-        return build_tiny_model(src["seed"]).to(dtype)
+        return family.build_tiny_model(src["seed"]).to(dtype)
     if os.path.isdir(src.get("path", "")):
-        return load_checkpoint(src["path"], dtype)
+        return load_checkpoint(src["path"], dtype, family)
     raise ExportError(f"the manifest's checkpoint {src.get('path')!r} is not here: pass --checkpoint DIR")
 
 
-def _parameter_count(checkpoint: str | None) -> int:
+def _parameter_count(family, checkpoint: str | None) -> int:
     """Parameters of the model about to be exported, from its config alone (meta device, no weights read)."""
-    from transformers import LlavaForConditionalGeneration
-
     from .sizes import _config
 
-    config, _ = _config(checkpoint, tiny=not checkpoint)
+    config, _ = _config(checkpoint, tiny=not checkpoint, family=family)
     with torch.device("meta"):
-        return sum(p.numel() for p in LlavaForConditionalGeneration(config).parameters())
+        return sum(p.numel() for p in family.model_class()(config).parameters())
 
 
 def run_export(args) -> int:
@@ -72,9 +73,10 @@ def run_export(args) -> int:
             shutil.rmtree(float_dir, ignore_errors=True)
     if args.checkpoint:
         checkpoint_layout(args.checkpoint)  # one clear line when the folder is not a checkpoint
+    family = families.for_checkpoint(args.checkpoint)
     dtype = DTYPES[args.dtype]
     # The graphs hold every parameter once in the export dtype; 10% for the graph structure and alignment.
-    need = int(_parameter_count(args.checkpoint) * torch.finfo(dtype).bits // 8 * 1.1)
+    need = int(_parameter_count(family, args.checkpoint) * torch.finfo(dtype).bits // 8 * 1.1)
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     check_free_space(parent, need, "export")
@@ -83,18 +85,18 @@ def run_export(args) -> int:
     with partial_output(final) as out:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         t0 = time.time()
-        model, source = load_source(args.checkpoint, args.seed, dtype)
+        model, source = load_source(family, args.checkpoint, args.seed, dtype)
         params = sum(p.numel() for p in model.parameters())
         print(f"loaded {source['model_id']}: {params / 1e6:.1f} M parameters, {args.dtype} ({time.time() - t0:.1f} s; "
               f"{memory_note(reset_peak=True)})")
         t1 = time.time()
         # The model is consumed (pre-transposed, parts released as their graphs are written): only its config is used
         # afterwards.
-        graphs = export_graphs(model, out, dtype, args.attention, release=True,
+        graphs = export_graphs(family, model, out, dtype, args.attention, release=True,
                                external_threshold=getattr(args, "external_data_threshold", None))
         tokenizer = write_tokenizer(out, args.checkpoint)
         source["parameters"] = params
-        manifest = build_manifest(model, graphs, tokenizer, args.dtype, source)
+        manifest = build_manifest(family, model, graphs, tokenizer, args.dtype, source)
         path = write_manifest(out, manifest)
         total = sum(g["bytes"] + g.get("external_data", {}).get("bytes", 0) for g in graphs.values())
         del model

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from .bench import load_cases
-from .model import ExportError
+from .files import ExportError
 from .ort_loop import OrtPixtral
 
 

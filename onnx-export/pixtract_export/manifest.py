@@ -11,60 +11,16 @@ import hashlib
 import json
 import os
 
-import numpy as np
 import onnx
 
 from . import __version__
-from .model import IMAGE_MEAN, IMAGE_STD, sha256_file
+from .files import sha256_file
+from .onnx_io import OPSET, weights_digest
 
 MANIFEST_FILE = "pixtract-model.json"
-
-
-def tensor_nbytes(t: onnx.TensorProto) -> int:
-    """Bytes of an initializer's values from its dims and type (no data is read; sub-byte types rounded up)."""
-    count = 1
-    for d in t.dims:
-        count *= d
-    bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(t.data_type)
-    if bits:
-        return (count * bits + 7) // 8
-    return count * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-
-
-def weights_digest(model: onnx.ModelProto, base_dir: str = "") -> str:
-    """sha256 over the graph's initializers (name, type, dims, bytes) in name order: equal weights, equal digest.
-
-    Initializers stored as external data are hashed straight from their file under base_dir (the graph file's
-    folder) in 16 MiB reads: a 1.3 GB LM head is never materialised (numpy_helper.to_array + tobytes held it twice).
-    """
-    from onnx import numpy_helper
-
-    h = hashlib.sha256()
-    for init in sorted(model.graph.initializer, key=lambda t: t.name):
-        external = init.HasField("data_location") and init.data_location == onnx.TensorProto.EXTERNAL
-        if external and init.data_type not in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-            info = {e.key: e.value for e in init.external_data}
-            h.update(init.name.encode())
-            h.update(str(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).encode())
-            h.update(str(list(init.dims)).encode())
-            remaining = tensor_nbytes(init)
-            with open(os.path.join(base_dir, info["location"]), "rb") as f:
-                f.seek(int(info.get("offset", 0)))
-                while remaining:
-                    chunk = f.read(min(remaining, 16 << 20))
-                    if not chunk:
-                        raise ValueError(f"{info['location']}: ends inside initializer {init.name}")
-                    h.update(chunk)
-                    remaining -= len(chunk)
-            continue
-        arr = numpy_helper.to_array(init, base_dir)
-        h.update(init.name.encode())
-        h.update(str(arr.dtype).encode())
-        h.update(str(list(arr.shape)).encode())
-        h.update(memoryview(arr.reshape(-1).view(np.uint8)) if arr.flags.c_contiguous and arr.dtype != object
-                 else arr.tobytes())
-        del arr
-    return h.hexdigest()
+FORMAT_VERSION = 1
+# The graphs every family exports, in the manifest's order (src/model/manifest.rs reads them by these names).
+GRAPH_KEYS = ("vision_encoder", "embed_tokens", "decoder")
 
 
 def _io(values):
@@ -93,13 +49,11 @@ def graph_entry(path: str, proto: onnx.ModelProto, external: bool, digest: str |
     return entry
 
 
-def build_manifest(model, graphs: dict, tokenizer_path: str, dtype_name: str, source: dict) -> dict:
+def build_manifest(family, model, graphs: dict, tokenizer_path: str, dtype_name: str, source: dict) -> dict:
     import mistral_common
     import onnxruntime
     import torch
     import transformers
-
-    from .graphs import OPSET
 
     cfg = model.config
     t, v = cfg.text_config, cfg.vision_config
@@ -107,7 +61,7 @@ def build_manifest(model, graphs: dict, tokenizer_path: str, dtype_name: str, so
     weights = hashlib.sha256("".join(graphs[k]["weights_sha256"] for k in sorted(graphs)).encode()).hexdigest()
     return {
         "format": "pixtract-model",
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "model_id": source["model_id"],
         "source": source,
         "dtype": dtype_name,
@@ -141,8 +95,8 @@ def build_manifest(model, graphs: dict, tokenizer_path: str, dtype_name: str, so
             "patch_size": v.patch_size,
             "max_image_size": v.image_size,
             "rescale": 1.0 / 255.0,
-            "mean": list(IMAGE_MEAN),
-            "std": list(IMAGE_STD),
+            "mean": list(family.image_mean),
+            "std": list(family.image_std),
             "resize": "mistral-common: long side <= max_image_size (round half to even), "
                       "4-tap cubic a=-0.75 on f32 (OpenCV INTER_CUBIC)",
             "background": [255, 255, 255],

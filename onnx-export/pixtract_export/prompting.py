@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .model import tekken_path
+from .files import tekken_path
 
 _TOKENIZER = None
 

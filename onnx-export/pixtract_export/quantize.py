@@ -23,9 +23,9 @@ import shutil
 
 import onnx
 
-from .graphs import save_graph
+from .files import ExportError, check_free_space, partial_output
 from .manifest import graph_entry
-from .model import ExportError, check_free_space, partial_output
+from .onnx_io import save_graph
 
 GRAPH_NAMES = ("vision_encoder", "embed_tokens", "decoder")
 # Graphs the quantizer touches by default: the decoder holds ~97% of Pixtral 12B's weights. The vision encoder

@@ -19,8 +19,8 @@ import sys
 
 import onnx
 
-from .manifest import tensor_nbytes
-from .model import ExportError
+from .files import ExportError
+from .onnx_io import tensor_nbytes
 
 # mistral-community/pixtral-12b config.json, used when no checkpoint is given.
 PIXTRAL_12B = {
@@ -39,21 +39,18 @@ VARIANTS = [("fp32", 4, None), ("fp16", 2, None), ("int8", 4, 8), ("int4", 4, 4)
 RUNTIME_ALLOWANCE = 1 << 30
 
 
-def _config(checkpoint: str | None, tiny: bool):
+def _config(checkpoint: str | None, tiny: bool, family=None):
     from transformers import LlavaConfig, MistralConfig, PixtralVisionConfig
 
-    from .model import tiny_config
+    from . import families
+    from .layouts import checkpoint_layout, read_config
 
+    family = family or families.for_checkpoint(checkpoint)
     if tiny:
-        return tiny_config(), "tiny test model"
+        return family.tiny_config(), "tiny test model"
     if checkpoint:
-        from .model import checkpoint_layout
-
-        if checkpoint_layout(checkpoint) == "consolidated":
-            from .consolidated import read_config
-
-            return read_config(checkpoint), f"params.json of {checkpoint}"
-        return LlavaConfig.from_pretrained(checkpoint), f"config of {checkpoint}"
+        kind = "params.json" if checkpoint_layout(checkpoint) == "consolidated" else "config"
+        return read_config(checkpoint, family), f"{kind} of {checkpoint}"
     return LlavaConfig(
         vision_config=PixtralVisionConfig(**PIXTRAL_12B["vision"]),
         text_config=MistralConfig(**PIXTRAL_12B["text"]),
@@ -66,10 +63,11 @@ def tensor_inventory(config) -> dict:
     """{graph: {"matmul": [(K, N)], "float": values}} for the export's split of the model."""
     import torch
     from torch import nn
-    from transformers import LlavaForConditionalGeneration
+
+    from . import families
 
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
+        model = families.PIXTRAL.model_class()(config)
     linear_weights = {f"{name}.weight": mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
     inv = {g: {"matmul": [], "float": 0} for g in ("vision_encoder", "embed_tokens", "decoder")}
     for name, param in model.named_parameters():

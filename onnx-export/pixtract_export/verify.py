@@ -12,7 +12,7 @@ import torch
 
 from . import prompting, samples
 from .export import model_from_manifest
-from .model import memory_note, run_peak_gb
+from .memory import memory_note, run_peak_gb
 from .ort_loop import OrtPixtral
 
 # fp32 tolerances: vision relative to the features' magnitude (they reach ~40 on the tiny model), logits absolute.

@@ -12,7 +12,7 @@ Layouts written:
   --max-shard-size), tokenizer.json (Tekken converted by transformers' MistralConverter from mistral-common's
   tekken_240911.json, Pixtral's tokenizer) and tokenizer_config.json.
   consolidated (Mistral's, as mistralai/Pixtral-12B-2409): params.json, one consolidated.safetensors (bf16, Mistral
-  names, q/k rows in Mistral's interleaved RoPE order; see consolidated.py) and tekken.json. Same seed, same
+  names, q/k rows in Mistral's interleaved RoPE order; see layouts/consolidated.py) and tekken.json. Same seed, same
   weights as the hf layout.
 """
 
@@ -25,7 +25,9 @@ import time
 
 import torch
 
-from .model import ExportError, check_free_space, partial_output, tekken_path
+from .families import PIXTRAL
+from .files import ExportError, check_free_space, partial_output, tekken_path
+from .layouts.meta import rebuild_buffers
 
 # mistral-community/pixtral-12b config.json; layer counts are chosen by the caller.
 PIXTRAL_12B_TEXT = dict(hidden_size=5120, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -44,7 +46,7 @@ CI_TEXT = dict(PIXTRAL_12B_TEXT, hidden_size=512, intermediate_size=1024, num_at
                num_key_value_heads=4, head_dim=128, max_position_embeddings=32768)
 CI_VISION = dict(PIXTRAL_12B_VISION, hidden_size=256, intermediate_size=512, num_attention_heads=4, head_dim=64)
 
-# The tiny test model's widths (model.tiny_config): for layout tests that need seconds, not minutes.
+# The tiny test model's widths (families/pixtral.py tiny_config): for layout tests that need seconds, not minutes.
 TINY_TEXT = dict(PIXTRAL_12B_TEXT, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                  head_dim=16, max_position_embeddings=32768)
 TINY_VISION = dict(PIXTRAL_12B_VISION, hidden_size=64, intermediate_size=128, num_attention_heads=4, head_dim=16)
@@ -77,11 +79,9 @@ def random_config(like: str, text_layers: int, vision_layers: int):
 
 def build_random_model(config, seed: int, dtype=torch.bfloat16, weight_std: float = WEIGHT_STD):
     """Meta-device model materialised in `dtype`, every parameter drawn in place (name order, one generator)."""
-    from transformers import LlavaForConditionalGeneration
-
     config._attn_implementation = "eager"
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
+        model = PIXTRAL.model_class()(config)
     model = model.to(dtype).to_empty(device="cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -95,34 +95,6 @@ def build_random_model(config, seed: int, dtype=torch.bfloat16, weight_std: floa
     return model
 
 
-def rebuild_buffers(model):
-    """Buffers (the RoPE inverse frequencies, text and 2D vision) were never computed on the meta device, and the
-    bf16 cast would have rounded them: each module holding buffers is rebuilt from its config on the CPU, in the
-    module's own default dtype (fp32), and its buffers are taken over."""
-    for module in model.modules():
-        own = dict(module.named_buffers(recurse=False))
-        if not own:
-            continue
-        config = getattr(module, "config", None)
-        if config is None:
-            raise ExportError(f"random-checkpoint: cannot rebuild the buffers of {type(module).__name__}")
-        fresh = type(module)(config)
-        for name, buf in fresh.named_buffers(recurse=False):
-            setattr(module, name, buf)
-
-
-def write_tokenizer_files(out: str):
-    """tokenizer.json (+ tokenizer_config.json) as the mistral-community repo ships them."""
-    from transformers.integrations.mistral.tokenizer import MistralConverter
-
-    MistralConverter(vocab_file=tekken_path()).converted().save(os.path.join(out, "tokenizer.json"))
-    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-                   "unk_token": "<unk>", "pad_token": "<pad>", "add_bos_token": False, "add_eos_token": False,
-                   "model_max_length": 1000000000000000019884624838656}, f, indent=2)
-        f.write("\n")
-
-
 def run_random_checkpoint(args) -> int:
     out = os.path.normpath(args.out)
     if os.path.isdir(out) and os.listdir(out):
@@ -131,9 +103,7 @@ def run_random_checkpoint(args) -> int:
         raise ExportError(f"--layout {args.layout}: expected one of {', '.join(LAYOUTS)}")
     config = random_config(args.like, args.text_layers, args.vision_layers)
     with torch.device("meta"):
-        from transformers import LlavaForConditionalGeneration
-
-        params = sum(p.numel() for p in LlavaForConditionalGeneration(config).parameters())
+        params = sum(p.numel() for p in PIXTRAL.model_class()(config).parameters())
     need = int(params * 2 * 1.1)
     check_free_space(os.path.dirname(os.path.abspath(out)) or ".", need, "random-checkpoint")
     # Written into OUT.partial, renamed when complete; removed when anything fails (no memory, no disk, Ctrl-C).
@@ -146,13 +116,14 @@ def run_random_checkpoint(args) -> int:
         t1 = time.time()
         if args.layout == "consolidated":
             # The same seeded weights, written under Mistral's names with q/k rows in Mistral's RoPE order.
-            from .consolidated import write_consolidated
+            from .layouts.consolidated import write_consolidated
 
-            write_consolidated(model, partial)
+            write_consolidated(model, partial, PIXTRAL)
             shutil.copyfile(tekken_path(), os.path.join(partial, "tekken.json"))
         else:
-            model.save_pretrained(partial, max_shard_size=args.max_shard_size, safe_serialization=True)
-            write_tokenizer_files(partial)
+            from .layouts.hf import write_hf
+
+            write_hf(model, partial, args.max_shard_size)
         del model
         with open(os.path.join(partial, "pixtract-random.json"), "w") as f:
             json.dump({"like": args.like, "text_layers": args.text_layers, "vision_layers": args.vision_layers,

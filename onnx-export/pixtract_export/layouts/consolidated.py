@@ -1,0 +1,173 @@
+"""Mistral's consolidated layout (as mistralai/Pixtral-12B-2409): params.json, consolidated.safetensors, tekken.json.
+
+The exporter reads it by converting in memory to the Hugging Face names of the family's transformers model (for
+Pixtral the LlavaForConditionalGeneration names of mistral-community/pixtral-12b), so everything after loading is the
+same code for both layouts. This module is the mechanism; what is specific to a model family comes from the family
+(families/): its name table (`weight_names`: Mistral name, Hugging Face name, RoPE rows), the head count of each
+kind of RoPE rows (`rope_heads`), and params.json <-> config (`config_from_params`, `params_from_config`).
+
+The row permutation of q/k is not re-implemented: it is transformers' own `PermuteForRope` conversion op
+(transformers.core_model_loading), and its `reverse_op` for writing.
+
+Why q/k are permuted. Mistral's reference code applies RoPE to interleaved pairs (dims 2i, 2i+1 form one complex
+number); transformers' Mistral and Pixtral apply it "rotate-half" (dim i pairs with dim i + head_dim/2). The
+upstream conversion script (transformers' convert_pixtral_weights_to_hf.py) therefore permutes the output rows of
+every q and k projection, per head: text wq with the 32 query heads, text wk with the 8 KV heads (not the query
+heads), vision wq and wk with the 16 vision heads (the 2D RoPE of the vision encoder is interleaved the same way).
+v, o, MLPs, norms and the adapter are renamed only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import types
+
+import torch
+
+from ..files import ExportError
+from .meta import rebuild_buffers
+
+FILES = ("params.json", "consolidated.safetensors", "tekken.json")
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile(re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)") + r"\Z")
+
+
+def _tables(family) -> tuple[list, list]:
+    """The family's name table compiled both ways: Mistral -> Hugging Face, Hugging Face -> Mistral."""
+    to_hf = [(_pattern(m), h, rope) for m, h, rope in family.weight_names]
+    to_mistral = [(_pattern(h), m, rope) for m, h, rope in family.weight_names]
+    return to_hf, to_mistral
+
+
+def _rename(name: str, table) -> tuple[str, str | None] | None:
+    for pattern, template, rope in table:
+        found = pattern.match(name)
+        if found:
+            return template.replace("{i}", found.groupdict().get("i") or ""), rope
+    return None
+
+
+def permute_rows(tensor: torch.Tensor, rope: str, config, to_hf: bool, family) -> torch.Tensor:
+    """Interleaved-pair RoPE rows (Mistral) <-> rotate-half rows (transformers), with transformers' own op."""
+    from transformers.core_model_loading import PermuteForRope
+
+    op = PermuteForRope()
+    if not to_hf:
+        op = op.reverse_op
+    # The op reads the head count from config.num_attention_heads; for the text k projection that must be the KV
+    # heads, so it is handed exactly the count this tensor needs.
+    heads = types.SimpleNamespace(num_attention_heads=family.rope_heads(rope, config))
+    return op.convert({"w": tensor}, source_patterns=["w"], target_patterns=["w"], config=heads)["w"].contiguous()
+
+
+def read_config(path: str, family):
+    with open(os.path.join(path, "params.json")) as f:
+        try:
+            params = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ExportError(f"{path}/params.json: not JSON ({err})") from None
+    return family.config_from_params(params, os.path.join(path, "params.json"))
+
+
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+# A header larger than this is not a safetensors header (the format's own readers refuse above 100 MB too).
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def read_safetensors(path: str):
+    """Yields (name, tensor) of a safetensors file, one tensor at a time, each read with plain file reads into its
+    own buffer. safetensors' safe_open maps the file, and every page a tensor was read from stays resident (and
+    counted in the process's RSS) until the file is closed: reading a 3.9 GB consolidated.safetensors that way
+    added 2.5 GB to the export's peak; the real 25 GB file would add up to its whole size."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if header_len < 2 or header_len > min(_MAX_HEADER_BYTES, size - 8):
+            raise ExportError(f"{path}: not a safetensors file (header length {header_len}, file {size} bytes)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ExportError(f"{path}: not a safetensors file (header: {err})") from None
+        base = 8 + header_len
+        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                         key=lambda kv: kv[1]["data_offsets"][0])
+        for name, info in entries:
+            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise ExportError(f"{path}: {name} is {info.get('dtype')}; expected BF16, F16 or F32")
+            begin, end = info["data_offsets"]
+            shape = list(info["shape"])
+            want = end - begin
+            if want != torch.Size(shape).numel() * torch.finfo(dtype).bits // 8 or base + end > size:
+                raise ExportError(f"{path}: {name} ({info.get('dtype')} {shape}) does not fit bytes {begin}-{end} "
+                                  f"of a {size}-byte file; the download is cut or corrupt")
+            buffer = bytearray(want)
+            f.seek(base + begin)
+            if f.readinto(buffer) != want:
+                raise ExportError(f"{path}: {name}: short read; the file changed while it was read")
+            if not want:
+                yield name, torch.empty(shape, dtype=dtype)
+                continue
+            yield name, torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def load_consolidated(path: str, dtype: torch.dtype, family):
+    """The model of a consolidated folder, with Hugging Face names, in `dtype`. Tensors are read one at a time from
+    the safetensors file (read_safetensors: not mapped), renamed, their q/k rows permuted, cast, and assigned into a
+    model built on the meta device: the weights are held once (plus one tensor in flight), as for the Hugging Face
+    layout."""
+    config = read_config(path, family)
+    config._attn_implementation = "eager"
+    with torch.device("meta"):
+        model = family.model_class()(config)
+    to_hf, _ = _tables(family)
+    wanted = {name for name, _ in model.named_parameters()}
+    weights, unknown = {}, []
+    for key, tensor in read_safetensors(os.path.join(path, "consolidated.safetensors")):
+        renamed = _rename(key, to_hf)
+        if renamed is None or renamed[0] not in wanted:
+            unknown.append(key)
+            continue
+        name, rope = renamed
+        if rope:
+            tensor = permute_rows(tensor, rope, config, to_hf=True, family=family)
+        weights[name] = tensor.to(dtype)
+        del tensor
+    missing = sorted(wanted - weights.keys())
+    if unknown or missing:
+        raise ExportError(f"{path}/consolidated.safetensors does not match its params.json: "
+                          f"{len(unknown)} unknown tensors {unknown[:3]}, {len(missing)} missing {missing[:3]}")
+    model.load_state_dict(weights, strict=True, assign=True)
+    del weights
+    rebuild_buffers(model)
+    model.config.dtype = dtype
+    model.eval()
+    return model
+
+
+def write_consolidated(model, out: str, family):
+    """consolidated.safetensors + params.json of a Hugging Face-named model (the inverse of load_consolidated); the
+    caller writes tekken.json."""
+    from safetensors.torch import save_file
+
+    _, to_mistral = _tables(family)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        renamed = _rename(name, to_mistral)
+        if renamed is None:
+            continue  # buffers (RoPE inverse frequencies): not stored by Mistral either
+        key, rope = renamed
+        state[key] = (permute_rows(tensor, rope, model.config, to_hf=False, family=family) if rope
+                      else tensor.contiguous())
+    unmapped = sorted(n for n, _ in model.named_parameters() if _rename(n, to_mistral) is None)
+    if unmapped:
+        raise ExportError(f"consolidated layout: no Mistral name for {unmapped[:3]}")
+    save_file(state, os.path.join(out, "consolidated.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out, "params.json"), "w") as f:
+        json.dump(family.params_from_config(model.config), f, indent=2)
+        f.write("\n")
