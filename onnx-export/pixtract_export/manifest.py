@@ -3,6 +3,9 @@
 pixtract reads it (src/model/manifest.rs) to find the graphs and their external data files, check their sha256
 (`pixtract doctor --verify-hashes`), and take every number it needs (widths, token ids, image normalisation)
 without looking at a checkpoint. `format_version` changes when a field pixtract reads changes meaning.
+
+Format 2 adds "family" (the model family the graphs come from, families/) and "image_tokens" (how a prompt lays out
+an image's tokens: patch_size, spatial_merge, break_tokens), both from the family; everything else is format 1's.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from .files import sha256_file
 from .onnx_io import OPSET, weights_digest
 
 MANIFEST_FILE = "pixtract-model.json"
-FORMAT_VERSION = 1
+# 2: the manifest names the model family ("family") and the image-token layout ("image_tokens").
+FORMAT_VERSION = 2
 # The graphs every family exports, in the manifest's order (src/model/manifest.rs reads them by these names).
 GRAPH_KEYS = ("vision_encoder", "embed_tokens", "decoder")
 
@@ -62,6 +66,7 @@ def build_manifest(family, model, graphs: dict, tokenizer_path: str, dtype_name:
     return {
         "format": "pixtract-model",
         "format_version": FORMAT_VERSION,
+        "family": family.name,
         "model_id": source["model_id"],
         "source": source,
         "dtype": dtype_name,
@@ -101,6 +106,7 @@ def build_manifest(family, model, graphs: dict, tokenizer_path: str, dtype_name:
                       "4-tap cubic a=-0.75 on f32 (OpenCV INTER_CUBIC)",
             "background": [255, 255, 255],
         },
+        "image_tokens": family.image_token_layout(cfg),
         "tokens": {
             "unk": 0, "bos": 1, "eos": 2, "inst": 3, "inst_end": 4, "img": cfg.image_token_index, "pad": 11,
             "img_break": 12, "img_end": 13, "system_prompt": 17, "system_prompt_end": 18,
