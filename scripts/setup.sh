@@ -139,7 +139,13 @@ fi
 
 # Tiny seeded Pixtral + reference fixtures, rebuilt when the exporter or the environment changes.
 model=models/tiny
-stamp=$( { cat onnx-export/pixtract_export/*.py; echo "$key"; } | sha256sum | cut -c1-16)
+# The exporter's sources: every .py file of the package, subfolders included (families/, layouts/), in one fixed
+# order, each after its path, so a change anywhere in the package (or a file moved or renamed) rebuilds the models.
+exporter_sources() {
+  find onnx-export/pixtract_export -type f -name '*.py' -not -path '*/__pycache__/*' -print0 | LC_ALL=C sort -z |
+    while IFS= read -r -d '' file; do printf '%s\n' "$file"; cat "$file"; done
+}
+stamp=$( { exporter_sources; echo "$key"; } | sha256sum | cut -c1-16)
 # Each model is built in DIR.partial and moved into place with its stamp only when complete: an interrupted
 # set-up never leaves a half-written model under the final name.
 current() { [ -f "$1/.pixtract-stamp" ] && [ "$(cat "$1/.pixtract-stamp")" = "$stamp" ]; }
