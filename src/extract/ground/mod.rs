@@ -134,13 +134,23 @@ fn candidates(pages: &[PageText], lookup: &Lookup) -> Vec<Candidate> {
     };
     let mut out = match lookup.kind {
         ValueKind::Number => match notation::canonical_number(value) {
-            Some(want) => on_pages(&|page| {
-                page.number_tokens()
-                    .into_iter()
-                    .filter(|(token, _)| notation::readings(token).contains(&want))
-                    .map(|(_, span)| span)
-                    .collect()
-            }),
+            Some(want) => {
+                let mut found = on_pages(&|page| {
+                    page.number_tokens()
+                        .into_iter()
+                        .filter(|(token, _)| notation::readings(token).contains(&want))
+                        .map(|(_, span)| span)
+                        .collect()
+                });
+                // A long whole number is an account, IBAN part or order number more often than an amount: the
+                // page may group its digits its own way ("630 500 00" for 63050000).
+                let digits: Vec<char> = value.chars().collect();
+                if found.is_empty() && digits.len() >= 6 && digits.iter().all(char::is_ascii_digit)
+                {
+                    found = on_pages(&|page| page.find(&digits, true));
+                }
+                found
+            }
             None => text_candidates(pages, value),
         },
         ValueKind::Date => match parse_date(value) {

@@ -60,6 +60,12 @@ fn numbers_are_found_in_the_notation_the_page_prints() {
         text_at(&find(&layer, "12345.6", ValueKind::Number, "x")),
         "12 345,60"
     );
+    // A long whole number grouped the page's own way (a bank code, an account number).
+    let bank = page(&["BLZ 630 500 00  Konto 79471"]);
+    assert_eq!(
+        text_at(&find(&bank, "63050000", ValueKind::Number, "blz")),
+        "630 500 00"
+    );
     // 117 is part of "2024/117": a number token of its own, found; 17 is not a token on this page.
     assert_eq!(find(&layer, "17", ValueKind::Number, "x"), Found::NotFound);
 }
