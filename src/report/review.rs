@@ -356,7 +356,7 @@ pub fn render(rows: &[ReviewRow], more: usize, output: &str) -> String {
          .page img{{display:block;width:100%;height:auto}}\
          .box{{position:absolute;border:2px solid #1a7f37;box-sizing:border-box}}\
          .box.check{{border-color:#d1242f;background:rgba(209,36,47,.12)}}\
-         .box span{{position:absolute;left:0;top:-1.3em;font-size:10px;background:#1a7f37;color:#fff;padding:0 3px;white-space:nowrap;opacity:.8}}\
+         .box span{{position:absolute;left:-1.5em;top:-.1em;font-size:10px;background:#1a7f37;color:#fff;padding:0 3px;border-radius:2px}}\
          .box.check span{{background:#d1242f}}\
          table{{border-collapse:collapse}} td,th{{border-bottom:1px solid #ddd;padding:2px 8px;text-align:left}}\
          tr.check td{{background:#fde7e9}} .refused{{color:#d1242f}}</style></head><body>\
@@ -395,31 +395,51 @@ fn render_row(h: &mut String, row: &ReviewRow) {
         );
     }
     h.push_str("<div class=\"row\">");
+    // Boxes carry a number, not the field's name (names would cover the line above): the table says which.
+    let numbers: Vec<Option<usize>> = {
+        let mut n = 0;
+        row.values
+            .iter()
+            .map(|v| {
+                v.bbox.map(|_| {
+                    n += 1;
+                    n
+                })
+            })
+            .collect()
+    };
     for (number, _, _, jpeg) in &row.pages {
         let _ = write!(
             h,
             "<div class=\"page\" data-page=\"{number}\"><img alt=\"page {number}\" src=\"data:image/jpeg;base64,{}\">",
             base64(jpeg)
         );
-        for v in row.values.iter().filter(|v| v.page == Some(*number)) {
-            let Some(b) = v.bbox else { continue };
+        for (v, n) in row.values.iter().zip(&numbers) {
+            let (Some(b), Some(n)) = (v.bbox, n) else {
+                continue;
+            };
+            if v.page != Some(*number) {
+                continue;
+            }
             let check = v.withheld.is_some() || v.grounded == Some(false);
             let _ = write!(
                 h,
-                "<div class=\"box{}\" data-path=\"{}\" style=\"left:{:.3}%;top:{:.3}%;width:{:.3}%;height:{:.3}%\"><span>{}</span></div>",
+                "<div class=\"box{}\" data-path=\"{}\" title=\"{}\" style=\"left:{:.3}%;top:{:.3}%;width:{:.3}%;height:{:.3}%\"><span>{n}</span></div>",
                 if check { " check" } else { "" },
+                escape(&v.path),
                 escape(&v.path),
                 b[0] * 100.0,
                 b[1] * 100.0,
                 (b[2] - b[0]) * 100.0,
                 (b[3] - b[1]) * 100.0,
-                escape(&v.path)
             );
         }
         h.push_str("</div>");
     }
-    h.push_str("<table><tr><th>field</th><th>value</th><th>on the page</th><th>why</th></tr>");
-    for v in &row.values {
+    h.push_str(
+        "<table><tr><th>box</th><th>field</th><th>value</th><th>on the page</th><th>why</th></tr>",
+    );
+    for (v, n) in row.values.iter().zip(&numbers) {
         let check = v.withheld.is_some() || v.grounded == Some(false);
         let on_page = match (v.grounded, v.page, v.bbox) {
             (Some(false), ..) => "not found".to_string(),
@@ -435,8 +455,9 @@ fn render_row(h: &mut String, row: &ReviewRow) {
         };
         let _ = write!(
             h,
-            "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             if check { " class=\"check\"" } else { "" },
+            n.map(|n| n.to_string()).unwrap_or_default(),
             escape(&v.path),
             escape(v.value.as_deref().unwrap_or("null")),
             on_page,

@@ -482,6 +482,7 @@ fn review_page_boxes_each_value_where_it_is_printed() {
     assert_eq!(
         flagged,
         serde_json::json!([[
+            "",
             "vendor_name",
             "null",
             "not found",
