@@ -39,6 +39,26 @@ impl PatchGrid {
         }
     }
 
+    /// [`PatchGrid::for_image`] for a model that merges `merge` x `merge` patches into one token: the image is
+    /// covered by whole merged squares (`patch * merge` pixels), as mistral-common does for the Mistral 3 family
+    /// (a 1020-px side becomes 1036 px: 74 patches, 37 tokens), so every patch has its square.
+    pub fn for_image_merged(
+        width: u32,
+        height: u32,
+        max_side: usize,
+        patch: usize,
+        merge: usize,
+    ) -> PatchGrid {
+        let merge = merge.max(1);
+        let unit = PatchGrid::for_image(width, height, max_side, patch * merge);
+        PatchGrid {
+            cols: unit.cols * merge,
+            rows: unit.rows * merge,
+            patch,
+            merge,
+        }
+    }
+
     pub fn width(&self) -> usize {
         self.cols * self.patch
     }
@@ -254,12 +274,15 @@ mod tests {
     fn a_patch_merger_counts_one_token_per_merged_square() {
         // The Mistral 3 family's layout: 14-px patches, 2x2 merged. A 1024-px page: 74 patches a side, 37 tokens
         // a side plus a break per row; at the family's 1540 px: 110 -> 55.
-        let merged = |side: u32, max: usize| PatchGrid {
-            merge: 2,
-            ..PatchGrid::for_image(side, side, max, 14)
-        };
+        let merged = |side: u32, max: usize| PatchGrid::for_image_merged(side, side, max, 14, 2);
         assert_eq!(merged(1024, 1540).num_tokens(), 37 * 38);
         assert_eq!(merged(1540, 1540).num_tokens(), 55 * 56);
+        // Covered by whole 28-px squares: 1020 px -> 1036 (74 patches), not 1022 (73, unmergeable).
+        let g = merged(1020, 1540);
+        assert_eq!((g.cols, g.width(), g.num_tokens()), (74, 1036, 37 * 38));
+        // An A4 page at 150 dpi, scaled to 1540 on its long side: 39 x 55 tokens (mistral-common: 2,200).
+        let a4 = PatchGrid::for_image_merged(2480, 3508, 1540, 14, 2);
+        assert_eq!(a4.num_tokens(), (39 + 1) * 55);
         // Pixtral's, for comparison: 4,160 for a 1024-px page.
         assert_eq!(
             PatchGrid::for_image(1024, 1024, 1024, 16).num_tokens(),

@@ -51,10 +51,7 @@ impl ImagePreprocessor {
     }
 
     pub fn grid_for(&self, width: u32, height: u32) -> PatchGrid {
-        PatchGrid {
-            merge: self.merge.max(1),
-            ..PatchGrid::for_image(width, height, self.max_side, self.patch)
-        }
+        PatchGrid::for_image_merged(width, height, self.max_side, self.patch, self.merge)
     }
 
     /// Fails only for an image without pixels (0 wide or 0 high).

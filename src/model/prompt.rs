@@ -101,9 +101,11 @@ impl PixtralTokenizer {
                     match part {
                         PromptPart::Text(text) => ids.extend(self.encode_text(&text)?),
                         PromptPart::Image(image) => {
+                            // One [IMG] per (merged) patch: `merge` x `merge` patches are one token.
                             let g = image.grid;
-                            for _ in 0..g.rows {
-                                ids.extend(std::iter::repeat_n(s.img, g.cols));
+                            let m = g.merge.max(1);
+                            for _ in 0..g.rows / m {
+                                ids.extend(std::iter::repeat_n(s.img, g.cols / m));
                                 ids.push(s.img_break);
                             }
                             if let Some(last) = ids.last_mut() {
