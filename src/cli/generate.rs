@@ -104,7 +104,14 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let grids: Vec<String> = prompt
         .images
         .iter()
-        .map(|i| format!("{}x{} patches", i.grid.cols, i.grid.rows))
+        .map(|i| {
+            format!(
+                "{}x{} patches, {} image tokens",
+                i.grid.cols,
+                i.grid.rows,
+                i.grid.num_tokens()
+            )
+        })
         .collect();
 
     let config = GenerationConfig {

@@ -1036,4 +1036,23 @@ fn pages_cli_says_the_image_tokens_each_page_costs_the_model() {
         text.contains("square.png  1 pages  4160 image tokens (4160 a page)"),
         "{text}"
     );
+    // `pixtract generate` counts the same tokens for the same image, and its prompt holds them.
+    let out = util::pixtract(
+        &[
+            "generate",
+            "--model",
+            util::tiny_model().to_str().unwrap(),
+            "--image",
+            docs.join("square.png").to_str().unwrap(),
+            "--prompt",
+            "Total?",
+            "--max-new-tokens",
+            "1",
+        ],
+        &[],
+        dir.path(),
+    );
+    let text = util::text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("64x64 patches, 4160 image tokens"), "{text}");
 }
