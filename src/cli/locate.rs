@@ -101,12 +101,7 @@ pub fn locate(args: LocateArgs) -> ExitCode {
             eprintln!("warning: {} (its text is not searched)", chain(e));
         }
     }
-    let pages: Vec<PageText> = doc
-        .pages
-        .iter()
-        .filter_map(|p| p.as_ref().ok())
-        .filter_map(|p| Some(PageText::new(p.page_index as u32 + 1, p.text.as_deref()?)))
-        .collect();
+    let pages = doc.text_pages();
     if pages.is_empty() {
         return fatal(format!(
             "{}: no page has a text layer (a scan, or a PDF of images): nothing to locate values in",

@@ -35,13 +35,26 @@ pub fn report(args: ReportArgs) -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", args.output))?;
     let (run_id, rows) = (run.run_id.clone(), run.rows.len());
     let page = report::RunReport::from_run(run, eval).html()?;
-    let name = args
-        .out
+    write_page(&rt, &args.out, page)?;
+    println!(
+        "report of run {run_id} ({rows} rows): {}",
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Writes an HTML page to `out` whole (a reader never sees half of it), through the sink's local writer.
+pub(super) fn write_page(
+    rt: &tokio::runtime::Runtime,
+    out: &std::path::Path,
+    page: String,
+) -> anyhow::Result<()> {
+    let name = out
         .file_name()
-        .with_context(|| format!("--out {}: not a file name", args.out.display()))?
+        .with_context(|| format!("--out {}: not a file name", out.display()))?
         .to_string_lossy()
         .into_owned();
-    let dir = match args.out.parent() {
+    let dir = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
@@ -50,10 +63,5 @@ pub fn report(args: ReportArgs) -> anyhow::Result<()> {
         page.into_bytes(),
         &std::process::id().to_string(),
     ))
-    .with_context(|| format!("writing {}", args.out.display()))?;
-    println!(
-        "report of run {run_id} ({rows} rows): {}",
-        args.out.display()
-    );
-    Ok(())
+    .with_context(|| format!("writing {}", out.display()))
 }

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use pixtract::report::review;
-use pixtract::sink::SinkTarget;
 
 #[derive(Debug, clap::Args)]
 pub struct ReviewArgs {
@@ -29,22 +28,7 @@ pub fn review(args: ReviewArgs) -> anyhow::Result<()> {
         .block_on(review::collect(&args.output, args.max_rows))
         .with_context(|| format!("reading {}", args.output))?;
     let page = review::render(&rows, more, &args.output);
-    let name = args
-        .out
-        .file_name()
-        .with_context(|| format!("--out {}: not a file name", args.out.display()))?
-        .to_string_lossy()
-        .into_owned();
-    let dir = match args.out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    rt.block_on(SinkTarget::local(dir).put_whole(
-        &name,
-        page.into_bytes(),
-        &std::process::id().to_string(),
-    ))
-    .with_context(|| format!("writing {}", args.out.display()))?;
+    super::report::write_page(&rt, &args.out, page)?;
     let refused = rows.iter().filter(|r| r.refused.is_some()).count();
     println!(
         "{} rows to review ({} more not shown, {refused} without their pages): {}",

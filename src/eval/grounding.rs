@@ -12,8 +12,8 @@ use super::labels::{DrawnAt, Labels};
 use super::normalise::{FieldKind, normalise};
 use super::report::{GroundingScore, Outcome, Report};
 use super::{EvalError, FieldMap, LabelSet, Predictions};
-use crate::extract::ground::{Found, Lookup, PageText, ValueKind, locate_group};
-use crate::pipeline::pages::read_documents;
+use crate::extract::ground::{Found, Lookup, ValueKind, locate_group};
+use crate::pipeline::pages::read_document;
 use crate::raster::RasterOptions;
 
 /// The predictions' `_grounded` against the labels, per scalar field of `report`.
@@ -162,29 +162,20 @@ pub async fn locate_labels(
             text_layer: true,
             ..Default::default()
         };
-        let mut read = None;
-        read_documents(&prediction.source_uri, opts, Vec::new(), |d| {
-            read = Some(d);
-            false
-        })
-        .await
-        .map_err(|e| {
-            EvalError::Input(format!(
-                "{}: {}",
-                prediction.source_uri,
-                crate::error::chain(&e)
-            ))
-        })?;
+        let read = read_document(&prediction.source_uri, opts)
+            .await
+            .map_err(|e| {
+                EvalError::Input(format!(
+                    "{}: {}",
+                    prediction.source_uri,
+                    crate::error::chain(&e)
+                ))
+            })?;
         let Some(read) = read else {
             skipped += 1;
             continue;
         };
-        let pages: Vec<PageText> = read
-            .pages
-            .iter()
-            .filter_map(|p| p.as_ref().ok())
-            .filter_map(|p| Some(PageText::new(p.page_index as u32 + 1, p.text.as_deref()?)))
-            .collect();
+        let pages = read.text_pages();
         if pages.is_empty() {
             skipped += 1;
             continue;

@@ -8,6 +8,7 @@ use futures::StreamExt;
 
 use super::PipelineError;
 use crate::document::FetchError;
+use crate::extract::ground::PageText;
 use crate::raster::{DocumentInfo, PageRaster, PdfMode, RasterError, RasterOptions, Rasterizer};
 use crate::source::{ListOptions, Source};
 
@@ -19,6 +20,31 @@ pub struct ReadDocument {
     pub name: String,
     pub pages: Vec<Result<PageRaster, RasterError>>,
     pub error: Option<RasterError>,
+}
+
+impl ReadDocument {
+    /// The text layers of the pages that rendered and have one, each with its page number (1-based).
+    pub fn text_pages(&self) -> Vec<PageText<'_>> {
+        self.pages
+            .iter()
+            .filter_map(|p| p.as_ref().ok())
+            .filter_map(|p| Some(PageText::new(p.page_index as u32 + 1, p.text.as_deref()?)))
+            .collect()
+    }
+}
+
+/// The first document [`read_documents`] finds at `uri` (a row's `source_uri`), None when there is none.
+pub async fn read_document(
+    uri: &str,
+    opts: RasterOptions,
+) -> Result<Option<ReadDocument>, PipelineError> {
+    let mut read = None;
+    read_documents(uri, opts, Vec::new(), |d| {
+        read = Some(d);
+        false
+    })
+    .await?;
+    Ok(read)
 }
 
 /// Reads every document under `uri` (a file, folder or object store URL) matching `include` (every document when

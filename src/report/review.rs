@@ -15,7 +15,7 @@ use image::DynamicImage;
 use super::ReportError;
 use super::html::escape;
 use crate::extract::values::provenance;
-use crate::pipeline::pages::read_documents;
+use crate::pipeline::pages::read_document;
 use crate::raster::RasterOptions;
 use crate::sink::SinkTarget;
 use crate::sink::committed::{Columns, Committed, OnBatches};
@@ -45,11 +45,16 @@ pub struct ReviewRow {
     pub refused: Option<String>,
 }
 
+impl ReviewValue {
+    /// Withheld, or not found on a page that has a text layer: what a person should look at.
+    fn to_check(&self) -> bool {
+        self.withheld.is_some() || self.grounded == Some(false)
+    }
+}
+
 impl ReviewRow {
     fn needs_review(&self) -> bool {
-        self.values
-            .iter()
-            .any(|v| v.withheld.is_some() || v.grounded == Some(false))
+        self.values.iter().any(ReviewValue::to_check)
     }
 }
 
@@ -275,22 +280,19 @@ async fn render_pages(row: &mut ReviewRow) {
         max_side: PAGE_SIDE,
         ..Default::default()
     };
-    let mut read = None;
-    if let Err(e) = read_documents(&row.source_uri, opts, Vec::new(), |d| {
-        read = Some(d);
-        false
-    })
-    .await
-    {
-        row.refused = Some(format!(
-            "cannot read the document: {}",
-            crate::error::chain(&e)
-        ));
-        return;
-    }
-    let Some(doc) = read else {
-        row.refused = Some("the document is no longer there".into());
-        return;
+    let doc = match read_document(&row.source_uri, opts).await {
+        Err(e) => {
+            row.refused = Some(format!(
+                "cannot read the document: {}",
+                crate::error::chain(&e)
+            ));
+            return;
+        }
+        Ok(None) => {
+            row.refused = Some("the document is no longer there".into());
+            return;
+        }
+        Ok(Some(doc)) => doc,
     };
     if let (Some(was), Some(now)) = (&row.etag, &doc.doc.etag)
         && was != now
@@ -421,7 +423,7 @@ fn render_row(h: &mut String, row: &ReviewRow) {
             if v.page != Some(*number) {
                 continue;
             }
-            let check = v.withheld.is_some() || v.grounded == Some(false);
+            let check = v.to_check();
             let _ = write!(
                 h,
                 "<div class=\"box{}\" data-path=\"{}\" title=\"{}\" style=\"left:{:.3}%;top:{:.3}%;width:{:.3}%;height:{:.3}%\"><span>{n}</span></div>",
@@ -440,7 +442,7 @@ fn render_row(h: &mut String, row: &ReviewRow) {
         "<table><tr><th>box</th><th>field</th><th>value</th><th>on the page</th><th>why</th></tr>",
     );
     for (v, n) in row.values.iter().zip(&numbers) {
-        let check = v.withheld.is_some() || v.grounded == Some(false);
+        let check = v.to_check();
         let on_page = match (v.grounded, v.page, v.bbox) {
             (Some(false), ..) => "not found".to_string(),
             (_, Some(p), Some(_)) => format!("page {p}"),
