@@ -21,13 +21,17 @@ from .ort_loop import OrtPixtral
 
 
 def load_cases(reference_dir: str, names: list[str]):
-    """Reference cases (`<reference_dir>/<name>/case.json` + PNGs) encoded with mistral-common."""
+    """Reference cases (`<reference_dir>/<name>/case.json` + PNGs) encoded with mistral-common, with the tekken.json
+    of the model the reference folder sits in (`<model>/reference`)."""
+    model_dir = os.path.dirname(os.path.normpath(reference_dir))
+    has_manifest = os.path.isfile(os.path.join(model_dir, "pixtract-model.json"))
+    tekken = prompting.model_tekken(model_dir) if has_manifest else None
     out = []
     for name in names:
         folder = os.path.join(reference_dir, name)
         with open(os.path.join(folder, "case.json")) as f:
             case = json.load(f)
-        out.append(prompting.encode_case(folder, case["content"], case["system"]))
+        out.append(prompting.encode_case(folder, case["content"], case["system"], tekken))
     return out
 
 

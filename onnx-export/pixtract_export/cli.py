@@ -44,7 +44,12 @@ def _add_export(sub):
                    help="weights and activations; logits are always fp32 (default: fp32). fp16 halves the weights "
                         "and runs on ONNX Runtime's CPU provider as well as on CUDA (the tiny fp16 model's fidelity "
                         "and engine tests run on the CPU); the dtype for GPUs")
-    p.add_argument("--seed", type=int, default=None, help="seed of the tiny model's weights (default: 20240911)")
+    p.add_argument("--family", choices=["pixtral", "mistral3"], default=None,
+                   help="with --tiny: whose tiny model (default pixtral; mistral3: patch 14, 2x2 patch merger, "
+                        "Ministral 3's YaRN and query scale, a v13 Tekken). With --checkpoint the family is read "
+                        "from the checkpoint (config.json's model_type, params.json's vision encoder)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the tiny model's weights (default: pixtral 20240911, mistral3 20251202)")
     p.add_argument("--attention", choices=list(ATTENTION_KINDS), default="eager",
                    help="decoder attention. eager (default): transformers' attention, left-padded batches, the KV "
                         "cache grows by Concat; runs on every provider and dtype. gqa: ONNX Runtime's "

@@ -73,7 +73,7 @@ def run_export(args) -> int:
             shutil.rmtree(float_dir, ignore_errors=True)
     if args.checkpoint:
         checkpoint_layout(args.checkpoint)  # one clear line when the folder is not a checkpoint
-    family = families.for_checkpoint(args.checkpoint)
+    family = families.for_checkpoint(args.checkpoint, getattr(args, "family", None))
     dtype = DTYPES[args.dtype]
     # The graphs hold every parameter once in the export dtype; 10% for the graph structure and alignment.
     need = int(_parameter_count(family, args.checkpoint) * torch.finfo(dtype).bits // 8 * 1.1)
@@ -94,14 +94,14 @@ def run_export(args) -> int:
         # afterwards.
         graphs = export_graphs(family, model, out, dtype, args.attention, release=True,
                                external_threshold=getattr(args, "external_data_threshold", None))
-        tokenizer = write_tokenizer(out, args.checkpoint)
+        tokenizer, tekken = write_tokenizer(out, args.checkpoint, family)
         source["parameters"] = params
-        manifest = build_manifest(family, model, graphs, tokenizer, args.dtype, source)
+        manifest = build_manifest(family, model, graphs, tokenizer, args.dtype, source, tekken)
         path = write_manifest(out, manifest)
         total = sum(g["bytes"] + g.get("external_data", {}).get("bytes", 0) for g in graphs.values())
         del model
     note = memory_note()
-    print(f"exported 3 graphs ({total / 1e6:.1f} MB) in {time.time() - t1:.1f} s ({note}; peak over the whole "
+    print(f"exported {family.name}'s 3 graphs ({total / 1e6:.1f} MB) in {time.time() - t1:.1f} s ({note}; peak over the whole "
           f"export {run_peak_gb():.2f} GB)")
     print(f"manifest {os.path.join(final, os.path.basename(path))}\nweights sha256 {manifest['weights_sha256']}")
     return 0

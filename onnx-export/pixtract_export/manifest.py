@@ -6,6 +6,9 @@ without looking at a checkpoint. `format_version` changes when a field pixtract 
 
 Format 2 adds "family" (the model family the graphs come from, families/) and "image_tokens" (how a prompt lays out
 an image's tokens: patch_size, spatial_merge, break_tokens), both from the family; everything else is format 1's.
+Exports since the Mistral 3 family also record "prompt" (where the system prompt goes, by Tekken version: "system":
+"user_prefix" (v3) or "tokens" (v7+)), the tokenizer's tekken.json ("tokenizer.tekken_file", "tekken_version") and the
+text model's RoPE parameters ("text.rope"); a manifest without "prompt" is Pixtral's v3 layout.
 """
 
 from __future__ import annotations
@@ -53,7 +56,10 @@ def graph_entry(path: str, proto: onnx.ModelProto, external: bool, digest: str |
     return entry
 
 
-def build_manifest(family, model, graphs: dict, tokenizer_path: str, dtype_name: str, source: dict) -> dict:
+def build_manifest(family, model, graphs: dict, tokenizer_path: str, dtype_name: str, source: dict,
+                   tekken_path: str) -> dict:
+    from .tekken import tekken_version
+
     import mistral_common
     import onnxruntime
     import torch
@@ -63,6 +69,7 @@ def build_manifest(family, model, graphs: dict, tokenizer_path: str, dtype_name:
     t, v = cfg.text_config, cfg.vision_config
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     weights = hashlib.sha256("".join(graphs[k]["weights_sha256"] for k in sorted(graphs)).encode()).hexdigest()
+    version = tekken_version(tekken_path)
     return {
         "format": "pixtract-model",
         "format_version": FORMAT_VERSION,
@@ -86,6 +93,8 @@ def build_manifest(family, model, graphs: dict, tokenizer_path: str, dtype_name:
             else float(t.rope_theta),
             "rms_norm_eps": t.rms_norm_eps,
             "max_position_embeddings": t.max_position_embeddings,
+            # The RoPE the decoder graph computes (cos/sin from position_ids in the graph): recorded, not used.
+            "rope": dict(getattr(t, "rope_parameters", None) or {}),
         },
         "vision": {
             "hidden_size": v.hidden_size,
@@ -111,7 +120,9 @@ def build_manifest(family, model, graphs: dict, tokenizer_path: str, dtype_name:
             "unk": 0, "bos": 1, "eos": 2, "inst": 3, "inst_end": 4, "img": cfg.image_token_index, "pad": 11,
             "img_break": 12, "img_end": 13, "system_prompt": 17, "system_prompt_end": 18,
         },
-        "tokenizer": {"file": os.path.basename(tokenizer_path), "sha256": sha256_file(tokenizer_path)},
+        "tokenizer": {"file": os.path.basename(tokenizer_path), "sha256": sha256_file(tokenizer_path),
+                      "tekken_file": os.path.basename(tekken_path), "tekken_version": version},
+        "prompt": family.prompt_layout(version),
         "graphs": graphs,
         "exporter": {
             "name": "pixtract-export",

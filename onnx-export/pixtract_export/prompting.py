@@ -6,19 +6,31 @@ import numpy as np
 
 from .files import tekken_path
 
-_TOKENIZER = None
+_TOKENIZERS = {}
 
 
-def mistral_tokenizer():
-    global _TOKENIZER
-    if _TOKENIZER is None:
+def model_tekken(model_dir: str) -> str:
+    """The tekken.json a model directory's prompts are encoded with: its own (exports since the Mistral 3 family
+    write it beside tokenizer.json), else Pixtral's from mistral-common (older Pixtral exports)."""
+    import json
+    import os
+
+    with open(os.path.join(model_dir, "pixtract-model.json")) as f:
+        name = json.load(f)["tokenizer"].get("tekken_file")
+    return os.path.join(model_dir, name) if name else tekken_path()
+
+
+def mistral_tokenizer(tekken: str | None = None):
+    """mistral-common's tokenizer for a tekken.json (default Pixtral's), loaded once per file."""
+    path = tekken or tekken_path()
+    if path not in _TOKENIZERS:
         from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-        _TOKENIZER = MistralTokenizer.from_file(tekken_path())
-    return _TOKENIZER
+        _TOKENIZERS[path] = MistralTokenizer.from_file(path)
+    return _TOKENIZERS[path]
 
 
-def encode(content: list, system: str | None = None):
+def encode(content: list, system: str | None = None, tekken: str | None = None):
     """content: [{"type": "image", "image": PIL.Image} | {"type": "text", "text": str}, ...] for one user turn.
 
     Returns (token ids, [CHW float32 arrays, one per image]).
@@ -39,11 +51,11 @@ def encode(content: list, system: str | None = None):
         messages.append(UserMessage(content=chunks[0].text))
     else:
         messages.append(UserMessage(content=chunks))
-    enc = mistral_tokenizer().encode_chat_completion(ChatCompletionRequest(messages=messages))
+    enc = mistral_tokenizer(tekken).encode_chat_completion(ChatCompletionRequest(messages=messages))
     return list(enc.tokens), [np.ascontiguousarray(img, dtype=np.float32) for img in enc.images]
 
 
-def encode_case(folder: str, content: list, system: str | None = None):
+def encode_case(folder: str, content: list, system: str | None = None, tekken: str | None = None):
     """A reference case's content ([{"type": "image", "file": ...} | {"type": "text", ...}]) with its images read
     back from their PNGs in `folder`, encoded as `encode` does: the bytes the Rust side decodes too."""
     import os
@@ -58,11 +70,11 @@ def encode_case(folder: str, content: list, system: str | None = None):
                 loaded.append({"type": "image", "image": im.copy()})
         else:
             loaded.append(c)
-    return encode(loaded, system)
+    return encode(loaded, system, tekken)
 
 
-def decode(ids: list[int]) -> str:
-    return mistral_tokenizer().decode(ids)
+def decode(ids: list[int], tekken: str | None = None) -> str:
+    return mistral_tokenizer(tekken).decode(ids)
 
 
 def pad_images(images: list[np.ndarray]):

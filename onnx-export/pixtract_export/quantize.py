@@ -257,8 +257,9 @@ def _quantize_into(manifest: dict, src_dir: str, out_dir: str, bits: int, block_
             if "external_data" in entry:
                 _link_or_copy(os.path.join(src_dir, entry["external_data"]["file"]),
                               os.path.join(out_dir, entry["external_data"]["file"]))
-    tok = manifest["tokenizer"]["file"]
-    _link_or_copy(os.path.join(src_dir, tok), os.path.join(out_dir, tok))
+    for tok in (manifest["tokenizer"]["file"], manifest["tokenizer"].get("tekken_file")):
+        if tok:
+            _link_or_copy(os.path.join(src_dir, tok), os.path.join(out_dir, tok))
 
     new["variant"] = variant_name(manifest["dtype"], bits)
     new["quantization"] = {

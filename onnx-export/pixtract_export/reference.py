@@ -21,16 +21,20 @@ TOP_K = 10
 PIXEL_SAMPLES = 48
 
 
-def _cases():
+def _cases(spatial_merge: int = 1):
+    """The cases; with a patch merger (Mistral 3) the smallest image is 40x9, two merged tokens: an image of one token
+    cannot be referenced, because transformers 5.24's Mistral3Model.get_image_features squeezes a single-token
+    image's feature axis away and fails (pixtract itself lays out and runs one-token images)."""
     s = samples
+    tiny_w = 12 if spatial_merge == 1 else 40
     receipt_tall = s.document(380, 1500, 11, s.RECEIPT_LINES)
     return [
         ("wide_page", "landscape invoice page, 900x560", None,
          [("image", s.document(900, 560, 1, s.INVOICE_LINES)), ("text", "Extract the invoice fields as JSON.")]),
         ("tall_receipt", "long receipt 380x1500, long side above 1024 so it is downscaled", None,
          [("image", receipt_tall), ("text", "What is the total?")]),
-        ("tiny_image", "12x9 image, smaller than one patch", None,
-         [("image", s.document(12, 9, 2, ["x"])), ("text", "Describe the image.")]),
+        ("tiny_image", f"{tiny_w}x9 image, less than one patch high", None,
+         [("image", s.document(tiny_w, 9, 2, ["x"])), ("text", "Describe the image.")]),
         ("large_scan", "2200x1600 scan, downscaled to 1024 wide", None,
          [("image", s.document(2200, 1600, 3, s.INVOICE_LINES)), ("text", "Read the invoice number.")]),
         ("rgba", "RGBA with transparent and half-transparent areas (composited on white)", None,
@@ -78,7 +82,9 @@ def run_reference(args) -> int:
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
     index = []
-    for n, (name, description, system, parts) in enumerate(_cases()):
+    tekken = prompting.model_tekken(args.model)
+    merge = manifest.get("image_tokens", {}).get("spatial_merge", 1)
+    for n, (name, description, system, parts) in enumerate(_cases(merge)):
         folder = os.path.join(root, name)
         os.makedirs(folder)
         content, files = [], []
@@ -90,7 +96,7 @@ def run_reference(args) -> int:
                 content.append({"type": "image", "file": fname})
             else:
                 content.append({"type": "text", "text": value})
-        ids, images = prompting.encode_case(folder, content, system)
+        ids, images = prompting.encode_case(folder, content, system, tekken)
         image_meta = []
         for k, (fname, chw) in enumerate(zip(files, images)):
             with Image.open(os.path.join(folder, fname)) as im:
@@ -118,7 +124,7 @@ def run_reference(args) -> int:
             "max_new_tokens": args.new_tokens,
             "greedy_tokens": new,
             "stopped_on_eos": bool(new and new[-1] == 2 and len(new) < args.new_tokens),
-            "greedy_text": prompting.decode(new),
+            "greedy_text": prompting.decode(new, tekken),
         }
         with open(os.path.join(folder, "case.json"), "w") as f:
             json.dump(case, f, indent=1, ensure_ascii=False)

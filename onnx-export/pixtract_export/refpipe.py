@@ -79,6 +79,7 @@ def run(args) -> int:
         manifest = json.load(f)
     model = model_from_manifest(manifest, None)
     eos, pad = manifest["tokens"]["eos"], manifest["tokens"]["pad"]
+    tekken = prompting.model_tekken(args.model)
     suffixes = tuple(s.strip().lower() for s in args.suffixes.split(","))
     files = sorted(n for n in os.listdir(args.source) if n.lower().endswith(suffixes))
     rows = {"source_uri": [], "page": [], "status": [], "error": [], "text": [], "prompt_tokens": [],
@@ -102,7 +103,7 @@ def run(args) -> int:
                 pages += 1
                 t = time.perf_counter()
                 ids, images = prompting.encode([{"type": "image", "image": image},
-                                                {"type": "text", "text": args.prompt}])
+                                                {"type": "text", "text": args.prompt}], tekken=tekken)
                 px, sizes = prompting.pad_images(images)
                 timing["preprocess_s"] += time.perf_counter() - t
                 t = time.perf_counter()
@@ -115,7 +116,7 @@ def run(args) -> int:
                 timing["generate_s"] += time.perf_counter() - t
                 generated += len(new)
                 for k, v in (("source_uri", path), ("page", index), ("status", "ok"), ("error", None),
-                             ("text", prompting.decode([i for i in new if i != eos])),
+                             ("text", prompting.decode([i for i in new if i != eos], tekken)),
                              ("prompt_tokens", len(ids)), ("generated_tokens", len(new))):
                     rows[k].append(v)
         except Exception as err:  # noqa: BLE001 - a bad document is an error row, as in pixtract

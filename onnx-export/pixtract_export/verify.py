@@ -40,8 +40,8 @@ def _hf_features(model, chw: np.ndarray) -> np.ndarray:
     px = torch.from_numpy(chw)[None]
     sizes = torch.tensor([[chw.shape[1], chw.shape[2]]])
     with torch.no_grad():
-        out = model.model.get_image_features(pixel_values=px, image_sizes=sizes, vision_feature_layer=-1,
-                                             vision_feature_select_strategy="full")
+        # The feature layer and selection come from the model's config (last layer, every patch, for both families).
+        out = model.model.get_image_features(pixel_values=px, image_sizes=sizes)
     feats = out.pooler_output if hasattr(out, "pooler_output") else out
     return feats[0].float().numpy()
 
@@ -60,18 +60,18 @@ def _cache_of(out):
     return out["cache"] if "cache" in out else out["past_key_values"]
 
 
-def _inputs(pad: int) -> dict:
+def _inputs(pad: int, tekken: str) -> dict:
     """Every input both sides see: the vision cases' pixels, the batch of two prompts (left-padded, as the eager
     graph wants) and the greedy prompt. Pure preprocessing (mistral-common), no model."""
     vision = []
     for label, w, h in VISION_CASES:
         img = samples.document(w, h, seed=w * 7 + h, lines=samples.RECEIPT_LINES)
-        _, images = prompting.encode([{"type": "image", "image": img}, {"type": "text", "text": "x"}])
+        _, images = prompting.encode([{"type": "image", "image": img}, {"type": "text", "text": "x"}], tekken=tekken)
         vision.append((label, images[0]))
     receipt = samples.document(300, 420, seed=5, lines=samples.RECEIPT_LINES)
     ids_a, imgs_a = prompting.encode([{"type": "image", "image": receipt},
-                                      {"type": "text", "text": "Extract the total as JSON."}])
-    ids_b, _ = prompting.encode([{"type": "text", "text": "Bonjour, quel est le total ? 合计 😀"}])
+                                      {"type": "text", "text": "Extract the total as JSON."}], tekken=tekken)
+    ids_b, _ = prompting.encode([{"type": "text", "text": "Bonjour, quel est le total ? 合计 😀"}], tekken=tekken)
     width = max(len(ids_a), len(ids_b))
     ids = np.full((2, width), pad, dtype=np.int64)
     mask = np.zeros((2, width), dtype=np.int64)
@@ -79,7 +79,7 @@ def _inputs(pad: int) -> dict:
         ids[row, width - len(seq):] = seq
         mask[row, width - len(seq):] = 1
     ids_g, imgs_g = prompting.encode([{"type": "image", "image": receipt},
-                                      {"type": "text", "text": "Transcribe this receipt."}])
+                                      {"type": "text", "text": "Transcribe this receipt."}], tekken=tekken)
     return {"vision": vision, "rows": [ids_a, ids_b], "imgs_a": imgs_a, "ids": ids, "mask": mask, "width": width,
             "ids_g": ids_g, "imgs_g": imgs_g}
 
@@ -126,7 +126,7 @@ def run_verify(args) -> int:
     dtype = manifest["dtype"]
     tol = TOL[dtype]
     print(f"verify {args.model}: {manifest['model_id']} ({dtype}), ONNX Runtime CPU vs torch fp32")
-    inp = _inputs(manifest["tokens"]["pad"])
+    inp = _inputs(manifest["tokens"]["pad"], prompting.model_tekken(args.model))
     # One side at a time: the torch model (fp32, the size of the fp32 graphs) is run for every reference figure and
     # released before ONNX Runtime loads the graphs, so the peak is the larger of the two instead of their sum (16.0
     # GB -> see docs/real-checkpoints.md at Pixtral 12B's widths with 2 layers).

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..files import ExportError
-from . import pixtral
+from . import mistral3, pixtral
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,10 @@ class Family:
     image_token_layout: Callable[[object], dict]
     image_mean: tuple
     image_std: tuple
+    # The prompt: how the system prompt is written for a Tekken version ({"system": "user_prefix" | "tokens",
+    # "tekken_version"}), and the tekken.json the tiny and random models ship (write_default_tekken(path)).
+    prompt_layout: Callable[[str], dict]
+    write_default_tekken: Callable[[str], None]
 
 
 def _from_module(module) -> Family:
@@ -59,11 +63,14 @@ def _from_module(module) -> Family:
         image_token_layout=module.image_token_layout,
         image_mean=module.IMAGE_MEAN,
         image_std=module.IMAGE_STD,
+        prompt_layout=module.prompt_layout,
+        write_default_tekken=module.write_default_tekken,
     )
 
 
 PIXTRAL = _from_module(pixtral)
-FAMILIES = {f.name: f for f in (PIXTRAL,)}
+MISTRAL3 = _from_module(mistral3)
+FAMILIES = {f.name: f for f in (PIXTRAL, MISTRAL3)}
 
 
 def get(name: str) -> Family:
@@ -73,7 +80,27 @@ def get(name: str) -> Family:
     return FAMILIES[name]
 
 
-def for_checkpoint(path: str | None) -> Family:
-    """The family of a checkpoint directory (None: the tiny test model). Pixtral is the only family so far; a second
-    one is told apart here (config.json's model_type, params.json's vision_encoder)."""
+def for_checkpoint(path: str | None, tiny: str | None = None) -> Family:
+    """The family of a checkpoint directory: config.json's model_type (mistral3 / llava) in the Hugging Face layout,
+    params.json's vision encoder (a patch merger: Mistral 3) in the consolidated one. Without a checkpoint, the tiny
+    test model of the family named `tiny` (default Pixtral)."""
+    import json
+    import os
+
+    if not path:
+        return get(tiny or PIXTRAL.name)
+    for name, key in (("config.json", "model_type"), ("params.json", "vision_encoder")):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        try:
+            with open(file) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as err:
+            raise ExportError(f"{file}: not readable JSON ({err})") from None
+        if name == "config.json":
+            return MISTRAL3 if data.get(key) == "mistral3" else PIXTRAL
+        vision = data.get(key) or {}
+        merges = vision.get("spatial_merge_size", 1) != 1 or vision.get("mm_projector_id")
+        return MISTRAL3 if merges else PIXTRAL
     return PIXTRAL

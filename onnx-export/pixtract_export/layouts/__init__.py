@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from ..files import ExportError, tekken_path
+from ..files import ExportError
 
 LAYOUT_NAMES = {"hf": "Hugging Face layout (config.json + safetensors, as mistral-community/pixtral-12b)",
                 "consolidated": "Mistral consolidated layout (params.json + consolidated.safetensors + tekken.json, "
@@ -68,18 +68,28 @@ def read_config(path: str, family):
     return read_hf_config(path, family)
 
 
-def write_tokenizer(out_dir: str, checkpoint: str | None) -> str:
-    """tokenizer.json for the Rust `tokenizers` crate.
+def write_tokenizer(out_dir: str, checkpoint: str | None, family) -> tuple[str, str]:
+    """tekken.json and tokenizer.json (for the Rust `tokenizers` crate) in out_dir; returns their paths.
 
-    The checkpoint's own tokenizer.json when it has one; otherwise its tekken.json (Mistral's consolidated layout),
-    or else Pixtral's Tekken file from mistral-common, converted the way transformers converts it.
+    tekken.json is the checkpoint's own; a checkpoint without one (the Hugging Face Pixtral repo) gets Pixtral's from
+    mistral-common, and the tiny model its family's (family.write_default_tekken). Its version decides the prompt
+    layout the manifest records. tokenizer.json is the checkpoint's own when it has one, otherwise converted from
+    tekken.json the way transformers converts it.
     """
+    tekken_dst = os.path.join(out_dir, "tekken.json")
+    own = os.path.join(checkpoint, "tekken.json") if checkpoint else ""
+    if os.path.isfile(own):
+        shutil.copyfile(own, tekken_dst)
+    elif checkpoint and family.name != "pixtral":
+        raise ExportError(f"{checkpoint}: no tekken.json; a {family.name} checkpoint's Tekken version decides its "
+                          "prompt layout (Mistral's repositories ship tekken.json: copy it beside config.json)")
+    else:
+        family.write_default_tekken(tekken_dst)
     dst = os.path.join(out_dir, "tokenizer.json")
     if checkpoint and os.path.isfile(os.path.join(checkpoint, "tokenizer.json")):
         shutil.copyfile(os.path.join(checkpoint, "tokenizer.json"), dst)
-        return dst
+        return dst, tekken_dst
     from transformers.integrations.mistral.tokenizer import MistralConverter
 
-    tekken = os.path.join(checkpoint, "tekken.json") if checkpoint else ""
-    MistralConverter(vocab_file=tekken if os.path.isfile(tekken) else tekken_path()).converted().save(dst)
-    return dst
+    MistralConverter(vocab_file=tekken_dst).converted().save(dst)
+    return dst, tekken_dst
