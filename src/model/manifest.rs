@@ -16,8 +16,10 @@ const FORMAT: &str = "pixtract-model";
 /// Manifest versions this pixtract reads: 1 (every Pixtral export before the family split: Pixtral implied) and 2
 /// (the family and its image-token layout recorded).
 const FORMAT_VERSIONS: [u32; 2] = [1, 2];
-/// Model families this pixtract runs.
-pub const FAMILIES: [&str; 1] = ["pixtral"];
+/// Model families this pixtract runs, each with the patch merge its image-token layout must have: Pixtral (one token
+/// per 16-px patch) and the Mistral 3 family (Ministral 3, Mistral Small 3.x: one token per 2x2 square of 14-px
+/// patches).
+pub const FAMILIES: [(&str, usize); 2] = [("pixtral", 1), ("mistral3", 2)];
 /// How to make a manifest this pixtract reads.
 const EXPORT_HINT: &str = "re-export it with this checkout's onnx-export: `.venv/bin/python onnx-export/export.py \
      export --checkpoint CHECKPOINT_DIR --out MODEL_DIR`";
@@ -51,6 +53,28 @@ pub struct ModelManifest {
     /// How an image's patches become prompt tokens (version 2; version 1: Pixtral's, no merge).
     #[serde(default)]
     pub image_tokens: Option<ImageTokenLayout>,
+    /// Where the system prompt goes, by the tokenizer's Tekken version (absent before the Mistral 3 family: Pixtral's
+    /// v3 layout).
+    #[serde(default)]
+    pub prompt: Option<PromptLayout>,
+}
+
+/// How a prompt holds the system prompt (mistral-common's instruct tokenizers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SystemPlacement {
+    /// Tekken v3 (Pixtral): written at the start of the user turn, `system + "\n\n"`.
+    #[default]
+    UserPrefix,
+    /// Tekken v7 and later: `[SYSTEM_PROMPT]system[/SYSTEM_PROMPT]` before `[INST]`.
+    Tokens,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PromptLayout {
+    pub system: SystemPlacement,
+    #[serde(default)]
+    pub tekken_version: Option<String>,
 }
 
 /// How an image's patch grid becomes prompt tokens: `spatial_merge` x `spatial_merge` patches make one token
@@ -93,6 +117,11 @@ impl ModelManifest {
     /// The model family ("pixtral" for version 1 manifests).
     pub fn family(&self) -> &str {
         self.family.as_deref().unwrap_or("pixtral")
+    }
+
+    /// Where the system prompt goes (Pixtral's v3 layout when the manifest says nothing).
+    pub fn system_placement(&self) -> SystemPlacement {
+        self.prompt.as_ref().map(|p| p.system).unwrap_or_default()
     }
 
     /// How images become prompt tokens: the manifest's, or Pixtral's (no merge, row breaks) for version 1.
@@ -308,20 +337,20 @@ impl ModelDir {
                 manifest.format_version
             )));
         }
-        if !FAMILIES.contains(&manifest.family()) {
+        let Some(&(_, merge)) = FAMILIES.iter().find(|(name, _)| *name == manifest.family()) else {
             return Err(invalid(format!(
                 "model family {:?}: this pixtract runs {}; {EXPORT_HINT}",
                 manifest.family(),
-                FAMILIES.join(", ")
+                FAMILIES.map(|(name, _)| name).join(", ")
             )));
-        }
+        };
         let layout = manifest.image_layout();
         if layout.patch_size != manifest.image.patch_size
-            || layout.spatial_merge != 1
+            || layout.spatial_merge != merge
             || !layout.break_tokens
         {
             return Err(invalid(format!(
-                "image-token layout {layout:?} is not {}'s (patch {}, no merge, row breaks)",
+                "image-token layout {layout:?} is not {}'s (patch {}, {merge}x{merge} patches a token, row breaks)",
                 manifest.family(),
                 manifest.image.patch_size
             )));

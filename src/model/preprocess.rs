@@ -5,7 +5,7 @@ use image::DynamicImage;
 use crate::imaging::{self, PatchGrid};
 
 use super::ModelError;
-use super::manifest::ImageConfig;
+use super::manifest::ModelManifest;
 
 /// One image ready for the vision encoder: CHW f32 normalised pixels at the patch grid's size.
 #[derive(Debug, Clone)]
@@ -40,11 +40,14 @@ pub struct ImagePreprocessor {
 }
 
 impl ImagePreprocessor {
-    pub fn from_config(config: &ImageConfig) -> Self {
+    /// The manifest's image settings and patch merge (the one constructor: a preprocessor that forgot the merge
+    /// would cover images in squares the vision graph cannot merge).
+    pub fn for_model(manifest: &ModelManifest) -> Self {
+        let config = &manifest.image;
         ImagePreprocessor {
             max_side: config.max_image_size,
             patch: config.patch_size,
-            merge: 1,
+            merge: manifest.image_layout().spatial_merge,
             mean: config.mean,
             std: config.std,
         }

@@ -1,17 +1,20 @@
-//! Pixtral's chat layout on the Tekken tokenizer, as mistral-common's V3 instruct tokenizer builds it.
+//! The chat layout on the Tekken tokenizer, as mistral-common's instruct tokenizers build a single user turn.
 //!
-//! `<s>[INST]` + user content + `[/INST]`. Content is a list of images and texts; an image of `cols x rows` patches
-//! is `rows x ([IMG]*cols + [IMG_BREAK])` with the very last token replaced by `[IMG_END]`. A system prompt is
-//! prepended to the (last) user message: `system + "\n\n" + text` as one string for a text-only message, or as its
-//! own text chunk before the first chunk otherwise. When the content is texts followed by one image, the image
-//! moves first (mistral-common's `force_img_first`).
+//! `<s>[INST]` + user content + `[/INST]`. Content is a list of images and texts; an image of `cols x rows` tokens
+//! (patches, or merged squares of patches for the Mistral 3 family) is `rows x ([IMG]*cols + [IMG_BREAK])` with the
+//! very last token replaced by `[IMG_END]`. When the content is texts followed by one image, the image moves first
+//! (mistral-common's `force_img_first`). Where a system prompt goes depends on the Tekken version
+//! ([`SystemPlacement`], from the manifest):
+//! - v3 (Pixtral): prepended to the user message: `system + "\n\n" + text` as one string for a text-only message,
+//!   or as its own text chunk before the first chunk otherwise;
+//! - v7 and later (Mistral 3): `<s>[SYSTEM_PROMPT]system[/SYSTEM_PROMPT][INST]...`, the user turn untouched.
 
 use std::path::Path;
 
 use tokenizers::Tokenizer;
 
 use super::ModelError;
-use super::manifest::SpecialTokens;
+use super::manifest::{SpecialTokens, SystemPlacement};
 use super::preprocess::PreparedImage;
 
 /// One part of a user message.
@@ -35,18 +38,27 @@ pub struct EncodedPrompt {
     pub images: Vec<PreparedImage>,
 }
 
-pub struct PixtralTokenizer {
+pub struct PromptTokenizer {
     tokenizer: Tokenizer,
     special: SpecialTokens,
+    system: SystemPlacement,
 }
 
-impl PixtralTokenizer {
-    pub fn from_file(path: &Path, special: SpecialTokens) -> Result<Self, ModelError> {
+impl PromptTokenizer {
+    pub fn from_file(
+        path: &Path,
+        special: SpecialTokens,
+        system: SystemPlacement,
+    ) -> Result<Self, ModelError> {
         let tokenizer = Tokenizer::from_file(path).map_err(|source| ModelError::Tokenizer {
             path: path.to_path_buf(),
             source,
         })?;
-        Ok(PixtralTokenizer { tokenizer, special })
+        Ok(PromptTokenizer {
+            tokenizer,
+            special,
+            system,
+        })
     }
 
     pub fn inner(&self) -> &Tokenizer {
@@ -71,10 +83,18 @@ impl PixtralTokenizer {
 
     pub fn encode(&self, prompt: Prompt) -> Result<EncodedPrompt, ModelError> {
         let s = &self.special;
-        let mut ids = vec![s.bos, s.inst];
+        let mut ids = vec![s.bos];
         let mut images = Vec::new();
         let mut parts = prompt.parts;
-        let system = prompt.system.filter(|t| !t.is_empty());
+        let mut system = prompt.system.filter(|t| !t.is_empty());
+        if self.system == SystemPlacement::Tokens
+            && let Some(sys) = system.take()
+        {
+            ids.push(s.system_prompt);
+            ids.extend(self.encode_text(&sys)?);
+            ids.push(s.system_prompt_end);
+        }
+        ids.push(s.inst);
         match parts.as_slice() {
             [PromptPart::Text(text)] => {
                 let text = match &system {

@@ -18,7 +18,7 @@ use super::report::{Progress, Reporter, Stage};
 use super::{ModelInput, PipelineError, PipelineSpec, shard_of, state};
 use crate::document::{DocumentInfo, FetchError};
 use crate::extract::{ErrorKind, FailedInput, PageInput, SourceInfo};
-use crate::model::manifest::ImageConfig;
+use crate::model::manifest::{ImageConfig, ModelManifest};
 use crate::model::{ImagePreprocessor, ModelError, PreparedImage};
 use crate::raster::text::TextLayer;
 use crate::raster::{PageRaster, PdfMode, RasterError, RasterOptions, Rasterizer};
@@ -119,10 +119,10 @@ impl SkipRules {
 
 /// Lists, fetches and rasterizes documents, groups pages into prompts and prepares their pixels.
 /// Returns (documents, documents failed, pages, documents skipped as already processed).
-/// What the prompts are made of: the model's image settings and, in document mode, the image tokens a window of
-/// pages may hold.
+/// What the prompts are made of: the model's image settings and image-token layout (its manifest) and, in document
+/// mode, the image tokens a window of pages may hold.
 pub(super) struct PromptShape<'a> {
-    pub image: &'a ImageConfig,
+    pub manifest: &'a ModelManifest,
     pub window_tokens: Option<usize>,
 }
 
@@ -135,13 +135,13 @@ pub(super) async fn produce(
     model_tx: mpsc::Sender<ModelInput>,
     abort: Arc<AtomicBool>,
 ) -> Result<(usize, usize, usize, usize), PipelineError> {
-    let (image, window_tokens) = (shape.image, shape.window_tokens);
+    let (image, window_tokens) = (&shape.manifest.image, shape.window_tokens);
     let source = Source::open(&spec.source.uri)?;
     let (rasterizer, max_side) = build_rasterizer(spec, image)?;
     let failed_docs = FailedFetches::default();
     let listing = listing(spec, &source, skip, &progress)?;
     let fetched = fetch_ahead(listing.documents, &source, spec, &progress, &failed_docs);
-    let mut feed = PageFeed::new(spec, image, max_side, &progress, reporter, &model_tx);
+    let mut feed = PageFeed::new(spec, shape.manifest, max_side, &progress, reporter, &model_tx);
     feed.window_tokens = window_tokens;
     let mut documents = 0usize;
     let mut docs = std::pin::pin!(rasterizer.documents(fetched, spec.raster.workers.max(1)));
@@ -364,7 +364,7 @@ struct PageFeed<'a> {
 impl<'a> PageFeed<'a> {
     fn new(
         spec: &PipelineSpec,
-        image: &ImageConfig,
+        manifest: &ModelManifest,
         max_side: u32,
         progress: &'a Progress,
         reporter: Reporter,
@@ -372,7 +372,7 @@ impl<'a> PageFeed<'a> {
     ) -> Self {
         // Scans reach the model unscaled; `[raster] max_side` is the long side of the model's view for them too
         // (run.rs checked it is not above the model's own image size).
-        let mut preprocessor = ImagePreprocessor::from_config(image);
+        let mut preprocessor = ImagePreprocessor::for_model(manifest);
         preprocessor.max_side = max_side as usize;
         PageFeed {
             preprocessor,

@@ -296,7 +296,7 @@ async fn run_under_lease(
     let writer = tokio::spawn(writer.run(rows_rx));
     let display = reporter.spawn_progress(progress.clone(), started);
     let shape = PromptShape {
-        image: &setup.manifest.image,
+        manifest: &setup.manifest,
         window_tokens,
     };
     let produced = produce(

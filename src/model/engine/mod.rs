@@ -32,7 +32,7 @@ pub use generation::{
 use super::ModelError;
 use super::manifest::{DecoderAttention, ModelDir, ModelManifest};
 use super::preprocess::{ImagePreprocessor, PreparedImage};
-use super::prompt::{EncodedPrompt, PixtralTokenizer};
+use super::prompt::{EncodedPrompt, PromptTokenizer};
 use super::runtime::{Device, OrtRuntime};
 use cache::{KvCache, PromptBatch};
 use decoder::Decoder;
@@ -41,7 +41,7 @@ use vision::VisionEncoder;
 
 pub struct PixtralEngine {
     pub model: ModelDir,
-    pub tokenizer: PixtralTokenizer,
+    pub tokenizer: PromptTokenizer,
     pub preprocessor: ImagePreprocessor,
     device: Device,
     /// Shared with the vision thread of continuous batching (`BatchPolicy::vision_ahead`); locked per prompt.
@@ -72,11 +72,12 @@ impl PixtralEngine {
         )?));
         let embed = open(&m.graphs.embed_tokens.file)?;
         let decoder = Decoder::new(open(&m.graphs.decoder.file)?, m, opts.device)?;
-        let tokenizer = PixtralTokenizer::from_file(&model.path_of(&m.tokenizer.file), m.tokens)?;
-        let preprocessor = ImagePreprocessor {
-            merge: m.image_layout().spatial_merge,
-            ..ImagePreprocessor::from_config(&m.image)
-        };
+        let tokenizer = PromptTokenizer::from_file(
+            &model.path_of(&m.tokenizer.file),
+            m.tokens,
+            m.system_placement(),
+        )?;
+        let preprocessor = ImagePreprocessor::for_model(m);
         Ok(PixtralEngine {
             model,
             tokenizer,
