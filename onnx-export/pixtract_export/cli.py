@@ -169,20 +169,28 @@ def _add_reference(sub):
 
 def _add_random_checkpoint(sub):
     p = sub.add_parser(
-        "random-checkpoint", help="seeded random Pixtral checkpoint with real widths and few layers",
+        "random-checkpoint", help="seeded random Pixtral / Mistral 3 checkpoint with real widths",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Write a seeded random Pixtral checkpoint on disk, laid out like mistral-community/pixtral-12b "
-                    "(config.json, sharded bf16 safetensors + index, tokenizer.json), to exercise `export` at the "
-                    "real model's widths without downloading it.",
+        description="Write a seeded random checkpoint on disk, laid out like the real model's repository "
+                    "(Hugging Face: config.json, sharded bf16 safetensors + index, tokenizer.json; or Mistral's "
+                    "consolidated layout), to exercise `export` at the real model's widths without downloading it.",
         epilog="""\
 --like pixtral-12b keeps every width of Pixtral 12B (text hidden 5120, 32 heads / 8 KV heads, head_dim 128, ffn
 14336, vocab 131072, rope_theta 1e9; vision hidden 1024, 16 heads, head_dim 64, ffn 4096, patch 16, image 1024);
-only the layer counts change (the real model has 40 text and 24 vision layers). Sizes at bf16:
+the layer counts default to the real model's (40 text, 24 vision) and may be cut. Sizes at bf16:
   --text-layers 2 --vision-layers 2    1.95 B parameters, 3.9 GB on disk, 4.6 GB peak RSS, ~1 min to build
   each further text layer              +0.273 B parameters (+0.55 GB)
 --like pixtral-ci is the CI-sized model with the real geometry (text head_dim 128 with 16 heads / 4 KV heads,
 vision head_dim 64, the real vocabulary) and narrower widths (text hidden 512, vision hidden 256): 0.144 B.
 --like pixtral-tiny has the tiny test model's widths (text hidden 32, vision hidden 64, real vocabulary): 8.6 M.
+
+The Mistral 3 family (docs/mistral3-family.md; vision: Pixtral's tower at 14-px patches up to 1540 px, a 2x2 patch
+merger; text heads 32 / 8 KV, head_dim 128; a synthetic Tekken of the version each model ships, Pixtral's vocabulary):
+  --like ministral-3-3b      hidden 3072, 26 layers, ffn 9216, YaRN (theta 1e6), tied LM head: 3.85 B parameters
+  --like ministral-3-8b      hidden 4096, 34 layers, ffn 14336, YaRN (theta 1e6): 8.92 B
+  --like ministral-3-14b     hidden 5120, 40 layers, ffn 16384, YaRN (theta 1e9): 13.9 B
+  --like mistral-small-3.1   hidden 5120, 40 layers, ffn 32768, plain RoPE theta 1e9, Tekken v7: 24.0 B
+  --like mistral3-tiny       the tiny Mistral 3's widths with Ministral 3's real YaRN
 
 The weights are drawn from one generator seeded with --seed, parameter by parameter in name order (matrices and
 biases N(0, --weight-std), norm gains N(1, 0.1)), directly in bf16 on a meta-built model: the same seed and versions give
@@ -192,10 +200,14 @@ Example (then export it like a downloaded checkpoint):
   export.py random-checkpoint --like pixtral-12b --text-layers 2 --vision-layers 2 --seed 1 --out ckpt/wide
   export.py export --checkpoint ckpt/wide --dtype fp16 --out models/wide-fp16
 """)
-    p.add_argument("--like", default="pixtral-12b", choices=["pixtral-12b", "pixtral-ci", "pixtral-tiny"],
+    from .random_checkpoint import LIKE
+
+    p.add_argument("--like", default="pixtral-12b", choices=list(LIKE),
                    help="whose widths to copy (default: pixtral-12b)")
-    p.add_argument("--text-layers", type=int, required=True, metavar="N", help="decoder layers (12B has 40)")
-    p.add_argument("--vision-layers", type=int, required=True, metavar="M", help="vision layers (12B has 24)")
+    p.add_argument("--text-layers", type=int, default=None, metavar="N",
+                   help="decoder layers (default: the real model's; 12B has 40, Ministral 3 3B 26)")
+    p.add_argument("--vision-layers", type=int, default=None, metavar="M",
+                   help="vision layers (default: the real model's, 24)")
     p.add_argument("--layout", choices=["hf", "consolidated"], default="hf",
                    help="hf (default): the Hugging Face LlavaForConditionalGeneration layout of "
                         "mistral-community/pixtral-12b. consolidated: Mistral's layout of mistralai/Pixtral-12B-2409 "

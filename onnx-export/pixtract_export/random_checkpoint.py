@@ -1,4 +1,4 @@
-"""`random-checkpoint`: a seeded random Pixtral with real widths, written like mistral-community/pixtral-12b.
+"""`random-checkpoint`: a seeded random Pixtral or Mistral 3 model with real widths, written like the real repos.
 
 The exporter's behaviour at Pixtral 12B's real widths (external data, memory, the 2 GB protobuf limit, real
 head_dim and query:KV ratio) can be tested without the 25 GB download: keep every width of the published config
@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
+from dataclasses import dataclass
 
 import torch
 
-from .families import PIXTRAL
-from .files import ExportError, check_free_space, partial_output, tekken_path
+from .families import MISTRAL3, PIXTRAL
+from .files import ExportError, check_free_space, partial_output
 from .layouts.meta import rebuild_buffers
 
 # mistral-community/pixtral-12b config.json; layer counts are chosen by the caller.
@@ -51,24 +51,72 @@ TINY_TEXT = dict(PIXTRAL_12B_TEXT, hidden_size=32, intermediate_size=64, num_att
                  head_dim=16, max_position_embeddings=32768)
 TINY_VISION = dict(PIXTRAL_12B_VISION, hidden_size=64, intermediate_size=128, num_attention_heads=4, head_dim=16)
 
+# The Mistral 3 family (docs/mistral3-family.md §3: transformers' config defaults, the conversion scripts and
+# Megatron-Bridge's provider; the Hub's config.json files could not be read here). Vision is the same for all: Pixtral's
+# tower at 14-px patches up to 1540 px, merged 2x2. Ministral 3 has YaRN over 16,384 positions and the query scale;
+# its 3B ties the LM head to the embeddings; Mistral Small 3.1 is a plain Mistral text model (RoPE theta 1e9).
+MISTRAL3_VISION = dict(PIXTRAL_12B_VISION, patch_size=14, image_size=1540)
+_MINISTRAL = dict(num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=131072, rms_norm_eps=1e-5,
+                  max_position_embeddings=262144)
+MINISTRAL_3B_TEXT = dict(_MINISTRAL, hidden_size=3072, intermediate_size=9216, rope_theta=1e6, tie_word_embeddings=True)
+MINISTRAL_8B_TEXT = dict(_MINISTRAL, hidden_size=4096, intermediate_size=14336, rope_theta=1e6,
+                         tie_word_embeddings=False)
+MINISTRAL_14B_TEXT = dict(_MINISTRAL, hidden_size=5120, intermediate_size=16384, rope_theta=1e9,
+                          tie_word_embeddings=False)
+SMALL_31_TEXT = dict(_MINISTRAL, hidden_size=5120, intermediate_size=32768, rope_theta=1e9,
+                     max_position_embeddings=131072, tie_word_embeddings=False)
+MISTRAL3_TINY_TEXT = dict(_MINISTRAL, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, rope_theta=1e6, max_position_embeddings=32768,
+                          tie_word_embeddings=False)
+MISTRAL3_TINY_VISION = dict(TINY_VISION, patch_size=14, image_size=1540)
+
+
+@dataclass(frozen=True)
+class Like:
+    """One --like: the family, its text and vision widths, Ministral 3's RoPE (None: plain RoPE), the real layer
+    counts (text, vision), and the Tekken version its tokenizer is."""
+
+    family: object
+    text: dict
+    vision: dict
+    rope: dict | None
+    layers: tuple
+    tekken: str
+
+
 LIKE = {
-    "pixtral-12b": (PIXTRAL_12B_TEXT, PIXTRAL_12B_VISION),
-    "pixtral-ci": (CI_TEXT, CI_VISION),
-    "pixtral-tiny": (TINY_TEXT, TINY_VISION),
+    "pixtral-12b": Like(PIXTRAL, PIXTRAL_12B_TEXT, PIXTRAL_12B_VISION, None, PIXTRAL_12B_LAYERS, "v3"),
+    "pixtral-ci": Like(PIXTRAL, CI_TEXT, CI_VISION, None, PIXTRAL_12B_LAYERS, "v3"),
+    "pixtral-tiny": Like(PIXTRAL, TINY_TEXT, TINY_VISION, None, PIXTRAL_12B_LAYERS, "v3"),
+    "ministral-3-3b": Like(MISTRAL3, MINISTRAL_3B_TEXT, MISTRAL3_VISION, "yarn", (26, 24), "v13"),
+    "ministral-3-8b": Like(MISTRAL3, MINISTRAL_8B_TEXT, MISTRAL3_VISION, "yarn", (34, 24), "v13"),
+    "ministral-3-14b": Like(MISTRAL3, MINISTRAL_14B_TEXT, MISTRAL3_VISION, "yarn", (40, 24), "v13"),
+    "mistral-small-3.1": Like(MISTRAL3, SMALL_31_TEXT, MISTRAL3_VISION, None, (40, 24), "v7"),
+    "mistral3-tiny": Like(MISTRAL3, MISTRAL3_TINY_TEXT, MISTRAL3_TINY_VISION, "yarn", (2, 2), "v13"),
 }
 LAYOUTS = ("hf", "consolidated")
 WEIGHT_STD = 0.02  # transformers' initializer_range for Mistral/Pixtral
 NORM_STD = 0.1  # RMSNorm / LayerNorm gains drawn around 1
 
 
-def random_config(like: str, text_layers: int, vision_layers: int):
+def random_config(like: str, text_layers: int | None, vision_layers: int | None):
+    """The config of a --like at the given layer counts (None: the real model's)."""
     from transformers import LlavaConfig, MistralConfig, PixtralVisionConfig
 
     if like not in LIKE:
         raise ExportError(f"--like {like!r}: expected one of {', '.join(LIKE)}")
+    spec = LIKE[like]
+    text_layers = spec.layers[0] if text_layers is None else text_layers
+    vision_layers = spec.layers[1] if vision_layers is None else vision_layers
     if text_layers < 1 or vision_layers < 1:
         raise ExportError("--text-layers and --vision-layers must be >= 1")
-    text, vision = LIKE[like]
+    if spec.family is MISTRAL3:
+        from .families.mistral3 import MINISTRAL3_ROPE, mistral3_config
+
+        rope = MINISTRAL3_ROPE if spec.rope == "yarn" else None
+        text = dict(spec.text, num_hidden_layers=text_layers)
+        return mistral3_config(dict(spec.vision, num_hidden_layers=vision_layers), text, rope)
+    text, vision = spec.text, spec.vision
     return LlavaConfig(
         vision_config=PixtralVisionConfig(**vision, num_hidden_layers=vision_layers),
         text_config=MistralConfig(**text, num_hidden_layers=text_layers),
@@ -77,11 +125,11 @@ def random_config(like: str, text_layers: int, vision_layers: int):
     )
 
 
-def build_random_model(config, seed: int, dtype=torch.bfloat16, weight_std: float = WEIGHT_STD):
+def build_random_model(config, seed: int, dtype=torch.bfloat16, weight_std: float = WEIGHT_STD, family=PIXTRAL):
     """Meta-device model materialised in `dtype`, every parameter drawn in place (name order, one generator)."""
     config._attn_implementation = "eager"
     with torch.device("meta"):
-        model = PIXTRAL.model_class()(config)
+        model = family.model_class()(config)
     model = model.to(dtype).to_empty(device="cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -102,34 +150,53 @@ def run_random_checkpoint(args) -> int:
     if args.layout not in LAYOUTS:
         raise ExportError(f"--layout {args.layout}: expected one of {', '.join(LAYOUTS)}")
     config = random_config(args.like, args.text_layers, args.vision_layers)
+    spec = LIKE[args.like]
+    family = spec.family
+    text_layers, vision_layers = config.text_config.num_hidden_layers, config.vision_config.num_hidden_layers
     with torch.device("meta"):
-        params = sum(p.numel() for p in PIXTRAL.model_class()(config).parameters())
+        params = sum(p.numel() for p in family.model_class()(config).parameters())
     need = int(params * 2 * 1.1)
     check_free_space(os.path.dirname(os.path.abspath(out)) or ".", need, "random-checkpoint")
     # Written into OUT.partial, renamed when complete; removed when anything fails (no memory, no disk, Ctrl-C).
     with partial_output(out) as partial:
         t0 = time.time()
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-        model = build_random_model(config, args.seed, weight_std=args.weight_std)
-        print(f"built {args.like} widths, {args.text_layers} text + {args.vision_layers} vision layers: "
+        model = build_random_model(config, args.seed, weight_std=args.weight_std, family=family)
+        print(f"built {args.like} widths, {text_layers} text + {vision_layers} vision layers: "
               f"{params / 1e9:.3f} B parameters, bf16, seed {args.seed} ({time.time() - t0:.1f} s)")
         t1 = time.time()
         if args.layout == "consolidated":
             # The same seeded weights, written under Mistral's names with q/k rows in Mistral's RoPE order.
             from .layouts.consolidated import write_consolidated
 
-            write_consolidated(model, partial, PIXTRAL)
-            shutil.copyfile(tekken_path(), os.path.join(partial, "tekken.json"))
+            write_consolidated(model, partial, family)
+            _write_tekken(spec, os.path.join(partial, "tekken.json"))
         else:
             from .layouts.hf import write_hf
 
-            write_hf(model, partial, args.max_shard_size)
+            tekken = os.path.join(partial, "tekken.json")
+            _write_tekken(spec, tekken)
+            write_hf(model, partial, args.max_shard_size, tekken)
+            if family is PIXTRAL:
+                os.remove(tekken)  # mistral-community/pixtral-12b ships tokenizer.json only
         del model
         with open(os.path.join(partial, "pixtract-random.json"), "w") as f:
-            json.dump({"like": args.like, "text_layers": args.text_layers, "vision_layers": args.vision_layers,
+            json.dump({"like": args.like, "family": family.name, "text_layers": text_layers,
+                       "vision_layers": vision_layers, "tekken_version": spec.tekken,
                        "seed": args.seed, "parameters": params, "dtype": "bfloat16", "weight_std": args.weight_std,
                        "norm_std": NORM_STD, "torch": torch.__version__}, f, indent=2)
             f.write("\n")
     size = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out))
     print(f"wrote {out}: {size / 1e9:.2f} GB ({time.time() - t1:.1f} s)")
     return 0
+
+
+def _write_tekken(spec: Like, path: str):
+    """The tokenizer file a --like's repository ships: Pixtral's own, or the family's synthetic one at the version the
+    real model uses (v13 for Ministral 3, v7 for Mistral Small 3.1)."""
+    if spec.family is MISTRAL3:
+        from .families.mistral3 import write_default_tekken
+
+        write_default_tekken(path, spec.tekken)
+    else:
+        spec.family.write_default_tekken(path)

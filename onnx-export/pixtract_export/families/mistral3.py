@@ -112,6 +112,13 @@ def _config(vision: dict, text, tied: bool, bias: bool = False):
     return config
 
 
+def mistral3_config(vision: dict, text: dict, rope: dict | None, bias: bool = False):
+    """Mistral3Config from PixtralVisionConfig fields, text fields (with rope_theta and tie_word_embeddings) and
+    Ministral 3's RoPE parameters (None: a plain Mistral text model, as Mistral Small 3.x)."""
+    text = dict(text)
+    return _config(vision, _text_config(text, rope), tied=bool(text.get("tie_word_embeddings", False)), bias=bias)
+
+
 def tiny_config():
     """The tiny Mistral 3: the real vocabulary, token ids, patch (14), image size (1540) and merge (2); toy widths
     (text hidden 32, 4 heads / 2 KV heads, head_dim 16; vision hidden 64). Ministral 3's YaRN and query scale with

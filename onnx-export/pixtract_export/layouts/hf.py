@@ -41,11 +41,12 @@ def load_hf(path: str, dtype: torch.dtype, family):
     return model
 
 
-def write_tokenizer_files(out: str):
-    """tokenizer.json (+ tokenizer_config.json) as the mistral-community repo ships them."""
+def write_tokenizer_files(out: str, tekken: str | None = None):
+    """tokenizer.json (+ tokenizer_config.json) as the Hugging Face repos ship them, converted from `tekken` (default
+    Pixtral's, as mistral-community/pixtral-12b)."""
     from transformers.integrations.mistral.tokenizer import MistralConverter
 
-    MistralConverter(vocab_file=tekken_path()).converted().save(os.path.join(out, "tokenizer.json"))
+    MistralConverter(vocab_file=tekken or tekken_path()).converted().save(os.path.join(out, "tokenizer.json"))
     with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
                    "unk_token": "<unk>", "pad_token": "<pad>", "add_bos_token": False, "add_eos_token": False,
@@ -58,8 +59,8 @@ def read_config(path: str, family):
     return family.model_class().config_class.from_pretrained(path)
 
 
-def write_hf(model, out: str, max_shard_size):
+def write_hf(model, out: str, max_shard_size, tekken: str | None = None):
     """The Hugging Face layout of `model`: config.json, generation_config.json, safetensors shards of at most
-    max_shard_size + their index, and the tokenizer files."""
+    max_shard_size + their index, and the tokenizer files (converted from `tekken`, default Pixtral's)."""
     model.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
-    write_tokenizer_files(out)
+    write_tokenizer_files(out, tekken)
