@@ -213,6 +213,9 @@ Example (then export it like a downloaded checkpoint):
                         "mistral-community/pixtral-12b. consolidated: Mistral's layout of mistralai/Pixtral-12B-2409 "
                         "(params.json, consolidated.safetensors, tekken.json), same weights for the same seed")
     p.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    p.add_argument("--fp8", action="store_true",
+                   help="store the text model's projections as per-tensor FP8 (float8_e4m3 + one scale each), as "
+                        "Ministral 3's instruct checkpoints ship (Mistral 3 family only); `export` dequantizes them")
     p.add_argument("--weight-std", type=float, default=0.02,
                    help="std of the matrices and biases (default 0.02, transformers' initializer_range). At 0.02 a "
                         "random model's greedy output is one token repeated; tests use a larger std (models/ci: 0.06) "

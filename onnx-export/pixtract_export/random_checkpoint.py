@@ -152,6 +152,8 @@ def run_random_checkpoint(args) -> int:
     config = random_config(args.like, args.text_layers, args.vision_layers)
     spec = LIKE[args.like]
     family = spec.family
+    if args.fp8 and family is not MISTRAL3:
+        raise ExportError(f"--fp8: {args.like} checkpoints ship in BF16; FP8 is the Ministral 3 instruct format")
     text_layers, vision_layers = config.text_config.num_hidden_layers, config.vision_config.num_hidden_layers
     with torch.device("meta"):
         params = sum(p.numel() for p in family.model_class()(config).parameters())
@@ -169,20 +171,20 @@ def run_random_checkpoint(args) -> int:
             # The same seeded weights, written under Mistral's names with q/k rows in Mistral's RoPE order.
             from .layouts.consolidated import write_consolidated
 
-            write_consolidated(model, partial, family)
+            write_consolidated(model, partial, family, fp8=args.fp8)
             _write_tekken(spec, os.path.join(partial, "tekken.json"))
         else:
             from .layouts.hf import write_hf
 
             tekken = os.path.join(partial, "tekken.json")
             _write_tekken(spec, tekken)
-            write_hf(model, partial, args.max_shard_size, tekken)
+            write_hf(model, partial, args.max_shard_size, tekken, fp8=args.fp8)
             if family is PIXTRAL:
                 os.remove(tekken)  # mistral-community/pixtral-12b ships tokenizer.json only
         del model
         with open(os.path.join(partial, "pixtract-random.json"), "w") as f:
             json.dump({"like": args.like, "family": family.name, "text_layers": text_layers,
-                       "vision_layers": vision_layers, "tekken_version": spec.tekken,
+                       "vision_layers": vision_layers, "tekken_version": spec.tekken, "fp8": args.fp8,
                        "seed": args.seed, "parameters": params, "dtype": "bfloat16", "weight_std": args.weight_std,
                        "norm_std": NORM_STD, "torch": torch.__version__}, f, indent=2)
             f.write("\n")

@@ -120,6 +120,26 @@ def _torch_reference(model, inp: dict, new_tokens: int, decode_steps: int = 4) -
     return ref
 
 
+def _check_fp8(rep: Report, manifest: dict, checkpoint: str | None):
+    """An FP8 checkpoint: the dequantization the export used (layouts/fp8.py) against transformers' own, weight by
+    weight (the torch reference above was loaded through the same dequantization, so it cannot show this)."""
+    import glob
+
+    from .layouts import checkpoint_layout
+    from .layouts.fp8 import compare_with_transformers
+
+    path = checkpoint or manifest["source"].get("path")
+    if not path or not os.path.isdir(path):
+        return
+    layout = checkpoint_layout(path)
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    count, worst = compare_with_transformers(files, layout)
+    if count:
+        print("FP8 checkpoint (per-tensor float8_e4m3 weights, dequantized on export):")
+        rep.check("fp8 dequantize", worst == 0.0, f"{count} weights, max abs diff {worst:.1e} against transformers' "
+                  "Fp8Dequantize (fp32)")
+
+
 def run_verify(args) -> int:
     with open(os.path.join(args.model, "pixtract-model.json")) as f:
         manifest = json.load(f)
@@ -187,6 +207,7 @@ def run_verify(args) -> int:
         ok = True
     rep.check("greedy tokens", ok, f"{same}/{max(len(ours), len(theirs))} identical (prompt {len(inp['ids_g'])} "
               "tokens)")
+    _check_fp8(rep, manifest, args.checkpoint)
     print(f"memory: {memory_note()}; peak over the whole verify {run_peak_gb():.2f} GB")
 
     if rep.failures:

@@ -73,16 +73,18 @@ def read_config(path: str, family):
     return family.config_from_params(params, os.path.join(path, "params.json"))
 
 
-_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+                       "F8_E4M3": torch.float8_e4m3fn}
 # A header larger than this is not a safetensors header (the format's own readers refuse above 100 MB too).
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-def read_safetensors(path: str):
+def read_safetensors(path: str, select=None):
     """Yields (name, tensor) of a safetensors file, one tensor at a time, each read with plain file reads into its
     own buffer. safetensors' safe_open maps the file, and every page a tensor was read from stays resident (and
     counted in the process's RSS) until the file is closed: reading a 3.9 GB consolidated.safetensors that way
-    added 2.5 GB to the export's peak; the real 25 GB file would add up to its whole size."""
+    added 2.5 GB to the export's peak; the real 25 GB file would add up to its whole size. select(name): only the
+    tensors it accepts are read (an FP8 checkpoint's scales are read first, before the weights they scale)."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -97,13 +99,15 @@ def read_safetensors(path: str):
         entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
                          key=lambda kv: kv[1]["data_offsets"][0])
         for name, info in entries:
+            if select is not None and not select(name):
+                continue
             dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
             if dtype is None:
-                raise ExportError(f"{path}: {name} is {info.get('dtype')}; expected BF16, F16 or F32")
+                raise ExportError(f"{path}: {name} is {info.get('dtype')}; expected BF16, F16, F32 or F8_E4M3")
             begin, end = info["data_offsets"]
             shape = list(info["shape"])
             want = end - begin
-            if want != torch.Size(shape).numel() * torch.finfo(dtype).bits // 8 or base + end > size:
+            if want != torch.Size(shape).numel() * dtype.itemsize or base + end > size:
                 raise ExportError(f"{path}: {name} ({info.get('dtype')} {shape}) does not fit bytes {begin}-{end} "
                                   f"of a {size}-byte file; the download is cut or corrupt")
             buffer = bytearray(want)
@@ -118,56 +122,95 @@ def read_safetensors(path: str):
 
 def load_consolidated(path: str, dtype: torch.dtype, family):
     """The model of a consolidated folder, with Hugging Face names, in `dtype`. Tensors are read one at a time from
-    the safetensors file (read_safetensors: not mapped), renamed, their q/k rows permuted, cast, and assigned into a
-    model built on the meta device: the weights are held once (plus one tensor in flight), as for the Hugging Face
-    layout."""
+    the safetensors file (read_safetensors: not mapped), renamed, their q/k rows permuted, cast (FP8 weights
+    dequantized with their scales, layouts/fp8.py), and assigned into a model built on the meta device: the weights
+    are held once (plus one tensor in flight), as for the Hugging Face layout."""
     config = read_config(path, family)
+    to_hf, _ = _tables(family)
+
+    def rename(key):
+        renamed = _rename(key, to_hf)
+        return renamed if renamed else (None, None)
+
+    files = [os.path.join(path, "consolidated.safetensors")]
+    return load_streamed(config, files, dtype, family, "consolidated", rename,
+                         f"{path}/consolidated.safetensors does not match its params.json")
+
+
+def load_streamed(config, files: list[str], dtype: torch.dtype, family, layout: str, rename, mismatch: str):
+    """A meta-built model of `config` given the tensors of `files`, read one at a time: rename(key) -> (Hugging Face
+    name, RoPE rows | None) (name None: not a weight of this model), q/k rows permuted when RoPE rows are named, FP8
+    weights dequantized (their scales read first), everything cast to `dtype`. A tied model (Ministral 3 3B) has no
+    LM head of its own: it is tied after loading."""
+    from . import fp8
+
     config._attn_implementation = "eager"
     with torch.device("meta"):
         model = family.model_class()(config)
-    to_hf, _ = _tables(family)
     wanted = {name for name, _ in model.named_parameters()}
+    scales = {}
+    for file in files:
+        scales.update(read_safetensors(file, select=lambda n: fp8.is_scale(n, layout)))
+    if scales:
+        print(f"  FP8 weights (per-tensor float8_e4m3, {len(scales)} scales): dequantized to "
+              f"{str(dtype).replace('torch.', '')} as they are read")
     weights, unknown = {}, []
-    for key, tensor in read_safetensors(os.path.join(path, "consolidated.safetensors")):
-        renamed = _rename(key, to_hf)
-        if renamed is None or renamed[0] not in wanted:
-            unknown.append(key)
-            continue
-        name, rope = renamed
-        if rope:
-            tensor = permute_rows(tensor, rope, config, to_hf=True, family=family)
-        weights[name] = tensor.to(dtype)
-        del tensor
+    for file in files:
+        for key, tensor in read_safetensors(file, select=lambda n: not fp8.is_scale(n, layout)
+                                            and not fp8.is_dropped(n, layout)):
+            name, rope = rename(key)
+            if name is None or name not in wanted:
+                unknown.append(key)
+                continue
+            if tensor.dtype == torch.float8_e4m3fn:
+                tensor = fp8.dequantize(key, tensor, scales, layout, torch.float32 if rope else dtype)
+            if rope:
+                tensor = permute_rows(tensor, rope, config, to_hf=True, family=family)
+            weights[name] = tensor.to(dtype)
+            del tensor
     missing = sorted(wanted - weights.keys())
     if unknown or missing:
-        raise ExportError(f"{path}/consolidated.safetensors does not match its params.json: "
-                          f"{len(unknown)} unknown tensors {unknown[:3]}, {len(missing)} missing {missing[:3]}")
-    model.load_state_dict(weights, strict=True, assign=True)
+        raise ExportError(f"{mismatch}: {len(unknown)} unknown tensors {unknown[:3]}, {len(missing)} missing "
+                          f"{missing[:3]}")
+    model.load_state_dict(weights, strict=False, assign=True)
     del weights
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
     rebuild_buffers(model)
     model.config.dtype = dtype
     model.eval()
     return model
 
 
-def write_consolidated(model, out: str, family):
+def write_consolidated(model, out: str, family, fp8: bool = False):
     """consolidated.safetensors + params.json of a Hugging Face-named model (the inverse of load_consolidated); the
-    caller writes tekken.json."""
+    caller writes tekken.json. fp8: the text model's projections stored as per-tensor FP8 with their `qscale_weight`
+    (and a unit `qscale_act`), params.json's quantization naming fp8_e4m3, as Ministral 3's instruct checkpoints."""
     from safetensors.torch import save_file
 
+    from .fp8 import quantize
+
     _, to_mistral = _tables(family)
+    params = dict(model.named_parameters())  # a tied LM head is listed once: Mistral stores no output.weight then
     state = {}
     for name, tensor in model.state_dict().items():
         renamed = _rename(name, to_mistral)
-        if renamed is None:
-            continue  # buffers (RoPE inverse frequencies): not stored by Mistral either
+        if renamed is None or name not in params:
+            continue  # buffers (RoPE inverse frequencies) and tied copies: not stored by Mistral either
         key, rope = renamed
-        state[key] = (permute_rows(tensor, rope, model.config, to_hf=False, family=family) if rope
-                      else tensor.contiguous())
+        tensor = permute_rows(tensor, rope, model.config, to_hf=False, family=family) if rope else tensor.contiguous()
+        if fp8 and key.startswith("layers.") and (".attention.w" in key or ".feed_forward.w" in key):
+            tensor, scale = quantize(tensor)
+            state[key[: -len("weight")] + "qscale_weight"] = scale
+            state[key[: -len("weight")] + "qscale_act"] = torch.ones(())
+        state[key] = tensor
     unmapped = sorted(n for n, _ in model.named_parameters() if _rename(n, to_mistral) is None)
     if unmapped:
         raise ExportError(f"consolidated layout: no Mistral name for {unmapped[:3]}")
     save_file(state, os.path.join(out, "consolidated.safetensors"), metadata={"format": "pt"})
+    params_json = family.params_from_config(model.config)
+    if fp8:
+        params_json["quantization"] = {"qformat_weight": "fp8_e4m3", "qscheme_act": "TENSOR"}
     with open(os.path.join(out, "params.json"), "w") as f:
-        json.dump(family.params_from_config(model.config), f, indent=2)
+        json.dump(params_json, f, indent=2)
         f.write("\n")
