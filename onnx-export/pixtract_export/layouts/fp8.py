@@ -70,7 +70,7 @@ def compare_with_transformers(files: list[str], layout: str, dtype: torch.dtype 
     runs with dequantize=True): (weights compared, largest absolute difference). For `verify` on FP8 checkpoints."""
     from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
-    from .consolidated import read_safetensors
+    from .safetensors_io import read_safetensors
 
     theirs = Fp8Dequantize(None)
     scales = {}
