@@ -175,6 +175,17 @@ if ! current "$dir"; then
   publish "$dir"
 fi
 
+# The tiny seeded Mistral 3 (Ministral 3's layout: 14-px patches merged 2x2 into one token, YaRN RoPE and the query
+# scale by position, a v13 Tekken with [SYSTEM_PROMPT] tokens) and its reference fixtures from transformers.
+dir=models/tiny-mistral3
+if ! current "$dir"; then
+  echo "setup: exporting the tiny seeded Mistral 3 and its reference fixtures to $dir"
+  rm -rf "$dir.partial"
+  .venv/bin/python onnx-export/export.py export --tiny --family mistral3 --out "$dir.partial" >/dev/null
+  .venv/bin/python onnx-export/export.py reference --model "$dir.partial" >/dev/null
+  publish "$dir"
+fi
+
 # A CI-sized Pixtral with the real geometry (text head_dim 128, 16 query heads on 4 KV heads as 12B's 32 on 8, vision
 # head_dim 64, the real vocabulary; 0.144 B parameters), exported from a seeded random checkpoint written in the
 # mistral-community/pixtral-12b layout, fp32, with a 64 MiB external-data threshold so embed_tokens and the decoder

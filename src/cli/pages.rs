@@ -163,21 +163,20 @@ async fn run_pages(mut args: PagesArgs) -> ExitCode {
                         .out
                         .join(format!("{name}.p{:04}.png", page.page_index + 1));
                     let (max_side, patch) = (args.max_side as usize, args.patch);
-                    let grid = imaging::PatchGrid {
+                    // Covered by whole merged squares (patch x merge pixels), as the model's preprocessing does.
+                    let grid = imaging::PatchGrid::for_image_merged(
+                        page.image.width(),
+                        page.image.height(),
+                        max_side,
+                        patch,
                         merge,
-                        ..imaging::PatchGrid::for_image(
-                            page.image.width(),
-                            page.image.height(),
-                            max_side,
-                            patch,
-                        )
-                    };
+                    );
                     tokens += grid.num_tokens();
                     let written = tokio::task::spawn_blocking(move || {
                         let view = imaging::model_view(
                             &DynamicImage::ImageRgb8(page.image),
                             max_side,
-                            patch,
+                            patch * merge,
                         );
                         view.save(&path)
                             .map_err(|e| format!("cannot write {}: {e}", path.display()))

@@ -16,7 +16,7 @@ pub use engine::{
 };
 pub use manifest::{ModelDir, ModelManifest};
 pub use preprocess::{ImagePreprocessor, PreparedImage};
-pub use prompt::{EncodedPrompt, PromptTokenizer, Prompt, PromptPart};
+pub use prompt::{EncodedPrompt, Prompt, PromptPart, PromptTokenizer};
 pub use runtime::{Device, OrtRuntime};
 pub use sampling::Sampling;
 

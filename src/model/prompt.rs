@@ -3,7 +3,7 @@
 //! `<s>[INST]` + user content + `[/INST]`. Content is a list of images and texts; an image of `cols x rows` tokens
 //! (patches, or merged squares of patches for the Mistral 3 family) is `rows x ([IMG]*cols + [IMG_BREAK])` with the
 //! very last token replaced by `[IMG_END]`. When the content is texts followed by one image, the image moves first
-//! (mistral-common's `force_img_first`). Where a system prompt goes depends on the Tekken version
+//! (mistral-common's `force_img_first`); adjacent texts are joined by a blank line. Where a system prompt goes depends on the Tekken version
 //! ([`SystemPlacement`], from the manifest):
 //! - v3 (Pixtral): prepended to the user message: `system + "\n\n" + text` as one string for a text-only message,
 //!   or as its own text chunk before the first chunk otherwise;
@@ -95,6 +95,20 @@ impl PromptTokenizer {
             ids.push(s.system_prompt_end);
         }
         ids.push(s.inst);
+        // Adjacent texts are one chunk joined by a blank line and empty texts are dropped, as mistral-common's request
+        // normalizer does (chunk_join_str "\n\n" up to Tekken v13).
+        let mut joined: Vec<PromptPart> = Vec::with_capacity(parts.len());
+        for part in parts.drain(..) {
+            match (joined.last_mut(), part) {
+                (_, PromptPart::Text(text)) if text.is_empty() => {}
+                (Some(PromptPart::Text(prev)), PromptPart::Text(text)) => {
+                    prev.push_str("\n\n");
+                    prev.push_str(&text);
+                }
+                (_, part) => joined.push(part),
+            }
+        }
+        parts = joined;
         match parts.as_slice() {
             [PromptPart::Text(text)] => {
                 let text = match &system {

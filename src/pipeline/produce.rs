@@ -141,7 +141,14 @@ pub(super) async fn produce(
     let failed_docs = FailedFetches::default();
     let listing = listing(spec, &source, skip, &progress)?;
     let fetched = fetch_ahead(listing.documents, &source, spec, &progress, &failed_docs);
-    let mut feed = PageFeed::new(spec, shape.manifest, max_side, &progress, reporter, &model_tx);
+    let mut feed = PageFeed::new(
+        spec,
+        shape.manifest,
+        max_side,
+        &progress,
+        reporter,
+        &model_tx,
+    );
     feed.window_tokens = window_tokens;
     let mut documents = 0usize;
     let mut docs = std::pin::pin!(rasterizer.documents(fetched, spec.raster.workers.max(1)));

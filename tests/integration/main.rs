@@ -13,6 +13,7 @@ mod grounding;
 mod interrupts;
 mod layers;
 mod lease;
+mod mistral3;
 mod model_dir;
 mod pipeline;
 mod raster;

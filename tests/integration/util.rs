@@ -20,6 +20,12 @@ pub fn tiny_gqa_model() -> PathBuf {
     setup_model("tiny-gqa")
 }
 
+/// The tiny seeded Mistral 3 (14-px patches merged 2x2, Ministral 3's YaRN and query scale, a v13 Tekken) with its
+/// reference fixtures, made by `scripts/setup.sh`.
+pub fn tiny_mistral3_model() -> PathBuf {
+    setup_model("tiny-mistral3")
+}
+
 /// The CI-sized model with Pixtral 12B's head geometry (text head_dim 128, 16 query heads on 4 KV heads; vision
 /// head_dim 64) whose embed_tokens and decoder keep their weights in external data files, exported by
 /// `scripts/setup.sh` from the seeded random checkpoint `models/ci-checkpoint`, with its own reference fixtures.

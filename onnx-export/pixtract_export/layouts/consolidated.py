@@ -102,6 +102,7 @@ def load_streamed(config, files: list[str], dtype: torch.dtype, family, layout: 
     with torch.device("meta"):
         model = family.model_class()(config)
     wanted = {name for name, _ in model.named_parameters()}
+    tied = bool(getattr(config, "tie_word_embeddings", False))
     scales = {}
     for file in files:
         scales.update(read_safetensors(file, select=lambda n: fp8.is_scale(n, layout)))
@@ -113,6 +114,8 @@ def load_streamed(config, files: list[str], dtype: torch.dtype, family, layout: 
         for key, tensor in read_safetensors(file, select=lambda n: not fp8.is_scale(n, layout)
                                             and not fp8.is_dropped(n, layout)):
             name, rope = rename(key)
+            if tied and name == "lm_head.weight":
+                continue  # transformers' save_pretrained stores a tied head too; the model ties it to the embeddings
             if name is None or name not in wanted:
                 unknown.append(key)
                 continue
@@ -128,7 +131,7 @@ def load_streamed(config, files: list[str], dtype: torch.dtype, family, layout: 
                           f"{missing[:3]}")
     model.load_state_dict(weights, strict=False, assign=True)
     del weights
-    if getattr(config, "tie_word_embeddings", False):
+    if tied:
         model.tie_weights()
     rebuild_buffers(model)
     model.config.dtype = dtype
