@@ -8,7 +8,7 @@ use std::path::Path;
 
 use image::{DynamicImage, Rgb, RgbImage};
 use pixtract::model::manifest::{SpecialTokens, SystemPlacement};
-use pixtract::model::{ImagePreprocessor, Prompt, PromptPart, PromptTokenizer};
+use pixtract::model::{ImagePreprocessor, ModelDir, Prompt, PromptPart, PromptTokenizer};
 
 use crate::pipeline::{duckdb, write_spec};
 use crate::util::{
@@ -241,10 +241,10 @@ fn prompt_ids_match_mistral_common_for_every_tekken_version() {
         ENCODE_REQUESTS,
         &[root.to_str().unwrap(), tmp.path().to_str().unwrap()],
     );
-    let special: SpecialTokens = serde_json::from_value(
-        read_json(&tiny_mistral3_model().join("pixtract-model.json"))["tokens"].clone(),
-    )
-    .unwrap();
+    // Token ids and image normalisation (CLIP's, the same for both families) from the tiny Mistral 3's manifest.
+    let manifest = ModelDir::open(tiny_mistral3_model()).unwrap().manifest;
+    let special: SpecialTokens = manifest.tokens;
+    let family_pre = ImagePreprocessor::for_model(&manifest);
     let mut checked = 0;
     for (version, cases) in expected.as_object().unwrap() {
         let (placement, patch, merge, max_side) = if version == "v3" {
@@ -262,8 +262,7 @@ fn prompt_ids_match_mistral_common_for_every_tekken_version() {
             max_side,
             patch,
             merge,
-            mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
-            std: [0.268_629_54, 0.261_302_58, 0.275_777_11],
+            ..family_pre.clone()
         };
         for (key, case) in cases.as_object().unwrap() {
             let parts = case["parts"]
