@@ -137,6 +137,9 @@ def _add_sizes(sub):
     p.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory whose config.json (or params.json, "
                    "consolidated layout) to use")
     p.add_argument("--tiny", action="store_true", help="the tiny test model's config")
+    p.add_argument("--like", metavar="NAME", default=None,
+                   help="a published model's widths and depth, as random-checkpoint --like names them "
+                        "(ministral-3-3b, ministral-3-8b, ministral-3-14b, mistral-small-3.1, pixtral-12b)")
     p.add_argument("--model", metavar="DIR", action="append", default=[],
                    help="exported model directory to check the computed bytes against (repeatable)")
     p.add_argument("--block-size", type=int, default=32, help="block size of the quantized variants (default 32)")

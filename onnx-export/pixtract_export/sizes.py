@@ -66,8 +66,9 @@ def tensor_inventory(config) -> dict:
 
     from . import families
 
+    family = families.MISTRAL3 if config.model_type == "mistral3" else families.PIXTRAL
     with torch.device("meta"):
-        model = families.PIXTRAL.model_class()(config)
+        model = family.model_class()(config)
     linear_weights = {f"{name}.weight": mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
     inv = {g: {"matmul": [], "float": 0} for g in ("vision_encoder", "embed_tokens", "decoder")}
     for name, param in model.named_parameters():
@@ -82,6 +83,9 @@ def tensor_inventory(config) -> dict:
             inv[graph]["matmul"].append((k, n))
         else:
             inv[graph]["float"] += param.numel()
+    if getattr(config, "tie_word_embeddings", False):
+        # A tied LM head is one parameter, but the decoder graph holds its own (transposed) copy of it.
+        inv["decoder"]["matmul"].append((config.text_config.hidden_size, config.text_config.vocab_size))
     return inv
 
 
@@ -142,7 +146,12 @@ def files_on_disk(model_dir: str, manifest: dict) -> list[dict]:
 
 
 def run_sizes(args) -> int:
-    config, label = _config(args.checkpoint, args.tiny)
+    if getattr(args, "like", None):
+        from .random_checkpoint import random_config
+
+        config, label = random_config(args.like, None, None), f"{args.like} (published widths and depth)"
+    else:
+        config, label = _config(args.checkpoint, args.tiny)
     inv = tensor_inventory(config)
     params = {g: p["float"] + sum(k * n for k, n in p["matmul"]) for g, p in inv.items()}
     rows = []
