@@ -22,7 +22,8 @@ pub struct GenerateArgs {
     /// The user's text, placed after the images.
     #[arg(long)]
     pub prompt: String,
-    /// Optional system prompt (Pixtral prepends it to the user message).
+    /// Optional system prompt (Pixtral prepends it to the user message; the Mistral 3 family puts it between
+    /// [SYSTEM_PROMPT] tokens before it).
     #[arg(long)]
     pub system: Option<String>,
     /// Stop after this many new tokens (or at </s>).

@@ -18,7 +18,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 /// Turn piles of receipts and invoices into tables: documents from S3 or local storage are rasterized, read by
-/// the Pixtral vision-language model through ONNX Runtime, and written as schema-typed Parquet.
+/// a Mistral vision-language model (Pixtral 12B, or the Mistral 3 family: Ministral 3, Mistral Small 3.x) through
+/// ONNX Runtime, and written as schema-typed Parquet.
 ///
 /// Native libraries (libonnxruntime, libpdfium) come from the project's virtualenv (`scripts/setup.sh`), or from
 /// ORT_DYLIB_PATH / PDFIUM_DYLIB_PATH. Start with `pixtract doctor`.
@@ -31,7 +32,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a pipeline: documents from a folder or S3 -> pages -> Pixtral (schema-constrained) -> Parquet.
+    /// Run a pipeline: documents from a folder or S3 -> pages -> the model (schema-constrained) -> Parquet.
     ///
     /// Every document ends as rows: one per prompt (page, or group of pages), or an error row saying why it failed.
     /// Files appear only when complete; a manifest and _SUCCESS are written last. Exit codes: 0 all rows ok,
@@ -55,7 +56,7 @@ enum Command {
     /// Write every page of every document under URI as PNG, exactly as the model will see it.
     ///
     /// PDFs are rendered by pdfium in worker processes straight at model size; scans (JPEG, PNG, WebP, TIFF) are
-    /// decoded at full resolution with EXIF orientation applied; both then get Pixtral's own resize. Prints one
+    /// decoded at full resolution with EXIF orientation applied; both then get the model's own resize. Prints one
     /// line per document (pages and render time, or why it failed). Exit code 0: all rendered; 2: some failed;
     /// 1: nothing could be done.
     ///
@@ -79,10 +80,10 @@ enum Command {
     ///
     ///   pixtract locate s3://mail/inv.pdf --value 'items[0].description=Widget A' --value 'items[0].amount=40' --json
     Locate(locate::LocateArgs),
-    /// Run Pixtral on images and a prompt; print the answer, then per-phase timings on stderr.
+    /// Run the model on images and a prompt; print the answer, then per-phase timings on stderr.
     ///
-    /// Images are preprocessed exactly as mistral-common does (Pixtral's reference), the prompt follows Pixtral's
-    /// chat layout, decoding is greedy unless --temperature is given.
+    /// Images are preprocessed exactly as mistral-common does (the reference of Mistral's models), the prompt follows
+    /// the chat layout of the model's Tekken version, decoding is greedy unless --temperature is given.
     ///
     /// Examples:
     ///

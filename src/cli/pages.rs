@@ -25,11 +25,13 @@ pub struct PagesArgs {
     /// Folder for the PNGs (created if missing): <path below URI, '/' as '__'>.pNNNN.png
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    /// Long side of the model's view in pixels (Pixtral: 1024). PDFs are rendered at this size directly.
+    /// Long side of the model's view in pixels (Pixtral: 1024, Mistral 3: 1540). PDFs are rendered at this size
+    /// directly.
     /// With --model: the model's.
     #[arg(long, default_value_t = 1024)]
     max_side: u32,
-    /// Patch size the model view is rounded up to (Pixtral: 16). With --model: the model's.
+    /// Patch size the model view is rounded up to (Pixtral: 16). With --model: the model's (Mistral 3: 14, merged
+    /// 2x2, so views are rounded up to 28).
     #[arg(long, default_value_t = 16)]
     patch: usize,
     /// A model folder: its manifest gives the view (long side, patch size, patches merged per token), and each
