@@ -39,9 +39,9 @@ def checkpoint_layout(path: str) -> str:
         return "hf"
     if not consolidated_missing:
         return "consolidated"
-    raise ExportError(f"{path}: not a Pixtral checkpoint: the Hugging Face layout (mistral-community/pixtral-12b) "
-                      f"lacks {' and '.join(hf_missing)}; Mistral's consolidated layout (mistralai/Pixtral-12B-2409) "
-                      f"lacks {' and '.join(consolidated_missing)}")
+    raise ExportError(f"{path}: not a Pixtral or Mistral 3 checkpoint: the Hugging Face layout "
+                      f"(mistral-community/pixtral-12b) lacks {' and '.join(hf_missing)}; Mistral's consolidated "
+                      f"layout (mistralai/Pixtral-12B-2409) lacks {' and '.join(consolidated_missing)}")
 
 
 def load_checkpoint(path: str, dtype, family):
