@@ -86,7 +86,7 @@ fn exporter_verify_passes_on_the_tiny_mistral3_eager_and_gqa() {
         gqa.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", stdout_of(&out));
-    for model in [tiny_mistral3_model(), gqa] {
+    for model in [tiny_mistral3_model(), gqa.clone()] {
         let out = export_tool(&["verify", "--model", model.to_str().unwrap()]);
         let t = stdout_of(&out);
         assert!(out.status.success(), "{t}");
@@ -95,6 +95,26 @@ fn exporter_verify_passes_on_the_tiny_mistral3_eager_and_gqa() {
         assert!(t.contains("[ok] greedy tokens: 20/20 identical"), "{t}");
         assert!(!t.contains("FAIL"), "{t}");
     }
+    // The Rust engine on the GroupQueryAttention export: the query scale in its graph, rows batched continuously.
+    let reference = tiny_mistral3_model().join("reference");
+    let out = pixtract(
+        &[
+            "verify",
+            "--model",
+            gqa.to_str().unwrap(),
+            "--reference-dir",
+            reference.to_str().unwrap(),
+        ],
+        &[],
+        &repo_root(),
+    );
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("11/11 cases pass"), "{t}");
+    assert!(
+        t.contains("batched, continuous (up to 4 rows, 1 batches): tokens equal to one-by-one runs in 11/11 cases"),
+        "{t}"
+    );
 }
 
 fn random_mistral3(layout: &str, fp8: bool, out: &Path) {
