@@ -118,14 +118,27 @@ fn broken_manifests_are_refused_with_the_reason() {
         err.contains("names no family") && err.contains("export.py"),
         "{err}"
     );
+    // The Mistral 3 family is read with its 2x2 merge; a layout that is not its own is refused.
+    let mut mistral3 = v2.clone();
+    mistral3["family"] = serde_json::json!("mistral3");
+    mistral3["image_tokens"]["spatial_merge"] = serde_json::json!(2);
+    write(&mistral3);
+    let err = ModelDir::open(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("missing or unreadable"), "{err}");
+    mistral3["image_tokens"]["spatial_merge"] = serde_json::json!(1);
+    write(&mistral3);
+    let err = ModelDir::open(dir.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("is not mistral3's") && err.contains("2x2 patches a token"),
+        "{err}"
+    );
     let mut other = v2.clone();
-    other["family"] = serde_json::json!("mistral3");
-    other["image_tokens"]["spatial_merge"] = serde_json::json!(2);
+    other["family"] = serde_json::json!("gemma3");
     write(&other);
     let err = ModelDir::open(dir.path()).unwrap_err().to_string();
     assert!(
-        err.contains("model family \"mistral3\"")
-            && err.contains("runs pixtral")
+        err.contains("model family \"gemma3\"")
+            && err.contains("runs pixtral, mistral3")
             && err.contains("export.py"),
         "{err}"
     );
