@@ -35,6 +35,7 @@ from ..files import ExportError, tekken_path
 from ..trace import GraphPlan
 from .graphs_common import build_graphs as build_graphs_common
 from .graphs_common import draw_seeded_weights, vision_tower_states
+from .mistral_names import TEXT, VISION_TOWER, rope_heads  # noqa: F401 - rope_heads is the family's
 
 NAME = "pixtral"
 
@@ -143,48 +144,15 @@ def build_tiny_model(seed: int = TINY_SEED):
     return model
 
 
-# (Mistral name, Hugging Face name, RoPE rows): "{i}" is a layer number. RoPE rows name whose heads the q/k
-# permutation uses. Mirrors OLD_KEY_TO_NEW_KEY_MAPPING of transformers' convert_pixtral_weights_to_hf.py, with the
-# HF names of transformers 5.x (model.language_model.*, model.vision_tower.*, model.multi_modal_projector.*).
-_V = "vision_encoder.transformer.layers.{i}."
-_HV = "model.vision_tower.transformer.layers.{i}."
-_T = "layers.{i}."
-_HT = "model.language_model.layers.{i}."
-NAME_TABLE = (
-    ("vision_encoder.patch_conv.weight", "model.vision_tower.patch_conv.weight", None),
-    ("vision_encoder.ln_pre.weight", "model.vision_tower.ln_pre.weight", None),
-    (_V + "attention_norm.weight", _HV + "attention_norm.weight", None),
-    (_V + "ffn_norm.weight", _HV + "ffn_norm.weight", None),
-    (_V + "attention.wq.weight", _HV + "attention.q_proj.weight", "vision"),
-    (_V + "attention.wk.weight", _HV + "attention.k_proj.weight", "vision"),
-    (_V + "attention.wv.weight", _HV + "attention.v_proj.weight", None),
-    (_V + "attention.wo.weight", _HV + "attention.o_proj.weight", None),
-    (_V + "feed_forward.w1.weight", _HV + "feed_forward.gate_proj.weight", None),
-    (_V + "feed_forward.w2.weight", _HV + "feed_forward.down_proj.weight", None),
-    (_V + "feed_forward.w3.weight", _HV + "feed_forward.up_proj.weight", None),
+# The consolidated layout's names (mistral_names.py): the shared vision tower and text rows, and the Llava adapter
+# with its biases (OLD_KEY_TO_NEW_KEY_MAPPING of transformers' convert_pixtral_weights_to_hf.py).
+PROJECTOR = (
     ("vision_language_adapter.w_in.weight", "model.multi_modal_projector.linear_1.weight", None),
     ("vision_language_adapter.w_in.bias", "model.multi_modal_projector.linear_1.bias", None),
     ("vision_language_adapter.w_out.weight", "model.multi_modal_projector.linear_2.weight", None),
     ("vision_language_adapter.w_out.bias", "model.multi_modal_projector.linear_2.bias", None),
-    ("tok_embeddings.weight", "model.language_model.embed_tokens.weight", None),
-    (_T + "attention_norm.weight", _HT + "input_layernorm.weight", None),
-    (_T + "ffn_norm.weight", _HT + "post_attention_layernorm.weight", None),
-    (_T + "attention.wq.weight", _HT + "self_attn.q_proj.weight", "text_q"),
-    (_T + "attention.wk.weight", _HT + "self_attn.k_proj.weight", "text_kv"),
-    (_T + "attention.wv.weight", _HT + "self_attn.v_proj.weight", None),
-    (_T + "attention.wo.weight", _HT + "self_attn.o_proj.weight", None),
-    (_T + "feed_forward.w1.weight", _HT + "mlp.gate_proj.weight", None),
-    (_T + "feed_forward.w2.weight", _HT + "mlp.down_proj.weight", None),
-    (_T + "feed_forward.w3.weight", _HT + "mlp.up_proj.weight", None),
-    ("norm.weight", "model.language_model.norm.weight", None),
-    ("output.weight", "lm_head.weight", None),
 )
-
-
-def rope_heads(rope: str, config) -> int:
-    """The heads whose rows a q/k weight's RoPE permutation works on (NAME_TABLE's third column)."""
-    return {"vision": config.vision_config.num_attention_heads, "text_q": config.text_config.num_attention_heads,
-            "text_kv": config.text_config.num_key_value_heads}[rope]
+NAME_TABLE = VISION_TOWER + PROJECTOR + TEXT
 
 
 def config_from_params(params: dict, path: str = "params.json"):
