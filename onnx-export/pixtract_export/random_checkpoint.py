@@ -172,12 +172,12 @@ def run_random_checkpoint(args) -> int:
             from .layouts.consolidated import write_consolidated
 
             write_consolidated(model, partial, family, fp8=args.fp8)
-            _write_tekken(spec, os.path.join(partial, "tekken.json"))
+            family.write_default_tekken(os.path.join(partial, "tekken.json"), spec.tekken)
         else:
             from .layouts.hf import write_hf
 
             tekken = os.path.join(partial, "tekken.json")
-            _write_tekken(spec, tekken)
+            family.write_default_tekken(tekken, spec.tekken)
             write_hf(model, partial, args.max_shard_size, tekken, fp8=args.fp8)
             if family is PIXTRAL:
                 os.remove(tekken)  # mistral-community/pixtral-12b ships tokenizer.json only
@@ -191,14 +191,3 @@ def run_random_checkpoint(args) -> int:
     size = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out))
     print(f"wrote {out}: {size / 1e9:.2f} GB ({time.time() - t1:.1f} s)")
     return 0
-
-
-def _write_tekken(spec: Like, path: str):
-    """The tokenizer file a --like's repository ships: Pixtral's own, or the family's synthetic one at the version the
-    real model uses (v13 for Ministral 3, v7 for Mistral Small 3.1)."""
-    if spec.family is MISTRAL3:
-        from .families.mistral3 import write_default_tekken
-
-        write_default_tekken(path, spec.tekken)
-    else:
-        spec.family.write_default_tekken(path)

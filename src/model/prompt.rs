@@ -3,8 +3,8 @@
 //! `<s>[INST]` + user content + `[/INST]`. Content is a list of images and texts; an image of `cols x rows` tokens
 //! (patches, or merged squares of patches for the Mistral 3 family) is `rows x ([IMG]*cols + [IMG_BREAK])` with the
 //! very last token replaced by `[IMG_END]`. When the content is texts followed by one image, the image moves first
-//! (mistral-common's `force_img_first`); adjacent texts are joined by a blank line. Where a system prompt goes depends on the Tekken version
-//! ([`SystemPlacement`], from the manifest):
+//! (mistral-common's `force_img_first`); adjacent texts are joined by a blank line. Where a system prompt goes
+//! depends on the Tekken version ([`SystemPlacement`], from the manifest):
 //! - v3 (Pixtral): prepended to the user message: `system + "\n\n" + text` as one string for a text-only message,
 //!   or as its own text chunk before the first chunk otherwise;
 //! - v7 and later (Mistral 3): `<s>[SYSTEM_PROMPT]system[/SYSTEM_PROMPT][INST]...`, the user turn untouched.
@@ -85,7 +85,6 @@ impl PromptTokenizer {
         let s = &self.special;
         let mut ids = vec![s.bos];
         let mut images = Vec::new();
-        let mut parts = prompt.parts;
         let mut system = prompt.system.filter(|t| !t.is_empty());
         if self.system == SystemPlacement::Tokens
             && let Some(sys) = system.take()
@@ -97,18 +96,17 @@ impl PromptTokenizer {
         ids.push(s.inst);
         // Adjacent texts are one chunk joined by a blank line and empty texts are dropped, as mistral-common's request
         // normalizer does (chunk_join_str "\n\n" up to Tekken v13).
-        let mut joined: Vec<PromptPart> = Vec::with_capacity(parts.len());
-        for part in parts.drain(..) {
-            match (joined.last_mut(), part) {
+        let mut parts: Vec<PromptPart> = Vec::with_capacity(prompt.parts.len());
+        for part in prompt.parts {
+            match (parts.last_mut(), part) {
                 (_, PromptPart::Text(text)) if text.is_empty() => {}
                 (Some(PromptPart::Text(prev)), PromptPart::Text(text)) => {
                     prev.push_str("\n\n");
                     prev.push_str(&text);
                 }
-                (_, part) => joined.push(part),
+                (_, part) => parts.push(part),
             }
         }
-        parts = joined;
         match parts.as_slice() {
             [PromptPart::Text(text)] => {
                 let text = match &system {

@@ -16,12 +16,18 @@ use crate::util::{
     tiny_mistral3_model, tiny_model,
 };
 
-fn stdout_of(out: &std::process::Output) -> String {
-    format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+/// `pixtract verify` on a model (against its own reference cases, or those of `reference`), which must pass 11/11;
+/// returns its output.
+fn pixtract_verify(model: &Path, reference: Option<&Path>) -> String {
+    let mut args = vec!["verify", "--model", model.to_str().unwrap()];
+    if let Some(dir) = reference {
+        args.extend(["--reference-dir", dir.to_str().unwrap()]);
+    }
+    let out = pixtract(&args, &[], &repo_root());
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("11/11 cases pass"), "{t}");
+    t
 }
 
 /// `pixtract verify` (the Rust engine) against the fixtures transformers and mistral-common wrote for the tiny Mistral
@@ -53,15 +59,8 @@ fn pixtract_verify_passes_on_the_tiny_mistral3_model() {
     assert_eq!(ids.iter().filter(|&&i| i == 10).count(), 11 * 11);
     assert_eq!(ids.iter().filter(|&&i| i == 12).count(), 10);
 
-    let out = pixtract(
-        &["verify", "--model", model.to_str().unwrap()],
-        &[],
-        &repo_root(),
-    );
-    let t = text(&out);
-    assert!(out.status.success(), "{t}");
+    let t = pixtract_verify(&model, None);
     assert_eq!(t.matches("ids equal").count(), 11, "{t}");
-    assert!(t.contains("11/11 cases pass"), "{t}");
     assert!(
         t.contains("greedy tokens identical to the fp32 reference in 11/11"),
         "{t}"
@@ -85,10 +84,10 @@ fn exporter_verify_passes_on_the_tiny_mistral3_eager_and_gqa() {
         "--out",
         gqa.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", stdout_of(&out));
+    assert!(out.status.success(), "{}", text(&out));
     for model in [tiny_mistral3_model(), gqa.clone()] {
         let out = export_tool(&["verify", "--model", model.to_str().unwrap()]);
-        let t = stdout_of(&out);
+        let t = text(&out);
         assert!(out.status.success(), "{t}");
         assert_eq!(t.matches("[ok] vision").count(), 4, "{t}");
         assert!(t.contains("[ok] prefill logits: lengths 189 and 17"), "{t}");
@@ -96,21 +95,7 @@ fn exporter_verify_passes_on_the_tiny_mistral3_eager_and_gqa() {
         assert!(!t.contains("FAIL"), "{t}");
     }
     // The Rust engine on the GroupQueryAttention export: the query scale in its graph, rows batched continuously.
-    let reference = tiny_mistral3_model().join("reference");
-    let out = pixtract(
-        &[
-            "verify",
-            "--model",
-            gqa.to_str().unwrap(),
-            "--reference-dir",
-            reference.to_str().unwrap(),
-        ],
-        &[],
-        &repo_root(),
-    );
-    let t = text(&out);
-    assert!(out.status.success(), "{t}");
-    assert!(t.contains("11/11 cases pass"), "{t}");
+    let t = pixtract_verify(&gqa, Some(&tiny_mistral3_model().join("reference")));
     assert!(
         t.contains("batched, continuous (up to 4 rows, 1 batches): tokens equal to one-by-one runs in 11/11 cases"),
         "{t}"
@@ -135,7 +120,7 @@ fn random_mistral3(layout: &str, fp8: bool, out: &Path) {
         args.push("--fp8");
     }
     let run = export_tool(&args);
-    assert!(run.status.success(), "{}", stdout_of(&run));
+    assert!(run.status.success(), "{}", text(&run));
 }
 
 /// Ministral 3's instruct checkpoints ship as per-tensor FP8: written in both layouts (the Hugging Face one with
@@ -157,7 +142,7 @@ fn fp8_checkpoints_in_both_layouts_dequantize_as_transformers_does() {
             "--out",
             model.to_str().unwrap(),
         ]);
-        let t = stdout_of(&out);
+        let t = text(&out);
         assert!(out.status.success(), "{t}");
         assert!(
             t.contains("FP8 weights (per-tensor float8_e4m3, 14 scales)"),
@@ -171,22 +156,15 @@ fn fp8_checkpoints_in_both_layouts_dequantize_as_transformers_does() {
 
     let model = tmp.path().join("m-hf");
     let out = export_tool(&["verify", "--model", model.to_str().unwrap()]);
-    let t = stdout_of(&out);
+    let t = text(&out);
     assert!(out.status.success(), "{t}");
     assert!(
         t.contains("[ok] fp8 dequantize: 14 weights, max abs diff 0.0e+00"),
         "{t}"
     );
     let out = export_tool(&["reference", "--model", model.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stdout_of(&out));
-    let out = pixtract(
-        &["verify", "--model", model.to_str().unwrap()],
-        &[],
-        &repo_root(),
-    );
-    let t = text(&out);
-    assert!(out.status.success(), "{t}");
-    assert!(t.contains("11/11 cases pass"), "{t}");
+    assert!(out.status.success(), "{}", text(&out));
+    pixtract_verify(&model, None);
 
     // The same seed in BF16 is other weights (FP8 rounding), so the FP8 path was really taken.
     let bf16 = tmp.path().join("ck-bf16");
@@ -199,7 +177,7 @@ fn fp8_checkpoints_in_both_layouts_dequantize_as_transformers_does() {
         "--out",
         plain.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", stdout_of(&out));
+    assert!(out.status.success(), "{}", text(&out));
     let manifest = read_json(&plain.join("pixtract-model.json"));
     assert_ne!(manifest["weights_sha256"].as_str().unwrap(), weights[0]);
 }

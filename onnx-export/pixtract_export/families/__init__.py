@@ -42,9 +42,10 @@ class Family:
     image_mean: tuple
     image_std: tuple
     # The prompt: how the system prompt is written for a Tekken version ({"system": "user_prefix" | "tokens",
-    # "tekken_version"}), and the tekken.json the tiny and random models ship (write_default_tekken(path)).
+    # "tekken_version"}), and the tekken.json the tiny and random models ship (write_default_tekken(path[, version]):
+    # the family's own version by default).
     prompt_layout: Callable[[str], dict]
-    write_default_tekken: Callable[[str], None]
+    write_default_tekken: Callable[..., None]
 
 
 def _from_module(module) -> Family:

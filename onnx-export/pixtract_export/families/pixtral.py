@@ -78,10 +78,12 @@ def prompt_layout(tekken_version: str) -> dict:
     return {"system": "user_prefix", "tekken_version": tekken_version}
 
 
-def write_default_tekken(path: str):
-    """Pixtral's own Tekken file (tekken_240911.json from mistral-common), for the tiny and random checkpoints."""
+def write_default_tekken(path: str, version: str = "v3"):
+    """Pixtral's own Tekken file (tekken_240911.json from mistral-common, v3), for the tiny and random checkpoints."""
     import shutil
 
+    if version != "v3":
+        raise ExportError(f"Tekken {version}: Pixtral's tokenizer is v3")
     shutil.copyfile(tekken_path(), path)
 
 

@@ -103,16 +103,13 @@ def load_streamed(config, files: list[str], dtype: torch.dtype, family, layout: 
         model = family.model_class()(config)
     wanted = {name for name, _ in model.named_parameters()}
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    scales = {}
-    for file in files:
-        scales.update(read_safetensors(file, select=lambda n: fp8.is_scale(n, layout)))
+    scales = fp8.read_scales(files, layout)
     if scales:
         print(f"  FP8 weights (per-tensor float8_e4m3, {len(scales)} scales): dequantized to "
               f"{str(dtype).replace('torch.', '')} as they are read")
     weights, unknown = {}, []
     for file in files:
-        for key, tensor in read_safetensors(file, select=lambda n: not fp8.is_scale(n, layout)
-                                            and not fp8.is_dropped(n, layout)):
+        for key, tensor in read_safetensors(file, select=lambda n: fp8.is_weight(n, layout)):
             name, rope = rename(key)
             if tied and name == "lm_head.weight":
                 continue  # transformers' save_pretrained stores a tied head too; the model ties it to the embeddings
@@ -120,7 +117,7 @@ def load_streamed(config, files: list[str], dtype: torch.dtype, family, layout: 
                 unknown.append(key)
                 continue
             if tensor.dtype == torch.float8_e4m3fn:
-                tensor = fp8.dequantize(key, tensor, scales, layout, torch.float32 if rope else dtype)
+                tensor = fp8.dequantize(key, tensor, scales, layout, dtype)
             if rope:
                 tensor = permute_rows(tensor, rope, config, to_hf=True, family=family)
             weights[name] = tensor.to(dtype)
@@ -145,7 +142,7 @@ def write_consolidated(model, out: str, family, fp8: bool = False):
     (and a unit `qscale_act`), params.json's quantization naming fp8_e4m3, as Ministral 3's instruct checkpoints."""
     from safetensors.torch import save_file
 
-    from .fp8 import quantize
+    from .fp8 import is_quantized, store_quantized
 
     _, to_mistral = _tables(family)
     params = dict(model.named_parameters())  # a tied LM head is listed once: Mistral stores no output.weight then
@@ -156,11 +153,10 @@ def write_consolidated(model, out: str, family, fp8: bool = False):
             continue  # buffers (RoPE inverse frequencies) and tied copies: not stored by Mistral either
         key, rope = renamed
         tensor = permute_rows(tensor, rope, model.config, to_hf=False, family=family) if rope else tensor.contiguous()
-        if fp8 and key.startswith("layers.") and (".attention.w" in key or ".feed_forward.w" in key):
-            tensor, scale = quantize(tensor)
-            state[key[: -len("weight")] + "qscale_weight"] = scale
-            state[key[: -len("weight")] + "qscale_act"] = torch.ones(())
-        state[key] = tensor
+        if fp8 and is_quantized(key, "consolidated"):
+            store_quantized(state, key, tensor, "consolidated")
+        else:
+            state[key] = tensor
     unmapped = sorted(n for n, _ in model.named_parameters() if _rename(n, to_mistral) is None)
     if unmapped:
         raise ExportError(f"consolidated layout: no Mistral name for {unmapped[:3]}")

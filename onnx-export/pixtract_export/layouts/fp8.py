@@ -18,9 +18,9 @@ import torch
 
 from ..files import ExportError
 
-# Scale and dropped names per layout: (weight scale suffix, activation scale suffixes).
+# Per layout: the weight scale's and the (dropped) activation scale's names beside `<module>.weight`.
 SCALE_SUFFIX = {"hf": "weight_scale_inv", "consolidated": "qscale_weight"}
-DROPPED_SUFFIXES = {"hf": ("activation_scale",), "consolidated": ("qscale_act", "fake_quantizer")}
+ACTIVATION_SCALE = {"hf": "activation_scale", "consolidated": "qscale_act"}
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _SLAB_BYTES = 64 * 1024 * 1024
 
@@ -34,8 +34,32 @@ def is_scale(name: str, layout: str) -> bool:
 
 
 def is_dropped(name: str, layout: str) -> bool:
-    return any(name.endswith("." + s) or (".fake_quantizer." in name and s == "fake_quantizer")
-               for s in DROPPED_SUFFIXES[layout])
+    """Activation scales, and in Mistral's layout the fake quantizers' tensors: only FP8 matmuls use them."""
+    if name.endswith("." + ACTIVATION_SCALE[layout]):
+        return True
+    return layout == "consolidated" and (name.endswith(".fake_quantizer") or ".fake_quantizer." in name)
+
+
+def is_weight(name: str, layout: str) -> bool:
+    """A tensor the model is built from (weights, FP8 or not), as opposed to the scales beside them."""
+    return not is_scale(name, layout) and not is_dropped(name, layout)
+
+
+def is_quantized(name: str, layout: str) -> bool:
+    """The weights an FP8 checkpoint stores as FP8: the text model's attention and MLP projections."""
+    if layout == "hf":
+        return name.startswith("model.language_model.layers.") and name.endswith("_proj.weight")
+    return name.startswith("layers.") and (".attention.w" in name or ".feed_forward.w" in name)
+
+
+def read_scales(files: list[str], layout: str) -> dict:
+    """Every weight scale of `files` (scalars, read before the weights they scale)."""
+    from .safetensors_io import read_safetensors
+
+    scales = {}
+    for file in files:
+        scales.update(read_safetensors(file, select=lambda n: is_scale(n, layout)))
+    return scales
 
 
 def dequantize(name: str, weight: torch.Tensor, scales: dict, layout: str, dtype: torch.dtype) -> torch.Tensor:
@@ -65,6 +89,14 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale.reshape(())
 
 
+def store_quantized(state: dict, name: str, tensor: torch.Tensor, layout: str):
+    """`state[name]` as FP8 with its scale and a unit activation scale beside it, named as `layout` names them."""
+    state[name], scale = quantize(tensor)
+    prefix = name[: -len("weight")]
+    state[prefix + SCALE_SUFFIX[layout]] = scale
+    state[prefix + ACTIVATION_SCALE[layout]] = torch.ones(())
+
+
 def compare_with_transformers(files: list[str], layout: str, dtype: torch.dtype = torch.float32) -> tuple[int, float]:
     """Every FP8 weight of `files` dequantized here and by transformers' own Fp8Dequantize (the op from_pretrained
     runs with dequantize=True): (weights compared, largest absolute difference). For `verify` on FP8 checkpoints."""
@@ -73,13 +105,10 @@ def compare_with_transformers(files: list[str], layout: str, dtype: torch.dtype 
     from .safetensors_io import read_safetensors
 
     theirs = Fp8Dequantize(None)
-    scales = {}
-    for file in files:
-        scales.update(read_safetensors(file, select=lambda n: is_scale(n, layout)))
+    scales = read_scales(files, layout)
     count, worst = 0, 0.0
     for file in files:
-        for name, tensor in read_safetensors(file, select=lambda n: not is_scale(n, layout)
-                                             and not is_dropped(n, layout)):
+        for name, tensor in read_safetensors(file, select=lambda n: is_weight(n, layout)):
             if tensor.dtype != torch.float8_e4m3fn:
                 continue
             ours = dequantize(name, tensor, scales, layout, dtype)

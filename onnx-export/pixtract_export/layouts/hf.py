@@ -102,16 +102,16 @@ def write_hf(model, out: str, max_shard_size, tekken: str | None = None, fp8: bo
         return
     from safetensors.torch import save_file
 
-    from .fp8 import quantize
+    from .fp8 import is_quantized, store_quantized
 
     state = {}
-    for name, tensor in model.named_parameters():  # a tied LM head is listed once, as save_pretrained stores it
+    # A tied LM head is listed once (save_pretrained would store it twice; the loader takes either).
+    for name, tensor in model.named_parameters():
         tensor = tensor.detach().contiguous()
-        if name.startswith("model.language_model.layers.") and name.endswith("_proj.weight"):
-            tensor, scale = quantize(tensor)
-            state[name[: -len("weight")] + "weight_scale_inv"] = scale
-            state[name[: -len("weight")] + "activation_scale"] = torch.ones(())
-        state[name] = tensor
+        if is_quantized(name, "hf"):
+            store_quantized(state, name, tensor, "hf")
+        else:
+            state[name] = tensor
     save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
